@@ -1,0 +1,100 @@
+"""The base model's weights that a delta touches, and the fingerprint that ties a delta to its base."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdtool.delta import Delta
+from cdtool.errors import CdtoolError
+from cdtool.models import load_pipeline, model_kind
+
+# Canonical name of the token embedding table (transformers 4 nests it under `text_model.`, 5 does not).
+TOKEN_EMBEDDING = "text_encoder.token_embedding.weight"
+_TOKEN_EMBEDDING_KEYS = ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight")
+_COMPONENT_FILES = {
+    "unet": ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"),
+    "text_encoder": ("text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"),
+}
+
+
+def fingerprint_names(delta: Delta) -> list[str]:
+    """The base parameters a delta's fingerprint covers: the weights (and biases) of its layers,
+    and the token embedding table when it adds tokens."""
+    names = []
+    for name, layer in delta.layers.items():
+        names.append(f"{name}.weight")
+        if layer.bias is not None:
+            names.append(f"{name}.bias")
+    if delta.tokens:
+        names.append(TOKEN_EMBEDDING)
+    return sorted(names)
+
+
+def fingerprint(params: Mapping[str, torch.Tensor], names: Iterable[str], vocab_size: int | None = None) -> str:
+    """sha256 over the named base parameters, cast to float16 so that a model loaded in fp32 or
+    fp16 (or stored in either) gives the same fingerprint."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        if name not in params:
+            raise CdtoolError(f"the base model has no parameter {name}; is the delta for another base?")
+        t = params[name].detach()
+        if name == TOKEN_EMBEDDING and vocab_size is not None:
+            t = t[:vocab_size]  # rows added for new tokens are not part of the base
+        t = t.to("cpu", torch.float16).contiguous()
+        h.update(name.encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def pipeline_params(pipe: Any) -> dict[str, torch.Tensor]:
+    """`unet.<name>` and `text_encoder.<name>` -> parameter tensor, without copies."""
+    out = {f"unet.{n}": p for n, p in pipe.unet.named_parameters()}
+    out.update({f"text_encoder.{n}": p for n, p in pipe.text_encoder.named_parameters()})
+    out[TOKEN_EMBEDDING] = pipe.text_encoder.get_input_embeddings().weight
+    return out
+
+
+def load_base_params(model: str, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named base parameters (float32), reading only those tensors where the model is a
+    diffusers folder with safetensors weights; otherwise the whole model is loaded."""
+    wanted = sorted(set(names))
+    if model_kind(model) == "folder":
+        got = _read_selected(Path(model).expanduser(), wanted)
+        if got is not None:
+            return got
+    params = pipeline_params(load_pipeline(model))
+    missing = [n for n in wanted if n not in params]
+    if missing:
+        raise CdtoolError(f"the base model {model} has no parameter {missing[0]}; is the delta for another base?")
+    return {n: params[n].detach().float() for n in wanted}
+
+
+def _read_selected(folder: Path, names: list[str]) -> dict[str, torch.Tensor] | None:
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    by_component: dict[str, list[str]] = {}
+    for n in names:
+        comp, _, rest = n.partition(".")
+        by_component.setdefault(comp, []).append(rest)
+    for comp, keys in by_component.items():
+        files = [folder / f for f in _COMPONENT_FILES.get(comp, ()) if (folder / f).exists()]
+        if not files:
+            return None
+        with safe_open(str(files[0]), framework="pt") as f:
+            available = set(f.keys())
+            for k in keys:
+                if f"{comp}.{k}" == TOKEN_EMBEDDING:
+                    k = next((c for c in _TOKEN_EMBEDDING_KEYS if c in available), k)
+                    out[TOKEN_EMBEDDING] = f.get_tensor(k).float()
+                    continue
+                if k not in available:
+                    raise CdtoolError(f"the base model {folder} has no parameter {comp}.{k}; is the delta for another base?")
+                out[f"{comp}.{k}"] = f.get_tensor(k).float()
+    return out

@@ -1,0 +1,101 @@
+"""The real CLIP BPE vocabulary, built from the file open_clip ships, as a Hugging Face tokenizer.
+
+Under transformers 5, `CLIPTokenizer(vocab_file=..., merges_file=...)` silently yields a 2-token
+vocabulary, so the tokenizer is always created with `from_pretrained` on a folder we write.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from cdtool.errors import CdtoolError
+from cdtool.paths import cache_dir
+
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_VOCAB_SIZE = 49408
+MODEL_MAX_LENGTH = 77
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's reversible byte -> printable-unicode table.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def open_clip_bpe_path() -> Path:
+    """Path of open_clip's BPE merges file (found without importing open_clip)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise CdtoolError("open_clip_torch is not installed; run `pip install open_clip_torch`")
+    path = Path(spec.origin).parent / BPE_FILE
+    if not path.exists():
+        raise CdtoolError(f"{path} is missing; reinstall open_clip_torch")
+    return path
+
+
+def vocab_and_merges(bpe_path: Path) -> tuple[dict[str, int], list[str]]:
+    """CLIP's vocabulary (token -> id, 49408 entries) and BPE merges, as CLIP builds them."""
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer_dir() -> Path:
+    """A folder holding CLIP's tokenizer files, written once into the cdtool cache."""
+    out = cache_dir() / "clip-tokenizer"
+    if (out / "tokenizer_config.json").exists():
+        return out
+    vocab, merges = vocab_and_merges(open_clip_bpe_path())
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise CdtoolError(f"open_clip's BPE file gave {len(vocab)} tokens, expected {CLIP_VOCAB_SIZE}")
+    # A private temp folder renamed into place, so concurrent processes never see a partial one.
+    tmp = Path(tempfile.mkdtemp(prefix=".clip-tokenizer.", dir=out.parent))
+    (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (tmp / "special_tokens_map.json").write_text(
+        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
+    )
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_clip_tokenizer():  # -> transformers.CLIPTokenizer
+    """The real CLIP tokenizer (49408 tokens, model_max_length 77), offline."""
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), model_max_length=MODEL_MAX_LENGTH)
+    if len(tok) != CLIP_VOCAB_SIZE:
+        raise CdtoolError(f"CLIP tokenizer built with {len(tok)} tokens, expected {CLIP_VOCAB_SIZE}")
+    return tok

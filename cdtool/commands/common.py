@@ -1,0 +1,104 @@
+"""Option definitions and error handling shared by every command."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from cdtool import console
+from cdtool.errors import CdtoolError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Base model: `tiny` (built in), a hub id, a local diffusers folder or a .safetensors/.ckpt "
+        f"file. Default: the base recorded in the delta, else $CDTOOL_MODEL, else {DEFAULT_MODEL}.",
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed; noise is drawn on the CPU, so a seed means the same on any device.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress on stderr (warnings stay).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+OutFileOpt = Annotated[Path, typer.Option("--output", "-o", help="Output delta file (.safetensors, or .bin for the official layout).")]
+DeltaOpt = Annotated[
+    list[str] | None,
+    typer.Option("--delta", "-d", help="A delta to apply, optionally with a scale: `cat.safetensors:0.8`. Repeatable."),
+]
+IgnoreBaseOpt = Annotated[
+    bool,
+    typer.Option("--ignore-base-mismatch", help="Apply deltas even when their recorded base fingerprint differs (warns)."),
+]
+
+
+def pick_model(model: str | None, recorded: list[str] | None = None) -> str:
+    """--model if given, else the base the deltas recorded, else $CDTOOL_MODEL or the default."""
+    if model:
+        return model
+    for base in recorded or []:
+        if base:
+            return base
+    return os.environ.get("CDTOOL_MODEL", DEFAULT_MODEL)
+
+
+def parse_scaled(spec: str) -> tuple[Path, float]:
+    """`path[:scale]` -> (path, scale); a colon followed by a non-number belongs to the path."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def cdtool_command(func: F) -> F:
+    """Turn CdtoolError into `Error: ...` on stderr and its exit code; hide tracebacks unless
+    CDTOOL_DEBUG=1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "quiet" in kwargs:
+            console.set_quiet(bool(kwargs["quiet"]))
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise
+        except CdtoolError as e:
+            if _debug():
+                traceback.print_exc()
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("Interrupted.", err=True)
+            raise typer.Exit(130) from None
+        except Exception as e:  # an unexpected failure: still one line, unless debugging
+            if _debug():
+                raise
+            typer.echo(f"Error: unexpected {type(e).__name__}: {e} (set CDTOOL_DEBUG=1 for a traceback)", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _debug() -> bool:
+    return os.environ.get("CDTOOL_DEBUG", "") not in ("", "0")
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()

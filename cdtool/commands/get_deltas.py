@@ -1,0 +1,115 @@
+"""`cdtool get-deltas`: a cdtool delta from a fine-tuned model or from any importable delta file."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cdtool import __version__, console
+from cdtool.atomic import check_writable
+from cdtool.base import fingerprint, fingerprint_names, load_base_params, pipeline_params
+from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, cdtool_command, pick_model
+from cdtool.delta import Delta
+from cdtool.errors import CdtoolError, UsageError
+from cdtool.hashing import file_sha256
+from cdtool.importers import read_delta, save_delta
+
+MODEL_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+class Layers(str, Enum):
+    kv = "kv"
+    attn2 = "attn2"
+
+
+def _is_model(source: Path) -> bool:
+    """A diffusers folder, or a checkpoint file holding a whole model rather than a delta."""
+    if source.is_dir():
+        return (source / "model_index.json").exists()
+    if source.suffix != ".safetensors":
+        return False  # pickled CompVis checkpoints import as deltas (their attn2 layers)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(source), framework="pt") as f:
+            return MODEL_KEY in set(f.keys())
+    except Exception:
+        return False
+
+
+def get_deltas(
+    source: Annotated[Path, typer.Argument(help="A fine-tuned model (diffusers folder or checkpoint), or a delta file in any supported format.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output delta: .safetensors (cdtool) or .bin (official layout).")],
+    base: Annotated[str | None, typer.Option("--base", help="The base model the source was fine-tuned from (default: recorded base, else $CDTOOL_MODEL).")] = None,
+    layers: Annotated[Layers, typer.Option("--layers", help="kv: attn2.to_k/to_v; attn2: all cross-attention projections.")] = Layers.kv,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Extract a delta from a fully fine-tuned model, or convert any importable delta to cdtool's format.
+
+    Importable: cdtool files, the official Custom Diffusion delta.bin / CompVis .ckpt (also
+    compressed), and diffusers' pytorch_custom_diffusion_weights + <token> files.
+    """
+    if not source.exists():
+        raise CdtoolError(f"{source}: no such file or folder")
+    if output.suffix not in (".safetensors", ".bin"):
+        raise UsageError(f"{output}: write a .safetensors (cdtool) or a .bin (official layout) file")
+    check_writable(output, force)
+    if _is_model(source):
+        base_model = pick_model(base)
+        from cdtool.extract import extract_delta
+        from cdtool.models import load_pipeline
+
+        console.log(f"loading {source} and its base {base_model}")
+        tuned, base_pipe = load_pipeline(str(source)), load_pipeline(base_model)
+        delta, matched = extract_delta(tuned, base_pipe, layers.value)
+        if matched == 0:
+            raise CdtoolError(f"no {layers.value} layers of {source} match the base {base_model}; is it the right base?")
+        console.log(f"{matched} layers matched, {len(delta.layers)} changed, {len(delta.tokens)} new tokens")
+        if not delta.layers and not delta.tokens:
+            raise CdtoolError(f"{source} does not differ from {base_model} in any {layers.value} layer or token")
+        params = pipeline_params(base_pipe)
+        vocab = len(base_pipe.tokenizer)
+        source_format = "fine-tuned-model"
+    else:
+        delta = read_delta(source)
+        source_format = delta.source_format
+        base_model = pick_model(base, [delta.base_model])
+        params = None
+        vocab = None
+        if delta.needs_base or output.suffix == ".bin" or not delta.base_fingerprint:
+            params = load_base_params(base_model, fingerprint_names(delta))
+            if delta.tokens:
+                from cdtool.models import load_text_side
+
+                vocab = len(load_text_side(base_model)[0])
+        if delta.needs_base:
+            assert params is not None
+            delta = delta.relative_to(params)
+        if not delta.layers and not delta.tokens:
+            raise CdtoolError(f"{source}: no layers and no tokens found")
+        matched = len(delta.layers)
+    if params is not None and (not delta.base_fingerprint or source_format != "cdtool.delta"):
+        delta.base_model = base_model
+        delta.base_fingerprint = fingerprint(params, fingerprint_names(delta), vocab)
+    delta.created_by = f"cdtool {__version__} get-deltas"
+    delta.provenance = dict(delta.provenance, get_deltas={
+        "source": str(source), "source_format": source_format,
+        "source_sha256": file_sha256(source) if source.is_file() else None,
+    })
+    if not delta.concepts:
+        delta.concepts = [{"token": t, "class_noun": None, "init_token": None, "prompts": []} for t in delta.tokens]
+    save_delta(delta, output, {k: v for k, v in (params or {}).items()} if output.suffix == ".bin" else None)
+    if json_out:
+        console.result_json({"output": str(output), "source_format": source_format, "layers_matched": matched,
+                             "layers": len(delta.layers), "tokens": list(delta.tokens), "base_model": delta.base_model})
+    else:
+        console.result(str(output))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("get-deltas")(cdtool_command(get_deltas))

@@ -1,0 +1,83 @@
+"""`cdtool info`: what a delta file holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cdtool import console
+from cdtool.commands.common import JsonOpt, cdtool_command
+from cdtool.delta import Delta
+from cdtool.importers import read_delta
+
+
+def describe(delta: Delta, path: Path) -> dict[str, Any]:
+    """A JSON-ready summary of a delta."""
+    ranks = [layer.rank for layer in delta.layers.values()]
+    return {
+        "path": str(path),
+        "format": delta.source_format,
+        "size_bytes": path.stat().st_size if path.is_file() else None,
+        "base_model": delta.base_model or None,
+        "base_fingerprint": delta.base_fingerprint or None,
+        "needs_base": delta.needs_base,
+        "created_by": delta.created_by or None,
+        "tokens": {t: {"vectors": int(e.shape[0]), "dim": int(e.shape[1])} for t, e in delta.tokens.items()},
+        "concepts": delta.concepts,
+        "layers": {
+            name: {
+                "shape": list(layer.shape),
+                "rank": layer.rank,
+                "dtype": str(layer.dtype).removeprefix("torch."),
+                "bias": layer.bias is not None,
+                "absolute": layer.absolute,
+            }
+            for name, layer in sorted(delta.layers.items())
+        },
+        "layer_count": len(delta.layers),
+        "low_rank_layers": sum(r is not None for r in ranks),
+        "provenance": delta.provenance,
+    }
+
+
+def _print_text(doc: dict[str, Any]) -> None:
+    out = console.result
+    out(f"file:        {doc['path']} ({doc['size_bytes'] or 0:,} bytes)")
+    out(f"format:      {doc['format']}")
+    out(f"base:        {doc['base_model'] or '-'} (fingerprint {(doc['base_fingerprint'] or '-')[:16]})")
+    out(f"created by:  {doc['created_by'] or '-'}")
+    toks = ", ".join(f"{t} ({v['vectors']}x{v['dim']})" for t, v in doc["tokens"].items())
+    out(f"tokens:      {toks or '-'}")
+    for c in doc["concepts"]:
+        out(f"concept:     {c.get('token')} class={c.get('class_noun')} init={c.get('init_token')}")
+    dtypes = sorted({v["dtype"] for v in doc["layers"].values()})
+    ranks = sorted({v["rank"] for v in doc["layers"].values() if v["rank"] is not None})
+    rank_text = f"low-rank {doc['low_rank_layers']} (ranks {', '.join(map(str, ranks))})" if ranks else "all full"
+    out(f"layers:      {doc['layer_count']}, {rank_text}, dtype {', '.join(dtypes) or '-'}")
+    if doc["needs_base"]:
+        out("note:        stores fine-tuned weights; commands subtract the base model (--model)")
+    for name, v in doc["layers"].items():
+        r = f"rank {v['rank']}" if v["rank"] is not None else "full"
+        out(f"  {name}  {v['shape'][0]}x{v['shape'][1]}  {r}{'  +bias' if v['bias'] else ''}")
+    if doc["provenance"]:
+        import json
+
+        out(f"provenance:  {json.dumps(doc['provenance'], sort_keys=True)}")
+
+
+def info(
+    file: Annotated[Path, typer.Argument(help="A delta file in any supported format.", show_default=False)],
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a delta's format, tokens, concepts, layers, ranks, dtype, size, base and provenance."""
+    doc = describe(read_delta(file), file)
+    if json_out:
+        console.result_json(doc)
+    else:
+        _print_text(doc)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(cdtool_command(info))

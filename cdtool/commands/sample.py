@@ -1,0 +1,152 @@
+"""`cdtool sample`: images from the base model with deltas applied."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cdtool import console
+from cdtool.atomic import atomic_path
+from cdtool.commands.common import (
+    DeltaOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    IgnoreBaseOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    SeedOpt,
+    cdtool_command,
+    parse_scaled,
+    pick_model,
+)
+from cdtool.errors import CdtoolError, UsageError
+from cdtool.importers import read_delta
+from cdtool.sampling import SCHEDULERS, generate, image_grid, plan_jobs, save_png
+
+Scheduler = Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
+PROMPTS_FILE = "prompts.json"
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a text file (one per line) or a JSON list."""
+    if not path.is_file():
+        raise CdtoolError(f"{path}: no such prompts file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CdtoolError(f"{path}: not valid JSON ({e}); give a list of prompt strings") from e
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+            raise CdtoolError(f"{path}: expected a JSON list of prompt strings")
+        return [p.strip() for p in data if p.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def sample(
+    prompts: Annotated[list[str] | None, typer.Argument(help="Prompts (quote each one).", show_default=False, metavar="PROMPT...")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("samples"),
+    prompts_file: Annotated[Path | None, typer.Option("--prompts", help="File of prompts: one per line, or a JSON list.")] = None,
+    delta: DeltaOpt = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 50,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 6.0,
+    scheduler: Annotated[Scheduler, typer.Option("--scheduler", help="Sampler.")] = Scheduler("ddim"),  # type: ignore[assignment]
+    seed: SeedOpt = 0,
+    height: Annotated[int | None, typer.Option("--height", help="Image height (default: the model's).")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Image width (default: the model's).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 1,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt.")] = None,
+    grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png (a row per prompt).")] = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    ignore_base_mismatch: IgnoreBaseOpt = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate images with the base model and any deltas applied.
+
+    Image k of each prompt starts from noise seeded with seed+k and drawn on the CPU, so a seed
+    names the same images on any device (same seed and batch size: identical files). Existing
+    images are kept (not regenerated) unless --force.
+    Writes PNGs and prompts.json (file name -> prompt) and prints the folder.
+    """
+    all_prompts = list(prompts or [])
+    if prompts_file is not None:
+        all_prompts += read_prompts(prompts_file)
+    if not all_prompts:
+        raise UsageError("give at least one prompt, or --prompts FILE")
+    if output.exists() and not output.is_dir():
+        raise CdtoolError(f"{output} exists and is not a folder")
+    for size, flag in ((height, "--height"), (width, "--width")):
+        if size is not None and size % 8:
+            raise UsageError(f"{flag} {size} is not a multiple of 8")
+    deltas = [(read_delta(p), s) for p, s in map(parse_scaled, delta or [])]
+    model_id = pick_model(model, [d.base_model for d, _ in deltas])
+
+    jobs = plan_jobs(all_prompts, n, seed)
+    todo = [j for j in jobs if force or not (output / j.file_name).exists()]
+    skipped = [j.file_name for j in jobs if j not in todo]
+    if skipped:
+        console.log(f"{len(skipped)} of {len(jobs)} images already exist in {output}; keeping them (--force regenerates)")
+
+    images = {}
+    if todo:
+        from cdtool.pipeline import load_with_deltas
+
+        pipe = load_with_deltas(model_id, deltas, device=device, dtype=dtype, ignore_base_mismatch=ignore_base_mismatch)
+        h = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        w = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        from cdtool.sampling import set_scheduler
+
+        set_scheduler(pipe, scheduler.value)
+        output.mkdir(parents=True, exist_ok=True)
+        params = {"model": model_id, "steps": steps, "guidance": guidance, "scheduler": scheduler.value, "deltas": delta or []}
+        with console.progress("sampling", len(todo)) as bar:
+            for job, image in generate(pipe, todo, steps=steps, guidance=guidance, height=h, width=w,
+                                       batch_size=batch_size, negative_prompt=negative_prompt):
+                meta = dict(params, prompt=job.prompt, seed=job.seed, negative_prompt=negative_prompt or "")
+                save_png(image, output / job.file_name, {"parameters": json.dumps(meta)})
+                images[job.file_name] = image
+                bar.advance()
+    _update_prompts(output, {j.file_name: j.prompt for j in jobs})
+    if grid:
+        from PIL import Image
+
+        tiles = [images.get(j.file_name) or Image.open(output / j.file_name).convert("RGB") for j in jobs]
+        save_png(image_grid(tiles, n), output / "grid.png")
+    if json_out:
+        console.result_json({
+            "output": str(output),
+            "images": [j.file_name for j in jobs],
+            "generated": [j.file_name for j in todo],
+            "skipped": skipped,
+            "prompts": all_prompts,
+        })
+    else:
+        console.result(str(output))
+
+
+def _update_prompts(folder: Path, mapping: dict[str, str]) -> None:
+    path = folder / PROMPTS_FILE
+    existing: dict[str, str] = {}
+    if path.exists():
+        try:
+            existing = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            console.warn(f"{path} was not valid JSON; rewriting it")
+    existing.update(mapping)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(existing, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sample")(cdtool_command(sample))

@@ -1,0 +1,89 @@
+"""Output conventions: results on stdout, everything else on stderr; progress only on a terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from rich.console import Console
+
+T = TypeVar("T")
+
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"quiet": False}
+
+
+def set_quiet(quiet: bool) -> None:
+    _state["quiet"] = quiet
+
+
+def log(message: str) -> None:
+    """An informational line on stderr (silenced by --quiet)."""
+    if not _state["quiet"]:
+        _err.print(message, markup=False)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr; shown even with --quiet."""
+    _err.print(f"Warning: {message}", markup=False, style="yellow")
+
+
+def result(line: str) -> None:
+    """One line of the command's result on stdout."""
+    sys.stdout.write(f"{line}\n")
+    sys.stdout.flush()
+
+
+def result_json(doc: Any) -> None:
+    """The command's result as one JSON document on stdout."""
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def interactive() -> bool:
+    return not _state["quiet"] and _err.is_terminal
+
+
+@contextmanager
+def progress(description: str, total: int | None) -> Iterator[Any]:
+    """A rich progress bar on a terminal; a no-op advance() elsewhere."""
+    if not interactive():
+        yield _NoProgress()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=_err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total, info="")
+        yield _Bar(bar, task)
+
+
+class _NoProgress:
+    def advance(self, n: int = 1, info: str = "") -> None:
+        pass
+
+
+class _Bar:
+    def __init__(self, bar: Any, task: Any) -> None:
+        self.bar, self.task = bar, task
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        self.bar.update(self.task, advance=n, info=info)
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    with progress(description, total) as bar:
+        for item in items:
+            yield item
+            bar.advance()

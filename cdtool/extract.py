@@ -1,0 +1,52 @@
+"""Deltas from fully fine-tuned models: the difference of their cross-attention weights and the
+embeddings of the tokens they added."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cdtool.delta import Delta, LayerDelta
+
+LAYER_SETS = {
+    "kv": ("attn2.to_k", "attn2.to_v"),
+    "attn2": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
+}
+
+
+def trainable_layer_names(unet: Any, layers: str = "kv") -> list[str]:
+    """`unet.<path>` of every Linear Custom Diffusion trains in this mode."""
+    suffixes = LAYER_SETS[layers]
+    return [
+        f"unet.{name}"
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.endswith(suffixes)
+    ]
+
+
+def extract_delta(tuned: Any, base: Any, layers: str = "kv") -> tuple[Delta, int]:
+    """ΔW of the selected layers and the new tokens' embeddings; also the number of layers that
+    exist in both models with the same shape."""
+    delta = Delta()
+    base_modules = dict(base.unet.named_modules())
+    matched = 0
+    for name in trainable_layer_names(tuned.unet, layers):
+        path = name[len("unet.") :]
+        b = base_modules.get(path)
+        t = tuned.unet.get_submodule(path)
+        if b is None or b.weight.shape != t.weight.shape:
+            continue
+        matched += 1
+        dw = t.weight.detach().float() - b.weight.detach().float()
+        db = None
+        if t.bias is not None and b.bias is not None and not torch.equal(t.bias, b.bias):
+            db = t.bias.detach().float() - b.bias.detach().float()
+        if torch.count_nonzero(dw) or db is not None:
+            delta.layers[name] = LayerDelta(full=dw, bias=db)
+    base_vocab = base.tokenizer.get_vocab()
+    table = tuned.text_encoder.get_input_embeddings().weight.detach().float()
+    for token, idx in sorted(tuned.tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        if token not in base_vocab:
+            delta.tokens[token] = table[idx : idx + 1].clone()
+    return delta, matched

@@ -1,0 +1,249 @@
+"""Reading any delta a user may have, by content; writing the official `.bin` layout.
+
+Accepted: cdtool `.safetensors`; the official Custom Diffusion outputs (diffusers-style `delta.bin`
+with `unet` + `modifier_token`, CompVis `.ckpt` with `state_dict` + `embed`, and their compressed
+`u`/`v` variants); diffusers' `pytorch_custom_diffusion_weights.{safetensors,bin}` with the
+`<token>.{safetensors,bin}` files beside it; and bare token-embedding files. Pickles are opened only
+with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdtool.atomic import atomic_path
+from cdtool.delta import Delta, LayerDelta, base_param, is_cdtool_safetensors, read_cdtool, write_cdtool
+from cdtool.errors import CdtoolError, UsageError
+from cdtool.naming import compvis_to_diffusers
+
+DIFFUSERS_WEIGHTS = ("pytorch_custom_diffusion_weights.safetensors", "pytorch_custom_diffusion_weights.bin")
+OFFICIAL_DELTA = "delta.bin"
+COMPVIS_TOKEN_TABLE = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+CLIP_VOCAB = 49408
+_CD_SUFFIX = {
+    "to_k_custom_diffusion.weight": ("to_k", "weight"),
+    "to_v_custom_diffusion.weight": ("to_v", "weight"),
+    "to_q_custom_diffusion.weight": ("to_q", "weight"),
+    "to_out_custom_diffusion.0.weight": ("to_out.0", "weight"),
+    "to_out_custom_diffusion.0.bias": ("to_out.0", "bias"),
+}
+
+
+def read_delta(path: Path) -> Delta:
+    """Read any supported delta file or output folder, sniffing its content."""
+    path = Path(path)
+    if not path.exists():
+        raise CdtoolError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _read_folder(path)
+    if path.stat().st_size == 0:
+        raise CdtoolError(f"{path}: the file is empty")
+    if is_cdtool_safetensors(path):
+        return read_cdtool(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _from_state(_load_safetensors(path), path)
+    if kind == "pickle":
+        return _from_state(_load_pickle(path), path)
+    raise CdtoolError(
+        f"{path}: not a delta file (neither safetensors nor a PyTorch checkpoint); is it truncated?"
+    )
+
+
+def _sniff(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "pickle"
+    if len(head) >= 9 and int.from_bytes(head[:8], "little") > 1 and head[8:9] == b"{":
+        return "safetensors"
+    return "unknown"
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path)))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CdtoolError(f"{path}: cannot read this safetensors file ({e}); is it truncated?") from e
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CdtoolError(
+            f"{path}: refused: the pickle holds more than tensors (possibly code); cdtool loads "
+            "pickles only with weights_only=True; convert it to safetensors where you trust it"
+        ) from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CdtoolError(f"{path}: cannot read this PyTorch file ({e}); is it truncated?") from e
+
+
+def _read_folder(path: Path) -> Delta:
+    for name in DIFFUSERS_WEIGHTS:
+        if (path / name).exists():
+            return read_delta(path / name)
+    if (path / OFFICIAL_DELTA).exists():
+        return read_delta(path / OFFICIAL_DELTA)
+    raise CdtoolError(
+        f"{path}: a folder without {DIFFUSERS_WEIGHTS[0]}, {DIFFUSERS_WEIGHTS[1]} or {OFFICIAL_DELTA}; "
+        "pass the delta file itself"
+    )
+
+
+def _from_state(state: Any, path: Path) -> Delta:
+    if not isinstance(state, dict):
+        raise CdtoolError(f"{path}: not a delta (the file holds a {type(state).__name__}, not a dict)")
+    if "unet" in state and isinstance(state["unet"], dict):
+        return _from_official(state, path)
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        return _from_compvis(state["state_dict"], path)
+    if any("_custom_diffusion" in k for k in state):
+        return _from_diffusers(state, path)
+    tokens = _token_file(state)
+    if tokens:
+        return Delta(tokens=tokens, source_format="token-embeddings", origin=str(path))
+    raise CdtoolError(
+        f"{path}: not a delta file: none of the cdtool, official Custom Diffusion or diffusers "
+        "layouts, and no token embeddings"
+    )
+
+
+def _layer(value: Any, key: str, path: Path) -> LayerDelta:
+    if isinstance(value, dict) and "u" in value and "v" in value:
+        return LayerDelta(up=value["u"].float(), down=value["v"].float())
+    if isinstance(value, torch.Tensor):
+        return LayerDelta(full=value, absolute=True)  # kept in its dtype until the base is subtracted
+    raise CdtoolError(f"{path}: entry {key!r} is neither a weight nor a u/v pair")
+
+
+def _merge_param(layers: dict[str, LayerDelta], name: str, kind: str, layer: LayerDelta) -> None:
+    if kind == "bias":
+        if name not in layers:
+            raise CdtoolError(f"bias of {name} without its weight")
+        layers[name].bias = layer.full
+    else:
+        layers[name] = layer
+
+
+def _from_official(state: dict[str, Any], path: Path) -> Delta:
+    layers: dict[str, LayerDelta] = {}
+    # weights before biases, so a bias finds its layer
+    for key in sorted(state["unet"], key=lambda k: k.endswith(".bias")):
+        stem, _, kind = key.rpartition(".")
+        if kind not in ("weight", "bias"):
+            raise CdtoolError(f"{path}: unexpected entry {key!r} under 'unet'")
+        _merge_param(layers, f"unet.{stem}", kind, _layer(state["unet"][key], key, path))
+    tokens = {t: _as_rows(e) for t, e in (state.get("modifier_token") or {}).items()}
+    return Delta(layers=layers, tokens=tokens, source_format="official-diffusers", origin=str(path))
+
+
+def _from_compvis(sd: dict[str, Any], path: Path) -> Delta:
+    """Official CompVis deltas, or whole CompVis checkpoints (whose cross-attention layers and added
+    token rows are taken, as the official get_deltas.py does)."""
+    layers: dict[str, LayerDelta] = {}
+    for key in sorted(sd, key=lambda k: k.endswith(".bias")):
+        weight_key = key[: -len("bias")] + "weight" if key.endswith(".bias") else key
+        name = compvis_to_diffusers(weight_key)
+        if name is None or ".attn2." not in name:
+            continue
+        _merge_param(layers, name, "bias" if key.endswith(".bias") else "weight", _layer(sd[key], key, path))
+    if not layers and "embed" not in sd:
+        raise CdtoolError(f"{path}: a CompVis checkpoint with no SD1.x cross-attention layers")
+    tokens = {}
+    table = sd.get(COMPVIS_TOKEN_TABLE)
+    embed = sd.get("embed")
+    if embed is None and isinstance(table, torch.Tensor) and table.shape[0] > CLIP_VOCAB:
+        embed = table[CLIP_VOCAB:]
+    if embed is not None:
+        embed = _as_rows(embed)
+        # The official CompVis code stores the new rows in the order <new1>, <new2>, ...
+        tokens = {f"<new{i + 1}>": embed[i : i + 1] for i in range(embed.shape[0])}
+    return Delta(layers=layers, tokens=tokens, source_format="official-compvis", origin=str(path))
+
+
+def _from_diffusers(state: dict[str, Any], path: Path) -> Delta:
+    layers: dict[str, LayerDelta] = {}
+    for key in sorted(state, key=lambda k: k.endswith(".bias")):
+        value = state[key]
+        if isinstance(value, dict) and not value:
+            continue  # diffusers stores empty entries for untouched processors
+        proc, _, sub = key.partition(".processor.")
+        if sub not in _CD_SUFFIX:
+            raise CdtoolError(f"{path}: unexpected entry {key!r} in Custom Diffusion weights")
+        module, kind = _CD_SUFFIX[sub]
+        _merge_param(layers, f"unet.{proc}.{module}", kind, LayerDelta(full=value, absolute=True))
+    tokens: dict[str, torch.Tensor] = {}
+    for token_file in sorted(path.parent.glob("<*>.*")):
+        if token_file.suffix in (".safetensors", ".bin"):
+            state_t = _load_safetensors(token_file) if token_file.suffix == ".safetensors" else _load_pickle(token_file)
+            tokens.update(_token_file(state_t) if isinstance(state_t, dict) else {})
+    return Delta(layers=layers, tokens=tokens, source_format="diffusers-custom-diffusion", origin=str(path))
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    return (t.reshape(1, -1) if t.dim() == 1 else t).float()
+
+
+def _token_file(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """{token: [n, dim]} from a token-embedding file, or {} when `state` is not one."""
+    if "string_to_param" in state and isinstance(state["string_to_param"], dict):  # A1111 embedding
+        name = state.get("name")
+        param = next(iter(state["string_to_param"].values()))
+        return {str(name) if name else "*": _as_rows(param)} if isinstance(param, torch.Tensor) else {}
+    if not state or len(state) > 64:
+        return {}
+    if all(isinstance(v, torch.Tensor) and v.dim() in (1, 2) for v in state.values()):
+        return {k: _as_rows(v) for k, v in state.items()}
+    return {}
+
+
+def save_delta(delta: Delta, path: Path, base: dict[str, torch.Tensor] | None = None) -> None:
+    """Write by extension: `.safetensors` is the cdtool format, `.bin` the official layout
+    (which stores fine-tuned weights, so it needs the base weights)."""
+    if path.suffix == ".safetensors":
+        write_cdtool(delta, path)
+    elif path.suffix == ".bin":
+        if base is None:
+            raise CdtoolError("writing the official .bin layout needs the base model's weights")
+        write_official(delta, path, base)
+    else:
+        raise UsageError(f"{path}: write a .safetensors (cdtool) or a .bin (official layout) file")
+
+
+def official_state(delta: Delta, base: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The official diffusers-style `delta.bin` dict: fine-tuned weights, or u/v for low-rank.
+
+    Deliberate difference: fine-tuned weights are stored in float64. W0 + ΔW of two float32 tensors
+    is exact in float64, so cdtool -> .bin -> cdtool gives back ΔW bit for bit; the official
+    loaders copy the weights into the model's parameters, which casts them."""
+    unet: dict[str, Any] = {}
+    for name, layer in sorted(delta.layers.items()):
+        if not name.startswith("unet."):
+            raise CdtoolError(f"the official layout holds only UNet layers, not {name}")
+        stem = name[len("unet.") :]
+        if layer.full is not None:
+            w0 = base_param(base, f"{name}.weight", layer.full.shape)
+            unet[f"{stem}.weight"] = w0.double() + layer.full.double()
+        else:
+            unet[f"{stem}.weight"] = {"u": layer.up, "v": layer.down}
+        if layer.bias is not None:
+            b0 = base_param(base, f"{name}.bias", layer.bias.shape)
+            unet[f"{stem}.bias"] = b0.double() + layer.bias.double()
+    tokens = {t: (e[0] if e.shape[0] == 1 else e).clone() for t, e in delta.tokens.items()}
+    return {"unet": unet, "modifier_token": tokens}
+
+
+def write_official(delta: Delta, path: Path, base: dict[str, torch.Tensor]) -> None:
+    """Write the official `.bin` layout atomically."""
+    state = official_state(delta, base)
+    with atomic_path(path) as tmp:
+        torch.save(state, str(tmp))

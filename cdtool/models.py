@@ -1,0 +1,139 @@
+"""Loading a Stable Diffusion base: `tiny`, a hub id, a local diffusers folder or one checkpoint file.
+
+Models load in float32 on the CPU; deltas are applied there (in full precision) and the pipeline is
+then moved to the requested device and dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdtool.errors import CdtoolError, UsageError
+
+TINY = "tiny"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CdtoolError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is fp16 on CUDA and fp32 elsewhere."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}: use auto, fp32, fp16 or bf16")
+    return DTYPES[dtype]
+
+
+def model_kind(model: str) -> str:
+    """'tiny', 'folder', 'file' or 'hub'."""
+    if model == TINY:
+        return "tiny"
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return "file"
+    if path.suffix in SINGLE_FILE_SUFFIXES or model.startswith((".", "/", "~")):
+        raise CdtoolError(f"model {model}: no such file or folder")
+    return "hub"
+
+
+def _offline_hint(model: str) -> str:
+    return (
+        f"download it where there is network (`hf download {model} --local-dir DIR`) and pass "
+        "--model DIR, or pass a local diffusers folder or a .safetensors/.ckpt checkpoint"
+    )
+
+
+def load_pipeline(model: str) -> Any:
+    """The full StableDiffusionPipeline (float32, CPU, no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    kind = model_kind(model)
+    if kind == "tiny":
+        from cdtool.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline()
+    kwargs: dict[str, Any] = dict(safety_checker=None, requires_safety_checker=False)
+    try:
+        if kind == "file":
+            pipe = StableDiffusionPipeline.from_single_file(str(Path(model).expanduser()), **kwargs)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(Path(model).expanduser()) if kind == "folder" else model,
+                local_files_only=kind == "folder" or _hub_offline(),
+                **kwargs,
+            )
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise CdtoolError(_load_failure(model, kind, e)) from e
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+    return pipe.to(torch.float32)
+
+
+def load_text_side(model: str) -> tuple[Any, Any]:
+    """(tokenizer, text encoder) without loading the UNet or VAE where the source allows it."""
+    kind = model_kind(model)
+    if kind in ("tiny", "file"):
+        pipe = load_pipeline(model)
+        return pipe.tokenizer, pipe.text_encoder
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = str(Path(model).expanduser()) if kind == "folder" else model
+    local = kind == "folder" or _hub_offline()
+    try:
+        tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local)
+        enc = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise CdtoolError(_load_failure(model, kind, e)) from e
+    return tok, enc.float().eval().requires_grad_(False)
+
+
+def load_unet(model: str) -> Any:
+    """The UNet alone, float32 on the CPU."""
+    kind = model_kind(model)
+    if kind in ("tiny", "file"):
+        return load_pipeline(model).unet
+    from diffusers import UNet2DConditionModel
+
+    source = str(Path(model).expanduser()) if kind == "folder" else model
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", local_files_only=kind == "folder" or _hub_offline()
+        )
+    except (OSError, ValueError) as e:
+        raise CdtoolError(_load_failure(model, kind, e)) from e
+    return unet.float().eval().requires_grad_(False)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _load_failure(model: str, kind: str, e: Exception) -> str:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if kind == "folder":
+        return f"could not load the diffusers folder {model} ({reason}); it needs model_index.json and unet/, vae/, text_encoder/, tokenizer/"
+    if kind == "file":
+        return (
+            f"could not load the checkpoint {model} ({reason}); single-file loading also fetches the "
+            "model's config from the hub: run once with network, or convert it to a diffusers folder"
+        )
+    return f"could not load {model!r} from the Hugging Face hub ({reason}); {_offline_hint(model)}"

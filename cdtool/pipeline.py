@@ -1,0 +1,33 @@
+"""A ready-to-run pipeline: base model + applied deltas, on the chosen device and dtype."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cdtool import console
+from cdtool.apply import apply_deltas
+from cdtool.delta import Delta
+from cdtool.models import load_pipeline, resolve_device, resolve_dtype
+
+
+def load_with_deltas(
+    model: str,
+    deltas: Sequence[tuple[Delta, float]],
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    ignore_base_mismatch: bool = False,
+) -> Any:
+    """Load `model`, apply the deltas in float32 on the CPU, then move to device/dtype."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    console.log(f"loading {model}")
+    pipe = load_pipeline(model)
+    if deltas:
+        apply_deltas(pipe, deltas, ignore_base_mismatch=ignore_base_mismatch, warn=console.warn)
+        for d, scale in deltas:
+            console.log(f"applied {d.origin} (scale {scale:g}): {len(d.layers)} layers, tokens {', '.join(d.tokens) or '-'}")
+    pipe.to(dev, dt)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

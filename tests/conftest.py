@@ -1,0 +1,90 @@
+"""Shared fixtures: the tiny model built once per session, a CLI runner, random deltas."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# No test touches the network, and caches stay out of the user's home.
+os.environ.setdefault("CDTOOL_CACHE", tempfile.mkdtemp(prefix="cdtool-test-cache-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from cdtool.base import fingerprint, fingerprint_names, pipeline_params  # noqa: E402
+from cdtool.delta import Delta, LayerDelta  # noqa: E402
+from cdtool.extract import trainable_layer_names  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """The built-in tiny pipeline; tests must not modify it (use `fresh_tiny` for that)."""
+    from cdtool.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline()
+
+
+@pytest.fixture
+def fresh_tiny():
+    from cdtool.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny_pipe) -> Path:
+    """The tiny pipeline saved as a diffusers folder."""
+    path = tmp_path_factory.mktemp("models") / "tiny-sd"
+    tiny_pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def random_delta(pipe, token: str = "<new1>", seed: int = 0, scale: float = 1e-2, layers: str = "kv") -> Delta:
+    """A random kv delta with one token, fingerprinted against `pipe` (unmodified)."""
+    g = torch.Generator().manual_seed(seed)
+    delta = Delta(base_model="tiny")
+    for name in trainable_layer_names(pipe.unet, layers):
+        w = pipe.unet.get_submodule(name[len("unet.") :]).weight
+        delta.layers[name] = LayerDelta(full=torch.randn(w.shape, generator=g) * scale)
+    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    delta.tokens[token] = torch.randn(1, dim, generator=g)
+    delta.concepts = [{"token": token, "class_noun": "cat", "init_token": "ktn", "prompts": [f"photo of a {token} cat"]}]
+    delta.base_fingerprint = fingerprint(pipeline_params(pipe), fingerprint_names(delta), len(pipe.tokenizer))
+    return delta
+
+
+@pytest.fixture
+def make_delta(tiny_pipe):
+    def make(**kw) -> Delta:
+        return random_delta(tiny_pipe, **kw)
+
+    return make
+
+
+class Cli:
+    """Runs cdtool in-process with stdout and stderr kept apart."""
+
+    def __init__(self) -> None:
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, code: int | None = 0):
+        from cdtool.cli import app
+
+        result = self.runner.invoke(app, [str(a) for a in args], prog_name="cdtool")
+        if code is not None and result.exit_code != code:
+            raise AssertionError(
+                f"cdtool {' '.join(map(str, args))} exited {result.exit_code}, expected {code}\n"
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{result.exception!r}"
+            )
+        return result
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()

@@ -1,0 +1,44 @@
+"""Every registered command's --help, the version, and the exit-code conventions."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdtool.cli import app
+
+COMMANDS = sorted(c.name for c in app.registered_commands)
+
+
+def test_root_help_lists_every_command(cli):
+    out = cli("--help").stdout
+    for name in COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_help(cli, name):
+    result = cli(name, "--help")
+    assert result.stdout.startswith(f"Usage: cdtool {name}")
+    assert "--help" in result.stdout
+
+
+def test_no_stub_commands():
+    # commands appear only once they work; later issues add to this list
+    assert set(COMMANDS) <= {"prep", "regset", "train", "get-deltas", "merge", "compress", "export", "sample", "score", "info", "demo"}
+
+
+def test_version(cli):
+    assert cli("--version").stdout.startswith("cdtool ")
+
+
+def test_usage_error_exits_2(cli):
+    r = cli("sample", "--n", "0", "x", code=2)
+    assert "Usage:" in r.stderr
+    cli("no-such-command", code=2)
+
+
+def test_runtime_error_is_one_line_exit_1(cli, tmp_path):
+    r = cli("info", tmp_path / "missing.safetensors", code=1)
+    assert r.stderr.strip().count("\n") == 0
+    assert r.stderr.startswith("Error: ") and "missing.safetensors" in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
