@@ -27,7 +27,9 @@ def is_existing_word(tokenizer: Any, token: str) -> bool:
     return len(ids) == 1 and ids[0] < tokenizer.vocab_size
 
 
-def check_base(delta: Delta, params: dict[str, torch.Tensor], vocab_size: int, ignore: bool, warn: Callable[[str], None]) -> None:
+def check_base(
+    delta: Delta, params: dict[str, torch.Tensor], vocab_size: int, ignore: bool, warn: Callable[[str], None]
+) -> None:
     """Compare the delta's recorded base fingerprint with the loaded model's."""
     if not delta.base_fingerprint:
         return

@@ -95,6 +95,8 @@ def _read_selected(folder: Path, names: list[str]) -> dict[str, torch.Tensor] | 
                     out[TOKEN_EMBEDDING] = f.get_tensor(k).float()
                     continue
                 if k not in available:
-                    raise CdtoolError(f"the base model {folder} has no parameter {comp}.{k}; is the delta for another base?")
+                    raise CdtoolError(
+                        f"the base model {folder} has no parameter {comp}.{k}; is the delta for another base?"
+                    )
                 out[f"{comp}.{k}"] = f.get_tensor(k).float()
     return out

@@ -185,9 +185,7 @@ def read_cdtool(path: Path) -> Delta:
         parts.setdefault(stem, {})[kind] = tensor
     for stem, p in sorted(parts.items()):
         try:
-            delta.layers[stem] = LayerDelta(
-                full=p.get("delta"), up=p.get("up"), down=p.get("down"), bias=p.get("bias")
-            )
+            delta.layers[stem] = LayerDelta(full=p.get("delta"), up=p.get("up"), down=p.get("down"), bias=p.get("bias"))
         except ValueError as e:
             raise CdtoolError(f"{path}: layer {stem} is incomplete ({e})") from e
     return delta

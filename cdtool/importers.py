@@ -50,9 +50,7 @@ def read_delta(path: Path) -> Delta:
         return _from_state(_load_safetensors(path), path)
     if kind == "pickle":
         return _from_state(_load_pickle(path), path)
-    raise CdtoolError(
-        f"{path}: not a delta file (neither safetensors nor a PyTorch checkpoint); is it truncated?"
-    )
+    raise CdtoolError(f"{path}: not a delta file (neither safetensors nor a PyTorch checkpoint); is it truncated?")
 
 
 def _sniff(path: Path) -> str:

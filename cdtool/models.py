@@ -81,7 +81,7 @@ def load_pipeline(model: str) -> Any:
                 local_files_only=kind == "folder" or _hub_offline(),
                 **kwargs,
             )
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise CdtoolError(_load_failure(model, kind, e)) from e
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)

@@ -27,7 +27,9 @@ def load_with_deltas(
     if deltas:
         apply_deltas(pipe, deltas, ignore_base_mismatch=ignore_base_mismatch, warn=console.warn)
         for d, scale in deltas:
-            console.log(f"applied {d.origin} (scale {scale:g}): {len(d.layers)} layers, tokens {', '.join(d.tokens) or '-'}")
+            console.log(
+                f"applied {d.origin} (scale {scale:g}): {len(d.layers)} layers, tokens {', '.join(d.tokens) or '-'}"
+            )
     pipe.to(dev, dt)
     pipe.set_progress_bar_config(disable=True)
     return pipe

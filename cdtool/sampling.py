@@ -49,11 +49,7 @@ def slug(text: str, limit: int = 48) -> str:
 
 def plan_jobs(prompts: Sequence[str], n: int, seed: int) -> list[Job]:
     """Image k of every prompt uses seed + k, so prompts and deltas compare on the same noise."""
-    return [
-        Job(p, i, seed + k, f"{i:03d}-{slug(p)}-s{seed + k}.png")
-        for i, p in enumerate(prompts)
-        for k in range(n)
-    ]
+    return [Job(p, i, seed + k, f"{i:03d}-{slug(p)}-s{seed + k}.png") for i, p in enumerate(prompts) for k in range(n)]
 
 
 def initial_latents(pipe: Any, seed: int, height: int, width: int) -> torch.Tensor:

@@ -13,13 +13,13 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import pytest
+import torch
+from typer.testing import CliRunner
 
-from cdtool.base import fingerprint, fingerprint_names, pipeline_params  # noqa: E402
-from cdtool.delta import Delta, LayerDelta  # noqa: E402
-from cdtool.extract import trainable_layer_names  # noqa: E402
+from cdtool.base import fingerprint, fingerprint_names, pipeline_params
+from cdtool.delta import Delta, LayerDelta
+from cdtool.extract import trainable_layer_names
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,9 @@ def random_delta(pipe, token: str = "<new1>", seed: int = 0, scale: float = 1e-2
         delta.layers[name] = LayerDelta(full=torch.randn(w.shape, generator=g) * scale)
     dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     delta.tokens[token] = torch.randn(1, dim, generator=g)
-    delta.concepts = [{"token": token, "class_noun": "cat", "init_token": "ktn", "prompts": [f"photo of a {token} cat"]}]
+    delta.concepts = [
+        {"token": token, "class_noun": "cat", "init_token": "ktn", "prompts": [f"photo of a {token} cat"]}
+    ]
     delta.base_fingerprint = fingerprint(pipeline_params(pipe), fingerprint_names(delta), len(pipe.tokenizer))
     return delta
 

@@ -29,10 +29,18 @@ def test_apply_matches_diffusers_custom_diffusion_processors(fresh_tiny, make_de
         path = name[: -len(".processor")]
         if path.endswith("attn2"):
             attn = pipe.unet.get_submodule(path)
-            p = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=False,
-                                             hidden_size=attn.to_k.out_features, cross_attention_dim=attn.to_k.in_features)
-            p.to_k_custom_diffusion.weight.data = params[f"unet.{path}.to_k.weight"] + d.layers[f"unet.{path}.to_k"].full
-            p.to_v_custom_diffusion.weight.data = params[f"unet.{path}.to_v.weight"] + d.layers[f"unet.{path}.to_v"].full
+            p = CustomDiffusionAttnProcessor(
+                train_kv=True,
+                train_q_out=False,
+                hidden_size=attn.to_k.out_features,
+                cross_attention_dim=attn.to_k.in_features,
+            )
+            p.to_k_custom_diffusion.weight.data = (
+                params[f"unet.{path}.to_k.weight"] + d.layers[f"unet.{path}.to_k"].full
+            )
+            p.to_v_custom_diffusion.weight.data = (
+                params[f"unet.{path}.to_v.weight"] + d.layers[f"unet.{path}.to_v"].full
+            )
             procs[name] = p
         else:
             procs[name] = proc

@@ -24,7 +24,19 @@ def test_command_help(cli, name):
 
 def test_no_stub_commands():
     # commands appear only once they work; later issues add to this list
-    assert set(COMMANDS) <= {"prep", "regset", "train", "get-deltas", "merge", "compress", "export", "sample", "score", "info", "demo"}
+    assert set(COMMANDS) <= {
+        "prep",
+        "regset",
+        "train",
+        "get-deltas",
+        "merge",
+        "compress",
+        "export",
+        "sample",
+        "score",
+        "info",
+        "demo",
+    }
 
 
 def test_version(cli):

@@ -50,15 +50,19 @@ def test_cdtool_roundtrip_keeps_tensors_and_metadata(tmp_path, make_delta):
 
 def test_low_rank_and_bias_roundtrip(tmp_path):
     g = torch.Generator().manual_seed(1)
-    d = Delta(layers={
-        "unet.a.attn2.to_k": LayerDelta(up=torch.randn(8, 2, generator=g), down=torch.randn(2, 6, generator=g)),
-        "unet.a.attn2.to_out.0": LayerDelta(full=torch.randn(8, 8, generator=g), bias=torch.randn(8, generator=g)),
-    })
+    d = Delta(
+        layers={
+            "unet.a.attn2.to_k": LayerDelta(up=torch.randn(8, 2, generator=g), down=torch.randn(2, 6, generator=g)),
+            "unet.a.attn2.to_out.0": LayerDelta(full=torch.randn(8, 8, generator=g), bias=torch.randn(8, generator=g)),
+        }
+    )
     write_cdtool(d, tmp_path / "x.safetensors")
     back = read_cdtool(tmp_path / "x.safetensors")
     assert_same(d, back)
     assert back.layers["unet.a.attn2.to_k"].rank == 2
-    assert torch.allclose(back.layers["unet.a.attn2.to_k"].dense(), d.layers["unet.a.attn2.to_k"].up @ d.layers["unet.a.attn2.to_k"].down)
+    assert torch.allclose(
+        back.layers["unet.a.attn2.to_k"].dense(), d.layers["unet.a.attn2.to_k"].up @ d.layers["unet.a.attn2.to_k"].down
+    )
 
 
 def test_cdtool_to_official_bin_and_back_is_exact(tmp_path, tiny_pipe, make_delta):
@@ -68,7 +72,7 @@ def test_cdtool_to_official_bin_and_back_is_exact(tmp_path, tiny_pipe, make_delt
     state = torch.load(tmp_path / "delta.bin", weights_only=True)
     assert set(state) == {"unet", "modifier_token"}
     name = next(iter(d.layers))
-    key = name[len("unet."):] + ".weight"
+    key = name[len("unet.") :] + ".weight"
     # the official layout stores fine-tuned weights
     assert torch.allclose(state["unet"][key].float(), base[f"{name}.weight"] + d.layers[name].full, atol=1e-7)
     back = read_delta(tmp_path / "delta.bin")
@@ -98,7 +102,7 @@ def test_compvis_ckpt_import_maps_names(tmp_path, tiny_pipe, make_delta):
     sd = {}
     for name, layer in d.layers.items():
         w0 = base[f"{name}.weight"]
-        sd[diffusers_to_compvis(name)] = (w0.double() + layer.full.double())
+        sd[diffusers_to_compvis(name)] = w0.double() + layer.full.double()
     sd["embed"] = torch.cat([d.tokens["<new1>"], torch.ones(1, 32)])
     # the tiny UNet's block layout is not SD1.x, but the name mapping is the SD1.x one both ways
     torch.save({"state_dict": sd}, tmp_path / "delta_epoch=000004.ckpt")
@@ -112,8 +116,8 @@ def test_compvis_ckpt_import_maps_names(tmp_path, tiny_pipe, make_delta):
 def _diffusers_state(d: Delta, base) -> dict[str, torch.Tensor]:
     out = {}
     for name, layer in d.layers.items():
-        proc, _, proj = name[len("unet."):].rpartition(".")
-        out[f"{proc}.processor.{proj}_custom_diffusion.weight"] = (base[f"{name}.weight"].double() + layer.full.double())
+        proc, _, proj = name[len("unet.") :].rpartition(".")
+        out[f"{proc}.processor.{proj}_custom_diffusion.weight"] = base[f"{name}.weight"].double() + layer.full.double()
     return out
 
 

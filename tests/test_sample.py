@@ -58,8 +58,23 @@ def test_prompts_file_and_scale(cli, tmp_path, make_delta):
     delta = tmp_path / "d.safetensors"
     write_cdtool(make_delta(), delta)
     out = tmp_path / "o"
-    cli("sample", "--prompts", tmp_path / "p.txt", "-o", out, "--model", "tiny", "--n", "1", "--steps", "2",
-        "--delta", f"{delta}:0.5", "--scheduler", "euler-a")
+    cli(
+        "sample",
+        "--prompts",
+        tmp_path / "p.txt",
+        "-o",
+        out,
+        "--model",
+        "tiny",
+        "--n",
+        "1",
+        "--steps",
+        "2",
+        "--delta",
+        f"{delta}:0.5",
+        "--scheduler",
+        "euler-a",
+    )
     assert _pngs(out) == ["000-one-s0.png", "001-two-s0.png"]
 
 

@@ -31,18 +31,24 @@ ModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed; noise is drawn on the CPU, so a seed means the same on any device.")]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", help="Seed; noise is drawn on the CPU, so a seed means the same on any device.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress on stderr (warnings stay).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
-OutFileOpt = Annotated[Path, typer.Option("--output", "-o", help="Output delta file (.safetensors, or .bin for the official layout).")]
+OutFileOpt = Annotated[
+    Path, typer.Option("--output", "-o", help="Output delta file (.safetensors, or .bin for the official layout).")
+]
 DeltaOpt = Annotated[
     list[str] | None,
     typer.Option("--delta", "-d", help="A delta to apply, optionally with a scale: `cat.safetensors:0.8`. Repeatable."),
 ]
 IgnoreBaseOpt = Annotated[
     bool,
-    typer.Option("--ignore-base-mismatch", help="Apply deltas even when their recorded base fingerprint differs (warns)."),
+    typer.Option(
+        "--ignore-base-mismatch", help="Apply deltas even when their recorded base fingerprint differs (warns)."
+    ),
 ]
 
 

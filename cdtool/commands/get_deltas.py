@@ -12,7 +12,6 @@ from cdtool import __version__, console
 from cdtool.atomic import check_writable
 from cdtool.base import fingerprint, fingerprint_names, load_base_params, pipeline_params
 from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, cdtool_command, pick_model
-from cdtool.delta import Delta
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.hashing import file_sha256
 from cdtool.importers import read_delta, save_delta
@@ -41,10 +40,25 @@ def _is_model(source: Path) -> bool:
 
 
 def get_deltas(
-    source: Annotated[Path, typer.Argument(help="A fine-tuned model (diffusers folder or checkpoint), or a delta file in any supported format.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output delta: .safetensors (cdtool) or .bin (official layout).")],
-    base: Annotated[str | None, typer.Option("--base", help="The base model the source was fine-tuned from (default: recorded base, else $CDTOOL_MODEL).")] = None,
-    layers: Annotated[Layers, typer.Option("--layers", help="kv: attn2.to_k/to_v; attn2: all cross-attention projections.")] = Layers.kv,
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A fine-tuned model (diffusers folder or checkpoint), or a delta file in any supported format.",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output delta: .safetensors (cdtool) or .bin (official layout).")
+    ],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base", help="The base model the source was fine-tuned from (default: recorded base, else $CDTOOL_MODEL)."
+        ),
+    ] = None,
+    layers: Annotated[
+        Layers, typer.Option("--layers", help="kv: attn2.to_k/to_v; attn2: all cross-attention projections.")
+    ] = Layers.kv,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -68,7 +82,9 @@ def get_deltas(
         tuned, base_pipe = load_pipeline(str(source)), load_pipeline(base_model)
         delta, matched = extract_delta(tuned, base_pipe, layers.value)
         if matched == 0:
-            raise CdtoolError(f"no {layers.value} layers of {source} match the base {base_model}; is it the right base?")
+            raise CdtoolError(
+                f"no {layers.value} layers of {source} match the base {base_model}; is it the right base?"
+            )
         console.log(f"{matched} layers matched, {len(delta.layers)} changed, {len(delta.tokens)} new tokens")
         if not delta.layers and not delta.tokens:
             raise CdtoolError(f"{source} does not differ from {base_model} in any {layers.value} layer or token")
@@ -97,16 +113,28 @@ def get_deltas(
         delta.base_model = base_model
         delta.base_fingerprint = fingerprint(params, fingerprint_names(delta), vocab)
     delta.created_by = f"cdtool {__version__} get-deltas"
-    delta.provenance = dict(delta.provenance, get_deltas={
-        "source": str(source), "source_format": source_format,
-        "source_sha256": file_sha256(source) if source.is_file() else None,
-    })
+    delta.provenance = dict(
+        delta.provenance,
+        get_deltas={
+            "source": str(source),
+            "source_format": source_format,
+            "source_sha256": file_sha256(source) if source.is_file() else None,
+        },
+    )
     if not delta.concepts:
         delta.concepts = [{"token": t, "class_noun": None, "init_token": None, "prompts": []} for t in delta.tokens]
     save_delta(delta, output, {k: v for k, v in (params or {}).items()} if output.suffix == ".bin" else None)
     if json_out:
-        console.result_json({"output": str(output), "source_format": source_format, "layers_matched": matched,
-                             "layers": len(delta.layers), "tokens": list(delta.tokens), "base_model": delta.base_model})
+        console.result_json(
+            {
+                "output": str(output),
+                "source_format": source_format,
+                "layers_matched": matched,
+                "layers": len(delta.layers),
+                "tokens": list(delta.tokens),
+                "base_model": delta.base_model,
+            }
+        )
     else:
         console.result(str(output))
 

@@ -50,9 +50,13 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def sample(
-    prompts: Annotated[list[str] | None, typer.Argument(help="Prompts (quote each one).", show_default=False, metavar="PROMPT...")] = None,
+    prompts: Annotated[
+        list[str] | None, typer.Argument(help="Prompts (quote each one).", show_default=False, metavar="PROMPT...")
+    ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("samples"),
-    prompts_file: Annotated[Path | None, typer.Option("--prompts", help="File of prompts: one per line, or a JSON list.")] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option("--prompts", help="File of prompts: one per line, or a JSON list.")
+    ] = None,
     delta: DeltaOpt = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 50,
@@ -96,7 +100,9 @@ def sample(
     todo = [j for j in jobs if force or not (output / j.file_name).exists()]
     skipped = [j.file_name for j in jobs if j not in todo]
     if skipped:
-        console.log(f"{len(skipped)} of {len(jobs)} images already exist in {output}; keeping them (--force regenerates)")
+        console.log(
+            f"{len(skipped)} of {len(jobs)} images already exist in {output}; keeping them (--force regenerates)"
+        )
 
     images = {}
     if todo:
@@ -109,10 +115,24 @@ def sample(
 
         set_scheduler(pipe, scheduler.value)
         output.mkdir(parents=True, exist_ok=True)
-        params = {"model": model_id, "steps": steps, "guidance": guidance, "scheduler": scheduler.value, "deltas": delta or []}
+        params = {
+            "model": model_id,
+            "steps": steps,
+            "guidance": guidance,
+            "scheduler": scheduler.value,
+            "deltas": delta or [],
+        }
         with console.progress("sampling", len(todo)) as bar:
-            for job, image in generate(pipe, todo, steps=steps, guidance=guidance, height=h, width=w,
-                                       batch_size=batch_size, negative_prompt=negative_prompt):
+            for job, image in generate(
+                pipe,
+                todo,
+                steps=steps,
+                guidance=guidance,
+                height=h,
+                width=w,
+                batch_size=batch_size,
+                negative_prompt=negative_prompt,
+            ):
                 meta = dict(params, prompt=job.prompt, seed=job.seed, negative_prompt=negative_prompt or "")
                 save_png(image, output / job.file_name, {"parameters": json.dumps(meta)})
                 images[job.file_name] = image
@@ -124,13 +144,15 @@ def sample(
         tiles = [images.get(j.file_name) or Image.open(output / j.file_name).convert("RGB") for j in jobs]
         save_png(image_grid(tiles, n), output / "grid.png")
     if json_out:
-        console.result_json({
-            "output": str(output),
-            "images": [j.file_name for j in jobs],
-            "generated": [j.file_name for j in todo],
-            "skipped": skipped,
-            "prompts": all_prompts,
-        })
+        console.result_json(
+            {
+                "output": str(output),
+                "images": [j.file_name for j in jobs],
+                "generated": [j.file_name for j in todo],
+                "skipped": skipped,
+                "prompts": all_prompts,
+            }
+        )
     else:
         console.result(str(output))
 
