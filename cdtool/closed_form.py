@@ -1,0 +1,98 @@
+"""The closed-form multi-concept merge of Custom Diffusion (Kumari et al. 2023, Sec. 3.2).
+
+For each key/value weight W0 [out, in]: minimise ||(W - W0) C_regᵀ||_F subject to W Cᵀ = Vᵀ, where
+C_reg [N, in] are text features of regularisation captions, C [m, in] the concepts' target
+features and V [m, out] the outputs each concept's own fine-tuned weights give on them. With
+A = C_regᵀ C_reg and d = C A⁻¹ the solution is W = W0 + (Vᵀ - W0 Cᵀ)(d Cᵀ)⁻¹ d.
+
+A, d and d Cᵀ do not depend on the layer, so they are factorised once (in float64, by Cholesky;
+never an explicit inverse) and every layer costs two small matrix products and one triangular solve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Relative ridge, tried in this order, only when a Cholesky factorisation fails.
+RIDGES = (0.0, 1e-10, 1e-8, 1e-6, 1e-4)
+
+
+@dataclass
+class MergeSystem:
+    """The layer-independent part of the solution."""
+
+    gram: torch.Tensor  # A = C_regᵀ C_reg [in, in], float64
+    targets: torch.Tensor  # C [m, in], float64, duplicates removed
+    d: torch.Tensor  # C A⁻¹ [m, in]
+    m_chol: torch.Tensor  # Cholesky factor of d Cᵀ [m, m]
+    ridge_gram: float  # ridge added to A (relative to its mean diagonal); 0 when none was needed
+    ridge_targets: float  # likewise for d Cᵀ
+    kept_rows: list[int]  # indices of the rows of the original C that were kept
+
+
+def _cholesky(mat: torch.Tensor) -> tuple[torch.Tensor, float]:
+    scale = float(mat.diagonal().mean().abs()) or 1.0
+    eye = torch.eye(mat.shape[0], dtype=mat.dtype)
+    for ridge in RIDGES:
+        chol, info = torch.linalg.cholesky_ex(mat + ridge * scale * eye)
+        if int(info) == 0:
+            return chol, ridge
+    raise ValueError("the system is singular even with a ridge")
+
+
+def unique_rows(c: torch.Tensor) -> list[int]:
+    """Indices of the first occurrence of each distinct row (identical rows are removed, as the
+    official code does: they would make d Cᵀ singular)."""
+    kept: list[int] = []
+    for i in range(c.shape[0]):
+        if not any(torch.equal(c[i], c[j]) for j in kept):
+            kept.append(i)
+    return kept
+
+
+def prepare(reg_gram: torch.Tensor, targets: torch.Tensor) -> MergeSystem:
+    """Factorise A = C_regᵀ C_reg and d Cᵀ once for all layers."""
+    a = reg_gram.double()
+    kept = unique_rows(targets)
+    c = targets[kept].double()
+    a_chol, ridge_a = _cholesky(a)
+    d = torch.cholesky_solve(c.T, a_chol).T  # (A⁻¹ Cᵀ)ᵀ = C A⁻¹, A symmetric
+    m = d @ c.T
+    m = (m + m.T) / 2
+    m_chol, ridge_m = _cholesky(m)
+    return MergeSystem(a, c, d, m_chol, ridge_a, ridge_m, kept)
+
+
+def solve_layer(system: MergeSystem, w0: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The merged weight W for one layer; `values` [m_original, out] are the concepts' outputs on
+    the original (not de-duplicated) target rows."""
+    v = values[system.kept_rows].double()
+    w0d = w0.double()
+    e = v.T - w0d @ system.targets.T  # [out, m]
+    x = torch.cholesky_solve(e.T, system.m_chol)  # (d Cᵀ)⁻¹ Eᵀ, [m, out]
+    return w0d + x.T @ system.d
+
+
+def closed_form(w0: torch.Tensor, reg_features: torch.Tensor, targets: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One-layer convenience: W from W0, C_reg [N, in], C [m, in] and V [m, out]."""
+    reg = reg_features.double()
+    return solve_layer(prepare(reg.T @ reg, targets), w0, values)
+
+
+@dataclass
+class LayerReport:
+    constraint_residual: float  # ||W Cᵀ - Vᵀ||_F / ||Vᵀ||_F over the kept target rows
+    reg_drift: float  # ||(W - W0) C_regᵀ||_F / ||W0 C_regᵀ||_F
+
+
+def report(system: MergeSystem, w0: torch.Tensor, w: torch.Tensor, values: torch.Tensor) -> LayerReport:
+    """Constraint residual and regularisation drift, computed from A (C_reg itself is not needed)."""
+    v = values[system.kept_rows].double()
+    wd, w0d = w.double(), w0.double()
+    res = torch.linalg.norm(wd @ system.targets.T - v.T) / torch.linalg.norm(v).clamp_min(1e-30)
+    diff = wd - w0d
+    drift2 = torch.einsum("oi,ij,oj->", diff, system.gram, diff).clamp_min(0)
+    base2 = torch.einsum("oi,ij,oj->", w0d, system.gram, w0d).clamp_min(1e-30)
+    return LayerReport(float(res), float((drift2 / base2).sqrt()))
