@@ -15,8 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-# Relative ridge, tried in this order, only when a Cholesky factorisation fails.
-RIDGES = (0.0, 1e-10, 1e-8, 1e-6, 1e-4)
+# Largest condition numbers accepted without a ridge. Features come from float32 encoders (about
+# 7 significant digits), so directions of C_regᵀ C_reg weaker than 1e-8 of the strongest are noise:
+# solving along them would put huge, meaningless weights into ΔW (e.g. the direction every
+# LayerNorm output is orthogonal to). d Cᵀ is allowed more before its constraints are relaxed.
+MAX_COND_GRAM = 1e8
+MAX_COND_TARGETS = 1e12
 
 
 @dataclass
@@ -27,19 +31,26 @@ class MergeSystem:
     targets: torch.Tensor  # C [m, in], float64, duplicates removed
     d: torch.Tensor  # C A⁻¹ [m, in]
     m_chol: torch.Tensor  # Cholesky factor of d Cᵀ [m, m]
-    ridge_gram: float  # ridge added to A (relative to its mean diagonal); 0 when none was needed
+    ridge_gram: float  # ridge added to A (relative to its largest eigenvalue); 0 when none was needed
     ridge_targets: float  # likewise for d Cᵀ
     kept_rows: list[int]  # indices of the rows of the original C that were kept
 
 
-def _cholesky(mat: torch.Tensor) -> tuple[torch.Tensor, float]:
-    scale = float(mat.diagonal().mean().abs()) or 1.0
+def _cholesky(mat: torch.Tensor, max_cond: float) -> tuple[torch.Tensor, float]:
+    """Cholesky factor of `mat`, with a ridge (relative to its largest eigenvalue) added only when
+    its condition number exceeds `max_cond`; returns the relative ridge used (0 if none)."""
+    eig = torch.linalg.eigvalsh(mat)
+    top = float(eig[-1])
+    if top <= 0:
+        raise ValueError("the system is zero")
+    ridge = 0.0
+    if float(eig[0]) < top / max_cond:
+        ridge = 1.0 / max_cond
     eye = torch.eye(mat.shape[0], dtype=mat.dtype)
-    for ridge in RIDGES:
-        chol, info = torch.linalg.cholesky_ex(mat + ridge * scale * eye)
-        if int(info) == 0:
-            return chol, ridge
-    raise ValueError("the system is singular even with a ridge")
+    chol, info = torch.linalg.cholesky_ex(mat + ridge * top * eye)
+    if int(info) != 0:
+        raise ValueError("the system is not positive definite")
+    return chol, ridge
 
 
 def unique_rows(c: torch.Tensor) -> list[int]:
@@ -57,11 +68,11 @@ def prepare(reg_gram: torch.Tensor, targets: torch.Tensor) -> MergeSystem:
     a = reg_gram.double()
     kept = unique_rows(targets)
     c = targets[kept].double()
-    a_chol, ridge_a = _cholesky(a)
+    a_chol, ridge_a = _cholesky(a, MAX_COND_GRAM)
     d = torch.cholesky_solve(c.T, a_chol).T  # (A⁻¹ Cᵀ)ᵀ = C A⁻¹, A symmetric
     m = d @ c.T
     m = (m + m.T) / 2
-    m_chol, ridge_m = _cholesky(m)
+    m_chol, ridge_m = _cholesky(m, MAX_COND_TARGETS)
     return MergeSystem(a, c, d, m_chol, ridge_a, ridge_m, kept)
 
 
@@ -75,7 +86,9 @@ def solve_layer(system: MergeSystem, w0: torch.Tensor, values: torch.Tensor) -> 
     return w0d + x.T @ system.d
 
 
-def closed_form(w0: torch.Tensor, reg_features: torch.Tensor, targets: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def closed_form(
+    w0: torch.Tensor, reg_features: torch.Tensor, targets: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
     """One-layer convenience: W from W0, C_reg [N, in], C [m, in] and V [m, out]."""
     reg = reg_features.double()
     return solve_layer(prepare(reg.T @ reg, targets), w0, values)

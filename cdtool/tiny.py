@@ -71,6 +71,13 @@ def build_tiny_pipeline():  # -> StableDiffusionPipeline
         unet = UNet2DConditionModel(**UNET_CONFIG)
         vae = AutoencoderKL(**VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        # Trained LayerNorms have non-trivial gains and biases; freshly initialised ones (1 and 0)
+        # put every text feature in one hyperplane through the origin, which no real model does.
+        with torch.no_grad():
+            for m in text_encoder.modules():
+                if isinstance(m, torch.nn.LayerNorm):
+                    m.weight.add_(0.1 * torch.randn_like(m.weight))
+                    m.bias.add_(0.1 * torch.randn_like(m.bias))
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
     return StableDiffusionPipeline(

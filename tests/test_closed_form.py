@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cdtool.closed_form import closed_form, prepare, report, solve_layer
@@ -16,8 +17,10 @@ def _problem(seed: int, out: int = 24, dim: int = 16, n_reg: int = 200, m: int =
     return w0, reg, c, v
 
 
-def test_constraints_hold():
-    w0, reg, c, v = _problem(0)
+@pytest.mark.parametrize("concepts", [2, 3, 10])
+def test_constraints_hold(concepts):
+    # each concept contributes 6 target rows, as the merge command builds them
+    w0, reg, c, v = _problem(concepts, out=40, dim=96, n_reg=600, m=6 * concepts)
     w = closed_form(w0, reg, c, v)
     residual = torch.linalg.norm(w @ c.T - v.T) / torch.linalg.norm(v)
     assert residual < 1e-5
@@ -32,7 +35,7 @@ def test_optimal_against_feasible_perturbations():
 
     # Any other feasible W differs by P with P Cᵀ = 0: rows of P in the null space of C.
     q, _ = torch.linalg.qr(c.T, mode="complete")
-    null = q[:, c.shape[0]:]  # [dim, dim - m], orthogonal to the rows of C
+    null = q[:, c.shape[0] :]  # [dim, dim - m], orthogonal to the rows of C
     g = torch.Generator().manual_seed(5)
     for _ in range(20):
         p = torch.randn(w.shape[0], null.shape[1], generator=g, dtype=torch.float64) @ null.T
@@ -79,3 +82,22 @@ def test_rank_deficient_regularisation_uses_a_reported_ridge():
     assert system.ridge_gram > 0
     w = solve_layer(system, w0, v)
     assert torch.linalg.norm(w @ c.T - v.T) / torch.linalg.norm(v) < 1e-5
+
+
+def test_features_in_a_subspace_give_no_huge_weights():
+    # LayerNorm outputs with zero bias all sum to zero: C_regᵀ C_reg is singular along the ones
+    # vector, up to float32 noise. The update must not blow up along that direction.
+    g = torch.Generator().manual_seed(7)
+
+    def centred(n):
+        x = torch.randn(n, 16, generator=g)
+        return (x - x.mean(1, keepdim=True)).double()
+
+    reg, c = centred(300), centred(3)
+    w0 = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    w1 = w0 + 0.1 * torch.randn(8, 16, generator=g, dtype=torch.float64)
+    system = prepare(reg.T @ reg, c)
+    assert system.ridge_gram > 0
+    w = solve_layer(system, w0, (w1 @ c.T).T)
+    assert torch.linalg.norm(w @ c.T - w1 @ c.T) / torch.linalg.norm(w1 @ c.T) < 1e-5
+    assert torch.linalg.norm(w - w0) < 10 * torch.linalg.norm(w1 - w0)

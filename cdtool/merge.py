@@ -1,0 +1,200 @@
+"""Merging deltas: token renaming, the closed-form merge over a model, and the weighted sum."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+
+from cdtool.closed_form import prepare, report, solve_layer
+from cdtool.delta import Delta, LayerDelta
+from cdtool.errors import CdtoolError
+
+KV_SUFFIXES = (".attn2.to_k", ".attn2.to_v")
+
+
+def default_reg_captions() -> list[str]:
+    """The regularisation captions shipped with cdtool (1200, written for it)."""
+    text = resources.files("cdtool").joinpath("data/reg_captions.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def assign_tokens(deltas: Sequence[Delta]) -> list[dict[str, str]]:
+    """Per input, {old token: new token}: a token already taken by an earlier input is renamed to
+    the next free `<newK>` (free across all inputs)."""
+    taken_anywhere = {t for d in deltas for t in d.tokens}
+    used: set[str] = set()
+    renames: list[dict[str, str]] = []
+    k = 1
+    for d in deltas:
+        mapping = {}
+        for token in d.tokens:
+            if token in used:
+                while f"<new{k}>" in taken_anywhere or f"<new{k}>" in used:
+                    k += 1
+                mapping[token] = f"<new{k}>"
+            used.add(mapping.get(token, token))
+        renames.append(mapping)
+    return renames
+
+
+def rename_tokens(delta: Delta, mapping: Mapping[str, str]) -> Delta:
+    """A copy of `delta` with tokens (and the prompts that mention them) renamed."""
+    if not mapping:
+        return delta
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(mapping, key=len, reverse=True)))
+
+    def sub(text: str) -> str:
+        return pattern.sub(lambda m: mapping[m.group(0)], text)
+
+    concepts = []
+    for c in delta.concepts:
+        c = dict(c)
+        if c.get("token") in mapping:
+            c["token"] = mapping[c["token"]]
+        c["prompts"] = [sub(p) for p in c.get("prompts") or []]
+        concepts.append(c)
+    tokens = {mapping.get(t, t): e for t, e in delta.tokens.items()}
+    return Delta(
+        layers=delta.layers,
+        tokens=tokens,
+        base_model=delta.base_model,
+        base_fingerprint=delta.base_fingerprint,
+        concepts=concepts,
+        created_by=delta.created_by,
+        provenance=delta.provenance,
+        source_format=delta.source_format,
+        origin=delta.origin,
+    )
+
+
+def weighted_sum(deltas: Sequence[tuple[Delta, float]]) -> Delta:
+    """ΔW = Σ scale_i ΔW_i on the union of layers; tokens and concepts united (already renamed)."""
+    out = Delta()
+    for d, scale in deltas:
+        for name, layer in d.layers.items():
+            dense = scale * layer.dense().float()
+            bias = None if layer.bias is None else scale * layer.bias.float()
+            if name in out.layers:
+                prev = out.layers[name]
+                assert prev.full is not None
+                dense = prev.full + dense
+                if prev.bias is not None:
+                    bias = prev.bias if bias is None else prev.bias + bias
+            out.layers[name] = LayerDelta(full=dense, bias=bias)
+        out.tokens.update(d.tokens)
+        out.concepts.extend(d.concepts)
+    return out
+
+
+def target_prompts(token: str | None, class_noun: str, style: bool = False) -> list[tuple[str, str]]:
+    """The paper's target prompts as (prefix, subject) pairs: "<new1> cat" and "photo of a <new1>
+    cat" ("painting in the style of" for styles)."""
+    subject = f"{token} {class_noun}" if token else class_noun
+    return [("", subject), ("painting in the style of " if style else "photo of a ", subject)]
+
+
+def is_style(concept: Mapping[str, Any]) -> bool:
+    # The official code treats a class containing "art" as a style; cdtool also reads `kind`.
+    return concept.get("kind") == "style" or "art" in (concept.get("class_noun") or "").split()
+
+
+@dataclass
+class MergeResult:
+    delta: Delta
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> residual, drift
+    ridge_gram: float = 0.0
+    ridge_targets: float = 0.0
+    target_rows: int = 0
+    target_rows_kept: int = 0
+    overlap: float = 0.0  # largest |cosine| between target rows of different concepts
+
+
+def closed_form_merge(
+    deltas: Sequence[Delta],
+    base: Mapping[str, torch.Tensor],
+    tokenizer: Any,
+    encoder: Any,
+    reg_gram: torch.Tensor,
+    *,
+    dry_run: bool = False,
+) -> MergeResult:
+    """Merge relative, renamed deltas with the closed form. `tokenizer`/`encoder` are the base
+    text side (new tokens are added to them here); `base` maps `unet.<path>.weight` to W0."""
+    from cdtool.apply import _plan_tokens
+    from cdtool.text_features import feature_rows
+
+    bad = sorted({n for d in deltas for n in d.layers if not n.endswith(KV_SUFFIXES)})
+    if bad:
+        raise CdtoolError(
+            f"the closed-form merge covers attn2.to_k/to_v only, not {bad[0]}"
+            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; use --method sum for such deltas"
+        )
+    new_rows = _plan_tokens(tokenizer, encoder, deltas)
+    if new_rows:
+        tokenizer.add_tokens(list(new_rows))
+        encoder.resize_token_embeddings(len(tokenizer))
+        with torch.no_grad():
+            table = encoder.get_input_embeddings().weight
+            for tok, row in new_rows.items():
+                table[tokenizer.convert_tokens_to_ids(tok)] = row.to(table.dtype)
+
+    # target rows C, with the input each came from
+    prompts, starts, owner = [], [], []
+    for i, d in enumerate(deltas):
+        for concept in d.concepts:
+            noun = concept.get("class_noun")
+            if not noun:
+                raise CdtoolError(
+                    f"{d.origin}: concept {concept.get('token')} has no class noun recorded; pass --classes"
+                )
+            for prefix, subject in target_prompts(concept.get("token"), noun, is_style(concept)):
+                # Rows start at the subject, as in the official code: the prefix' features are the
+                # same for every concept and would make the constraints contradict each other.
+                n_prefix = len(tokenizer(prefix, add_special_tokens=False).input_ids) if prefix else 0
+                prompts.append(prefix + subject)
+                starts.append(1 + n_prefix)
+                owner.append(i)
+    rows = feature_rows(tokenizer, encoder, prompts, starts)
+    c = torch.cat(rows).double()
+    row_owner = [o for o, r in zip(owner, rows, strict=True) for _ in range(r.shape[0])]
+    system = prepare(reg_gram, c)
+    result = MergeResult(
+        delta=Delta(),
+        ridge_gram=system.ridge_gram,
+        ridge_targets=system.ridge_targets,
+        target_rows=int(c.shape[0]),
+        target_rows_kept=len(system.kept_rows),
+        overlap=_overlap(c, row_owner),
+    )
+    layer_names = sorted({n for d in deltas for n in d.layers})
+    for name in layer_names:
+        w0 = base[f"{name}.weight"].double()
+        values = torch.empty(c.shape[0], w0.shape[0], dtype=torch.float64)
+        for i, d in enumerate(deltas):
+            w_i = w0 + d.layers[name].dense().double() if name in d.layers else w0
+            idx = [r for r, o in enumerate(row_owner) if o == i]
+            values[idx] = (w_i @ c[idx].T).T
+        if dry_run:
+            continue
+        w = solve_layer(system, w0, values)
+        rep = report(system, w0, w, values)
+        result.layers[name] = {"constraint_residual": rep.constraint_residual, "reg_drift": rep.reg_drift}
+        result.delta.layers[name] = LayerDelta(full=(w - w0).float())
+    for d in deltas:
+        result.delta.tokens.update(d.tokens)
+        result.delta.concepts.extend(d.concepts)
+    return result
+
+
+def _overlap(c: torch.Tensor, owner: Sequence[int]) -> float:
+    """The largest |cosine| between target rows of different concepts (1 = indistinguishable)."""
+    n = torch.nn.functional.normalize(c, dim=1)
+    cos = (n @ n.T).abs()
+    o = torch.tensor(owner)
+    mask = o[:, None] != o[None, :]
+    return float(cos[mask].max()) if mask.any() else 0.0

@@ -1,0 +1,74 @@
+"""Text-encoder features as rows: the inputs of the cross-attention key/value projections."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdtool.atomic import atomic_path
+from cdtool.paths import cache_dir
+
+
+@torch.no_grad()
+def feature_rows(
+    tokenizer: Any, encoder: Any, prompts: Sequence[str], starts: Sequence[int] | None = None, batch: int = 64
+) -> list[torch.Tensor]:
+    """Per prompt, the final hidden states (after the final layer norm) from position `start`
+    (default 1: after start-of-text) up to and including the first end-of-text; no padding.
+
+    Prompts are batched with end-of-text padding: CLIP's text attention is causal, so padding
+    after the first end-of-text cannot change the rows kept."""
+    out: list[torch.Tensor] = []
+    eos = tokenizer.eos_token_id
+    device = next(encoder.parameters()).device
+    for i in range(0, len(prompts), batch):
+        chunk = list(prompts[i : i + batch])
+        enc = tokenizer(
+            chunk, padding="longest", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+        )
+        hidden = encoder(enc.input_ids.to(device))[0].float().cpu()
+        for j, ids in enumerate(enc.input_ids):
+            end = int((ids == eos).nonzero()[0])
+            start = 1 if starts is None else starts[i + j]
+            out.append(hidden[j, start : end + 1])
+    return out
+
+
+def gram(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """A = Σ r rᵀ over all rows (float64) and the number of rows."""
+    stacked = torch.cat(list(rows)).double()
+    return stacked.T @ stacked, int(stacked.shape[0])
+
+
+def encoder_fingerprint(encoder: Any) -> str:
+    """sha256 over the text encoder's weights (as float16), for cache keys."""
+    h = hashlib.sha256()
+    for name, p in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_reg_gram(tokenizer: Any, encoder: Any, captions: Sequence[str]) -> tuple[torch.Tensor, int, bool]:
+    """A = C_regᵀ C_reg for the regularisation captions, cached on disk per (text encoder, captions).
+    Returns (A, rows, was_cached)."""
+    from safetensors.torch import load_file, save_file
+
+    key_caps = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+    key_enc = encoder_fingerprint(encoder)[:16]
+    path: Path = cache_dir() / "reg-gram" / f"{key_enc}-{key_caps}.safetensors"
+    if path.exists():
+        try:
+            data = load_file(str(path))
+            return data["gram"], int(data["rows"]), True
+        except Exception:
+            path.unlink(missing_ok=True)
+    a, n = gram(feature_rows(tokenizer, encoder, captions))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"gram": a, "rows": torch.tensor(n)}, str(tmp))
+    return a, n, False

@@ -1,0 +1,163 @@
+"""`merge` and `compress` on the tiny model, through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cdtool.apply import apply_deltas
+from cdtool.delta import LayerDelta, read_cdtool, write_cdtool
+from cdtool.merge import target_prompts
+from cdtool.text_features import feature_rows
+from cdtool.tiny import build_tiny_pipeline
+
+NOUNS = ["cat", "dog", "car", "tree", "cup", "house", "chair", "bird", "lamp", "boat"]
+
+
+def _write_concepts(tmp_path, make_delta, n, same_token=False, scale=0.05):
+    paths = []
+    for i in range(n):
+        token = "<new1>" if same_token else f"<new{i + 1}>"
+        d = make_delta(token=token, seed=10 + i, scale=scale)
+        d.concepts[0]["class_noun"] = NOUNS[i]
+        d.concepts[0]["prompts"] = [f"photo of a {token} {NOUNS[i]}"]
+        p = tmp_path / f"c{i}.safetensors"
+        write_cdtool(d, p)
+        paths.append(p)
+    return paths
+
+
+def _kv_on_targets(pipe, token, noun):
+    """attn2 key/value outputs of every layer on the concept's target rows."""
+    out = []
+    for prefix, subject in target_prompts(token, noun):
+        n_prefix = len(pipe.tokenizer(prefix, add_special_tokens=False).input_ids) if prefix else 0
+        rows = feature_rows(pipe.tokenizer, pipe.text_encoder, [prefix + subject], [1 + n_prefix])[0]
+        for name, module in pipe.unet.named_modules():
+            if name.endswith(("attn2.to_k", "attn2.to_v")):
+                out.append(module(rows))
+    return torch.cat([o.flatten() for o in out])
+
+
+def test_merged_model_keeps_each_concepts_keys_and_values(cli, tmp_path, make_delta):
+    paths = _write_concepts(tmp_path, make_delta, 2, same_token=True)
+    out = tmp_path / "m.safetensors"
+    r = cli("merge", f"{paths[0]}+{paths[1]}", "-o", out, "--json")
+    doc = json.loads(r.stdout)
+    assert doc["renamed"] == {str(paths[1]): {"<new1>": "<new2>"}}
+    assert "renamed to <new2>" in r.stderr
+    merged = read_cdtool(out)
+    assert sorted(merged.tokens) == ["<new1>", "<new2>"]
+    assert [c["token"] for c in merged.concepts] == ["<new1>", "<new2>"]
+    assert merged.concepts[1]["prompts"] == ["photo of a <new2> dog"]
+    assert merged.provenance["merge"]["renamed"] == {str(paths[1]): {"<new1>": "<new2>"}}
+    assert doc["total"]["max_constraint_residual"] < 1e-5
+    merged_pipe = build_tiny_pipeline()
+    apply_deltas(merged_pipe, [(merged, 1.0)])
+    base_pipe = build_tiny_pipeline()
+    for i, (path, noun) in enumerate(zip(paths, NOUNS, strict=False)):
+        own = build_tiny_pipeline()
+        d = read_cdtool(path)
+        d.tokens = {f"<new{i + 1}>": d.tokens["<new1>"]}  # the merged file's name for it
+        apply_deltas(own, [(d, 1.0)])
+        mine = _kv_on_targets(merged_pipe, f"<new{i + 1}>", noun)
+        theirs = _kv_on_targets(own, f"<new{i + 1}>", noun)
+        assert torch.allclose(mine, theirs, atol=1e-4), (mine - theirs).abs().max()
+        # ... which is a real change: the base model's outputs differ
+        apply_deltas(base_pipe, [(type(d)(tokens={f"<new{i + 1}>": d.tokens[f"<new{i + 1}>"]}), 1.0)])
+        assert not torch.allclose(_kv_on_targets(base_pipe, f"<new{i + 1}>", noun), theirs, atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [3, 10])
+def test_many_concepts(cli, tmp_path, make_delta, n):
+    paths = _write_concepts(tmp_path, make_delta, n)
+    out = tmp_path / "m.safetensors"
+    r = cli("merge", *paths, "-o", out, "--json")
+    doc = json.loads(r.stdout)
+    assert len(read_cdtool(out).tokens) == n
+    assert doc["target_rows"] == n * 6  # "<newK> noun" + EOT, "photo of a" form: 3 rows each
+    if n * 6 <= 32:
+        assert doc["total"]["max_constraint_residual"] < 1e-5
+    else:
+        # the tiny model's text features have 32 dimensions: 60 constraints cannot all hold, and
+        # cdtool says so (on SD1.5's 768 dimensions they do: see test_closed_form)
+        assert "exceed the text feature size 32" in r.stderr and doc["ridge"]["targets"] > 0
+
+
+def test_sum_and_scales(cli, tmp_path, make_delta):
+    a, b = _write_concepts(tmp_path, make_delta, 2)
+    out = tmp_path / "s.safetensors"
+    cli("merge", f"{a}:0.7+{b}:0.5", "--method", "sum", "-o", out)
+    merged, da, db = read_cdtool(out), read_cdtool(a), read_cdtool(b)
+    for name in da.layers:
+        expect = 0.7 * da.layers[name].full + 0.5 * db.layers[name].full
+        assert torch.allclose(merged.layers[name].full, expect, atol=1e-7)
+    assert merged.base_fingerprint == da.base_fingerprint
+
+
+def test_dry_run_writes_nothing(cli, tmp_path, make_delta):
+    a, b = _write_concepts(tmp_path, make_delta, 2)
+    r = cli("merge", a, b, "-o", tmp_path / "m.safetensors", "--dry-run")
+    assert "concept:   <new1> (cat)" in r.stdout and "largest cross-concept cosine" in r.stdout
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_closed_form_refuses_other_layers_sum_accepts(cli, tmp_path, make_delta):
+    a, b = _write_concepts(tmp_path, make_delta, 2)
+    d = read_cdtool(b)
+    d.layers["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"] = LayerDelta(full=torch.zeros(32, 32))
+    d.base_fingerprint = ""
+    write_cdtool(d, b)
+    r = cli("merge", a, b, "-o", tmp_path / "m.safetensors", code=1)
+    assert "attn2.to_q" in r.stderr and "--method sum" in r.stderr
+    cli("merge", a, b, "-o", tmp_path / "m.safetensors", "--method", "sum")
+
+
+def test_different_bases_refused(cli, tmp_path, make_delta):
+    a, b = _write_concepts(tmp_path, make_delta, 2)
+    d = read_cdtool(b)
+    d.base_model = "some/other-model"
+    write_cdtool(d, b)
+    r = cli("merge", a, b, "-o", tmp_path / "m.safetensors", code=1)
+    assert "different base models" in r.stderr
+    d.base_model, d.base_fingerprint = "tiny", "f" * 64
+    write_cdtool(d, b)
+    r = cli("merge", a, b, "-o", tmp_path / "m.safetensors", code=1)
+    assert "fingerprint mismatch" in r.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_compress_then_merge_and_sample(cli, tmp_path, make_delta):
+    a, b = _write_concepts(tmp_path, make_delta, 2)
+    r = cli("compress", a, "-o", tmp_path / "a4.safetensors", "--rank", "4", "--json")
+    doc = json.loads(r.stdout)
+    assert all(v["rank"] == 4 for v in doc["layers"].values())
+    assert doc["size_after"] < doc["size_before"]
+    small = read_cdtool(tmp_path / "a4.safetensors")
+    assert torch.equal(small.tokens["<new1>"], read_cdtool(a).tokens["<new1>"])
+    cli("merge", tmp_path / "a4.safetensors", b, "-o", tmp_path / "m.safetensors")
+    cli("compress", tmp_path / "m.safetensors", "-o", tmp_path / "m8.safetensors", "--fro", "0.99", "--dtype", "fp16")
+    cli("sample", "a <new1> cat", "-d", tmp_path / "m8.safetensors", "-o", tmp_path / "s", "--n", "1", "--steps", "2")
+    assert (tmp_path / "s" / "000-a-new1-cat-s0.png").exists()
+
+
+def test_compress_cap_and_exactness(cli, tmp_path, make_delta):
+    (a,) = _write_concepts(tmp_path, make_delta, 1)
+    r = cli("compress", a, "-o", tmp_path / "big.safetensors", "--rank", "500")
+    assert "exceeds the layer's size" in r.stderr
+    full = read_cdtool(tmp_path / "big.safetensors")
+    orig = read_cdtool(a)
+    for name, layer in orig.layers.items():
+        assert torch.allclose(full.layers[name].dense(), layer.full, atol=1e-5)
+    cli("compress", a, "-o", tmp_path / "e1.safetensors", "--energy", "1.0")
+    again = tmp_path / "again.safetensors"
+    cli("compress", tmp_path / "e1.safetensors", "-o", again, "--rank", "2")
+    direct = tmp_path / "direct.safetensors"
+    cli("compress", a, "-o", direct, "--rank", "2")
+    for name in orig.layers:
+        assert torch.allclose(
+            read_cdtool(again).layers[name].dense(), read_cdtool(direct).layers[name].dense(), atol=1e-5
+        )
+    cli("compress", a, "-o", tmp_path / "x.safetensors", "--rank", "2", "--fro", "0.5", code=2)
