@@ -75,6 +75,19 @@ def load_base_params(model: str, names: Iterable[str]) -> dict[str, torch.Tensor
     return {n: params[n].detach().float() for n in wanted}
 
 
+def unet_param_names(model: str) -> list[str]:
+    """`unet.<name>` of every UNet parameter, from the file's index where possible."""
+    if model_kind(model) == "folder":
+        from safetensors import safe_open
+
+        folder = Path(model).expanduser()
+        files = [folder / f for f in _COMPONENT_FILES["unet"] if (folder / f).exists()]
+        if files:
+            with safe_open(str(files[0]), framework="pt") as f:
+                return [f"unet.{k}" for k in f.keys()]
+    return [n for n in pipeline_params(load_pipeline(model)) if n.startswith("unet.")]
+
+
 def _read_selected(folder: Path, names: list[str]) -> dict[str, torch.Tensor] | None:
     from safetensors import safe_open
 

@@ -1,0 +1,73 @@
+"""`cdtool export`: a delta in the layouts other tools load."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cdtool import console
+from cdtool.atomic import check_writable
+from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, cdtool_command, pick_model
+from cdtool.errors import UsageError
+from cdtool.export import export as write_export
+from cdtool.importers import read_delta
+
+
+class Target(str, Enum):
+    diffusers_lora = "diffusers-lora"
+    kohya = "kohya"
+    diffusers_custom_diffusion = "diffusers-custom-diffusion"
+    official = "official"
+
+
+def export(
+    source: Annotated[Path, typer.Argument(help="A delta in any supported format.", show_default=False)],
+    to: Annotated[Target, typer.Option("--to", help="Target layout.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (a .bin file for --to official).")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="Base model, for layouts that store fine-tuned weights (default: the recorded base)."
+        ),
+    ] = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export a delta for other tools.
+
+    diffusers-lora: pytorch_lora_weights.safetensors (pipe.load_lora_weights) and <token>.safetensors
+    (pipe.load_textual_inversion). kohya: lora.safetensors with alphas, and A1111 embeddings.
+    diffusers-custom-diffusion: pytorch_custom_diffusion_weights.safetensors and <token>.safetensors,
+    as diffusers' train_custom_diffusion.py writes them. official: the official delta.bin.
+    """
+    if to is Target.official and output.suffix != ".bin":
+        raise UsageError(f"{output}: --to official writes a .bin file")
+    check_writable(output, force)
+    delta = read_delta(source)
+    base = None
+    if delta.needs_base or to in (Target.official, Target.diffusers_custom_diffusion):
+        from cdtool.base import fingerprint_names, load_base_params, unet_param_names
+
+        base_model = pick_model(model, [delta.base_model])
+        names = fingerprint_names(delta)
+        names += [f"{n}.bias" for n in delta.layers if n.endswith("to_out.0") and f"{n}.bias" not in names]
+        if to is Target.diffusers_custom_diffusion:  # every attention's query, to list the processors
+            names += [n for n in unet_param_names(base_model) if n.endswith(".to_q.weight") and n not in names]
+        base = load_base_params(base_model, names)
+        if delta.needs_base:
+            delta = delta.relative_to(base)
+    files = write_export(delta, to.value, output, base)
+    console.log(f"wrote {len(files)} file(s) for {to.value}")
+    if json_out:
+        console.result_json({"output": str(output), "to": to.value, "files": [str(f) for f in files]})
+    else:
+        for f in files:
+            console.result(str(f))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(cdtool_command(export))
