@@ -76,7 +76,7 @@ def apply_deltas(
                 )
     if new_tokens:
         tokenizer.add_tokens(list(new_tokens))
-        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         table = encoder.get_input_embeddings().weight
         with torch.no_grad():
             for tok, row in new_tokens.items():

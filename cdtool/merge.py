@@ -137,7 +137,7 @@ def closed_form_merge(
     new_rows = _plan_tokens(tokenizer, encoder, deltas)
     if new_rows:
         tokenizer.add_tokens(list(new_rows))
-        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         with torch.no_grad():
             table = encoder.get_input_embeddings().weight
             for tok, row in new_rows.items():

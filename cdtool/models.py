@@ -123,6 +123,26 @@ def load_unet(model: str) -> Any:
     return unet.float().eval().requires_grad_(False)
 
 
+def default_resolution(model: str) -> int:
+    """The model's native image size: UNet sample size x VAE factor (read from configs where cheap)."""
+    import json
+
+    kind = model_kind(model)
+    if kind == "tiny":
+        from cdtool.tiny import TINY_RESOLUTION
+
+        return TINY_RESOLUTION
+    if kind == "folder":
+        folder = Path(model).expanduser()
+        try:
+            unet = json.loads((folder / "unet" / "config.json").read_text())
+            vae = json.loads((folder / "vae" / "config.json").read_text())
+            return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        except (OSError, KeyError, ValueError):
+            pass
+    return 512
+
+
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 

@@ -90,3 +90,35 @@ class Cli:
 @pytest.fixture
 def cli() -> Cli:
     return Cli()
+
+
+def write_concept_folder(
+    path: Path, n: int = 4, size: int = 80, colour=(200, 60, 40), captions: str | None = None
+) -> Path:
+    """A small data folder: coloured squares on grey, optionally with metadata.jsonl captions."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    path.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        a = np.full((size, size, 3), 128, np.uint8)
+        o = 8 + 4 * i
+        a[o : o + size // 2, o : o + size // 2] = colour
+        Image.fromarray(a).save(path / f"{i:02d}.png")
+        if captions:
+            rows.append({"file_name": f"{i:02d}.png", "text": captions.format(i=i)})
+    if rows:
+        (path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def concept_dirs(tmp_path):
+    """(cat folder, regularisation folder) on disk."""
+    return (
+        write_concept_folder(tmp_path / "cat"),
+        write_concept_folder(tmp_path / "reg", n=5, size=64, colour=(40, 90, 200), captions="photo of a cat, view {i}"),
+    )

@@ -1,0 +1,387 @@
+"""`cdtool train`: Custom Diffusion training of one or several concepts."""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cdtool import console
+from cdtool.atomic import check_writable
+from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command, pick_model
+from cdtool.data import check_images, read_folder
+from cdtool.errors import CdtoolError, UsageError
+from cdtool.trainer import ConceptSpec, TrainConfig
+
+DEFAULT_CAPTION = "photo of a {token} {class}"
+DEFAULT_CLASS_CAPTION = "photo of a {class}"
+
+
+class Layers(str, Enum):
+    kv = "kv"
+    attn2 = "attn2"
+
+
+class Precision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class EarlyStop(str, Enum):
+    none = "none"
+    dvar = "dvar"
+
+
+def parse_concept(spec: str) -> dict[str, str]:
+    """`DIR[,token=<new2>,class=dog,reg=DIR,init=pll,prompt=...]` -> fields."""
+    out: dict[str, str] = {}
+    for i, part in enumerate(p for p in spec.split(",") if p):
+        key, sep, value = part.partition("=")
+        if not sep:
+            if i:
+                raise UsageError(f"--concept {spec!r}: expected key=value after the data folder")
+            out["data"] = part
+            continue
+        key = {"class_noun": "class", "init_token": "init"}.get(key.strip(), key.strip())
+        if key not in ("data", "token", "class", "reg", "init", "prompt", "class_prompt"):
+            raise UsageError(
+                f"--concept {spec!r}: unknown field {key!r} (data, token, class, reg, init, prompt, class_prompt)"
+            )
+        out[key] = value.strip()
+    if "data" not in out:
+        raise UsageError(f"--concept {spec!r}: no data folder")
+    return out
+
+
+def read_concepts_file(path: Path) -> list[dict[str, str]]:
+    """diffusers' concepts_list JSON (instance_prompt, class_prompt, instance_data_dir, class_data_dir)."""
+    if not path.is_file():
+        raise CdtoolError(f"{path}: no such concepts file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CdtoolError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a list of concepts") from e
+    if not isinstance(data, list) or not data or not all(isinstance(c, dict) for c in data):
+        raise CdtoolError(f"{path}: expected a non-empty JSON list of concept objects")
+    out = []
+    for n, c in enumerate(data, 1):
+        if "instance_data_dir" not in c:
+            raise CdtoolError(f"{path}: concept {n} has no instance_data_dir")
+        item = {"data": str(c["instance_data_dir"])}
+        prompt = c.get("instance_prompt")
+        if prompt:
+            item["prompt"] = str(prompt)
+            m = re.search(r"<[^>\s]+>", prompt)
+            if m:
+                item["token"] = m.group(0)
+        if c.get("class_data_dir"):
+            item["reg"] = str(c["class_data_dir"])
+        if c.get("class_prompt"):
+            item["class_prompt"] = str(c["class_prompt"])
+            item["class"] = re.sub(r"^(a )?(photo|picture|image) of (a |an )?", "", str(c["class_prompt"]).strip())
+        for key, ours in (("token", "token"), ("class_noun", "class"), ("initializer_token", "init")):
+            if c.get(key):
+                item[ours] = str(c[key])
+        out.append(item)
+    return out
+
+
+def build_concepts(raw: list[dict[str, str]], resolution: int) -> list[ConceptSpec]:
+    """Resolve every concept's token, class, captions and regularisation set; check the images."""
+    from cdtool.clip_vocab import load_clip_tokenizer
+    from cdtool.tokens import check_new_token, default_init_token
+
+    specs = []
+    for i, c in enumerate(raw):
+        data = Path(c["data"])
+        info = read_folder(data, "", "data").info if data.is_dir() else {}
+        token = c.get("token") or info.get("token") or f"<new{i + 1}>"
+        noun = c.get("class") or info.get("class_noun")
+        if not noun:
+            raise UsageError(
+                f"{data}: give the class noun (--class-noun, or class= in --concept); the folder has no concept.json"
+            )
+        template = c.get("prompt") or info.get("caption_template") or DEFAULT_CAPTION
+        caption = template.replace("{token}", token).replace("{class}", noun)
+        folder = read_folder(data, caption, "data")
+        check_images(folder, resolution, "data")
+        reg_examples = []
+        if c.get("reg"):
+            reg_caption = (c.get("class_prompt") or DEFAULT_CLASS_CAPTION).replace("{class}", noun)
+            reg = read_folder(Path(c["reg"]), reg_caption, "regularisation")
+            check_images(reg, resolution, "regularisation")
+            reg_examples = reg.examples
+        init = c.get("init") or info.get("init_token") or info.get("initializer_token") or default_init_token(i)
+        specs.append(
+            ConceptSpec(
+                token=token,
+                class_noun=noun,
+                init_token=init,
+                examples=folder.examples,
+                reg_examples=reg_examples,
+                data=str(data),
+                reg=c.get("reg"),
+            )
+        )
+    tokens = [s.token for s in specs]
+    dup = {t for t in tokens if tokens.count(t) > 1}
+    if dup:
+        raise UsageError(
+            f"two concepts share the token {sorted(dup)[0]}; give each its own (--concept ...,token=<new2>)"
+        )
+    tokenizer = load_clip_tokenizer()
+    for s in specs:
+        check_new_token(tokenizer, s.token)
+    return specs
+
+
+def train(
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The concept's data folder (from `cdtool prep`, or images with one prompt).", show_default=False
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="The delta to write (.safetensors, or .bin for the official layout)."),
+    ] = None,
+    reg: Annotated[
+        Path | None, typer.Option("--reg", help="Regularisation folder (from `cdtool regset`) for prior preservation.")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="Modifier token (default: from concept.json, else <new1>).")
+    ] = None,
+    class_noun: Annotated[
+        str | None, typer.Option("--class-noun", help="Class noun (default: from concept.json).")
+    ] = None,
+    init_token: Annotated[
+        str | None,
+        typer.Option(
+            "--init-token",
+            help="Rare token the new embedding starts from (default: ktn, pll, ucd for concepts 1, 2, 3).",
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt", help="Caption template for folders without metadata.jsonl, e.g. 'photo of a {token} {class}'."
+        ),
+    ] = None,
+    concept: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--concept",
+            help="Another concept for joint training: DIR,token=<new2>,class=dog,reg=DIR[,init=pll,prompt=...]. Repeatable.",
+        ),
+    ] = None,
+    concepts_file: Annotated[
+        Path | None, typer.Option("--concepts", help="diffusers concepts_list JSON for joint training.")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Base model: tiny, a hub id, a diffusers folder or a checkpoint file."),
+    ] = None,
+    train_layers: Annotated[
+        Layers, typer.Option("--train", help="kv: attn2.to_k/to_v (the paper); attn2: all cross-attention projections.")
+    ] = Layers.kv,
+    resolution: Annotated[
+        int | None, typer.Option("--resolution", min=8, help="Training resolution (default: the model's).")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, help="Optimiser steps (default: 250 per concept, as the paper).")
+    ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="Instance images per step and process (as many class images are added with --reg).",
+        ),
+    ] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps.")] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="Base learning rate (scaled, see --scale-lr).")] = 1e-5,
+    scale_lr: Annotated[
+        bool,
+        typer.Option(
+            "--scale-lr/--no-scale-lr",
+            help="Scale lr by batch x accumulation x processes, x2 with --reg (the reference's rule: 8e-5 by default).",
+        ),
+    ] = True,
+    prior_weight: Annotated[float, typer.Option("--prior-weight", help="Weight of the prior-preservation loss.")] = 1.0,
+    aug: Annotated[
+        bool, typer.Option("--aug/--no-aug", help="The paper's size augmentation with its prompt words and loss mask.")
+    ] = True,
+    hflip: Annotated[bool, typer.Option("--hflip", help="Random horizontal flips.")] = False,
+    seed: SeedOpt = 0,
+    mixed_precision: Annotated[Precision, typer.Option("--mixed-precision", help="no, fp16 or bf16.")] = Precision.no,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
+    ] = False,
+    use_8bit_adam: Annotated[bool, typer.Option("--use-8bit-adam", help="bitsandbytes' 8-bit AdamW.")] = False,
+    early_stop: Annotated[
+        EarlyStop,
+        typer.Option(
+            "--early-stop",
+            help="dvar: stop when the DVAR statistic of a fixed evaluation batch falls below --dvar-eps.",
+        ),
+    ] = EarlyStop.none,
+    dvar_window: Annotated[
+        int, typer.Option("--dvar-window", min=2, help="DVAR window (Custom Diffusion default 180).")
+    ] = 180,
+    dvar_eps: Annotated[
+        float, typer.Option("--dvar-eps", help="DVAR threshold (Custom Diffusion default 0.15).")
+    ] = 0.15,
+    eval_batch: Annotated[int, typer.Option("--eval-batch", min=1, help="DVAR evaluation batch size.")] = 4,
+    checkpoint_every: Annotated[
+        int,
+        typer.Option("--checkpoint-every", min=0, help="Save a resumable checkpoint every N steps (and at the end)."),
+    ] = 0,
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", min=1, help="Checkpoints kept.")] = 2,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option("--run-dir", help="Run folder: log, loss curve, checkpoints (default: beside the output)."),
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this folder from its latest checkpoint.")
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="auto or cpu (under accelerate launch the launcher decides).")
+    ] = "auto",
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Teach the model new concepts: Custom Diffusion fine-tuning of the cross-attention key/value
+    projections and a new modifier token per concept.
+
+    Multi-process: `accelerate launch --num_processes 2 -m cdtool train ...`.
+    """
+    raw: list[dict[str, str]] = []
+    if data is not None:
+        item = {"data": str(data)}
+        for key, value in (
+            ("token", token),
+            ("class", class_noun),
+            ("reg", reg),
+            ("init", init_token),
+            ("prompt", prompt),
+        ):
+            if value is not None:
+                item[key] = str(value)
+        raw.append(item)
+    elif any(v is not None for v in (token, class_noun, reg, init_token, prompt)):
+        raise UsageError(
+            "--token, --class-noun, --reg, --init-token and --prompt describe the DATA argument; give it, or use --concept"
+        )
+    raw += [parse_concept(c) for c in concept or []]
+    if concepts_file is not None:
+        raw += read_concepts_file(concepts_file)
+    if not raw:
+        raise UsageError("give a data folder, --concept or --concepts FILE")
+    if output is None:
+        raise UsageError("give --output (the delta to write)")
+    if output.suffix not in (".safetensors", ".bin"):
+        raise UsageError(f"{output}: write a .safetensors (cdtool) or a .bin (official layout) file")
+    model_id = pick_model(model)
+    from cdtool.models import default_resolution
+
+    res = resolution or default_resolution(model_id)
+    specs = build_concepts(raw, res)
+    main = _rank() == 0  # under `accelerate launch` every process runs this command
+    if not main:
+        console.set_quiet(True)
+    if not any(s.reg_examples for s in specs) and main:
+        console.warn(
+            "no --reg folder: training without prior preservation; the class may drift (make one with `cdtool regset`)"
+        )
+    folder = resume or run_dir or output.with_name(output.stem + ".run")
+    cfg = TrainConfig(
+        concepts=specs,
+        model=model_id,
+        output=str(output),
+        run_dir=str(folder),
+        train=train_layers.value,
+        resolution=res,
+        steps=steps or 250 * len(specs),
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        scale_lr=scale_lr,
+        prior_weight=prior_weight,
+        aug=aug,
+        hflip=hflip,
+        seed=seed,
+        mixed_precision=mixed_precision.value,
+        gradient_checkpointing=gradient_checkpointing,
+        use_8bit_adam=use_8bit_adam,
+        early_stop=early_stop.value,
+        dvar_window=dvar_window,
+        dvar_eps=dvar_eps,
+        eval_batch=eval_batch,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        device=device,
+    )
+    from cdtool.trainer import resume_config_matches
+
+    if resume is not None:
+        resume_config_matches(resume, cfg)
+    elif main:
+        check_writable(output, force)
+        if folder.exists() and any(folder.iterdir()) and not force:
+            raise CdtoolError(f"run folder {folder} already exists; pass --resume {folder} to continue it, or --force")
+    result = _run(cfg, resume is not None)
+    if not main:
+        return
+    console.log(f"stopped at step {result.steps}: {result.reason}")
+    if json_out:
+        console.result_json({k: v for k, v in vars(result).items() if k != "pipeline"})
+    else:
+        console.result(str(output))
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _run(cfg: TrainConfig, resume: bool) -> Any:
+    import sys
+
+    from cdtool.trainer import train as run_training
+
+    every = max(1, cfg.steps // 20)
+    if console.interactive():
+        with console.progress("training", cfg.steps) as bar:
+
+            def update(step: int, total: int, e: dict[str, Any]) -> None:
+                ev = f" eval {e['eval_loss']:.4f}" if "eval_loss" in e else ""
+                bar.advance(1, f"loss {e['loss']:.4f}{ev} lr {e['lr']:.2e}")
+
+            return run_training(cfg, resume=resume, log=console.log, progress=update)
+    last = {"t": None}
+
+    def plain(step: int, total: int, e: dict[str, Any]) -> None:
+        import time
+
+        now = time.perf_counter()
+        if step % every == 0 or step == total:
+            rate = "" if last["t"] is None else f" {every / (now - last['t']):.2f} it/s"
+            ev = f" eval {e['eval_loss']:.4f}" if "eval_loss" in e else ""
+            dv = f" dvar {e['dvar']:.3f}" if e.get("dvar") is not None else ""
+            console.log(f"step {step}/{total} loss {e['loss']:.4f}{ev}{dv} lr {e['lr']:.2e}{rate}")
+            last["t"] = now
+        sys.stderr.flush()
+
+    return run_training(cfg, resume=resume, log=console.log, progress=plain)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(cdtool_command(train))

@@ -1,0 +1,34 @@
+"""Training losses and the DVAR early-stopping statistic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The reference's masked loss: Σ over channels and pixels of mask·(pred − target)² divided by
+    Σ of the [B, 1, h, w] mask, averaged over the batch.
+
+    Kept as the reference has it: the mask has one channel and the latents C (4), so this is C
+    times the per-element mean over the masked region. The paper's learning rates were tuned with
+    this factor, so dropping it would silently change the recipe."""
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    return ((err * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1e-8)).mean()
+
+
+def dvar(history: Sequence[float], window: int) -> float | None:
+    """DVAR (Voronov et al. 2023): var(last `window` eval losses) / var(all eval losses).
+    None until `window` values exist; 0 when every loss is identical (no NaN)."""
+    if len(history) < window or window < 2:
+        return None
+    t = torch.tensor(list(history), dtype=torch.float64)
+    total = float(t.var(unbiased=True))
+    recent = float(t[-window:].var(unbiased=True))
+    if total == 0.0:
+        return 0.0
+    return recent / total

@@ -1,0 +1,72 @@
+"""Modifier tokens: validation, initialiser resolution, and a trainable-rows embedding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cdtool.errors import CdtoolError, UsageError
+
+# The reference initialisers for the 1st, 2nd and 3rd concept: rare pieces of the CLIP vocabulary.
+# They are looked up as vocabulary entries (ids 42170, 47629, 43514 in CLIP's vocabulary, as the
+# official CompVis code hard-codes them), not by tokenising the words: "ktn" as text becomes two
+# pieces, and the diffusers script's `tokenizer.encode([...])` lookup crashes under transformers 5.
+DEFAULT_INIT = ("ktn", "pll", "ucd</w>")
+
+
+def default_init_token(index: int) -> str:
+    if index >= len(DEFAULT_INIT):
+        raise UsageError(f"concept {index + 1}: there are default initialiser tokens for 3 concepts; give --init-token")
+    return DEFAULT_INIT[index]
+
+
+def resolve_init_token(tokenizer: Any, text: str) -> int:
+    """The vocabulary id a modifier token is initialised from: an exact vocabulary entry, the
+    entry with CLIP's end-of-word mark, or a word that tokenises to exactly one piece."""
+    vocab = tokenizer.get_vocab()
+    for candidate in (text, f"{text}</w>"):
+        if candidate in vocab:
+            return int(vocab[candidate])
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) == 1:
+        return int(ids[0])
+    raise CdtoolError(f"initialiser token {text!r} is {len(ids)} vocabulary pieces; choose a word that is one piece")
+
+
+def check_new_token(tokenizer: Any, token: str) -> None:
+    """A modifier token must not already mean something."""
+    from cdtool.apply import is_existing_word
+
+    if not token.strip() or any(c.isspace() for c in token):
+        raise UsageError(f"token {token!r} must be one word without spaces, such as <new1>")
+    if is_existing_word(tokenizer, token):
+        raise CdtoolError(f"token {token!r} already exists in the vocabulary; use a new one such as <new1>")
+
+
+class TokenRows(torch.nn.Module):
+    """The embedding rows of the new tokens, trained alone: a hook on the frozen embedding table
+    replaces the rows of new-token ids, so every other row stays bit-identical (AdamW's weight
+    decay on the whole table, as in the reference, would change them)."""
+
+    def __init__(self, init: torch.Tensor, first_id: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(init.clone().float())
+        self.first_id = first_id
+
+    def hook(self, _module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        ids = args[0]
+        new = ids >= self.first_id
+        if not bool(new.any()):
+            return output
+        rows = self.weight.to(output.dtype)[(ids - self.first_id).clamp_min(0)]
+        return torch.where(new[..., None], rows, output)
+
+
+def attach_token_rows(encoder: Any, init: torch.Tensor, first_id: int) -> TokenRows:
+    """Register TokenRows as a submodule of the text encoder (so wrappers such as DDP see its
+    parameter) and hook it into the token embedding."""
+    rows = TokenRows(init, first_id)
+    encoder.add_module("cdtool_token_rows", rows)
+    encoder.get_input_embeddings().register_forward_hook(rows.hook)
+    return rows

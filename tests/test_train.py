@@ -1,0 +1,290 @@
+"""`cdtool train` on the tiny model: what trains, what stays, resume, early stopping, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_concept_folder
+
+from cdtool.commands.train import build_concepts
+from cdtool.delta import read_cdtool
+from cdtool.tiny import build_tiny_pipeline
+from cdtool.trainer import TrainConfig, train
+
+FAST = ("--model", "tiny", "--batch-size", "2", "-q")
+
+
+def _cfg(tmp_path, raw, **kw) -> TrainConfig:
+    specs = build_concepts(raw, 64)
+    return TrainConfig(
+        concepts=specs,
+        model="tiny",
+        output=str(tmp_path / "out.safetensors"),
+        run_dir=str(tmp_path / "run"),
+        resolution=64,
+        batch_size=2,
+        **kw,
+    )
+
+
+def test_only_allowed_parameters_change_and_every_token_trains(tmp_path):
+    raw = [
+        {"data": str(write_concept_folder(tmp_path / f"c{i}", colour=(60 * i, 200, 30))), "class": noun}
+        for i, noun in enumerate(["cat", "dog", "car"])
+    ]
+    cfg = _cfg(tmp_path, raw, steps=4, lr=1e-3, scale_lr=False)
+    result = train(cfg, log=lambda m: None, keep_pipeline=True)
+    trained, base = result.pipeline, build_tiny_pipeline()
+    base_p = dict(base.unet.named_parameters())
+    changed = {n for n, p in trained.unet.named_parameters() if not torch.equal(p, base_p[n])}
+    assert changed and all(n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for n in changed)
+    assert len(changed) == 14
+    assert all(torch.equal(p, dict(base.vae.named_parameters())[n]) for n, p in trained.vae.named_parameters())
+    te_base = dict(base.text_encoder.named_parameters())
+    for n, p in trained.text_encoder.named_parameters():
+        if n == "cdtool_token_rows.weight":
+            continue
+        if n.endswith("token_embedding.weight"):
+            assert torch.equal(p[:49408], te_base[n])  # every original row bit-identical
+        else:
+            assert torch.equal(p, te_base[n]), n
+    delta = read_cdtool(tmp_path / "out.safetensors")
+    table = base.text_encoder.get_input_embeddings().weight
+    inits = {"<new1>": 42170, "<new2>": 47629, "<new3>": 43514}  # ktn, pll, ucd</w>
+    for token, idx in inits.items():
+        # all three tokens moved from their initialisers (the reference's off-by-one froze the last)
+        assert not torch.allclose(delta.tokens[token][0], table[idx], atol=1e-6), token
+    assert [c["class_noun"] for c in delta.concepts] == ["cat", "dog", "car"]
+    assert delta.concepts[0]["prompts"] == ["photo of a <new1> cat"]
+    assert delta.provenance["train"]["steps_run"] == 4
+    assert (tmp_path / "run" / "loss.png").exists()
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 4
+
+
+def test_attn2_mode_trains_all_cross_attention_projections(tmp_path, concept_dirs):
+    cat, _ = concept_dirs
+    cfg = _cfg(tmp_path, [{"data": str(cat), "class": "cat"}], steps=2, lr=1e-3, scale_lr=False, train="attn2")
+    train(cfg, log=lambda m: None)
+    delta = read_cdtool(tmp_path / "out.safetensors")
+    kinds = {n.rsplit("attn2.", 1)[1] for n in delta.layers}
+    assert kinds == {"to_q", "to_k", "to_v", "to_out.0"}
+    assert all((layer.bias is not None) == n.endswith("to_out.0") for n, layer in delta.layers.items())
+
+
+def test_loss_goes_down_and_delta_samples(cli, tmp_path, concept_dirs):
+    cat, reg = concept_dirs
+    out = tmp_path / "cat.safetensors"
+    r = cli(
+        "train",
+        cat,
+        "--class-noun",
+        "cat",
+        "--reg",
+        reg,
+        "-o",
+        out,
+        *FAST,
+        "--steps",
+        "30",
+        "--lr",
+        "2e-3",
+        "--no-scale-lr",
+        "--no-aug",
+        "--early-stop",
+        "dvar",
+        "--dvar-window",
+        "1000",
+        "--json",
+    )
+    doc = json.loads(r.stdout)
+    assert doc["steps"] == 30 and not doc["stopped_early"]
+    log = [json.loads(x) for x in (tmp_path / "cat.run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["eval_loss"] < 0.97 * log[0]["eval_loss"]
+    cli("sample", "photo of a <new1> cat", "-d", out, "-o", tmp_path / "s", "--n", "1", "--steps", "2")
+    assert (tmp_path / "s" / "000-photo-of-a-new1-cat-s0.png").exists()
+
+
+def test_dvar_stops_early(cli, tmp_path, concept_dirs):
+    cat, _ = concept_dirs
+    r = cli(
+        "train",
+        cat,
+        "--class-noun",
+        "cat",
+        "-o",
+        tmp_path / "c.safetensors",
+        *FAST[:-1],
+        "--steps",
+        "50",
+        "--early-stop",
+        "dvar",
+        "--dvar-window",
+        "4",
+        "--dvar-eps",
+        "0.99",
+        "--json",
+    )
+    doc = json.loads(r.stdout)
+    assert doc["stopped_early"] and doc["steps"] < 50 and "DVAR" in doc["reason"]
+    assert "without prior preservation" in r.stderr
+
+
+def test_resume_gives_the_same_delta(cli, tmp_path, concept_dirs):
+    cat, reg = concept_dirs
+    common = (
+        cat,
+        "--class-noun",
+        "cat",
+        "--reg",
+        reg,
+        *FAST,
+        "--lr",
+        "1e-3",
+        "--early-stop",
+        "dvar",
+        "--dvar-window",
+        "3",
+    )
+    cli("train", *common, "-o", tmp_path / "straight.safetensors", "--steps", "6")
+    cli("train", *common, "-o", tmp_path / "half.safetensors", "--steps", "3", "--checkpoint-every", "3")
+    cli("train", *common, "-o", tmp_path / "half.safetensors", "--steps", "6", "--resume", tmp_path / "half.run")
+    a, b = read_cdtool(tmp_path / "straight.safetensors"), read_cdtool(tmp_path / "half.safetensors")
+    for name in a.layers:
+        assert torch.equal(a.layers[name].full, b.layers[name].full), name
+    assert torch.equal(a.tokens["<new1>"], b.tokens["<new1>"])
+    log = [json.loads(x) for x in (tmp_path / "half.run" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]
+
+
+def test_joint_training_from_concepts_file(cli, tmp_path, concept_dirs):
+    cat, reg = concept_dirs
+    dog = write_concept_folder(tmp_path / "dog", colour=(20, 200, 20))
+    (tmp_path / "concepts.json").write_text(
+        json.dumps(
+            [
+                {
+                    "instance_prompt": "photo of a <new1> cat",
+                    "class_prompt": "cat",
+                    "instance_data_dir": str(cat),
+                    "class_data_dir": str(reg),
+                },
+                {
+                    "instance_prompt": "photo of a <new2> dog",
+                    "class_prompt": "dog",
+                    "instance_data_dir": str(dog),
+                    "class_data_dir": str(reg),
+                },
+            ]
+        )
+    )
+    out = tmp_path / "joint.safetensors"
+    cli("train", "--concepts", tmp_path / "concepts.json", "-o", out, *FAST, "--steps", "2")
+    d = read_cdtool(out)
+    assert sorted(d.tokens) == ["<new1>", "<new2>"] and [c["class_noun"] for c in d.concepts] == ["cat", "dog"]
+
+
+def _one_error(r) -> str:
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty",
+        "unreadable",
+        "existing-token",
+        "shared-token",
+        "no-reg",
+        "empty-reg",
+        "small",
+        "bad-concepts",
+        "no-class",
+    ],
+)
+def test_bad_input(cli, tmp_path, concept_dirs, case):
+    cat, reg = concept_dirs
+    out = tmp_path / "x.safetensors"
+    args: list = [cat, "--class-noun", "cat"]
+    if case == "empty":
+        (tmp_path / "empty").mkdir()
+        args, code, text = [tmp_path / "empty", "--class-noun", "cat"], 1, "has no images"
+    elif case == "unreadable":
+        (cat / "99.png").write_bytes(b"not a png")
+        code, text = 1, "not a readable image"
+    elif case == "existing-token":
+        args += ["--token", "cat"]
+        code, text = 1, "already exists"
+    elif case == "shared-token":
+        args += ["--concept", f"{cat},class=dog"]
+        code, text = 2, "share the token"
+        args += ["--token", "<new2>"]
+    elif case == "no-reg":
+        args += ["--reg", tmp_path / "missing"]
+        code, text = 1, "does not exist"
+    elif case == "empty-reg":
+        (tmp_path / "empty-reg").mkdir()
+        args += ["--reg", tmp_path / "empty-reg"]
+        code, text = 1, "has no images"
+    elif case == "small":
+        args += ["--resolution", "128"]
+        code, text = 1, "smaller than --resolution 128"
+    elif case == "bad-concepts":
+        (tmp_path / "c.json").write_text("[{oops")
+        args, code, text = ["--concepts", tmp_path / "c.json"], 1, "not valid JSON"
+    else:
+        args, code, text = [cat], 2, "class noun"
+    r = cli("train", *args, "-o", out, "--model", "tiny", code=code)
+    assert text in (_one_error(r) if code == 1 else r.stderr)
+    assert not out.exists()
+
+
+def test_accelerate_two_processes(tmp_path, concept_dirs):
+    import os
+    import subprocess
+    import sys
+
+    cat, reg = concept_dirs
+    out = tmp_path / "mp.safetensors"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "cdtool",
+        "train",
+        str(cat),
+        "--class-noun",
+        "cat",
+        "--reg",
+        str(reg),
+        "-o",
+        str(out),
+        "--model",
+        "tiny",
+        "--steps",
+        "3",
+        "--batch-size",
+        "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == [str(out)]  # only the main process prints its result
+    d = read_cdtool(out)
+    train_info = d.provenance["train"]
+    assert train_info["processes"] == 2 and train_info["steps_run"] == 3
+    assert abs(train_info["learning_rate"] - 1e-5 * 1 * 2 * 2) < 1e-12  # x batch x processes x prior
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["mp.safetensors"]
