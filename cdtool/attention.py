@@ -27,7 +27,7 @@ class DetachStartProcessor:
         if encoder_hidden_states is None:
             raise ValueError("DetachStartProcessor is for cross-attention layers")
         residual = hidden_states
-        batch, seq, _ = hidden_states.shape
+        batch, _seq, _ = hidden_states.shape
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)

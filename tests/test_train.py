@@ -206,7 +206,7 @@ def _one_error(r) -> str:
     ],
 )
 def test_bad_input(cli, tmp_path, concept_dirs, case):
-    cat, reg = concept_dirs
+    cat, _reg = concept_dirs
     out = tmp_path / "x.safetensors"
     args: list = [cat, "--class-noun", "cat"]
     if case == "empty":
