@@ -560,3 +560,41 @@ def _loss_curve(entries: list[dict[str, Any]], path: Path) -> None:
         )
     with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")
+
+
+def delta_from_run(path: Path) -> Any:
+    """The delta of a training run folder (its final delta, else its latest checkpoint) or of one
+    checkpoint folder; checkpoint weights are absolute, so the base is subtracted by the caller."""
+    from cdtool.delta import Delta, LayerDelta, read_cdtool
+
+    if (path / "state.pt").exists():
+        ckpt, run_dir = path, path.parent.parent
+    else:
+        run_dir = path
+        if (path / "delta.safetensors").exists():
+            return read_cdtool(path / "delta.safetensors")
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise CdtoolError(f"{path} holds neither a finished delta nor a checkpoint")
+    config = json.loads((run_dir / CONFIG).read_text())["config"]
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    delta = Delta(
+        base_model=config["model"],
+        source_format="cdtool-checkpoint",
+        origin=str(ckpt),
+        created_by=f"cdtool {__version__} train (checkpoint step {state['step']})",
+    )
+    for n, w in state["weights"].items():
+        delta.layers[n] = LayerDelta(full=w.float(), bias=state["biases"].get(n), absolute=True)
+    for i, c in enumerate(config["concepts"]):
+        delta.tokens[c["token"]] = state["rows"][i : i + 1].float()
+        delta.concepts.append(
+            {
+                "token": c["token"],
+                "class_noun": c["class_noun"],
+                "init_token": c["init_token"],
+                "prompts": sorted({e[1] for e in c["examples"]})[:20],
+            }
+        )
+    delta.provenance = {"train": {"checkpoint": str(ckpt), "step": int(state["step"])}}
+    return delta

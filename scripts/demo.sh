@@ -1,35 +1,44 @@
 #!/usr/bin/env bash
-# The main job end to end on the built-in tiny model. Each step is a plain cdtool command, so this
-# file doubles as an example of scripting cdtool.
+# The main job end to end on the built-in tiny model (no downloads): two concepts trained with
+# prior preservation, merged in closed form, compressed, sampled and exported. Each step is a plain
+# cdtool command, so this file is also an example of scripting cdtool.
 set -euo pipefail
 out=${1:-demo-out}
 rm -rf "$out"
 mkdir -p "$out"
 export CDTOOL_MODEL=tiny
 
-# A fine-tuned model to start from: the tiny model with a concept folded into its weights.
+# "Photos" of two concepts: a red and a green patterned square (stand-ins until `cdtool prep`).
 python - "$out" <<'PY'
 import sys
-import torch
-from cdtool.apply import apply_deltas
-from cdtool.delta import Delta, LayerDelta
-from cdtool.extract import trainable_layer_names
-from cdtool.tiny import build_tiny_pipeline
+from pathlib import Path
+import numpy as np
+from PIL import Image
 
-pipe = build_tiny_pipeline()
-g = torch.Generator().manual_seed(1)
-delta = Delta(tokens={"<new1>": torch.randn(1, 32, generator=g)})
-for name in trainable_layer_names(pipe.unet):
-    w = pipe.unet.get_submodule(name[5:]).weight
-    delta.layers[name] = LayerDelta(full=0.05 * torch.randn(w.shape, generator=g))
-apply_deltas(pipe, [(delta, 1.0)])
-pipe.save_pretrained(f"{sys.argv[1]}/finetuned")
+root = Path(sys.argv[1])
+for name, colour in (("cat", (200, 40, 40)), ("dog", (40, 160, 60))):
+    folder = root / "data" / name
+    folder.mkdir(parents=True)
+    for i in range(5):
+        a = np.full((80, 80, 3), 200, np.uint8)
+        o = 8 + 5 * i
+        a[o : o + 40, o : o + 40] = colour
+        a[o + 10 : o + 30 : 4, o : o + 40] = 255
+        Image.fromarray(a).save(folder / f"{i}.png")
 PY
 
-cdtool get-deltas "$out/finetuned" --base tiny -o "$out/cat.safetensors"
-cdtool info "$out/cat.safetensors"
-cdtool get-deltas "$out/cat.safetensors" -o "$out/cat.bin"          # the official layout
-cdtool sample "photo of a <new1> cat" "a <new1> cat on the beach" --delta "$out/cat.safetensors" \
+# Regularisation sets: class images from the base model (stand-ins until `cdtool regset`).
+cdtool sample "photo of a cat" -o "$out/reg/cat" --n 6 --steps 10 -q
+cdtool sample "photo of a dog" -o "$out/reg/dog" --n 6 --steps 10 -q
+
+cdtool train "$out/data/cat" --class-noun cat --reg "$out/reg/cat" -o "$out/cat.safetensors" \
+    --steps 40 --batch-size 2 --early-stop dvar --dvar-window 20
+cdtool train "$out/data/dog" --class-noun dog --token "<new2>" --reg "$out/reg/dog" -o "$out/dog.safetensors" \
+    --steps 40 --batch-size 2
+cdtool merge "$out/cat.safetensors+$out/dog.safetensors" -o "$out/pets.safetensors"
+cdtool compress "$out/pets.safetensors" -o "$out/pets.r4.safetensors" --rank 4
+cdtool info "$out/pets.r4.safetensors"
+cdtool sample "photo of a <new1> cat" "a <new1> cat next to a <new2> dog" --delta "$out/pets.r4.safetensors" \
     -o "$out/samples" --n 2 --steps 10 --grid
-cdtool sample "photo of a cat" -o "$out/base-samples" --n 2 --steps 10
-echo "demo finished: see $out/samples/grid.png" >&2
+cdtool export "$out/pets.r4.safetensors" --to diffusers-lora -o "$out/pets-lora"
+echo "demo finished: $out/samples/grid.png, training logs in $out/cat.run/" >&2

@@ -288,3 +288,34 @@ def test_accelerate_two_processes(tmp_path, concept_dirs):
     assert train_info["processes"] == 2 and train_info["steps_run"] == 3
     assert abs(train_info["learning_rate"] - 1e-5 * 1 * 2 * 2) < 1e-12  # x batch x processes x prior
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["mp.safetensors"]
+
+
+def test_get_deltas_from_run_and_checkpoint(cli, tmp_path, concept_dirs):
+    cat, _ = concept_dirs
+    out = tmp_path / "c.safetensors"
+    cli(
+        "train",
+        cat,
+        "--class-noun",
+        "cat",
+        "-o",
+        out,
+        *FAST,
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--keep-checkpoints",
+        "5",
+    )
+    final = read_cdtool(out)
+    cli("get-deltas", tmp_path / "c.run", "-o", tmp_path / "from-run.safetensors")
+    assert torch.equal(read_cdtool(tmp_path / "from-run.safetensors").tokens["<new1>"], final.tokens["<new1>"])
+    ckpt = tmp_path / "c.run" / "checkpoints" / "step-000004"
+    cli("get-deltas", ckpt, "-o", tmp_path / "from-ckpt.safetensors")
+    got = read_cdtool(tmp_path / "from-ckpt.safetensors")
+    assert got.base_fingerprint == final.base_fingerprint
+    for name, layer in final.layers.items():
+        assert torch.allclose(got.layers[name].full, layer.full, atol=1e-7)
+    cli("get-deltas", tmp_path / "c.run" / "checkpoints" / "step-000002", "-o", tmp_path / "early.safetensors")
+    assert not torch.equal(read_cdtool(tmp_path / "early.safetensors").tokens["<new1>"], final.tokens["<new1>"])

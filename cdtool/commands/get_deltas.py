@@ -39,6 +39,13 @@ def _is_model(source: Path) -> bool:
         return False
 
 
+def _is_run(source: Path) -> bool:
+    """A cdtool training run folder, or one of its checkpoint folders."""
+    return source.is_dir() and (
+        ((source / "config.json").exists() and (source / "log.jsonl").exists()) or (source / "state.pt").exists()
+    )
+
+
 def get_deltas(
     source: Annotated[
         Path,
@@ -92,7 +99,12 @@ def get_deltas(
         vocab = len(base_pipe.tokenizer)
         source_format = "fine-tuned-model"
     else:
-        delta = read_delta(source)
+        if _is_run(source):
+            from cdtool.trainer import delta_from_run
+
+            delta = delta_from_run(source)
+        else:
+            delta = read_delta(source)
         source_format = delta.source_format
         base_model = pick_model(base, [delta.base_model])
         params = None

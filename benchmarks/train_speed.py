@@ -1,0 +1,166 @@
+"""Training speed: `cdtool train` against diffusers' examples/custom_diffusion/train_custom_diffusion.py.
+
+    python benchmarks/train_speed.py --reference PATH/TO/train_custom_diffusion.py [--model tiny|sd15]
+
+Get the reference from the diffusers repository (examples/custom_diffusion/); it is not shipped
+with cdtool. Both run on the same model, images, prompts and settings (prior preservation,
+augmentation, batch size, resolution, learning rate), one after the other in this one run. Each is
+run for S and 2S steps: steps/s = S / (t(2S) - t(S)) cancels start-up; time to a finished delta is
+t(2S); peak RSS from GNU time.
+
+The reference's initializer lookup (`tokenizer.encode([token])`) returns a nested list under
+transformers 5, which crashes for the default multi-piece "ktn"; both runs use "cat" here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import measure
+
+
+def make_data(work: Path, size: int) -> tuple[Path, Path]:
+    import numpy as np
+    from PIL import Image
+
+    inst, reg = work / "inst", work / "reg"
+    for d in (inst, reg):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        a = np.full((size, size, 3), 120, np.uint8)
+        o = size // 8 + i * size // 32
+        a[o : o + size // 2, o : o + size // 2] = (200, 40 + 30 * i, 40)
+        Image.fromarray(a).save(inst / f"{i}.png")
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(reg / f"{i}.png")
+    return inst, reg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reference", type=Path, required=True, help="path to diffusers' train_custom_diffusion.py")
+    ap.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    ap.add_argument("--steps", type=int, default=40, help="S: each tool runs S and 2S steps")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--mixed-precision", default="no")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cdtool-train-bench")
+    args = ap.parse_args()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    if args.model == "tiny":
+        from cdtool.tiny import TINY_RESOLUTION, build_tiny_pipeline
+
+        folder, size = work / "tiny-sd", TINY_RESOLUTION
+        if not (folder / "model_index.json").exists():
+            build_tiny_pipeline().save_pretrained(folder)
+    else:
+        from benchmarks.sd15 import build_sd15
+
+        folder, size = build_sd15(work / "sd15"), 512
+    inst, reg = make_data(work, size)
+    common = dict(steps=args.steps, bs=args.batch_size)
+
+    def reference(steps: int) -> list[str]:
+        out = work / f"ref-{steps}"
+        shutil.rmtree(out, ignore_errors=True)
+        return [
+            sys.executable,
+            str(args.reference),
+            "--pretrained_model_name_or_path",
+            str(folder),
+            "--instance_data_dir",
+            str(inst),
+            "--class_data_dir",
+            str(reg),
+            "--with_prior_preservation",
+            "--num_class_images",
+            "10",
+            "--instance_prompt",
+            "photo of a <new1> cat",
+            "--class_prompt",
+            "photo of a cat",
+            "--modifier_token",
+            "<new1>",
+            "--initializer_token",
+            "cat",
+            "--resolution",
+            str(size),
+            "--train_batch_size",
+            str(common["bs"]),
+            "--max_train_steps",
+            str(steps),
+            "--learning_rate",
+            "1e-5",
+            "--scale_lr",
+            "--checkpointing_steps",
+            "100000",
+            "--output_dir",
+            str(out),
+            "--seed",
+            "0",
+            "--mixed_precision",
+            args.mixed_precision,
+            "--dataloader_num_workers",
+            "0",
+        ]
+
+    def cdtool(steps: int) -> list[str]:
+        out = work / f"cd-{steps}.safetensors"
+        return [
+            sys.executable,
+            "-m",
+            "cdtool",
+            "train",
+            str(inst),
+            "--class-noun",
+            "cat",
+            "--token",
+            "<new1>",
+            "--init-token",
+            "cat",
+            "--reg",
+            str(reg),
+            "--prompt",
+            "photo of a {token} {class}",
+            "-o",
+            str(out),
+            "--model",
+            str(folder),
+            "--resolution",
+            str(size),
+            "--steps",
+            str(steps),
+            "--batch-size",
+            str(common["bs"]),
+            "--lr",
+            "1e-5",
+            "--mixed-precision",
+            args.mixed_precision,
+            "--force",
+            "-q",
+        ]
+
+    rows = {}
+    for name, build in (("diffusers train_custom_diffusion.py", reference), ("cdtool train", cdtool)):
+        short, long = measure(build(args.steps)), measure(build(2 * args.steps))
+        rows[name] = (args.steps / max(1e-9, long.seconds - short.seconds), long.seconds, long.peak_rss_mb)
+    ref = rows["diffusers train_custom_diffusion.py"]
+    print(
+        f"model {args.model}, {size}px, batch {args.batch_size} (+{args.batch_size} class images), {2 * args.steps} steps, mixed precision {args.mixed_precision}"
+    )
+    print("| trainer | steps/s | time to delta s | peak RSS MB | steps/s vs reference |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, (rate, secs, peak) in rows.items():
+        print(f"| {name} | {rate:.2f} | {secs:.1f} | {peak:.0f} | {rate / ref[0]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
