@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="S: each tool runs S and 2S steps")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--mixed-precision", default="no")
+    ap.add_argument("--resolution", type=int, default=None, help="default: the model's (64 tiny, 512 sd15)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cdtool-train-bench")
     args = ap.parse_args()
     work = args.workdir
@@ -65,6 +66,7 @@ def main() -> None:
         from benchmarks.sd15 import build_sd15
 
         folder, size = build_sd15(work / "sd15"), 512
+    size = args.resolution or size
     inst, reg = make_data(work, size)
     common = dict(steps=args.steps, bs=args.batch_size)
 
