@@ -1,0 +1,205 @@
+"""`cdtool regset`: generation (resumable), local retrieval ranked by CLIP, a kNN service on loopback."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+CLIP = ("--clip-model", "cdtool-tiny", "--clip-pretrained", "none")
+
+
+def test_generate_and_resume(cli, tmp_path):
+    out = tmp_path / "reg"
+    r = cli("regset", "cat", "-o", out, "--n", "3", "--steps", "2", "--batch-size", "2", "--model", "tiny", "--json")
+    doc = json.loads(r.stdout)
+    assert doc["generated"] == 3 and doc["prompt"] == "photo of a cat"
+    rows = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == ["00000.png", "00001.png", "00002.png"]
+    before = (out / "00001.png").read_bytes()
+    (out / "00000.png").unlink()
+    (out / "00002.png").write_bytes(b"broken")
+    doc = json.loads(
+        cli(
+            "regset", "cat", "-o", out, "--n", "3", "--steps", "2", "--batch-size", "2", "--model", "tiny", "--json"
+        ).stdout
+    )
+    assert doc["generated"] == 2 and doc["kept"] == 1
+    assert (out / "00001.png").read_bytes() == before
+    with Image.open(out / "00002.png") as im:
+        assert im.size == (64, 64)
+    r = cli("regset", "dog", "-o", out, "--n", "3", "--model", "tiny", code=1)
+    assert "another regularisation set" in r.stderr
+
+
+def _image(seed, path):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def collection(tmp_path):
+    root = tmp_path / "laion-like"
+    a = root / "captioned"
+    a.mkdir(parents=True)
+    captions = [
+        "a photo of a cat",
+        "a cat sleeping on a sofa",
+        "a red car on the road",
+        "a bowl of soup",
+        "a tabby cat",
+    ]
+    for i, c in enumerate(captions[:3]):
+        _image(i, a / f"{i}.png")
+    (a / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": c}) + "\n" for i, c in enumerate(captions[:3]))
+    )
+    b = root / "00000"  # img2dataset `files` output
+    b.mkdir()
+    _image(10, b / "000000010.jpg")
+    (b / "000000010.txt").write_text(captions[3])
+    shard = root / "00001.tar"  # webdataset
+    _image(11, tmp_path / "x.jpg")
+    (tmp_path / "x.txt").write_text(captions[4])
+    with tarfile.open(shard, "w") as tar:
+        tar.add(tmp_path / "x.jpg", arcname="000000011.jpg")
+        tar.add(tmp_path / "x.txt", arcname="000000011.txt")
+    return root, captions
+
+
+def test_retrieval_ranking_matches_independent_similarities(cli, tmp_path, collection):
+    import open_clip
+
+    from cdtool.clip_models import load_clip
+
+    root, captions = collection
+    clip = load_clip("cdtool-tiny", "none")
+    tok = open_clip.get_tokenizer("cdtool-tiny")
+    with torch.no_grad():
+        emb = clip.model.encode_text(tok(captions)).float()
+        q = clip.model.encode_text(tok(["photo of a cat"])).float()
+    sims = (emb / emb.norm(dim=-1, keepdim=True)) @ (q / q.norm(dim=-1, keepdim=True))[0]
+    order = [captions[i] for i in torch.argsort(sims, descending=True).tolist()]
+    out = tmp_path / "reg"
+    doc = json.loads(
+        cli("regset", "cat", "-o", out, "--from", root, "--n", "3", "--min-sim", "-1", *CLIP, "--json").stdout
+    )
+    assert doc["collection_size"] == 5 and doc["qualified"] == 5
+    got = [json.loads(x)["text"] for x in (out / "metadata.jsonl").read_text().splitlines()]
+    assert got == order[:3]
+    for img, sim in zip(doc["images"], sorted(sims.tolist(), reverse=True), strict=False):
+        assert abs(img["similarity"] - sim) < 1e-5
+    # the threshold: exactly the captions at or above it qualify
+    second = sorted(sims.tolist(), reverse=True)[1] - 1e-6
+    out2 = tmp_path / "reg2"
+    doc = json.loads(
+        cli("regset", "cat", "-o", out2, "--from", root, "--n", "4", "--min-sim", str(second), *CLIP, "--json").stdout
+    )
+    assert doc["qualified"] == 2
+    # the collection's caption embeddings come from the cache the second time
+    r = cli("regset", "cat", "-o", tmp_path / "reg3", "--from", root, "--n", "1", "--min-sim", "-1", *CLIP)
+    assert "from the cache" in r.stderr
+
+
+def test_train_consumes_regset(cli, tmp_path, collection, concept_dirs):
+    root, _ = collection
+    out = tmp_path / "retrieved"
+    cli("regset", "cat", "-o", out, "--from", root, "--n", "3", "--min-sim", "-1", *CLIP)
+    cat, _ = concept_dirs
+    # the retrieved images are 40 px: train at 32
+    cli(
+        "train",
+        cat,
+        "--class-noun",
+        "cat",
+        "--reg",
+        out,
+        "-o",
+        tmp_path / "c.safetensors",
+        "--model",
+        "tiny",
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--resolution",
+        "32",
+        "-q",
+    )
+
+
+class _Knn(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        length = int(self.headers["Content-Length"])
+        query = json.loads(self.rfile.read(length))
+        port = self.server.server_address[1]
+        results = [
+            {"url": f"http://127.0.0.1:{port}/img/1.png", "caption": f"{query['text']}, one", "similarity": 0.95},
+            {"url": f"http://127.0.0.1:{port}/img/broken.png", "caption": "broken", "similarity": 0.93},
+            {"url": f"http://127.0.0.1:{port}/img/2.png", "caption": f"{query['text']}, two", "similarity": 0.9},
+            {"url": f"http://127.0.0.1:{port}/img/3.png", "caption": "far", "similarity": 0.5},
+        ]
+        self._send(json.dumps(results).encode(), "application/json")
+
+    def do_GET(self):
+        if self.path.endswith("broken.png"):
+            self._send(b"not an image", "image/png")
+            return
+        import io
+
+        buf = io.BytesIO()
+        Image.new("RGB", (48, 48), "blue").save(buf, format="PNG")
+        self._send(buf.getvalue(), "image/png")
+
+    def _send(self, body, kind):
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_knn_service_on_loopback(cli, tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), _Knn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"knn:http://127.0.0.1:{server.server_address[1]}"
+        out = tmp_path / "reg"
+        doc = json.loads(cli("regset", "cat", "-o", out, "--from", url, "--n", "3", "--retries", "0", "--json").stdout)
+    finally:
+        server.shutdown()
+    assert doc["qualified"] == 3 and doc["failed_downloads"] == 1
+    rows = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["photo of a cat, one", "photo of a cat, two"]
+
+
+def test_knn_service_down(cli, tmp_path):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    r = cli(
+        "regset",
+        "cat",
+        "-o",
+        tmp_path / "reg",
+        "--from",
+        f"knn:http://127.0.0.1:{port}",
+        "--retries",
+        "1",
+        "--timeout",
+        "1",
+        code=1,
+    )
+    assert "did not answer after 2 tries" in r.stderr
