@@ -54,7 +54,7 @@ def collection(tmp_path):
         "a bowl of soup",
         "a tabby cat",
     ]
-    for i, c in enumerate(captions[:3]):
+    for i in range(3):
         _image(i, a / f"{i}.png")
     (a / "metadata.jsonl").write_text(
         "".join(json.dumps({"file_name": f"{i}.png", "text": c}) + "\n" for i, c in enumerate(captions[:3]))
