@@ -68,6 +68,12 @@ def sample(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 1,
     negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt.")] = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png (a row per prompt).")] = False,
+    dreambench: Annotated[
+        Path | None,
+        typer.Option("--dreambench", help="DreamBench's prompts_and_classes.txt: add the 25 prompts of --subject."),
+    ] = None,
+    subject: Annotated[str | None, typer.Option("--subject", help="DreamBench subject, e.g. dog.")] = None,
+    token: Annotated[str, typer.Option("--token", help="Modifier token put into DreamBench prompts.")] = "<new1>",
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -86,6 +92,14 @@ def sample(
     all_prompts = list(prompts or [])
     if prompts_file is not None:
         all_prompts += read_prompts(prompts_file)
+    if (dreambench is None) != (subject is None):
+        raise UsageError("--dreambench and --subject go together")
+    if dreambench is not None and subject is not None:
+        from cdtool.dreambench import parse
+
+        noun, bench = parse(dreambench).prompts(subject, token)
+        console.log(f"DreamBench: {len(bench)} prompts for {subject} ({noun})")
+        all_prompts += bench
     if not all_prompts:
         raise UsageError("give at least one prompt, or --prompts FILE")
     if output.exists() and not output.is_dir():

@@ -1,0 +1,173 @@
+"""`cdtool score` on tiny random instances of the real architectures; DreamBench prompts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cdtool.metrics import pairwise_mean_cosine
+
+MODELS = ("--clip-model", "cdtool-tiny", "--clip-pretrained", "none")
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory):
+    """A random ViT with DINO ViT-S/16's architecture, scaled down, saved as a folder."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dino") / "tiny-dino"
+    ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def folders(cli, tmp_path):
+    from conftest import write_concept_folder
+
+    ref = write_concept_folder(tmp_path / "ref", n=4)
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    for out, seed in ((s1, "0"), (s2, "5")):
+        cli(
+            "sample",
+            "a <new1> cat on the beach",
+            "a photo of a dog",
+            "-o",
+            out,
+            "--model",
+            "tiny",
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            seed,
+        )
+    return ref, s1, s2
+
+
+def test_score_json(cli, folders, tiny_dino):
+    ref, s1, s2 = folders
+    r = cli(
+        "score",
+        s1,
+        s2,
+        "--ref",
+        ref,
+        *MODELS,
+        "--dino",
+        tiny_dino,
+        "--kid-features",
+        "clip",
+        "--kid-subsets",
+        "5",
+        "--json",
+        "--per-image",
+    )
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "cdtool.score/1" and doc["ref"]["n_images"] == 4 and len(doc["runs"]) == 2
+    run = doc["runs"][0]
+    assert run["n_images"] == 4
+    assert set(run["overall"]) == {"clip_t", "clip_t_clipscore", "clip_i", "dino", "kid"}
+    assert run["overall"]["clip_t"]["n"] == 4 and run["overall"]["kid"]["subset_size"] == 4
+    assert [p["prompt"] for p in run["per_prompt"]] == ["a <new1> cat on the beach", "a photo of a dog"]
+    assert all(p["n"] == 2 for p in run["per_prompt"])
+    # CLIP-I equals the all-pairs mean computed independently
+    from PIL import Image
+
+    from cdtool.clip_models import load_clip
+
+    clip = load_clip("cdtool-tiny", "none")
+    samples = clip.images([Image.open(s1 / row["file"]) for row in run["images"]])
+    refs = clip.images([Image.open(p) for p in sorted(ref.glob("*.png"))])
+    assert abs(run["overall"]["clip_i"]["mean"] - pairwise_mean_cosine(samples, refs)) < 1e-5
+    # CLIP-T used the prompt without its token
+    beach = next(row for row in run["images"] if row["prompt"] == "a <new1> cat on the beach")
+    text = clip.texts(["a cat on the beach"])[0]
+    img = clip.images([Image.open(s1 / beach["file"])])[0]
+    assert abs(beach["clip_t"] - float(img.double() @ text.double())) < 1e-5
+    assert abs(beach["clip_t_clipscore"] - 2.5 * max(beach["clip_t"], 0)) < 1e-9
+
+
+def test_self_similarity_and_table(cli, folders, tiny_dino):
+    ref, s1, _ = folders
+    doc = json.loads(
+        cli("score", ref, "--ref", ref, *MODELS, "--dino", tiny_dino, "--metrics", "clip-i,dino", "--json").stdout
+    )
+    from PIL import Image
+
+    from cdtool.clip_models import load_clip
+
+    emb = load_clip("cdtool-tiny", "none").images([Image.open(p) for p in sorted(ref.glob("*.png"))])
+    assert abs(doc["runs"][0]["overall"]["clip_i"]["mean"] - pairwise_mean_cosine(emb, emb)) < 1e-5
+    r = cli("score", s1, "--ref", ref, *MODELS, "--dino", tiny_dino, "--metrics", "clip-t,clip-i")
+    assert "CLIP-T" in r.stdout and str(s1) in r.stdout
+
+
+def test_score_errors(cli, folders, tmp_path):
+    ref, s1, _ = folders
+    cli("score", s1, "--ref", ref, "--metrics", "fid", code=2)
+    r = cli("score", ref, "--ref", ref, *MODELS, "--metrics", "clip-t", code=1)
+    assert "no prompts.json" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = cli("score", tmp_path / "empty", "--ref", ref, *MODELS, "--metrics", "clip-i", code=1)
+    assert "holds no images" in r.stderr
+
+
+BENCH = """Classes
+
+subject_name,class
+teddy,stuffed animal
+rex,dog
+
+Prompts
+
+Object Prompts
+
+prompt_list = [
+'a {0} {1} on a table'.format(unique_token, class_token),
+'a {0} {1} in the rain'.format(unique_token, class_token)
+]
+
+Live Subject Prompts
+
+prompt_list = [
+'a {0} {1} running'.format(unique_token, class_token),
+'a {0} {1} asleep'.format(unique_token, class_token),
+'a {0} {1} in a hat'.format(unique_token, class_token)
+]
+"""
+
+
+def test_dreambench(cli, tmp_path):
+    from cdtool.dreambench import parse
+
+    path = tmp_path / "prompts_and_classes.txt"
+    path.write_text(BENCH)
+    bench = parse(path)
+    assert bench.prompts("teddy", "<new1>") == (
+        "stuffed animal",
+        ["a <new1> stuffed animal on a table", "a <new1> stuffed animal in the rain"],
+    )
+    assert len(bench.prompts("rex", "sks")[1]) == 3  # a live subject gets the live prompts
+    out = tmp_path / "s"
+    cli("sample", "--dreambench", path, "--subject", "rex", "-o", out, "--model", "tiny", "--n", "1", "--steps", "1")
+    assert sorted(json.loads((out / "prompts.json").read_text()).values()) == [
+        "a <new1> dog asleep",
+        "a <new1> dog in a hat",
+        "a <new1> dog running",
+    ]
+    r = cli("sample", "--dreambench", path, "--subject", "nobody", "-o", out, "--model", "tiny", code=1)
+    assert "no subject" in r.stderr
