@@ -16,7 +16,7 @@ from cdtool.atomic import atomic_dir
 from cdtool.delta import Delta, LayerDelta, base_param
 from cdtool.errors import CdtoolError
 
-TARGETS = ("diffusers-lora", "kohya", "diffusers-custom-diffusion", "official")
+TARGETS = ("diffusers-lora", "kohya", "diffusers-custom-diffusion", "official", "textual-inversion")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # diffusers' loader needs an entry for every attention processor, empty for the untouched ones,
 # which safetensors cannot hold: its own .safetensors output fails to load, so cdtool writes .bin.
@@ -112,7 +112,14 @@ def export(delta: Delta, target: str, path: Path, base: Mapping[str, torch.Tenso
         return [path]
     with atomic_dir(path) as tmp:
         written = []
-        if delta.layers:
+        if target == "textual-inversion":
+            if not delta.tokens:
+                raise CdtoolError("the delta has no token embeddings to export as textual inversion")
+            if len(delta.tokens) == 1:  # diffusers' default file name
+                token, emb = next(iter(delta.tokens.items()))
+                save_file({token: emb.contiguous()}, str(tmp / "learned_embeds.safetensors"))
+                written.append("learned_embeds.safetensors")
+        elif delta.layers:
             if target == "diffusers-lora":
                 save_file(diffusers_lora_state(delta), str(tmp / LORA_FILE))
                 written.append(LORA_FILE)
@@ -127,12 +134,12 @@ def export(delta: Delta, target: str, path: Path, base: Mapping[str, torch.Tenso
                 torch.save(custom_diffusion_state(delta, base), str(tmp / CUSTOM_DIFFUSION_FILE))
                 written.append(CUSTOM_DIFFUSION_FILE)
         for name, state in token_files(delta).items():
-            if target == "kohya":  # A1111 embeddings: the file name is the trigger word
+            if target in ("kohya", "textual-inversion"):  # A1111 embeddings: the file name is the trigger word
                 (tmp / "embeddings").mkdir(exist_ok=True)
                 e = next(iter(state.values()))
                 save_file({"emb_params": e.reshape(-1, e.shape[-1]).contiguous()}, str(tmp / "embeddings" / name))
                 written.append(f"embeddings/{name}")
-            else:
+            if target != "kohya":
                 save_file(state, str(tmp / name))
                 written.append(name)
     return [path / w for w in written]

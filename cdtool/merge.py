@@ -72,6 +72,16 @@ def rename_tokens(delta: Delta, mapping: Mapping[str, str]) -> Delta:
     )
 
 
+def check_closed_form_layers(deltas: Sequence[Delta]) -> None:
+    """The closed form covers attn2.to_k/to_v; name the first layer it cannot merge."""
+    bad = sorted({n for d in deltas for n in d.layers if not n.endswith(KV_SUFFIXES)})
+    if bad:
+        raise CdtoolError(
+            f"the closed-form merge covers attn2.to_k/to_v only, not {bad[0]}"
+            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; use --method sum for such deltas"
+        )
+
+
 def weighted_sum(deltas: Sequence[tuple[Delta, float]]) -> Delta:
     """ΔW = Σ scale_i ΔW_i on the union of layers; tokens and concepts united (already renamed)."""
     out = Delta()
@@ -128,12 +138,7 @@ def closed_form_merge(
     from cdtool.apply import _plan_tokens
     from cdtool.text_features import feature_rows
 
-    bad = sorted({n for d in deltas for n in d.layers if not n.endswith(KV_SUFFIXES)})
-    if bad:
-        raise CdtoolError(
-            f"the closed-form merge covers attn2.to_k/to_v only, not {bad[0]}"
-            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; use --method sum for such deltas"
-        )
+    check_closed_form_layers(deltas)
     new_rows = _plan_tokens(tokenizer, encoder, deltas)
     if new_rows:
         tokenizer.add_tokens(list(new_rows))

@@ -62,9 +62,20 @@ def _offline_hint(model: str) -> str:
     )
 
 
+def _no_loading_bars() -> None:
+    """transformers 5 and diffusers draw "Loading weights" bars on stderr; cdtool has its own output."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 def load_pipeline(model: str) -> Any:
     """The full StableDiffusionPipeline (float32, CPU, no safety checker)."""
     from diffusers import StableDiffusionPipeline
+
+    _no_loading_bars()
 
     kind = model_kind(model)
     if kind == "tiny":
@@ -96,6 +107,7 @@ def load_text_side(model: str) -> tuple[Any, Any]:
         return pipe.tokenizer, pipe.text_encoder
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    _no_loading_bars()
     source = str(Path(model).expanduser()) if kind == "folder" else model
     local = kind == "folder" or _hub_offline()
     try:
@@ -113,6 +125,7 @@ def load_unet(model: str) -> Any:
         return load_pipeline(model).unet
     from diffusers import UNet2DConditionModel
 
+    _no_loading_bars()
     source = str(Path(model).expanduser()) if kind == "folder" else model
     try:
         unet = UNet2DConditionModel.from_pretrained(

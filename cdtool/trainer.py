@@ -55,7 +55,8 @@ class TrainConfig:
     model: str
     output: str
     run_dir: str
-    train: str = "kv"  # kv: attn2.to_k/to_v; attn2: all cross-attention projections
+    method: str = "custom-diffusion"
+    train: str = "kv"  # custom diffusion: kv = attn2.to_k/to_v; attn2 = all cross-attention projections
     resolution: int = 512
     steps: int = 250
     batch_size: int = 4
@@ -76,6 +77,13 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     device: str = "auto"
+    num_vectors: int = 1  # textual inversion: embedding rows per token
+    property: str = "object"  # textual inversion: object or style caption templates
+    rank: int = 4  # dreambooth-lora
+    lora_alpha: float | None = None  # default: the rank (scale 1)
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
@@ -174,59 +182,129 @@ def train(
     if cfg.resolution % factor:
         raise CdtoolError(f"--resolution {cfg.resolution} is not a multiple of the VAE's factor {factor}")
 
-    # new tokens, initialised from their rare initialiser pieces
+    from cdtool.apply import is_existing_word, token_names
+    from cdtool.methods import (
+        CUSTOM_DIFFUSION,
+        DREAMBOOTH_LORA,
+        OBJECT_TEMPLATES,
+        STYLE_TEMPLATES,
+        TEXT_LORA_TARGETS,
+        TEXTUAL_INVERSION,
+    )
+
+    method = cfg.method
+    # New tokens, initialised from their rare initialiser pieces. DreamBooth's identifier may be
+    # an existing rare word ("sks"), which is then used as it is and not trained.
+    new_concepts = []
     for c in cfg.concepts:
+        if method == DREAMBOOTH_LORA and is_existing_word(tokenizer, c.token):
+            continue
         check_new_token(tokenizer, c.token)
-    init_ids = [resolve_init_token(tokenizer, c.init_token) for c in cfg.concepts]
+        new_concepts.append(c)
+    vectors = cfg.num_vectors if method == TEXTUAL_INVERSION else 1
+    entries = {c.token: token_names(c.token, vectors) for c in new_concepts}
+    init_ids = [resolve_init_token(tokenizer, c.init_token) for c in new_concepts for _ in range(vectors)]
     base_vocab = len(tokenizer)
-    layer_names = trainable_layer_names(unet, cfg.train)
+    if method == CUSTOM_DIFFUSION:
+        layer_names = trainable_layer_names(unet, cfg.train)
+    elif method == DREAMBOOTH_LORA:
+        suffixes = tuple(f".{t}" for t in cfg.lora_targets)
+        layer_names = [
+            f"unet.{n}"
+            for n, m in unet.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.endswith(suffixes) and (".attn1." in n or ".attn2." in n)
+        ]
+        if not layer_names:
+            raise CdtoolError(f"no UNet attention projection matches --target {','.join(cfg.lora_targets)}")
+        if cfg.train_text_encoder:
+            te_suffixes = tuple(f".{t}" for t in TEXT_LORA_TARGETS)
+            layer_names += [
+                f"text_encoder.{n}"
+                for n, m in encoder.named_modules()
+                if isinstance(m, torch.nn.Linear) and n.endswith(te_suffixes)
+            ]
+    else:
+        layer_names = []
     fingerprint_delta = Delta(
         layers={n: LayerDelta(full=torch.zeros(1, 1)) for n in layer_names},
-        tokens={c.token: torch.zeros(1, 1) for c in cfg.concepts},
+        tokens={c.token: torch.zeros(1, 1) for c in new_concepts},
     )
     base_params = pipeline_params(pipe)
     base_fp = fingerprint(base_params, fingerprint_names(fingerprint_delta), base_vocab)
     base_weights = {n: base_params[f"{n}.weight"].detach().clone() for n in layer_names}
     base_biases = {n: base_params[f"{n}.bias"].detach().clone() for n in layer_names if f"{n}.bias" in base_params}
-    table = encoder.get_input_embeddings().weight
-    init_rows = table.detach()[init_ids].clone()
-    tokenizer.add_tokens([c.token for c in cfg.concepts])
-    token_ids = tokenizer.convert_tokens_to_ids([c.token for c in cfg.concepts])
-    if token_ids != list(range(base_vocab, base_vocab + len(cfg.concepts))):
-        raise CdtoolError("internal: new tokens did not get consecutive ids")
-    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    rows = attach_token_rows(encoder, init_rows, base_vocab)
+    rows = None
+    if new_concepts:
+        init_rows = encoder.get_input_embeddings().weight.detach()[init_ids].clone()
+        flat = [e for c in new_concepts for e in entries[c.token]]
+        tokenizer.add_tokens(flat)
+        if tokenizer.convert_tokens_to_ids(flat) != list(range(base_vocab, base_vocab + len(flat))):
+            raise CdtoolError("internal: new tokens did not get consecutive ids")
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        rows = attach_token_rows(encoder, init_rows, base_vocab)
 
-    # frozen everywhere except the trained projections and the new rows
+    def expand(text: str) -> str:
+        """Multi-vector tokens appear in prompts as their entries: "<t>" -> "<t> <t>_1 <t>_2"."""
+        for token, names in entries.items():
+            if len(names) > 1:
+                text = text.replace(token, " ".join(names))
+        return text
+
+    templates = STYLE_TEMPLATES if cfg.property == "style" else OBJECT_TEMPLATES
+
+    # frozen everywhere except what the method trains
     for module in (unet, vae, encoder):
         module.requires_grad_(False)
-    trained = []
-    for n in layer_names:
-        lin = unet.get_submodule(n[len("unet.") :])
-        lin.weight.requires_grad_(True)
-        trained.append(lin.weight)
-        if lin.bias is not None:
-            lin.bias.requires_grad_(True)
-            trained.append(lin.bias)
-    rows.weight.requires_grad_(True)
-    use_detaching_cross_attention(unet)
+    if method == CUSTOM_DIFFUSION:
+        for n in layer_names:
+            lin = unet.get_submodule(n[len("unet.") :])
+            lin.weight.requires_grad_(True)
+            if lin.bias is not None:
+                lin.bias.requires_grad_(True)
+        use_detaching_cross_attention(unet)
+    elif method == DREAMBOOTH_LORA:
+        from peft import LoraConfig
+
+        alpha = cfg.lora_alpha or cfg.rank
+        unet_targets = [n[len("unet.") :] for n in layer_names if n.startswith("unet.")]
+        unet.add_adapter(
+            LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=unet_targets)
+        )
+        te_targets = [n[len("text_encoder.") :] for n in layer_names if n.startswith("text_encoder.")]
+        if te_targets:
+            encoder.add_adapter(
+                LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=te_targets)
+            )
+    if rows is not None:
+        rows.weight.requires_grad_(True)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+    trainable.update({f"text_encoder.{n}": p for n, p in encoder.named_parameters() if p.requires_grad})
+    if not trainable:
+        raise CdtoolError("nothing to train: textual inversion needs a new token")
 
     prior = any(c.reg_examples for c in cfg.concepts)
     lr = cfg.lr
     if cfg.scale_lr:  # as the reference: x batch x accumulation x processes, x2 with prior
         lr *= cfg.batch_size * cfg.grad_accum * accelerator.num_processes * (2 if prior else 1)
-    params = [*trained, rows.weight]
+
+    def is_te_lora(name: str) -> bool:
+        return name.startswith("text_encoder.") and "lora_" in name
+
+    groups: list[dict[str, Any]] = [{"params": [p for n, p in trainable.items() if not is_te_lora(n)]}]
+    if any(is_te_lora(n) for n in trainable):
+        groups.append({"params": [p for n, p in trainable.items() if is_te_lora(n)], "lr": cfg.text_encoder_lr or lr})
+    params = list(trainable.values())
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as e:
             raise CdtoolError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from e
-        optimizer = bnb.optim.AdamW8bit(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        optimizer = bnb.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     else:
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
     vae.to(device)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
@@ -271,12 +349,15 @@ def train(
             "latents": lat,
             "noise": torch.randn(lat.shape, generator=g),
             "timesteps": torch.randperm(scheduler.config.num_train_timesteps, generator=g)[: cfg.eval_batch],
-            "prompts": [ex.caption for _, ex in picks],
+            "prompts": [
+                templates[0].format(cfg.concepts[c_i].token) if method == TEXTUAL_INVERSION else ex.caption
+                for c_i, ex in picks
+            ],
         }
 
     step, history, losses_log = 0, [], []
     if resume:
-        step, history = _load_checkpoint(run_dir, accelerator, unet, rows, optimizer, rng, layer_names)
+        step, history = _load_checkpoint(run_dir, accelerator, trainable, optimizer, rng)
         if main:
             log(f"resumed {run_dir} at step {step}")
     elif main:
@@ -306,7 +387,14 @@ def train(
                     augment(pixels[ex.path], size, factor, rng.data, enabled=cfg.aug, hflip=cfg.hflip)
                     for _, ex in picks
                 ]
-                prompts = [v.prefix + ex.caption for v, (_, ex) in zip(views, picks, strict=True)]
+                if method == TEXTUAL_INVERSION:
+                    captions = []
+                    for c_i, _ in picks:
+                        t = templates[int(torch.randint(0, len(templates), (), generator=rng.data))]
+                        captions.append(t.format(cfg.concepts[c_i].token))
+                else:
+                    captions = [ex.caption for _, ex in picks]
+                prompts = [expand(v.prefix + c) for v, c in zip(views, captions, strict=True)]
                 with torch.no_grad():
                     lat = _sample_latents(
                         _latent_dist(vae, torch.stack([v.image for v in views])).cpu(), rng.noise, scaling
@@ -330,7 +418,10 @@ def train(
                 pred = unet_p(noisy.to(device), t.to(device), encoder_hidden_states=feats).sample
                 target = predict_target(lat, noise, t).to(device)
                 n = cfg.batch_size
-                loss = masked_mse(pred[:n], target[:n], mask.to(device))
+                if method == CUSTOM_DIFFUSION:
+                    loss = masked_mse(pred[:n], target[:n], mask.to(device))
+                else:  # textual inversion and dreambooth use the plain mean squared error
+                    loss = F.mse_loss(pred[:n].float(), target[:n].float())
                 if prior:
                     loss = loss + cfg.prior_weight * F.mse_loss(pred[n:].float(), target[n:].float())
                 accelerator.backward(loss)
@@ -345,7 +436,7 @@ def train(
             with torch.no_grad():
                 ev = eval_batch
                 noisy = scheduler.add_noise(ev["latents"], ev["noise"], ev["timesteps"])
-                feats = _encode_prompts(tokenizer, encoder, ev["prompts"], device)
+                feats = _encode_prompts(tokenizer, encoder, [expand(p) for p in ev["prompts"]], device)
                 pred = unet(noisy.to(device), ev["timesteps"].to(device), encoder_hidden_states=feats).sample
                 eval_loss = float(
                     F.mse_loss(
@@ -365,34 +456,40 @@ def train(
             stop_reason = f"DVAR {stat:.4f} < {cfg.dvar_eps} over the last {cfg.dvar_window} evaluations"
             break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            _save_checkpoint(
-                run_dir, accelerator, unet, rows, optimizer, rng, step, history, layer_names, cfg.keep_checkpoints
-            )
+            _save_checkpoint(run_dir, accelerator, trainable, optimizer, rng, step, history, cfg.keep_checkpoints)
     if cfg.checkpoint_every and step % cfg.checkpoint_every:  # the last step too, so a run can be extended
-        _save_checkpoint(
-            run_dir, accelerator, unet, rows, optimizer, rng, step, history, layer_names, cfg.keep_checkpoints
-        )
+        _save_checkpoint(run_dir, accelerator, trainable, optimizer, rng, step, history, cfg.keep_checkpoints)
 
     # the delta: ΔW of every trained projection, the learned rows, and what made them
     accelerator.wait_for_everyone()
-    delta = Delta(base_model=cfg.model, base_fingerprint=base_fp, created_by=f"cdtool {__version__} train")
+    delta = Delta(base_model=cfg.model, base_fingerprint=base_fp, created_by=f"cdtool {__version__} train ({method})")
     for n in layer_names:
-        lin = unet.get_submodule(n[len("unet.") :])
+        component, _, path = n.partition(".")
+        module = (unet if component == "unet" else encoder).get_submodule(path)
+        if method == DREAMBOOTH_LORA:  # a peft LoRA layer: ΔW = scaling · B @ A
+            up = module.lora_B["default"].weight.detach().float().cpu() * float(module.scaling["default"])
+            delta.layers[n] = LayerDelta(up=up, down=module.lora_A["default"].weight.detach().float().cpu())
+            continue
         db = None
         if n in base_biases:
-            db = lin.bias.detach().float().cpu() - base_biases[n].float()
-        delta.layers[n] = LayerDelta(full=lin.weight.detach().float().cpu() - base_weights[n].float(), bias=db)
-    learned = rows.weight.detach().float().cpu()
-    for i, c in enumerate(cfg.concepts):
-        delta.tokens[c.token] = learned[i : i + 1].clone()
+            db = module.bias.detach().float().cpu() - base_biases[n].float()
+        delta.layers[n] = LayerDelta(full=module.weight.detach().float().cpu() - base_weights[n].float(), bias=db)
+    learned = rows.weight.detach().float().cpu() if rows is not None else torch.empty(0)
+    for i, c in enumerate(new_concepts):
+        delta.tokens[c.token] = learned[i * vectors : (i + 1) * vectors].clone()
+    for c in cfg.concepts:
         delta.concepts.append(
             {
                 "token": c.token,
                 "class_noun": c.class_noun,
-                "init_token": c.init_token,
-                "prompts": sorted({ex.caption for ex in c.examples})[:20],
+                "init_token": c.init_token if c in new_concepts else None,
+                "prompts": list(templates[:3])
+                if method == TEXTUAL_INVERSION
+                else sorted({ex.caption for ex in c.examples})[:20],
                 "data": c.data,
                 "reg": c.reg,
+                "method": method,
+                **({"kind": "style"} if method == TEXTUAL_INVERSION and cfg.property == "style" else {}),
             }
         )
     delta.provenance = {
@@ -404,6 +501,7 @@ def train(
             "learning_rate": lr,
             "processes": accelerator.num_processes,
             "final_loss": last_loss,
+            "method": method,
         }
     }
     if main:
@@ -457,13 +555,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def _save_checkpoint(
     run_dir: Path,
     accelerator: Any,
-    unet: Any,
-    rows: Any,
+    trainable: dict[str, Any],
     optimizer: Any,
     rng: _Rng,
     step: int,
     history: list[float],
-    layer_names: list[str],
     keep: int,
 ) -> None:
     folder = run_dir / CHECKPOINTS / f"step-{step:06d}"
@@ -476,13 +572,7 @@ def _save_checkpoint(
         state = {
             "step": step,
             "history": history,
-            "weights": {n: unet.get_submodule(n[len("unet.") :]).weight.detach().cpu().clone() for n in layer_names},
-            "biases": {
-                n: unet.get_submodule(n[len("unet.") :]).bias.detach().cpu().clone()
-                for n in layer_names
-                if unet.get_submodule(n[len("unet.") :]).bias is not None
-            },
-            "rows": rows.weight.detach().cpu().clone(),
+            "params": {n: p.detach().cpu().clone() for n, p in trainable.items()},
             "optimizer": optimizer.state_dict(),
         }
         torch.save(state, tmp / "state.pt")
@@ -497,19 +587,17 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    run_dir: Path, accelerator: Any, unet: Any, rows: Any, optimizer: Any, rng: _Rng, layer_names: list[str]
+    run_dir: Path, accelerator: Any, trainable: dict[str, Any], optimizer: Any, rng: _Rng
 ) -> tuple[int, list[float]]:
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise CdtoolError(f"{run_dir} has no checkpoint to resume from")
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    if set(state["params"]) != set(trainable):
+        raise CdtoolError(f"{folder} holds other parameters than this run trains; resume with the same options")
     with torch.no_grad():
-        for n in layer_names:
-            lin = unet.get_submodule(n[len("unet.") :])
-            lin.weight.copy_(state["weights"][n])
-            if n in state["biases"]:
-                lin.bias.copy_(state["biases"][n])
-        rows.weight.copy_(state["rows"])
+        for n, p in trainable.items():
+            p.copy_(state["params"][n])
     optimizer.load_state_dict(state["optimizer"])
     rng_file = folder / f"rng-{accelerator.process_index}.pt"
     if not rng_file.exists():
@@ -584,10 +672,19 @@ def delta_from_run(path: Path) -> Any:
         origin=str(ckpt),
         created_by=f"cdtool {__version__} train (checkpoint step {state['step']})",
     )
-    for n, w in state["weights"].items():
-        delta.layers[n] = LayerDelta(full=w.float(), bias=state["biases"].get(n), absolute=True)
+    if config.get("method", "custom-diffusion") != "custom-diffusion":
+        raise CdtoolError(
+            f"{ckpt}: deltas are read from checkpoints of Custom Diffusion runs; use the run's final delta"
+        )
+    params = state["params"]
+    for n, w in params.items():
+        if n.startswith("unet.") and n.endswith(".weight"):
+            stem = n[: -len(".weight")]
+            delta.layers[stem] = LayerDelta(full=w.float(), bias=params.get(f"{stem}.bias"), absolute=True)
+    rows = params.get("text_encoder.cdtool_token_rows.weight")
     for i, c in enumerate(config["concepts"]):
-        delta.tokens[c["token"]] = state["rows"][i : i + 1].float()
+        if rows is not None:
+            delta.tokens[c["token"]] = rows[i : i + 1].float()
         delta.concepts.append(
             {
                 "token": c["token"],

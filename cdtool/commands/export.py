@@ -21,6 +21,7 @@ class Target(str, Enum):
     kohya = "kohya"
     diffusers_custom_diffusion = "diffusers-custom-diffusion"
     official = "official"
+    textual_inversion = "textual-inversion"
 
 
 def export(
@@ -43,6 +44,8 @@ def export(
     (pipe.load_textual_inversion). kohya: lora.safetensors with alphas, and A1111 embeddings.
     diffusers-custom-diffusion: pytorch_custom_diffusion_weights.safetensors and <token>.safetensors,
     as diffusers' train_custom_diffusion.py writes them. official: the official delta.bin.
+    textual-inversion: learned_embeds.safetensors / <token>.safetensors for pipe.load_textual_inversion
+    and A1111 embeddings/.
     """
     if to is Target.official and output.suffix != ".bin":
         raise UsageError(f"{output}: --to official writes a .bin file")

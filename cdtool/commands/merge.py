@@ -118,7 +118,10 @@ def merge(
 
     base_model = pick_model(model, bases)
 
-    from cdtool.merge import assign_tokens, rename_tokens
+    from cdtool.merge import assign_tokens, check_closed_form_layers, rename_tokens
+
+    if method is Method.closed_form:
+        check_closed_form_layers(deltas)
 
     renames = assign_tokens(deltas)
     for (path, _), mapping in zip(specs, renames, strict=True):

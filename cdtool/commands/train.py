@@ -15,10 +15,29 @@ from cdtool.atomic import check_writable
 from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command, pick_model
 from cdtool.data import check_images, read_folder
 from cdtool.errors import CdtoolError, UsageError
+from cdtool.methods import (
+    CUSTOM_DIFFUSION,
+    DEFAULTS,
+    DREAMBOOTH_IDENTIFIER,
+    DREAMBOOTH_LORA,
+    LORA_TARGETS,
+    TEXTUAL_INVERSION,
+)
 from cdtool.trainer import ConceptSpec, TrainConfig
 
 DEFAULT_CAPTION = "photo of a {token} {class}"
 DEFAULT_CLASS_CAPTION = "photo of a {class}"
+
+
+class Method(str, Enum):
+    custom_diffusion = CUSTOM_DIFFUSION
+    textual_inversion = TEXTUAL_INVERSION
+    dreambooth_lora = DREAMBOOTH_LORA
+
+
+class Property(str, Enum):
+    object = "object"
+    style = "style"
 
 
 class Layers(str, Enum):
@@ -91,8 +110,9 @@ def read_concepts_file(path: Path) -> list[dict[str, str]]:
     return out
 
 
-def build_concepts(raw: list[dict[str, str]], resolution: int) -> list[ConceptSpec]:
+def build_concepts(raw: list[dict[str, str]], resolution: int, method: str = CUSTOM_DIFFUSION) -> list[ConceptSpec]:
     """Resolve every concept's token, class, captions and regularisation set; check the images."""
+    from cdtool.apply import is_existing_word
     from cdtool.clip_vocab import load_clip_tokenizer
     from cdtool.tokens import check_new_token, default_init_token
 
@@ -100,9 +120,10 @@ def build_concepts(raw: list[dict[str, str]], resolution: int) -> list[ConceptSp
     for i, c in enumerate(raw):
         data = Path(c["data"])
         info = read_folder(data, "", "data").info if data.is_dir() else {}
-        token = c.get("token") or info.get("token") or f"<new{i + 1}>"
-        noun = c.get("class") or info.get("class_noun")
-        if not noun:
+        default_token = DREAMBOOTH_IDENTIFIER if method == DREAMBOOTH_LORA else f"<new{i + 1}>"
+        token = c.get("token") or info.get("token") or default_token
+        noun = c.get("class") or info.get("class_noun") or ("" if method == TEXTUAL_INVERSION else None)
+        if noun is None:
             raise UsageError(
                 f"{data}: give the class noun (--class-noun, or class= in --concept); the folder has no concept.json"
             )
@@ -136,7 +157,8 @@ def build_concepts(raw: list[dict[str, str]], resolution: int) -> list[ConceptSp
         )
     tokenizer = load_clip_tokenizer()
     for s in specs:
-        check_new_token(tokenizer, s.token)
+        if not (method == DREAMBOOTH_LORA and is_existing_word(tokenizer, s.token)):
+            check_new_token(tokenizer, s.token)
     return specs
 
 
@@ -187,6 +209,33 @@ def train(
         str | None,
         typer.Option("--model", "-m", help="Base model: tiny, a hub id, a diffusers folder or a checkpoint file."),
     ] = None,
+    method: Annotated[
+        Method,
+        typer.Option(
+            "--method",
+            help="custom-diffusion (the paper), or the baselines it compares against: textual-inversion, dreambooth-lora.",
+        ),
+    ] = Method.custom_diffusion,
+    num_vectors: Annotated[
+        int, typer.Option("--num-vectors", min=1, help="Textual inversion: embedding vectors per token.")
+    ] = 1,
+    prop: Annotated[
+        Property, typer.Option("--property", help="Textual inversion: object or style caption templates.")
+    ] = Property.object,
+    rank: Annotated[int, typer.Option("--rank", min=1, help="DreamBooth-LoRA: LoRA rank.")] = 4,
+    lora_alpha: Annotated[
+        float | None, typer.Option("--lora-alpha", help="DreamBooth-LoRA: LoRA alpha (default: the rank).")
+    ] = None,
+    target: Annotated[
+        str, typer.Option("--target", help="DreamBooth-LoRA: comma-separated UNet attention projections to adapt.")
+    ] = ",".join(LORA_TARGETS),
+    train_text_encoder: Annotated[
+        bool, typer.Option("--train-text-encoder", help="DreamBooth-LoRA: also adapt the text encoder's attention.")
+    ] = False,
+    text_encoder_lr: Annotated[
+        float | None,
+        typer.Option("--text-encoder-lr", help="DreamBooth-LoRA: text encoder learning rate (default: the UNet's)."),
+    ] = None,
     train_layers: Annotated[
         Layers, typer.Option("--train", help="kv: attn2.to_k/to_v (the paper); attn2: all cross-attention projections.")
     ] = Layers.kv,
@@ -194,7 +243,12 @@ def train(
         int | None, typer.Option("--resolution", min=8, help="Training resolution (default: the model's).")
     ] = None,
     steps: Annotated[
-        int | None, typer.Option("--steps", min=1, help="Optimiser steps (default: 250 per concept, as the paper).")
+        int | None,
+        typer.Option(
+            "--steps",
+            min=1,
+            help="Optimiser steps (default: 250 per concept for custom-diffusion, 3000 textual-inversion, 500 dreambooth-lora).",
+        ),
     ] = None,
     batch_size: Annotated[
         int,
@@ -205,18 +259,25 @@ def train(
         ),
     ] = 4,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps.")] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="Base learning rate (scaled, see --scale-lr).")] = 1e-5,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="Base learning rate (default per method: 1e-5, 1.25e-3, 1e-4; see --scale-lr)."),
+    ] = None,
     scale_lr: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--scale-lr/--no-scale-lr",
-            help="Scale lr by batch x accumulation x processes, x2 with --reg (the reference's rule: 8e-5 by default).",
+            help="Scale lr by batch x accumulation x processes, x2 with --reg, as the reference (8e-5 for custom-diffusion). Default: on; off for dreambooth-lora.",
         ),
-    ] = True,
+    ] = None,
     prior_weight: Annotated[float, typer.Option("--prior-weight", help="Weight of the prior-preservation loss.")] = 1.0,
     aug: Annotated[
-        bool, typer.Option("--aug/--no-aug", help="The paper's size augmentation with its prompt words and loss mask.")
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--aug/--no-aug",
+            help="The paper's size augmentation with its prompt words and loss mask (default: on for custom-diffusion).",
+        ),
+    ] = None,
     hflip: Annotated[bool, typer.Option("--hflip", help="Random horizontal flips.")] = False,
     seed: SeedOpt = 0,
     mixed_precision: Annotated[Precision, typer.Option("--mixed-precision", help="no, fp16 or bf16.")] = Precision.no,
@@ -232,11 +293,16 @@ def train(
         ),
     ] = EarlyStop.none,
     dvar_window: Annotated[
-        int, typer.Option("--dvar-window", min=2, help="DVAR window (Custom Diffusion default 180).")
-    ] = 180,
+        int | None,
+        typer.Option(
+            "--dvar-window",
+            min=2,
+            help="DVAR window (the DVAR paper's: 180 custom-diffusion, 310 textual-inversion, 440 dreambooth-lora).",
+        ),
+    ] = None,
     dvar_eps: Annotated[
-        float, typer.Option("--dvar-eps", help="DVAR threshold (Custom Diffusion default 0.15).")
-    ] = 0.15,
+        float | None, typer.Option("--dvar-eps", help="DVAR threshold (the DVAR paper's: 0.15, 0.15, 0.4).")
+    ] = None,
     eval_batch: Annotated[int, typer.Option("--eval-batch", min=1, help="DVAR evaluation batch size.")] = 4,
     checkpoint_every: Annotated[
         int,
@@ -258,7 +324,8 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Teach the model new concepts: Custom Diffusion fine-tuning of the cross-attention key/value
-    projections and a new modifier token per concept.
+    projections and a new modifier token per concept (or, with --method, textual inversion or
+    DreamBooth with LoRA, the baselines the papers compare against).
 
     Multi-process: `accelerate launch --num_processes 2 -m cdtool train ...`.
     """
@@ -292,11 +359,12 @@ def train(
     from cdtool.models import default_resolution
 
     res = resolution or default_resolution(model_id)
-    specs = build_concepts(raw, res)
+    specs = build_concepts(raw, res, method.value)
+    d = DEFAULTS[method.value]
     main = _rank() == 0  # under `accelerate launch` every process runs this command
     if not main:
         console.set_quiet(True)
-    if not any(s.reg_examples for s in specs) and main:
+    if not any(s.reg_examples for s in specs) and main and method is not Method.textual_inversion:
         console.warn(
             "no --reg folder: training without prior preservation; the class may drift (make one with `cdtool regset`)"
         )
@@ -306,27 +374,35 @@ def train(
         model=model_id,
         output=str(output),
         run_dir=str(folder),
+        method=method.value,
         train=train_layers.value,
         resolution=res,
-        steps=steps or 250 * len(specs),
+        steps=steps or d.steps_per_concept * (len(specs) if method is Method.custom_diffusion else 1),
         batch_size=batch_size,
         grad_accum=grad_accum,
-        lr=lr,
-        scale_lr=scale_lr,
+        lr=d.lr if lr is None else lr,
+        scale_lr=d.scale_lr if scale_lr is None else scale_lr,
         prior_weight=prior_weight,
-        aug=aug,
+        aug=d.aug if aug is None else aug,
         hflip=hflip,
         seed=seed,
         mixed_precision=mixed_precision.value,
         gradient_checkpointing=gradient_checkpointing,
         use_8bit_adam=use_8bit_adam,
         early_stop=early_stop.value,
-        dvar_window=dvar_window,
-        dvar_eps=dvar_eps,
+        dvar_window=dvar_window or d.dvar_window,
+        dvar_eps=d.dvar_eps if dvar_eps is None else dvar_eps,
         eval_batch=eval_batch,
         checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints,
         device=device,
+        num_vectors=num_vectors,
+        property=prop.value,
+        rank=rank,
+        lora_alpha=lora_alpha,
+        lora_targets=tuple(t.strip() for t in target.split(",") if t.strip()),
+        train_text_encoder=train_text_encoder,
+        text_encoder_lr=text_encoder_lr,
     )
     from cdtool.trainer import resume_config_matches
 
