@@ -170,3 +170,29 @@ def test_dreambooth_lora(cli, tmp_path, concept_dirs):
         "--steps",
         "1",
     )
+
+
+def test_dreambooth_lora_changes_only_lora_parameters(tmp_path, concept_dirs):
+    cat, reg = concept_dirs
+    specs = build_concepts([{"data": str(cat), "class": "cat", "reg": str(reg)}], 64, "dreambooth-lora")
+    cfg = TrainConfig(
+        concepts=specs,
+        model="tiny",
+        output=str(tmp_path / "db.safetensors"),
+        run_dir=str(tmp_path / "run"),
+        method="dreambooth-lora",
+        resolution=64,
+        steps=2,
+        batch_size=1,
+        lr=1e-2,
+        scale_lr=False,
+        aug=False,
+    )
+    pipe = train(cfg, log=lambda m: None, keep_pipeline=True).pipeline
+    base = dict(build_tiny_pipeline().unet.named_parameters())
+    lora = {n for n in dict(pipe.unet.named_parameters()) if "lora_" in n}
+    assert lora
+    for n, p in pipe.unet.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n.replace(".base_layer", "")]), n
+    assert len(tokenizer_vocab := pipe.tokenizer.get_vocab()) == 49408 and "sks</w>" in tokenizer_vocab

@@ -61,3 +61,12 @@ def test_device_and_dtype():
     if not torch.cuda.is_available():
         with pytest.raises(CdtoolError, match="CUDA"):
             resolve_device("cuda")
+
+
+def test_single_file_that_is_not_a_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"x": torch.zeros(2)}, path)
+    with pytest.raises(CdtoolError, match="could not load the checkpoint"):
+        load_pipeline(str(path))
