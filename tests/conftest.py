@@ -122,3 +122,26 @@ def concept_dirs(tmp_path):
         write_concept_folder(tmp_path / "cat"),
         write_concept_folder(tmp_path / "reg", n=5, size=64, colour=(40, 90, 200), captions="photo of a cat, view {i}"),
     )
+
+
+def one_error(result) -> str:
+    """The single `Error:` line of a failed run (logs may precede it; no traceback)."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
+def train_config(tmp_path: Path, raw: list[dict], method: str = "custom-diffusion", **kw):
+    """A TrainConfig on the tiny model at 64 px for the given concept dicts (as --concept parses)."""
+    from cdtool.commands.train import build_concepts
+    from cdtool.trainer import TrainConfig
+
+    kw = {"resolution": 64, "batch_size": 2, **kw}
+    return TrainConfig(
+        concepts=build_concepts(raw, kw["resolution"], method),
+        model="tiny",
+        method=method,
+        output=str(tmp_path / "out.safetensors"),
+        run_dir=str(tmp_path / "run"),
+        **kw,
+    )

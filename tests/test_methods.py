@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import train_config
 
 from cdtool.apply import apply_deltas
-from cdtool.commands.train import build_concepts
 from cdtool.delta import read_cdtool
 from cdtool.importers import read_delta
 from cdtool.tiny import build_tiny_pipeline
-from cdtool.trainer import TrainConfig, train
+from cdtool.trainer import train
 
 
 def _unet_out(pipe, prompt: str) -> torch.Tensor:
@@ -31,20 +31,8 @@ def _ours(delta_path, prompt):
 
 def test_textual_inversion_trains_only_its_rows(tmp_path, concept_dirs):
     cat, _ = concept_dirs
-    specs = build_concepts([{"data": str(cat)}], 64, "textual-inversion")
-    cfg = TrainConfig(
-        concepts=specs,
-        model="tiny",
-        output=str(tmp_path / "ti.safetensors"),
-        run_dir=str(tmp_path / "run"),
-        method="textual-inversion",
-        resolution=64,
-        steps=3,
-        batch_size=2,
-        lr=5e-2,
-        scale_lr=False,
-        aug=False,
-        num_vectors=3,
+    cfg = train_config(
+        tmp_path, [{"data": str(cat)}], "textual-inversion", steps=3, lr=5e-2, scale_lr=False, aug=False, num_vectors=3
     )
     result = train(cfg, log=lambda m: None, keep_pipeline=True)
     base = build_tiny_pipeline()
@@ -56,7 +44,7 @@ def test_textual_inversion_trains_only_its_rows(tmp_path, concept_dirs):
             assert torch.equal(p[:49408], te_base[n])  # every other row bit-identical
         elif n != "cdtool_token_rows.weight":
             assert torch.equal(p, te_base[n]), n
-    d = read_cdtool(tmp_path / "ti.safetensors")
+    d = read_cdtool(tmp_path / "out.safetensors")
     assert not d.layers and d.tokens["<new1>"].shape == (3, 32)
     init = base.text_encoder.get_input_embeddings().weight[42170]
     assert all(not torch.allclose(row, init) for row in d.tokens["<new1>"])
@@ -174,14 +162,10 @@ def test_dreambooth_lora(cli, tmp_path, concept_dirs):
 
 def test_dreambooth_lora_changes_only_lora_parameters(tmp_path, concept_dirs):
     cat, reg = concept_dirs
-    specs = build_concepts([{"data": str(cat), "class": "cat", "reg": str(reg)}], 64, "dreambooth-lora")
-    cfg = TrainConfig(
-        concepts=specs,
-        model="tiny",
-        output=str(tmp_path / "db.safetensors"),
-        run_dir=str(tmp_path / "run"),
-        method="dreambooth-lora",
-        resolution=64,
+    cfg = train_config(
+        tmp_path,
+        [{"data": str(cat), "class": "cat", "reg": str(reg)}],
+        "dreambooth-lora",
         steps=2,
         batch_size=1,
         lr=1e-2,

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import json
 
+from conftest import one_error
 from PIL import Image
 
 from cdtool.delta import write_cdtool
-
-
-def one_error(result) -> str:
-    """The single `Error:` line of a failed run (logs may precede it; no traceback)."""
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    return errors[0]
 
 
 def _pngs(folder):

@@ -6,27 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import write_concept_folder
+from conftest import one_error, train_config, write_concept_folder
 
-from cdtool.commands.train import build_concepts
 from cdtool.delta import read_cdtool
 from cdtool.tiny import build_tiny_pipeline
-from cdtool.trainer import TrainConfig, train
+from cdtool.trainer import train
 
 FAST = ("--model", "tiny", "--batch-size", "2", "-q")
-
-
-def _cfg(tmp_path, raw, **kw) -> TrainConfig:
-    specs = build_concepts(raw, 64)
-    return TrainConfig(
-        concepts=specs,
-        model="tiny",
-        output=str(tmp_path / "out.safetensors"),
-        run_dir=str(tmp_path / "run"),
-        resolution=64,
-        batch_size=2,
-        **kw,
-    )
 
 
 def test_only_allowed_parameters_change_and_every_token_trains(tmp_path):
@@ -34,7 +20,7 @@ def test_only_allowed_parameters_change_and_every_token_trains(tmp_path):
         {"data": str(write_concept_folder(tmp_path / f"c{i}", colour=(60 * i, 200, 30))), "class": noun}
         for i, noun in enumerate(["cat", "dog", "car"])
     ]
-    cfg = _cfg(tmp_path, raw, steps=4, lr=1e-3, scale_lr=False)
+    cfg = train_config(tmp_path, raw, steps=4, lr=1e-3, scale_lr=False)
     result = train(cfg, log=lambda m: None, keep_pipeline=True)
     trained, base = result.pipeline, build_tiny_pipeline()
     base_p = dict(base.unet.named_parameters())
@@ -65,7 +51,7 @@ def test_only_allowed_parameters_change_and_every_token_trains(tmp_path):
 
 def test_attn2_mode_trains_all_cross_attention_projections(tmp_path, concept_dirs):
     cat, _ = concept_dirs
-    cfg = _cfg(tmp_path, [{"data": str(cat), "class": "cat"}], steps=2, lr=1e-3, scale_lr=False, train="attn2")
+    cfg = train_config(tmp_path, [{"data": str(cat), "class": "cat"}], steps=2, lr=1e-3, scale_lr=False, train="attn2")
     train(cfg, log=lambda m: None)
     delta = read_cdtool(tmp_path / "out.safetensors")
     kinds = {n.rsplit("attn2.", 1)[1] for n in delta.layers}
@@ -185,12 +171,6 @@ def test_joint_training_from_concepts_file(cli, tmp_path, concept_dirs):
     assert sorted(d.tokens) == ["<new1>", "<new2>"] and [c["class_noun"] for c in d.concepts] == ["cat", "dog"]
 
 
-def _one_error(r) -> str:
-    errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
-    return errors[0]
-
-
 @pytest.mark.parametrize(
     "case",
     [
@@ -238,7 +218,7 @@ def test_bad_input(cli, tmp_path, concept_dirs, case):
     else:
         args, code, text = [cat], 2, "class noun"
     r = cli("train", *args, "-o", out, "--model", "tiny", code=code)
-    assert text in (_one_error(r) if code == 1 else r.stderr)
+    assert text in (one_error(r) if code == 1 else r.stderr)
     assert not out.exists()
 
 
