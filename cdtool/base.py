@@ -64,8 +64,13 @@ def load_base_params(model: str, names: Iterable[str]) -> dict[str, torch.Tensor
     """The named base parameters (float32), reading only those tensors where the model is a
     diffusers folder with safetensors weights; otherwise the whole model is loaded."""
     wanted = sorted(set(names))
-    if model_kind(model) == "folder":
+    kind = model_kind(model)
+    if kind == "folder":
         got = _read_selected(Path(model).expanduser(), wanted)
+        if got is not None:
+            return got
+    if kind == "hub":
+        got = _read_selected_from_hub(model, wanted)
         if got is not None:
             return got
     params = pipeline_params(load_pipeline(model))
@@ -86,6 +91,36 @@ def unet_param_names(model: str) -> list[str]:
             with safe_open(str(files[0]), framework="pt") as f:
                 return [f"unet.{k}" for k in f.keys()]
     return [n for n in pipeline_params(load_pipeline(model)) if n.startswith("unet.")]
+
+
+def _read_selected_from_hub(repo: str, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """Fetch only the safetensors files of the components the names touch (into the hub cache),
+    then read the named tensors from them; None when the repository has no such files."""
+    import tempfile
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    components = sorted({n.partition(".")[0] for n in names})
+    folder = Path(tempfile.mkdtemp(prefix="cdtool-hub-"))
+    for comp in components:
+        for filename in _COMPONENT_FILES.get(comp, ()):
+            try:
+                local = hf_hub_download(repo, filename)
+            except EntryNotFoundError:
+                continue
+            except Exception as e:  # offline, unknown repository, no access
+                from cdtool.models import _offline_hint
+
+                raise CdtoolError(
+                    f"could not read {filename} of {repo!r} from the Hugging Face hub ({str(e).splitlines()[0]}); {_offline_hint(repo)}"
+                ) from e
+            (folder / comp).mkdir(exist_ok=True)
+            (folder / filename).symlink_to(local)
+            break
+        else:
+            return None
+    return _read_selected(folder, names)
 
 
 def _read_selected(folder: Path, names: list[str]) -> dict[str, torch.Tensor] | None:

@@ -96,6 +96,7 @@ def embed_files(extractor: Any, files: Sequence[Path], batch: int = 32, cache: b
     from safetensors.torch import load_file, save_file
 
     from cdtool.atomic import atomic_path
+    from cdtool.console import progress
 
     folder = cache_dir() / "features" / hashlib.sha256(extractor.key.encode()).hexdigest()[:16]
     out: list[torch.Tensor | None] = [None] * len(files)
@@ -107,17 +108,18 @@ def embed_files(extractor: Any, files: Sequence[Path], batch: int = 32, cache: b
             out[i] = load_file(str(path))["features"]
         else:
             todo.append(i)
-    for start in range(0, len(todo), batch):
-        idx = todo[start : start + batch]
-        images = []
-        for i in idx:
-            with Image.open(files[i]) as im:
-                images.append(im.convert("RGB"))
-        feats = extractor(images)
-        for i, f in zip(idx, feats, strict=True):
-            out[i] = f.contiguous()
-            if cache:
-                folder.mkdir(parents=True, exist_ok=True)
-                with atomic_path(folder / f"{keys[i]}.safetensors") as tmp:
-                    save_file({"features": f.contiguous()}, str(tmp))
+    with progress(extractor.key, len(todo)) as bar:
+        for start in range(0, len(todo), batch):
+            idx = todo[start : start + batch]
+            images = []
+            for i in idx:
+                with Image.open(files[i]) as im:
+                    images.append(im.convert("RGB"))
+            for i, f in zip(idx, extractor(images), strict=True):
+                out[i] = f.contiguous()
+                if cache:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(folder / f"{keys[i]}.safetensors") as tmp:
+                        save_file({"features": f.contiguous()}, str(tmp))
+            bar.advance(len(idx))
     return torch.stack([t for t in out if t is not None])

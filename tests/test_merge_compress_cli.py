@@ -161,3 +161,10 @@ def test_compress_cap_and_exactness(cli, tmp_path, make_delta):
             read_cdtool(again).layers[name].dense(), read_cdtool(direct).layers[name].dense(), atol=1e-5
         )
     cli("compress", a, "-o", tmp_path / "x.safetensors", "--rank", "2", "--fro", "0.5", code=2)
+
+
+def test_hub_base_offline_is_one_clear_error(cli, tmp_path, make_delta):
+    a, b = _write_concepts(tmp_path, make_delta, 2)
+    r = cli("merge", a, b, "-o", tmp_path / "m.safetensors", "--model", "no-such-org/no-such-model", code=1)
+    assert "Hugging Face hub" in r.stderr and "hf download" in r.stderr
+    assert not (tmp_path / "m.safetensors").exists()
