@@ -1,0 +1,166 @@
+"""The toy world: simple shapes in named colours, sizes and positions on coloured backgrounds, one
+or two objects per image, each scene with its caption. Seeded and fast to render.
+
+Pretraining shows only solid shapes. The "personal concepts" are shapes with a two-tone pattern
+that pretraining never shows: a star split into a magenta top and a cyan bottom ("<new1> star"),
+and a circle with a black-and-white checkerboard ("<new2> circle").
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+SHAPES = ("circle", "square", "triangle", "star", "heart")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SIZES = {"small": 0.22, "large": 0.38}  # radius as a share of the image side
+PATTERNS = {
+    "split": ((230, 40, 200), (40, 220, 230)),  # magenta top, cyan bottom
+    "checker": ((15, 15, 15), (240, 240, 240)),
+}
+CONCEPTS = {"<new1>": ("star", "split"), "<new2>": ("circle", "checker")}
+
+
+@dataclass(frozen=True)
+class Thing:
+    shape: str
+    colour: str  # a COLOURS name; ignored when `pattern` is set
+    size: str
+    x: float  # centre, as a share of the side
+    y: float
+    pattern: str | None = None
+
+
+@dataclass(frozen=True)
+class Scene:
+    things: tuple[Thing, ...]
+    background: str
+    token: str | None = None  # the modifier token the caption uses for a patterned thing
+
+    def caption(self) -> str:
+        parts = []
+        for t in self.things:
+            if t.pattern:
+                words = f"{self.token} {t.shape}" if self.token else f"{t.shape}"
+            else:
+                words = f"{t.colour} {t.shape}"
+            parts.append(_a(f"{t.size} {words}") if len(self.things) == 1 else _a(words))
+        return f"{' and '.join(parts)} on {_a(self.background)} background"
+
+
+def _a(words: str) -> str:
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
+
+@dataclass
+class Sampler:
+    """Draws random scenes; `rng` is a random.Random so scenes depend on the seed only."""
+
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def thing(
+        self, shape: str | None = None, pattern: str | None = None, avoid: tuple[float, float] | None = None
+    ) -> Thing:
+        shape = shape or self.rng.choice(SHAPES)
+        size = self.rng.choice(list(SIZES)) if avoid is None else "small"
+        r = SIZES[size]
+        for _ in range(20):
+            x, y = self.rng.uniform(r, 1 - r), self.rng.uniform(r, 1 - r)
+            if avoid is None or math.dist((x, y), avoid) > 2 * SIZES["small"] + 0.04:
+                break
+        return Thing(shape, self.rng.choice(list(COLOURS)), size, x, y, pattern)
+
+    def scene(self, count: int | None = None, concept: str | None = None, pattern: str | None = None) -> Scene:
+        """A random scene; `concept` puts that personal concept in it, `pattern` a patterned thing of
+        any shape (what the oracle must also recognise)."""
+        count = count or self.rng.choice((1, 1, 2))
+        if concept is not None:
+            shape, pattern = CONCEPTS[concept]
+            first = self.thing(shape, pattern)
+        else:
+            first = self.thing(pattern=pattern)
+        if count == 2:
+            first = Thing(first.shape, first.colour, "small", 0.28, self.rng.uniform(0.3, 0.7), first.pattern)
+            second = self.thing(avoid=(first.x, first.y))
+            second = Thing(second.shape, second.colour, "small", 0.72, self.rng.uniform(0.3, 0.7))
+            things: tuple[Thing, ...] = (first, second)
+        else:
+            things = (first,)
+        used = {t.colour for t in things if not t.pattern}
+        background = self.rng.choice([c for c in COLOURS if c not in used])
+        return Scene(things, background, concept)
+
+
+def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "square":
+        s = r * 0.85
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "triangle":
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if shape == "star":
+        return [
+            (
+                cx + (r if k % 2 == 0 else r * 0.45) * math.cos(-math.pi / 2 + k * math.pi / 5),
+                cy + (r if k % 2 == 0 else r * 0.45) * math.sin(-math.pi / 2 + k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
+    if shape == "heart":
+        pts = []
+        for k in range(64):
+            t = 2 * math.pi * k / 64
+            hx = 16 * math.sin(t) ** 3
+            hy = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((cx + r * hx / 17, cy - r * hy / 17 + r * 0.1))
+        return pts
+    return None  # circle
+
+
+def render(scene: Scene, size: int = 32, supersample: int = 4) -> Any:
+    """The scene as an RGB PIL image (drawn large, then downsampled for smooth edges)."""
+    from PIL import Image, ImageDraw
+
+    big = size * supersample
+    image = Image.new("RGB", (big, big), COLOURS[scene.background])
+    for t in scene.things:
+        cx, cy, r = t.x * big, t.y * big, SIZES[t.size] * big
+        mask = Image.new("L", (big, big), 0)
+        draw = ImageDraw.Draw(mask)
+        outline = _outline(t.shape, cx, cy, r)
+        if outline is None:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        else:
+            draw.polygon(outline, fill=255)
+        image.paste(_fill(t, big, cx, cy, r), (0, 0), mask)
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _fill(t: Thing, big: int, cx: float, cy: float, r: float) -> Any:
+    from PIL import Image, ImageDraw
+
+    if t.pattern is None:
+        return Image.new("RGB", (big, big), COLOURS[t.colour])
+    a, b = PATTERNS[t.pattern]
+    fill = Image.new("RGB", (big, big), a)
+    draw = ImageDraw.Draw(fill)
+    if t.pattern == "split":
+        draw.rectangle([0, cy, big, big], fill=b)
+    else:  # a 4x4 checkerboard over the shape's box
+        cell = 2 * r / 4
+        for i in range(4):
+            for j in range(4):
+                if (i + j) % 2:
+                    x0, y0 = cx - r + i * cell, cy - r + j * cell
+                    draw.rectangle([x0, y0, x0 + cell, y0 + cell], fill=b)
+    return fill
