@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--vae-batch", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--unet-channels", default="64,128", help="UNet block widths")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "cdtool" / "data" / "toy" / "model")
     args = ap.parse_args()
@@ -120,7 +121,8 @@ def main() -> None:
     print(f"latent scaling factor {scaling:.4f}", flush=True)
 
     tokenizer = load_clip_tokenizer()
-    unet = UNet2DConditionModel(**UNET)
+    widths = tuple(int(c) for c in args.unet_channels.split(","))
+    unet = UNet2DConditionModel(**dict(UNET, block_out_channels=widths, norm_num_groups=min(16, widths[0])))
     text = CLIPTextModel(CLIPTextConfig(**TEXT))
     noise_sched = DDPMScheduler.from_config(DDIMScheduler(**SCHEDULER_CONFIG).config)
     params = list(unet.parameters()) + list(text.parameters())
