@@ -204,6 +204,15 @@ def _token_file(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {}
 
 
+DELTA_SUFFIXES = (".safetensors", ".bin")
+
+
+def check_delta_output(path: Path) -> None:
+    """A delta is written as .safetensors (cdtool) or .bin (the official layout)."""
+    if path.suffix not in DELTA_SUFFIXES:
+        raise UsageError(f"{path}: write a .safetensors (cdtool) or a .bin (official layout) file")
+
+
 def save_delta(delta: Delta, path: Path, base: dict[str, torch.Tensor] | None = None) -> None:
     """Write by extension: `.safetensors` is the cdtool format, `.bin` the official layout
     (which stores fine-tuned weights, so it needs the base weights)."""
@@ -214,7 +223,7 @@ def save_delta(delta: Delta, path: Path, base: dict[str, torch.Tensor] | None = 
             raise CdtoolError("writing the official .bin layout needs the base model's weights")
         write_official(delta, path, base)
     else:
-        raise UsageError(f"{path}: write a .safetensors (cdtool) or a .bin (official layout) file")
+        check_delta_output(path)
 
 
 def official_state(delta: Delta, base: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -16,6 +17,14 @@ from cdtool import console
 from cdtool.errors import CdtoolError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Layers(str, Enum):
+    """Which projections: kv = attn2.to_k/to_v (the paper); attn2 = all cross-attention projections."""
+
+    kv = "kv"
+    attn2 = "attn2"
+
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 

@@ -15,7 +15,7 @@ from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, cdtool_command, 
 from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import UsageError
 from cdtool.hashing import file_sha256
-from cdtool.importers import read_delta, save_delta
+from cdtool.importers import check_delta_output, read_delta, save_delta
 from cdtool.lowrank import truncate
 
 
@@ -73,8 +73,7 @@ def compress(
         raise UsageError("give only one of --rank, --energy, --fro")
     if not chosen:
         energy = 0.6
-    if output.suffix not in (".safetensors", ".bin"):
-        raise UsageError(f"{output}: write a .safetensors (cdtool) or a .bin (official layout) file")
+    check_delta_output(output)
     check_writable(output, force)
     delta = read_delta(source)
     base = None

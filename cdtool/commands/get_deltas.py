@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,17 +10,12 @@ import typer
 from cdtool import __version__, console
 from cdtool.atomic import check_writable
 from cdtool.base import fingerprint, fingerprint_names, load_base_params, pipeline_params
-from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, cdtool_command, pick_model
-from cdtool.errors import CdtoolError, UsageError
+from cdtool.commands.common import ForceOpt, JsonOpt, Layers, QuietOpt, cdtool_command, pick_model
+from cdtool.errors import CdtoolError
 from cdtool.hashing import file_sha256
-from cdtool.importers import read_delta, save_delta
+from cdtool.importers import check_delta_output, read_delta, save_delta
 
 MODEL_KEY = "model.diffusion_model.input_blocks.0.0.weight"
-
-
-class Layers(str, Enum):
-    kv = "kv"
-    attn2 = "attn2"
 
 
 def _is_model(source: Path) -> bool:
@@ -77,8 +71,7 @@ def get_deltas(
     """
     if not source.exists():
         raise CdtoolError(f"{source}: no such file or folder")
-    if output.suffix not in (".safetensors", ".bin"):
-        raise UsageError(f"{output}: write a .safetensors (cdtool) or a .bin (official layout) file")
+    check_delta_output(output)
     check_writable(output, force)
     if _is_model(source):
         base_model = pick_model(base)

@@ -15,7 +15,7 @@ from cdtool.commands.common import ForceOpt, JsonOpt, ModelOpt, QuietOpt, cdtool
 from cdtool.delta import Delta
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.hashing import file_sha256
-from cdtool.importers import read_delta, save_delta
+from cdtool.importers import check_delta_output, read_delta, save_delta
 
 
 class Method(str, Enum):
@@ -90,8 +90,7 @@ def merge(
     if output is None and not dry_run:
         raise UsageError("give --output (or --dry-run)")
     if output is not None:
-        if output.suffix not in (".safetensors", ".bin"):
-            raise UsageError(f"{output}: write a .safetensors (cdtool) or a .bin (official layout) file")
+        check_delta_output(output)
         if not dry_run:
             check_writable(output, force)
     nouns = classes.split("+") if classes else []

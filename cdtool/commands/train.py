@@ -12,9 +12,10 @@ import typer
 
 from cdtool import console
 from cdtool.atomic import check_writable
-from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command, pick_model
+from cdtool.commands.common import ForceOpt, JsonOpt, Layers, QuietOpt, SeedOpt, cdtool_command, pick_model
 from cdtool.data import check_images, read_folder
 from cdtool.errors import CdtoolError, UsageError
+from cdtool.importers import check_delta_output
 from cdtool.methods import (
     CUSTOM_DIFFUSION,
     DEFAULTS,
@@ -38,11 +39,6 @@ class Method(str, Enum):
 class Property(str, Enum):
     object = "object"
     style = "style"
-
-
-class Layers(str, Enum):
-    kv = "kv"
-    attn2 = "attn2"
 
 
 class Precision(str, Enum):
@@ -353,8 +349,7 @@ def train(
         raise UsageError("give a data folder, --concept or --concepts FILE")
     if output is None:
         raise UsageError("give --output (the delta to write)")
-    if output.suffix not in (".safetensors", ".bin"):
-        raise UsageError(f"{output}: write a .safetensors (cdtool) or a .bin (official layout) file")
+    check_delta_output(output)
     model_id = pick_model(model)
     from cdtool.models import default_resolution
 
