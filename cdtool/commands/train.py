@@ -323,7 +323,8 @@ def train(
     projections and a new modifier token per concept (or, with --method, textual inversion or
     DreamBooth with LoRA, the baselines the papers compare against).
 
-    Multi-process: `accelerate launch --num_processes 2 -m cdtool train ...`.
+    Several processes: `accelerate launch --multi_gpu --num_processes 2 -m cdtool train ...` (on a
+    CPU-only machine too: cdtool then runs accelerate's multi-CPU mode).
     """
     raw: list[dict[str, str]] = []
     if data is not None:
