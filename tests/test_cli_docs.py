@@ -17,7 +17,10 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 def render() -> str:
     runner = CliRunner()
-    parts = ["# cdtool command reference\n", "Generated from `--help` by tests/test_cli_docs.py; do not edit by hand.\n"]
+    parts = [
+        "# cdtool command reference\n",
+        "Generated from `--help` by tests/test_cli_docs.py; do not edit by hand.\n",
+    ]
     names = [None, *sorted(c.name for c in app.registered_commands)]
     for name in names:
         args = ["--help"] if name is None else [name, "--help"]
@@ -33,4 +36,6 @@ def test_cli_reference_is_current():
         DOCS.parent.mkdir(exist_ok=True)
         DOCS.write_text(text)
     assert DOCS.exists(), "run CDTOOL_UPDATE_DOCS=1 pytest tests/test_cli_docs.py"
-    assert DOCS.read_text() == text, "the CLI changed: regenerate docs/cli.md (CDTOOL_UPDATE_DOCS=1) and review the diff"
+    assert DOCS.read_text() == text, (
+        "the CLI changed: regenerate docs/cli.md (CDTOOL_UPDATE_DOCS=1) and review the diff"
+    )
