@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -87,10 +87,3 @@ class _Bar:
 
     def advance(self, n: int = 1, info: str = "") -> None:
         self.bar.update(self.task, advance=n, info=info)
-
-
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    with progress(description, total) as bar:
-        for item in items:
-            yield item
-            bar.advance()

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from cdtool.errors import CdtoolError
+from cdtool.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 METADATA = "metadata.jsonl"
 
 

@@ -16,7 +16,6 @@ from cdtool.atomic import atomic_dir
 from cdtool.delta import Delta, LayerDelta, base_param
 from cdtool.errors import CdtoolError
 
-TARGETS = ("diffusers-lora", "kohya", "diffusers-custom-diffusion", "official", "textual-inversion")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # diffusers' loader needs an entry for every attention processor, empty for the untouched ones,
 # which safetensors cannot hold: its own .safetensors output fails to load, so cdtool writes .bin.

@@ -40,6 +40,14 @@ def pairwise_mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b.T).mean())
 
 
+def mean_cosine_per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """For each row a_i, its mean cosine similarity to all rows of b (averaging these gives
+    pairwise_mean_cosine)."""
+    a = torch.nn.functional.normalize(a.double(), dim=-1)
+    b = torch.nn.functional.normalize(b.double(), dim=-1)
+    return (a @ b.T).mean(1)
+
+
 def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """k(x, y) = (x·y / d + 1)³."""
     return (x @ y.T / x.shape[1] + 1.0) ** 3

@@ -10,7 +10,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,8 +200,3 @@ def _with_retries(call: Callable[[], bytes], retries: int, what: str) -> bytes:
             if attempt < retries:
                 time.sleep(min(2.0, 0.2 * 2**attempt))
     raise CdtoolError(f"{what} did not answer after {retries + 1} tries ({last}); is it running and reachable?")
-
-
-def iter_batches(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

@@ -45,12 +45,11 @@ def gram(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
 
 
 def encoder_fingerprint(encoder: Any) -> str:
-    """sha256 over the text encoder's weights (as float16), for cache keys."""
-    h = hashlib.sha256()
-    for name, p in sorted(encoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().to("cpu", torch.float16).contiguous().view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
+    """The base fingerprint over all of the text encoder's weights, for cache keys."""
+    from cdtool.base import fingerprint
+
+    state = encoder.state_dict()
+    return fingerprint(state, state.keys())
 
 
 def cached_reg_gram(tokenizer: Any, encoder: Any, captions: Sequence[str]) -> tuple[torch.Tensor, int, bool]:

@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from cdtool.metrics import clip_score, kid, mmd2_unbiased, pairwise_mean_cosine, strip_tokens
+from cdtool.metrics import clip_score, kid, mean_cosine_per_row, mmd2_unbiased, pairwise_mean_cosine, strip_tokens
 
 
 def test_strip_tokens():
@@ -22,6 +22,9 @@ def test_clip_i_of_a_set_with_itself():
     for i, j in itertools.product(range(7), range(7)):
         direct.append(float(torch.dot(a[i], a[j]) / (a[i].norm() * a[j].norm())))
     assert abs(pairwise_mean_cosine(a, a) - sum(direct) / len(direct)) < 1e-9
+    per_row = mean_cosine_per_row(a, a)
+    assert abs(float(per_row[2]) - sum(direct[14:21]) / 7) < 1e-9  # row 2's cosines with all 7
+    assert abs(float(per_row.mean()) - pairwise_mean_cosine(a, a)) < 1e-12
     assert torch.allclose(clip_score(torch.tensor([-0.2, 0.3])), torch.tensor([0.0, 0.75]))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import traceback
 from collections.abc import Callable
 from enum import Enum
@@ -113,7 +112,3 @@ def cdtool_command(func: F) -> F:
 
 def _debug() -> bool:
     return os.environ.get("CDTOOL_DEBUG", "") not in ("", "0")
-
-
-def stderr_is_tty() -> bool:
-    return sys.stderr.isatty()

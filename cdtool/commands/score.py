@@ -90,7 +90,7 @@ def score(
         runs_in.append((folder, files, mapping))
 
     from cdtool.features import ClipImages, Dino, Inception, embed_files
-    from cdtool.metrics import clip_score, cosine_rows, kid, strip_tokens, summary
+    from cdtool.metrics import clip_score, cosine_rows, kid, mean_cosine_per_row, strip_tokens, summary
 
     clip = None
     if {"clip-t", "clip-i"} & set(chosen) or ("kid" in chosen and kid_features == "clip"):
@@ -136,9 +136,7 @@ def score(
             if extractor is None or reference is None:
                 continue
             feats = embed_files(extractor, files, batch_size)
-            a = torch_normalize(feats)
-            b = torch_normalize(reference)
-            for r, v in zip(rows, (a @ b.T).mean(1).tolist(), strict=True):
+            for r, v in zip(rows, mean_cosine_per_row(feats, reference).tolist(), strict=True):
                 r[name] = v
         overall: dict[str, Any] = {}
         for key in ("clip_t", "clip_t_clipscore", "clip_i", "dino"):
@@ -187,12 +185,6 @@ def score(
         console.result_json(doc)
     else:
         _table(doc)
-
-
-def torch_normalize(x: Any) -> Any:
-    import torch
-
-    return torch.nn.functional.normalize(x.double(), dim=-1)
 
 
 def _table(doc: dict[str, Any]) -> None:
