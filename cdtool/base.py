@@ -11,7 +11,7 @@ import torch
 
 from cdtool.delta import Delta
 from cdtool.errors import CdtoolError
-from cdtool.models import load_pipeline, model_kind
+from cdtool.models import load_pipeline, local_path, model_kind
 
 # Canonical name of the token embedding table (transformers 4 nests it under `text_model.`, 5 does not).
 TOKEN_EMBEDDING = "text_encoder.token_embedding.weight"
@@ -66,7 +66,7 @@ def load_base_params(model: str, names: Iterable[str]) -> dict[str, torch.Tensor
     wanted = sorted(set(names))
     kind = model_kind(model)
     if kind == "folder":
-        got = _read_selected(Path(model).expanduser(), wanted)
+        got = _read_selected(local_path(model), wanted)
         if got is not None:
             return got
     if kind == "hub":
@@ -85,7 +85,7 @@ def unet_param_names(model: str) -> list[str]:
     if model_kind(model) == "folder":
         from safetensors import safe_open
 
-        folder = Path(model).expanduser()
+        folder = local_path(model)
         files = [folder / f for f in _COMPONENT_FILES["unet"] if (folder / f).exists()]
         if files:
             with safe_open(str(files[0]), framework="pt") as f:

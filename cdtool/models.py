@@ -1,4 +1,8 @@
-"""Loading a Stable Diffusion base: `tiny`, a hub id, a local diffusers folder or one checkpoint file.
+"""Loading a Stable Diffusion base: `tiny`, `toy`, a hub id, a local diffusers folder or one checkpoint file.
+
+`tiny` is built in code from configs (random weights: for tests of the plumbing); `toy` is a small
+model pretrained on the toy world (cdtool/toy/world.py) by scripts/pretrain_toy.py and shipped as a
+float16 diffusers folder inside the package: it follows captions, so quality can be measured on a CPU.
 
 Models load in float32 on the CPU; deltas are applied there (in full precision) and the pipeline is
 then moved to the requested device and dtype.
@@ -15,6 +19,7 @@ import torch
 from cdtool.errors import CdtoolError, UsageError
 
 TINY = "tiny"
+TOY = "toy"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,10 +46,29 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def toy_model_folder() -> Path:
+    """The built-in toy model's diffusers folder (package data)."""
+    from importlib import resources
+
+    return Path(str(resources.files("cdtool") / "data" / "toy" / "model"))
+
+
+def local_path(model: str) -> Path:
+    """Where a `folder` or `file` model lies: the toy model's package folder, or the user's path."""
+    return toy_model_folder() if model == TOY else Path(model).expanduser()
+
+
 def model_kind(model: str) -> str:
-    """'tiny', 'folder', 'file' or 'hub'."""
+    """'tiny', 'folder', 'file' or 'hub' (`toy` is a folder inside the package)."""
     if model == TINY:
         return "tiny"
+    if model == TOY:
+        if not (toy_model_folder() / "model_index.json").is_file():
+            raise CdtoolError(
+                f"the toy model is missing from {toy_model_folder()}; reinstall cdtool, or rebuild it "
+                "with scripts/pretrain_toy.py"
+            )
+        return "folder"
     path = Path(model).expanduser()
     if path.is_dir():
         return "folder"
@@ -85,10 +109,10 @@ def load_pipeline(model: str) -> Any:
     kwargs: dict[str, Any] = dict(safety_checker=None, requires_safety_checker=False)
     try:
         if kind == "file":
-            pipe = StableDiffusionPipeline.from_single_file(str(Path(model).expanduser()), **kwargs)
+            pipe = StableDiffusionPipeline.from_single_file(str(local_path(model)), **kwargs)
         else:
             pipe = StableDiffusionPipeline.from_pretrained(
-                str(Path(model).expanduser()) if kind == "folder" else model,
+                str(local_path(model)) if kind == "folder" else model,
                 local_files_only=kind == "folder" or _hub_offline(),
                 **kwargs,
             )
@@ -108,7 +132,7 @@ def load_text_side(model: str) -> tuple[Any, Any]:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _no_loading_bars()
-    source = str(Path(model).expanduser()) if kind == "folder" else model
+    source = str(local_path(model)) if kind == "folder" else model
     local = kind == "folder" or _hub_offline()
     try:
         tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local)
@@ -126,7 +150,7 @@ def load_unet(model: str) -> Any:
     from diffusers import UNet2DConditionModel
 
     _no_loading_bars()
-    source = str(Path(model).expanduser()) if kind == "folder" else model
+    source = str(local_path(model)) if kind == "folder" else model
     try:
         unet = UNet2DConditionModel.from_pretrained(
             source, subfolder="unet", local_files_only=kind == "folder" or _hub_offline()
@@ -146,7 +170,7 @@ def default_resolution(model: str) -> int:
 
         return TINY_RESOLUTION
     if kind == "folder":
-        folder = Path(model).expanduser()
+        folder = local_path(model)
         try:
             unet = json.loads((folder / "unet" / "config.json").read_text())
             vae = json.loads((folder / "vae" / "config.json").read_text())

@@ -171,3 +171,30 @@ def test_dreambench(cli, tmp_path):
     ]
     r = cli("sample", "--dreambench", path, "--subject", "nobody", "-o", out, "--model", "tiny", code=1)
     assert "no subject" in r.stderr
+
+
+def test_oracle_metric_judges_toy_samples_against_their_prompts(cli, tmp_path):
+    import random
+
+    from cdtool.toy.world import Sampler, render
+
+    sampler = Sampler(random.Random(3))
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    prompts = {}
+    for i in range(4):  # the concept asked and shown
+        scene = sampler.scene(count=1, concept="<new1>")
+        render(scene).save(folder / f"c{i}.png")
+        prompts[f"c{i}.png"] = scene.caption()
+    for i in range(4):  # plain stars asked; half of them show the pattern (drift)
+        scene = sampler.scene(count=1, concept="<new1>" if i % 2 else None)
+        render(scene).save(folder / f"p{i}.png")
+        prompts[f"p{i}.png"] = f"a star on a {scene.background} background"
+    (folder / "prompts.json").write_text(json.dumps(prompts))
+    doc = json.loads(cli("score", folder, "--metrics", "oracle", "--json", "--per-image").stdout)
+    overall = doc["runs"][0]["overall"]["oracle"]
+    assert overall["concept_fidelity"] == 1.0 and overall["prior_drift"] == 0.5 and overall["n"] == 8
+    assert doc["ref"] is None and len(doc["runs"][0]["per_prompt"]) >= 2
+    table = cli("score", folder, "--metrics", "oracle").stdout
+    assert "concept" in table and "drift" in table
+    cli("score", folder, "--metrics", "oracle,clip-i", code=2)

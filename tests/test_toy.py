@@ -7,6 +7,8 @@ import random
 import numpy as np
 import pytest
 
+from cdtool.toy import judge as judge_mod
+from cdtool.toy.oracle import load_oracle, read
 from cdtool.toy.world import COLOURS, PATTERNS, Sampler, render
 
 
@@ -53,3 +55,44 @@ def test_oracle_reads_held_out_renders():
         right["fills"] += sorted(got["fills"]) == sorted({t.pattern or t.colour for t in scene.things})
     for head, n in right.items():
         assert n / len(scenes) >= 0.95, (head, n)
+
+
+def test_parse_prompt_reads_every_caption_the_world_writes():
+    from cdtool.toy.judge import parse_prompt
+
+    sampler = Sampler(random.Random(5))
+    for concept in (None, "<new1>", "<new2>"):
+        for _ in range(50):
+            scene = sampler.scene(concept=concept)
+            asked = parse_prompt(scene.caption())
+            assert asked is not None and asked.background == scene.background
+            want = tuple((t.shape, t.pattern or t.colour, scene.token if t.pattern else None) for t in scene.things)
+            assert asked.things == want
+    assert parse_prompt("a <new1> star and a heart") == judge_mod.Asked(
+        None, (("star", "split", "<new1>"), ("heart", None, None))
+    )
+    assert parse_prompt("a <zz> square", {}) == judge_mod.Asked(None, (("square", "*", "<zz>"),))
+    assert parse_prompt("photo of a dog") is None
+
+
+def test_judge_with_the_oracle_on_renders():
+    from cdtool.toy.judge import judge, parse_prompt, summarise
+
+    oracle = load_oracle()
+    sampler = Sampler(random.Random(11))
+    scenes = [sampler.scene(concept="<new1>") for _ in range(6)] + [sampler.scene() for _ in range(6)]
+    seen = read(oracle, [render(s) for s in scenes])
+    verdicts = [judge(parse_prompt(s.caption()), r) for s, r in zip(scenes, seen, strict=True)]
+    assert all(v["prompt"] and v["count"] for v in verdicts)
+    tokens = [s.token is not None for s in scenes]
+    assert summarise(verdicts, tokens)["concept_fidelity"] == 1.0
+    assert summarise(verdicts, tokens)["prior_drift"] == 0.0
+    # The patterned star judged against a plain prompt is drift; a plain star against the concept's
+    # prompt is a miss; a wrong background breaks prompt fidelity.
+    drift = judge(parse_prompt("a star on a red background"), seen[0])
+    assert drift["pattern"]
+    plain = next(r for s, r in zip(scenes, seen, strict=True) if s.token is None)
+    assert not judge(parse_prompt("a <new1> star"), plain)["concept"]
+    other = next(c for c in ("red", "blue") if c != scenes[0].background)
+    assert not judge(parse_prompt(f"a <new1> star on a {other} background"), seen[0])["prompt"]
+    assert summarise([drift], [False])["prior_drift"] == 1.0

@@ -1,4 +1,5 @@
-"""`cdtool score`: CLIP-T, CLIP-I, DINO and KID of sample folders against reference photos."""
+"""`cdtool score`: CLIP-T, CLIP-I, DINO and KID of sample folders against reference photos, and, for
+the built-in toy model, the oracle's judgement of each sample against its prompt."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from cdtool.errors import CdtoolError, UsageError
 from cdtool.images import IMAGE_SUFFIXES
 
 SCHEMA = "cdtool.score/1"
-METRICS = ("clip-t", "clip-i", "dino", "kid")
+METRICS = ("clip-t", "clip-i", "dino", "kid", "oracle")
+NEEDS_REF = ("clip-i", "dino", "kid")
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -35,12 +37,18 @@ def score(
             metavar="SAMPLES",
         ),
     ],
-    ref: Annotated[Path, typer.Option("--ref", help="Reference photos of the subject (e.g. the prep folder).")],
+    ref: Annotated[
+        Path | None,
+        typer.Option("--ref", help="Reference photos of the subject (e.g. the prep folder); for clip-i, dino, kid."),
+    ] = None,
     prompts: Annotated[
         Path | None, typer.Option("--prompts", help="prompts.json (file name -> prompt); default: each folder's own.")
     ] = None,
     metrics: Annotated[
-        str, typer.Option("--metrics", help="Comma-separated: clip-t, clip-i, dino, kid.")
+        str,
+        typer.Option(
+            "--metrics", help="Comma-separated: clip-t, clip-i, dino, kid; oracle (toy-world samples: see the README)."
+        ),
     ] = "clip-t,clip-i,dino,kid",
     per_image: Annotated[bool, typer.Option("--per-image", help="Include a row per image in --json.")] = False,
     clip_model: Annotated[
@@ -72,7 +80,9 @@ def score(
         raise UsageError(f"--metrics: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(METRICS)}")
     if kid_features not in ("inception", "clip", "dino"):
         raise UsageError("--kid-features: inception, clip or dino")
-    ref_files = image_files(ref)
+    if ref is None and set(NEEDS_REF) & set(chosen):
+        raise UsageError(f"--ref is needed for {', '.join(m for m in chosen if m in NEEDS_REF)}")
+    ref_files = image_files(ref) if ref is not None else []
     runs_in = []
     for folder in samples:
         files = image_files(folder)
@@ -83,9 +93,10 @@ def score(
                 mapping = json.loads(source.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise CdtoolError(f"{source}: not valid JSON ({e})") from e
-        elif "clip-t" in chosen:
+        elif {"clip-t", "oracle"} & set(chosen):
             raise CdtoolError(
-                f"{folder} has no prompts.json for CLIP-T; pass --prompts or leave clip-t out of --metrics"
+                f"{folder} has no prompts.json for {'CLIP-T' if 'clip-t' in chosen else 'the oracle'}; pass "
+                "--prompts or leave that metric out of --metrics"
             )
         runs_in.append((folder, files, mapping))
 
@@ -138,6 +149,8 @@ def score(
             feats = embed_files(extractor, files, batch_size)
             for r, v in zip(rows, mean_cosine_per_row(feats, reference).tolist(), strict=True):
                 r[name] = v
+        if "oracle" in chosen:
+            _judge(rows, files, batch_size)
         overall: dict[str, Any] = {}
         for key in ("clip_t", "clip_t_clipscore", "clip_i", "dino"):
             vals = [r[key] for r in rows if key in r]
@@ -157,6 +170,8 @@ def score(
                     "features": kid_features,
                     "scale": 1000,
                 }
+        if "oracle" in chosen:
+            overall["oracle"] = _oracle_summary(rows)
         per_prompt = []
         for p in sorted({r["prompt"] for r in rows if r["prompt"]}):
             group = [r for r in rows if r["prompt"] == p]
@@ -165,6 +180,8 @@ def score(
                 vals = [r[key] for r in group if key in r]
                 if vals:
                     entry[key] = summary(vals)
+            if "oracle" in chosen:
+                entry["oracle"] = _oracle_summary(group)
             per_prompt.append(entry)
         run = {"samples": str(folder), "n_images": len(files), "overall": overall, "per_prompt": per_prompt}
         if per_image:
@@ -172,12 +189,13 @@ def score(
         runs.append(run)
     doc = {
         "schema": SCHEMA,
-        "ref": {"path": str(ref), "n_images": len(ref_files)},
+        "ref": {"path": str(ref), "n_images": len(ref_files)} if ref is not None else None,
         "metrics": chosen,
         "models": {
             "clip": f"{clip_model}:{clip_pretrained}" if clip is not None else None,
             "dino": dino if dino_model is not None else None,
             "kid_features": kid_features if "kid" in chosen else None,
+            "oracle": "cdtool toy-world oracle" if "oracle" in chosen else None,
         },
         "runs": runs,
     }
@@ -187,11 +205,45 @@ def score(
         _table(doc)
 
 
+def _judge(rows: list[dict[str, Any]], files: list[Path], batch_size: int) -> None:
+    """Adds the oracle's verdicts (`oracle`: aspect -> bool) to each row whose prompt is a toy-world one."""
+    from PIL import Image
+
+    from cdtool.toy.judge import judge, parse_prompt
+    from cdtool.toy.oracle import load_oracle, read
+
+    oracle = load_oracle()
+    asked = [(i, parse_prompt(r["prompt"])) for i, r in enumerate(rows) if r["prompt"]]
+    asked = [(i, a) for i, a in asked if a is not None]
+    if len(asked) < len(rows):
+        console.warn(f"{len(rows) - len(asked)} images have no toy-world prompt; the oracle skips them")
+    for start in range(0, len(asked), batch_size):
+        chunk = asked[start : start + batch_size]
+        images = []
+        for i, _ in chunk:
+            with Image.open(files[i]) as im:
+                images.append(im.convert("RGB"))
+        seen = read(oracle, images)
+        for (i, a), s in zip(chunk, seen, strict=True):
+            rows[i]["oracle"] = judge(a, s)
+            rows[i]["oracle_read"] = s
+
+
+def _oracle_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from cdtool.toy.judge import summarise
+
+    judged = [r for r in rows if "oracle" in r]
+    return summarise([r["oracle"] for r in judged], ["concept" in r["oracle"] for r in judged])
+
+
 def _table(doc: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"cdtool score vs {doc['ref']['path']} ({doc['ref']['n_images']} reference images)")
+    ref = doc["ref"]
+    table = Table(
+        title=f"cdtool score vs {ref['path']} ({ref['n_images']} reference images)" if ref else "cdtool score"
+    )
     table.add_column("samples", no_wrap=True)
     table.add_column("n", justify="right")
     cols = [
@@ -201,14 +253,21 @@ def _table(doc: dict[str, Any]) -> None:
         ("dino", "DINO"),
         ("kid", "KID x1e3"),
     ]
+    oracle_cols = [("concept_fidelity", "concept"), ("prompt_fidelity", "prompt"), ("prior_drift", "drift")]
+    oracle_present = [
+        (k, label) for k, label in oracle_cols if any(k in r["overall"].get("oracle", {}) for r in doc["runs"])
+    ]
     present = [(k, label) for k, label in cols if any(k in r["overall"] for r in doc["runs"])]
-    for _, label in present:
+    for _, label in present + oracle_present:
         table.add_column(label, justify="right")
     for r in doc["runs"]:
         cells = [r["samples"], str(r["n_images"])]
         for k, _ in present:
             v = r["overall"].get(k)
             cells.append("-" if v is None else f"{v['mean']:.4f} ± {v['std']:.4f}")
+        for k, _ in oracle_present:
+            v = r["overall"].get("oracle", {}).get(k)
+            cells.append("-" if v is None else f"{v:.3f}")
         table.add_row(*cells)
     import sys
 

@@ -1,0 +1,97 @@
+"""Judging toy-world samples against their prompts with the oracle's reading of each image.
+
+A prompt such as "a <new1> star and a red square on a green background" asks for a background, a
+number of things, their shapes and their fills (a colour, a personal concept's pattern, or nothing
+said). `judge` compares that with what the oracle read; `summarise` turns many judgements into the
+quality benchmark's shares: concept fidelity, prompt fidelity and prior drift.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cdtool.toy.world import COLOURS, CONCEPTS, PATTERNS, SHAPES
+
+_TOKEN = re.compile(r"^<[^>\s]+>$")
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What a prompt asks for. `fill` is a colour or pattern name, `None` when the prompt names
+    neither; `token` is the modifier token that asked for a pattern."""
+
+    background: str | None
+    things: tuple[tuple[str, str | None, str | None], ...]  # (shape, fill, token)
+
+
+def parse_prompt(prompt: str, patterns: Mapping[str, str] | None = None) -> Asked | None:
+    """What a toy-world prompt asks for; None when it names no shape. `patterns` maps modifier
+    tokens to pattern names (default: the toy world's concepts); an unknown token asks for any pattern."""
+    patterns = {t: p for t, (_, p) in CONCEPTS.items()} if patterns is None else patterns
+    m = re.search(r"\bon an? (\w+) background\b", prompt.lower())
+    background = m.group(1) if m and m.group(1) in COLOURS else None
+    words = prompt.replace(",", " ").split()
+    lowered = [w.lower() for w in words]
+    things = []
+    for i, w in enumerate(lowered):
+        if w not in SHAPES and w.rstrip("s") not in SHAPES:
+            continue
+        shape = w if w in SHAPES else w.rstrip("s")
+        fill = token = None
+        if i > 0 and _TOKEN.match(words[i - 1]):
+            token = words[i - 1]
+            fill = patterns.get(token, "*")
+        elif i > 0 and lowered[i - 1] in COLOURS:
+            fill = lowered[i - 1]
+        things.append((shape, fill, token))
+    if not things:
+        return None
+    return Asked(background, tuple(things))
+
+
+def judge(asked: Asked, seen: Mapping[str, Any]) -> dict[str, bool]:
+    """Per-aspect verdicts for one image. Keys present only where the prompt asks about them:
+    `concept` (every asked pattern shown), `background`, `colours` (every asked colour shown),
+    `shapes` (every asked shape shown), `count`, `prompt` (background, colours and shapes together),
+    and `pattern` (any pattern shown at all: prior drift when the prompt has no token)."""
+    fills = set(seen["fills"])
+    shapes = set(seen["shapes"])
+    out: dict[str, bool] = {}
+    wanted_patterns = [f for _, f, t in asked.things if t is not None]
+    if wanted_patterns:
+        out["concept"] = all((f in fills) if f != "*" else bool(fills & set(PATTERNS)) for f in wanted_patterns)
+    if asked.background is not None:
+        out["background"] = seen["background"] == asked.background
+    colours = [f for _, f, t in asked.things if t is None and f is not None]
+    if colours:
+        out["colours"] = all(c in fills for c in colours)
+    out["shapes"] = all(s in shapes for s, _, _ in asked.things)
+    out["count"] = seen["count"] == len(asked.things)
+    out["prompt"] = out["shapes"] and out.get("background", True) and out.get("colours", True)
+    out["pattern"] = bool(fills & set(PATTERNS))
+    return out
+
+
+def summarise(verdicts: Sequence[Mapping[str, bool]], tokens: Sequence[bool]) -> dict[str, Any]:
+    """Shares over many images. `tokens[i]` says whether image i's prompt used a modifier token:
+    concept fidelity is over those, prior drift (a pattern where none was asked) over the others."""
+    out: dict[str, Any] = {"n": len(verdicts)}
+    with_token = [v for v, t in zip(verdicts, tokens, strict=True) if t]
+    without = [v for v, t in zip(verdicts, tokens, strict=True) if not t]
+    if with_token:
+        out["concept_fidelity"] = _share(with_token, "concept")
+    if without:
+        out["prior_drift"] = _share(without, "pattern")
+    for key in ("prompt", "background", "colours", "shapes", "count"):
+        rows = [v for v in verdicts if key in v]
+        if rows:
+            out[f"{key}_fidelity" if key == "prompt" else key] = _share(rows, key)
+    return out
+
+
+def _share(rows: Sequence[Mapping[str, bool]], key: str) -> float:
+    rows = [r for r in rows if key in r]
+    return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
