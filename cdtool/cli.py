@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cdtool import __version__
-from cdtool.commands import compress, export, get_deltas, info, merge, prep, regset, sample, score, train
+from cdtool.commands import compress, demo, export, get_deltas, info, merge, prep, regset, sample, score, train
 
 app = typer.Typer(
     name="cdtool",
@@ -45,7 +45,7 @@ def quiet_libraries() -> None:
 
 
 quiet_libraries()
-for module in (prep, regset, train, sample, score, get_deltas, merge, compress, export, info):
+for module in (demo, prep, regset, train, sample, score, get_deltas, merge, compress, export, info):
     module.register(app)
 
 

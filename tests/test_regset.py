@@ -38,6 +38,24 @@ def test_generate_and_resume(cli, tmp_path):
     assert "another regularisation set" in r.stderr
 
 
+def test_generate_from_a_prompts_file(cli, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red {class}\n\na {class} on a blue background\n")
+    out = tmp_path / "reg"
+    doc = json.loads(
+        cli(
+            "regset", "star", "-o", out, "--n", "3", "--steps", "1", "--prompts", prompts, "--model", "tiny", "--json"
+        ).stdout
+    )
+    rows = [json.loads(x)["text"] for x in (out / "metadata.jsonl").read_text().splitlines()]
+    assert rows == ["a red star", "a star on a blue background", "a red star"]
+    assert doc["prompt"] == ["a red star", "a star on a blue background"]
+    (tmp_path / "empty.txt").write_text("\n")
+    r = cli("regset", "star", "-o", tmp_path / "r2", "--prompts", tmp_path / "empty.txt", "--model", "tiny", code=1)
+    assert "holds no prompts" in r.stderr and not (tmp_path / "r2").exists()
+    cli("regset", "star", "-o", tmp_path / "r3", "--prompts", prompts, "--from", str(tmp_path), code=2)
+
+
 def _image(seed, path):
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
 

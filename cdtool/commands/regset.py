@@ -41,6 +41,13 @@ def regset(
     prompt: Annotated[
         str, typer.Option("--prompt", help="Prompt ({class} is filled in): generated from, or retrieved by.")
     ] = "photo of a {class}",
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="generate: a file of prompts, one per line ({class} filled in), cycled over the images (varied captions, like a retrieved set's).",
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps (generate).")] = 50,
     guidance: Annotated[float, typer.Option("--guidance", help="Guidance scale (generate).")] = 6.0,
     resolution: Annotated[
@@ -78,7 +85,12 @@ def regset(
     valid images already there are kept.
     """
     text = prompt.replace("{class}", class_noun)
-    config = {"class": class_noun, "from": source, "prompt": text, "n": n}
+    texts = [text]
+    if prompts is not None:
+        if source != "generate":
+            raise UsageError("--prompts is for --from generate; retrieval ranks by --prompt")
+        texts = _read_prompts(prompts, class_noun)
+    config = {"class": class_noun, "from": source, "prompt": texts[0] if len(texts) == 1 else texts, "n": n}
     existing = output / PROVENANCE
     if existing.exists() and not force:
         old = json.loads(existing.read_text())
@@ -96,7 +108,7 @@ def regset(
     if source == "generate":
         doc = _generate(
             class_noun,
-            text,
+            texts,
             output,
             n,
             steps,
@@ -124,9 +136,22 @@ def regset(
         console.result(str(output))
 
 
+def _read_prompts(path: Path, noun: str) -> list[str]:
+    if not path.is_file():
+        raise CdtoolError(f"{path}: no such prompts file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CdtoolError(f"{path}: cannot read it as UTF-8 text ({e}); give one prompt per line") from e
+    texts = [line.strip().replace("{class}", noun) for line in lines if line.strip()]
+    if not texts:
+        raise CdtoolError(f"{path} holds no prompts; give one prompt per line")
+    return texts
+
+
 def _generate(
     noun: str,
-    text: str,
+    texts: list[str],
     out: Path,
     n: int,
     steps: int,
@@ -141,7 +166,7 @@ def _generate(
 ) -> dict[str, Any]:
     from cdtool.sampling import Job, generate, save_png, set_scheduler
 
-    jobs = [Job(text, 0, seed + i, f"{i:05d}.png") for i in range(n)]
+    jobs = [Job(texts[i % len(texts)], 0, seed + i, f"{i:05d}.png") for i in range(n)]
     todo = [j for j in jobs if not ((out / j.file_name).exists() and is_valid_image(out / j.file_name))]
     if len(todo) < n:
         console.log(f"{n - len(todo)} of {n} images already there; generating {len(todo)}")
@@ -170,7 +195,7 @@ def _generate(
                 eta = (time.perf_counter() - start) / k * (len(todo) - k)
                 bar.advance(1, f"ETA {eta:.0f}s")
     return {
-        "rows": [{"file_name": j.file_name, "text": text} for j in jobs],
+        "rows": [{"file_name": j.file_name, "text": j.prompt} for j in jobs],
         "generated": len(todo),
         "kept": n - len(todo),
         "model": model,

@@ -1,0 +1,255 @@
+"""Quality of cdtool's Custom Diffusion on the built-in toy model, judged by the toy world's oracle.
+
+    python benchmarks/quality.py [--out bench-quality] [--ci]
+
+Everything runs through the cdtool commands a user types (in this process): prep the five "photos"
+of each personal concept, regset, train (with and without the regularisation set, jointly, with
+DVAR early stopping), merge (closed form and sum), compress at several ranks, sample and score with
+the oracle. Reports, per model variant:
+
+- concept fidelity: share of "a <new1> star on a ... background" samples showing the pattern;
+- prompt fidelity: share of "a <new1> star and a red square on a ... background" samples with the
+  asked companion, colours and background;
+- prior drift: share of plain "a star on a ... background" samples showing the pattern;
+- both: share of "a <new1> star and a <new2> circle ..." samples showing both patterns.
+
+`--ci` is the small variant the test suite runs (fewer steps and samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from cdtool.commands.demo import CONCEPTS, _captions, _write_photos  # noqa: E402
+from cdtool.inprocess import InProcess  # noqa: E402
+from cdtool.toy.world import COLOURS, SHAPES  # noqa: E402
+
+TARGETS = {
+    "concept_fidelity": 0.8,
+    "prior_drift_with_reg": 0.05,
+    "merge_retention": 0.9,
+    "rank4_retention": 0.95,
+    "dvar_speedup": 2.0,
+    "dvar_fidelity_loss": 0.05,
+}
+
+
+@dataclass
+class Settings:
+    steps: int = 250  # per concept, as the paper
+    joint_steps: int = 500  # two concepts trained together, as the paper
+    reg_images: int = 64
+    n: int = 32  # samples per prompt group (a multiple of 8: as many per background colour)
+    sample_steps: int = 20
+    guidance: float = 4.0
+    ranks: tuple[int, ...] = (1, 2, 4, 8)
+    dvar_window: int = 40
+    dvar_eps: float = 0.15
+    variants: tuple[str, ...] = ("noreg", "sum", "joint", "dvar")
+    seed: int = 0
+    model: str = "toy"
+    extra_train: tuple[str, ...] = field(default_factory=tuple)
+
+
+CI = Settings(steps=150, reg_images=32, n=16, sample_steps=12, ranks=(4,), variants=("noreg",))
+
+
+def prompt_groups(seed: int) -> dict[str, list[str]]:
+    """Eight distinct prompts per group, one per background colour (companions drawn with `seed`)."""
+    rng = random.Random(seed)
+    colours = list(COLOURS)
+    groups: dict[str, list[str]] = {}
+    for token, noun, _ in CONCEPTS:
+        concept, companion, prior = [], [], []
+        for bg in colours:
+            concept.append(f"a {token} {noun} on a {bg} background")
+            prior.append(f"a {noun} on a {bg} background")
+            other = rng.choice([s for s in SHAPES if s != noun])
+            colour = rng.choice([c for c in colours if c != bg])
+            companion.append(f"a {token} {noun} and a {colour} {other} on a {bg} background")
+        groups[f"concept {token}"] = concept
+        groups[f"companion {token}"] = companion
+        groups[f"prior {noun}"] = prior
+    (t1, n1, _), (t2, n2, _) = CONCEPTS
+    groups["both"] = [f"a {t1} {n1} and a {t2} {n2} on a {bg} background" for bg in colours]
+    return groups
+
+
+class Bench:
+    def __init__(self, out: Path, s: Settings, quiet: bool) -> None:
+        self.out, self.s = out, s
+        self.run = InProcess(quiet)
+        self.groups = prompt_groups(s.seed)
+        self.results: dict[str, Any] = {"settings": asdict(self.s), "variants": {}, "training": {}}
+
+    def train(self, name: str, *args: Any, steps: int | None = None) -> Path:
+        delta = self.out / f"{name}.safetensors"
+        doc = self.run(
+            "train", *args, "-o", delta, "--model", self.s.model, "--steps", steps or self.s.steps,
+            "--seed", self.s.seed, *self.s.extra_train,
+        )  # fmt: skip
+        self.results["training"][name] = {k: doc[k] for k in ("steps", "reason", "final_loss", "seconds")}
+        return delta
+
+    def evaluate(self, name: str, deltas: list[Path], groups: list[str]) -> dict[str, Any]:
+        """Sample every prompt of the groups once (seeded), score with the oracle, summarise per group."""
+        prompts = [p for g in groups for p in self.groups[g]]
+        folder = self.out / "samples" / name
+        prompt_file = self.out / f"prompts-{name}.txt"
+        prompt_file.write_text("\n".join(prompts) + "\n")
+        model = ("--model", self.s.model) if not deltas else ()
+        delta_args = [a for d in deltas for a in ("--delta", d)]
+        self.run(
+            "sample", *model, *delta_args, "--prompts", prompt_file, "-o", folder, "--n", max(1, self.s.n // 8), "--steps",
+            self.s.sample_steps, "--guidance", self.s.guidance, "--seed", self.s.seed, "--batch-size", 32,
+        )  # fmt: skip
+        doc = self.run("score", folder, "--metrics", "oracle", "--per-image", "--batch-size", 256)
+        rows = doc["runs"][0]["images"]
+        from cdtool.toy.judge import summarise
+
+        out: dict[str, Any] = {}
+        for g in groups:
+            wanted = set(self.groups[g])
+            judged = [r["oracle"] for r in rows if r["prompt"] in wanted and "oracle" in r]
+            out[g] = summarise(judged, ["concept" in v for v in judged])
+        self.results["variants"][name] = out
+        return out
+
+
+def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
+    """The whole benchmark; returns (and writes to OUT/quality.json) the results."""
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} exists and is not empty; give a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    b = Bench(out, s, quiet)
+    started = time.perf_counter()
+    rng = random.Random(s.seed)
+    singles, noregs, reg_dirs, data_dirs = [], [], [], []
+    merge_captions = out / "merge-captions.txt"
+    merge_captions.write_text("\n".join(_captions(rng, None, 400)) + "\n")
+    for token, noun, name in CONCEPTS:
+        photos, data, reg = out / "photos" / name, out / "data" / name, out / "reg" / noun
+        _write_photos(photos, token, rng)
+        b.run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32",
+              "--captions-from-files")  # fmt: skip
+        reg_prompts = out / f"reg-prompts-{noun}.txt"
+        reg_prompts.write_text("\n".join(_captions(rng, noun, 64)) + "\n")
+        b.run("regset", noun, "-o", reg, "--model", s.model, "--n", s.reg_images, "--prompts", reg_prompts,
+              "--steps", s.sample_steps, "--guidance", s.guidance, "--batch-size", 32, "--seed", s.seed)  # fmt: skip
+        data_dirs.append(data)
+        reg_dirs.append(reg)
+        singles.append(b.train(name, data, "--reg", reg))
+        if "noreg" in s.variants:
+            noregs.append(b.train(f"{name}-noreg", data))
+
+    tokens = [t for t, _, _ in CONCEPTS]
+    nouns = [n for _, n, _ in CONCEPTS]
+    per_concept = [f"concept {t}" for t in tokens]
+    b.evaluate("base", [], [*per_concept, *(f"prior {n}" for n in nouns), "both"])
+    for (token, noun, name), delta in zip(CONCEPTS, singles, strict=True):
+        b.evaluate(name, [delta], [f"concept {token}", f"companion {token}", f"prior {noun}"])
+    for (token, noun, name), delta in zip(CONCEPTS, noregs, strict=True):
+        b.evaluate(f"{name}-noreg", [delta], [f"concept {token}", f"prior {noun}"])
+    merged = out / "merged.safetensors"
+    b.run("merge", "+".join(map(str, singles)), "-o", merged, "--reg-captions", merge_captions)
+    all_groups = [*per_concept, *(f"companion {t}" for t in tokens), *(f"prior {n}" for n in nouns), "both"]
+    b.evaluate("merged", [merged], all_groups)
+    if "sum" in s.variants:
+        summed = out / "sum.safetensors"
+        b.run("merge", "+".join(map(str, singles)), "-o", summed, "--method", "sum")
+        b.evaluate("sum", [summed], all_groups)
+    if "joint" in s.variants:
+        concept_args = [
+            a
+            for (token, noun, _), data, reg in zip(CONCEPTS[1:], data_dirs[1:], reg_dirs[1:], strict=True)
+            for a in ("--concept", f"{data},token={token},class={noun},reg={reg}")
+        ]
+        joint = b.train("joint", data_dirs[0], "--reg", reg_dirs[0], *concept_args, steps=s.joint_steps)
+        b.evaluate("joint", [joint], all_groups)
+    for r in s.ranks:
+        small = out / f"merged.r{r}.safetensors"
+        b.run("compress", merged, "-o", small, "--rank", r)
+        b.evaluate(f"merged-r{r}", [small], per_concept)
+    if "dvar" in s.variants:
+        token, noun, name = CONCEPTS[0]
+        dv = b.train(f"{name}-dvar", data_dirs[0], "--reg", reg_dirs[0], "--early-stop", "dvar",
+                     "--dvar-window", s.dvar_window, "--dvar-eps", s.dvar_eps)  # fmt: skip
+        b.evaluate(f"{name}-dvar", [dv], [f"concept {token}"])
+    b.results["seconds"] = round(time.perf_counter() - started, 1)
+    b.results["command_seconds"] = b.run.timings
+    b.results["summary"] = summary(b.results)
+    (out / "quality.json").write_text(json.dumps(b.results, indent=1) + "\n")
+    return b.results
+
+
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers and how they compare with the issue's targets."""
+    v = res["variants"]
+    out: dict[str, Any] = {}
+    for token, noun, name in CONCEPTS:
+        c = {
+            "base": v["base"][f"concept {token}"]["concept_fidelity"],
+            "single": v[name][f"concept {token}"]["concept_fidelity"],
+            "prompt_fidelity": v[name][f"companion {token}"]["prompt_fidelity"],
+            "background": v[name][f"concept {token}"].get("background"),
+            "drift_base": v["base"][f"prior {noun}"]["prior_drift"],
+            "drift_with_reg": v[name][f"prior {noun}"]["prior_drift"],
+        }
+        if f"{name}-noreg" in v:
+            c["drift_without_reg"] = v[f"{name}-noreg"][f"prior {noun}"]["prior_drift"]
+            c["single_noreg"] = v[f"{name}-noreg"][f"concept {token}"]["concept_fidelity"]
+        for m in ("merged", "sum", "joint"):
+            if m in v:
+                c[m] = v[m][f"concept {token}"]["concept_fidelity"]
+                c[f"{m}_retention"] = c[m] / c["single"] if c["single"] else float("nan")
+                c[f"{m}_prompt_fidelity"] = v[m][f"companion {token}"]["prompt_fidelity"]
+                c[f"{m}_drift"] = v[m][f"prior {noun}"]["prior_drift"]
+        ranks = {k.split("-r")[1]: v[k][f"concept {token}"]["concept_fidelity"] for k in v if k.startswith("merged-r")}
+        if ranks:
+            c["rank_fidelity"] = {**ranks, "full": c["merged"]}
+        if f"{name}-dvar" in v:
+            c["dvar_steps"] = res["training"][f"{name}-dvar"]["steps"]
+            c["fixed_steps"] = res["training"][name]["steps"]
+            c["dvar_fidelity"] = v[f"{name}-dvar"][f"concept {token}"]["concept_fidelity"]
+        out[token] = c
+    for m in ("base", "merged", "sum", "joint"):
+        if m in v:
+            out[f"both_{m}"] = v[m]["both"]["concept_fidelity"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench-quality"))
+    ap.add_argument("--ci", action="store_true", help="the small variant the test suite runs")
+    ap.add_argument("--model", default="toy")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--n", type=int)
+    ap.add_argument("--lr", type=float, help="passed to cdtool train")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args()
+    s = CI if args.ci else Settings()
+    s.model = args.model
+    if args.steps:
+        s.steps, s.joint_steps = args.steps, 2 * args.steps
+    if args.n:
+        s.n = args.n
+    if args.lr:
+        s.extra_train = ("--lr", str(args.lr))
+    res = run(args.out, s, args.quiet)
+    print(json.dumps(res["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""`cdtool demo`: the main job end to end on the built-in toy model, judged by the toy world's oracle.
+
+Every step is a cdtool command run in this process; each is logged as the command line a user would
+type, so the demo doubles as a worked example of scripting cdtool.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cdtool import console
+from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command
+from cdtool.errors import CdtoolError
+from cdtool.inprocess import InProcess
+from cdtool.models import TOY
+
+# (token, class noun, folder name); the toy world's two personal concepts.
+CONCEPTS = (("<new1>", "star", "new1-star"), ("<new2>", "circle", "new2-circle"))
+PROMPTS = (
+    "a <new1> star on a blue background",
+    "a <new2> circle on a yellow background",
+    "a <new1> star and a <new2> circle on a green background",
+    "a star on a red background",
+    "a circle on a purple background",
+)
+
+
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The folder to write.")] = Path("demo-out"),
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Base model (the toy model is the one the oracle can judge).")
+    ] = TOY,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per concept.")] = 250,
+    reg_images: Annotated[int, typer.Option("--reg-images", min=1, help="Regularisation images per concept.")] = 64,
+    n: Annotated[int, typer.Option("--n", min=1, help="Samples per prompt, before and after.")] = 8,
+    sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="Denoising steps.")] = 25,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 4.0,
+    rank: Annotated[int, typer.Option("--rank", min=1, help="Rank of the compressed merged delta.")] = 4,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the main job on the built-in toy model: render five "photos" of each of two concepts, then
+    prep, regset, train (one concept each, with prior preservation), merge (closed form), compress,
+    sample before and after, and score with the oracle.
+
+    Writes OUTPUT/before-after.png (a row per prompt: base model left, merged concepts right) and
+    OUTPUT/scores.json (concept fidelity, prompt fidelity and prior drift, before and after).
+    """
+    if output.exists() and any(output.iterdir()):
+        if not force:
+            raise CdtoolError(f"{output} exists and is not empty; pass --force to replace it")
+        import shutil
+
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    run = InProcess(quiet, timings)
+    rng = random.Random(seed)
+
+    toy_captions = output / "toy-captions.txt"
+    toy_captions.write_text("\n".join(_captions(rng, None, 400)) + "\n")
+    deltas = []
+    for token, noun, name in CONCEPTS:
+        photos = output / "photos" / name
+        _write_photos(photos, token, rng)
+        data, reg, delta = output / "data" / name, output / "reg" / noun, output / f"{name}.safetensors"
+        reg_prompts = output / f"reg-prompts-{noun}.txt"
+        reg_prompts.write_text("\n".join(_captions(rng, noun, 64)) + "\n")
+        run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32", "--captions-from-files")
+        run("regset", noun, "-o", reg, "--model", model, "--n", reg_images, "--prompts", reg_prompts,
+            "--steps", sample_steps, "--guidance", guidance, "--batch-size", 16, "--seed", seed)  # fmt: skip
+        run("train", data, "--reg", reg, "-o", delta, "--model", model, "--steps", steps, "--seed", seed)
+        deltas.append(delta)
+    merged, small = output / "merged.safetensors", output / f"merged.r{rank}.safetensors"
+    run("merge", "+".join(map(str, deltas)), "-o", merged, "--reg-captions", toy_captions)
+    run("compress", merged, "-o", small, "--rank", rank)
+    prompts = output / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    before, after = output / "samples" / "before", output / "samples" / "after"
+    common = ("--prompts", prompts, "--n", n, "--steps", sample_steps, "--guidance", guidance, "--seed", seed)
+    run("sample", "--model", model, "-o", before, "--batch-size", 16, *common)
+    run("sample", "--delta", small, "-o", after, "--batch-size", 16, *common)
+    scores = run("score", before, after, "--metrics", "oracle")
+    grid = output / "before-after.png"
+    _before_after(before, after, grid)
+    doc = {
+        "model": model,
+        "before": scores["runs"][0]["overall"]["oracle"],
+        "after": scores["runs"][1]["overall"]["oracle"],
+        "per_prompt": {
+            "before": {p["prompt"]: p["oracle"] for p in scores["runs"][0]["per_prompt"]},
+            "after": {p["prompt"]: p["oracle"] for p in scores["runs"][1]["per_prompt"]},
+        },
+        "grid": str(grid),
+        "deltas": [str(d) for d in deltas] + [str(merged), str(small)],
+        "seconds": {**timings, "total": round(time.perf_counter() - started, 1)},
+    }
+    (output / "scores.json").write_text(json.dumps(doc, indent=2) + "\n")
+    console.set_quiet(quiet)
+    if json_out:
+        console.result_json(doc)
+    else:
+        b, a = doc["before"], doc["after"]
+        console.log(
+            f"concept fidelity {b['concept_fidelity']:.2f} -> {a['concept_fidelity']:.2f}, prompt fidelity "
+            f"{b['prompt_fidelity']:.2f} -> {a['prompt_fidelity']:.2f}, prior drift {a['prior_drift']:.2f} "
+            f"({doc['seconds']['total']:.0f} s)"
+        )
+        console.result(str(grid))
+        console.result(str(output / "scores.json"))
+
+
+def _captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
+    """Toy-world captions: of scenes whose first thing is a `shape` (regularisation prompts), or of
+    any scenes (the merge's regularisation captions)."""
+    from dataclasses import replace
+
+    from cdtool.toy.world import Sampler
+
+    sampler = Sampler(rng)
+    out = []
+    for _ in range(n):
+        scene = sampler.scene()
+        if shape is not None:
+            scene = replace(scene, things=(replace(scene.things[0], shape=shape), *scene.things[1:]))
+        out.append(scene.caption())
+    return out
+
+
+def _write_photos(folder: Path, token: str, rng: random.Random) -> None:
+    """Five renders of the concept as 96 px JPEGs with a caption file each; the first one stored
+    rotated with an EXIF orientation tag, as phones do."""
+    from PIL import Image
+
+    from cdtool.toy.world import Sampler, render
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sampler = Sampler(rng)
+    for i in range(5):
+        scene = sampler.scene(count=1, concept=token)
+        image = render(scene, 96)
+        exif = Image.Exif()
+        if i == 0:
+            image = image.transpose(Image.Transpose.ROTATE_90)  # shown upright after orientation 6
+            exif[0x0112] = 6
+        image.save(folder / f"IMG_{i:04d}.jpg", quality=95, exif=exif)
+        caption = scene.caption().replace(token, "{token}")
+        (folder / f"IMG_{i:04d}.txt").write_text(caption + "\n")
+
+
+def _before_after(before: Path, after: Path, out: Path, scale: int = 3) -> None:
+    """One row per prompt: the base model's samples, a gap, the merged model's samples."""
+    from PIL import Image, ImageDraw
+
+    prompts = json.loads((before / "prompts.json").read_text())
+    rows: dict[str, list[str]] = {}
+    for name, prompt in sorted(prompts.items()):
+        rows.setdefault(prompt, []).append(name)
+    with Image.open(before / next(iter(prompts))) as im:
+        side = im.width * scale
+    per_row = max(len(v) for v in rows.values())
+    label, gap = 14, side // 2
+    grid = Image.new("RGB", (2 * per_row * side + gap, len(rows) * (side + label)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (prompt, names) in enumerate(rows.items()):
+        y = r * (side + label)
+        draw.text((2, y + 1), prompt, fill="black")
+        for c, name in enumerate(names):
+            for k, folder in enumerate((before, after)):
+                with Image.open(folder / name) as im:
+                    tile = im.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
+                grid.paste(tile, (k * (per_row * side + gap) + c * side, y + label))
+    grid.save(out)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(cdtool_command(demo))
