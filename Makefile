@@ -1,11 +1,12 @@
-# The two set-up commands: `make demo` (the main job end to end on the built-in model) and
+# The two set-up commands: `make demo` (the main job end to end on the built-in toy model) and
 # `make test` (the whole suite). Both create the virtual environment when it is missing.
+# `make example` runs scripts/example.sh, every command scripted from a shell on the tiny model.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test lint venv clean
+.PHONY: demo example test lint venv clean
 
 venv: $(BIN)/cdtool
 
@@ -15,14 +16,17 @@ $(BIN)/cdtool: pyproject.toml
 	touch $@
 
 demo: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh $(DEMO_OUT)
+	$(BIN)/cdtool demo -o $(DEMO_OUT) --force
+
+example: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/example.sh example-out
 
 test: venv
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check cdtool tests benchmarks
-	$(BIN)/ruff format --check cdtool tests benchmarks
+	$(BIN)/ruff check cdtool tests benchmarks scripts
+	$(BIN)/ruff format --check cdtool tests benchmarks scripts
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache
+	rm -rf $(DEMO_OUT) example-out .pytest_cache

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The main job end to end on the built-in tiny model (no downloads): photos prepared, regularisation
-# sets generated, two concepts trained with prior preservation, merged in closed form, compressed,
-# sampled, scored and exported. Each step is a plain cdtool command, so this file is also an example
-# of scripting cdtool.
+# Every command scripted from a shell on the built-in tiny model (random weights, no downloads: it
+# checks the plumbing, not quality; `cdtool demo` does the main job on the toy model that can see):
+# photos prepared, regularisation sets generated, two concepts trained with prior preservation,
+# merged in closed form, compressed, sampled, scored and exported.
 set -euo pipefail
-out=${1:-demo-out}
+out=${1:-example-out}
 rm -rf "$out"
 mkdir -p "$out"
 export CDTOOL_MODEL=tiny
