@@ -19,6 +19,7 @@ import torch
 def main() -> None:
     from cdtool.models import load_pipeline
     from cdtool.sampling import Job, generate
+    from cdtool.toy.judge import judge, parse_prompt
     from cdtool.toy.oracle import load_oracle, read
     from cdtool.toy.world import Sampler
 
@@ -52,15 +53,10 @@ def main() -> None:
     seen = read(load_oracle(), images)
     hits = {"background": 0, "shape": 0, "colour": 0, "count": 0, "all": 0}
     for scene, got in zip(scenes, seen, strict=True):
-        t = scene.things[0]
-        ok = {
-            "background": got["background"] == scene.background,
-            "shape": got["shapes"] == [t.shape],
-            "colour": got["fills"] == [t.colour],
-            "count": got["count"] == 1,
-        }
-        for k, v in ok.items():
-            hits[k] += v
+        v = judge(parse_prompt(scene.caption()), got)
+        ok = {"background": v["background"], "shape": v["shapes"], "colour": v["colours"], "count": v["count"]}
+        for k, hit in ok.items():
+            hits[k] += hit
         hits["all"] += all(ok.values())
     print(
         json.dumps(
