@@ -54,3 +54,19 @@ def test_runtime_error_is_one_line_exit_1(cli, tmp_path):
     assert r.stderr.strip().count("\n") == 0
     assert r.stderr.startswith("Error: ") and "missing.safetensors" in r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_progress_bar_shows_rate_on_a_terminal(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from cdtool import console
+
+    term = Console(file=io.StringIO(), force_terminal=True, width=150)
+    monkeypatch.setattr(console, "_err", term)
+    console.set_quiet(False)
+    with console.progress("training", 3) as bar:
+        for _ in range(3):
+            bar.advance(1, "loss 0.5")
+    assert "it/s" in term.file.getvalue() and "3/3" in term.file.getvalue()
