@@ -91,11 +91,9 @@ def batch(sampler, n: int, patterned: float = 0.0) -> tuple[torch.Tensor, list[s
 
 
 def main() -> None:
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from cdtool.clip_vocab import load_clip_tokenizer
-    from cdtool.tiny import SCHEDULER_CONFIG
     from cdtool.toy.world import Sampler
 
     ap = argparse.ArgumentParser()
@@ -109,6 +107,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--save-minutes", type=float, default=10.0, help="how often to save the model")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--init", type=Path, help="continue from a saved model folder (its weights; the optimiser starts afresh)"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "cdtool" / "data" / "toy" / "model")
     args = ap.parse_args()
     if args.threads:
@@ -116,6 +117,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     sampler = Sampler(random.Random(args.seed))
     t0 = time.perf_counter()
+    if args.init:
+        main_stage(args, sampler, t0, *load_init(args.init))
+        return
 
     vae = AutoencoderKL(**VAE)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
@@ -137,13 +141,36 @@ def main() -> None:
     with torch.no_grad():
         lat = torch.cat([vae.encode(batch(sampler, 64)[0]).latent_dist.mean for _ in range(8)])
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
-    scaling = vae.config.scaling_factor
-    print(f"latent scaling factor {scaling:.4f}", flush=True)
-
-    tokenizer = load_clip_tokenizer()
+    print(f"latent scaling factor {vae.config.scaling_factor:.4f}", flush=True)
     widths = tuple(int(c) for c in args.unet_channels.split(","))
     unet = UNet2DConditionModel(**dict(UNET, block_out_channels=widths, norm_num_groups=min(16, widths[0])))
     text = CLIPTextModel(CLIPTextConfig(**TEXT))
+    main_stage(args, sampler, t0, vae, unet, text, 0)
+
+
+def load_init(folder: Path) -> tuple:
+    """(vae, unet, text encoder, UNet steps so far) of a saved model, in float32."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").float().eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float()
+    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float()
+    done = json.loads((folder / "pretraining.json").read_text())["unet_steps"]
+    return vae, unet.train().requires_grad_(True), text.train().requires_grad_(True), done
+
+
+def main_stage(args, sampler, t0: float, vae, unet, text, done: int) -> None:
+    """The UNet and the text encoder together, for --minutes; `done` UNet steps came before."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from cdtool.clip_vocab import load_clip_tokenizer
+    from cdtool.tiny import SCHEDULER_CONFIG
+
+    scaling = vae.config.scaling_factor
+    tokenizer = load_clip_tokenizer()
     noise_sched = DDPMScheduler.from_config(DDIMScheduler(**SCHEDULER_CONFIG).config)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
@@ -178,8 +205,8 @@ def main() -> None:
             print(f"unet {step}: loss {ema:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
         if time.perf_counter() > next_save:
             next_save += args.save_minutes * 60
-            save(vae, averaged.module, tokenizer, args.out, step)
-    save(vae, averaged.module, tokenizer, args.out, step)
+            save(vae, averaged.module, tokenizer, args.out, done + step)
+    save(vae, averaged.module, tokenizer, args.out, done + step)
     print(f"done: {step} steps in {time.perf_counter() - t0:.0f}s -> {args.out}", flush=True)
 
 
