@@ -23,7 +23,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 from cdtool.commands.demo import CONCEPTS, _captions, _write_photos  # noqa: E402
 from cdtool.inprocess import InProcess  # noqa: E402
-from cdtool.toy.world import COLOURS, SHAPES  # noqa: E402
+from cdtool.toy.world import COLOURS, SHAPES, _a  # noqa: E402
 
 TARGETS = {
     "concept_fidelity": 0.8,
@@ -49,9 +49,9 @@ TARGETS = {
 class Settings:
     steps: int = 250  # per concept, as the paper
     joint_steps: int = 500  # two concepts trained together, as the paper
-    reg_images: int = 64
+    reg_images: int = 48
     n: int = 32  # samples per prompt group (a multiple of 8: as many per background colour)
-    sample_steps: int = 20
+    sample_steps: int = 15
     guidance: float = 4.0
     ranks: tuple[int, ...] = (1, 2, 4, 8)
     dvar_window: int = 40
@@ -59,10 +59,12 @@ class Settings:
     variants: tuple[str, ...] = ("noreg", "sum", "joint", "dvar")
     seed: int = 0
     model: str = "toy"
-    extra_train: tuple[str, ...] = field(default_factory=tuple)
+    # The toy model was pretrained from scratch at lr 1e-3: its fine-tuning needs a larger base lr
+    # than Stable Diffusion's 1e-5 (measured in RESULTS.md: 1e-5 learns nothing in 250 steps).
+    extra_train: tuple[str, ...] = ("--lr", "3e-4")
 
 
-CI = Settings(steps=150, reg_images=32, n=16, sample_steps=12, ranks=(4,), variants=("noreg",))
+CI = Settings(steps=250, reg_images=24, n=16, sample_steps=12, ranks=(4,), variants=("noreg",))
 
 
 def prompt_groups(seed: int) -> dict[str, list[str]]:
@@ -73,16 +75,16 @@ def prompt_groups(seed: int) -> dict[str, list[str]]:
     for token, noun, _ in CONCEPTS:
         concept, companion, prior = [], [], []
         for bg in colours:
-            concept.append(f"a {token} {noun} on a {bg} background")
-            prior.append(f"a {noun} on a {bg} background")
+            concept.append(f"a {token} {noun} on {_a(bg)} background")
+            prior.append(f"a {noun} on {_a(bg)} background")
             other = rng.choice([s for s in SHAPES if s != noun])
             colour = rng.choice([c for c in colours if c != bg])
-            companion.append(f"a {token} {noun} and a {colour} {other} on a {bg} background")
+            companion.append(f"a {token} {noun} and {_a(colour + ' ' + other)} on {_a(bg)} background")
         groups[f"concept {token}"] = concept
         groups[f"companion {token}"] = companion
         groups[f"prior {noun}"] = prior
     (t1, n1, _), (t2, n2, _) = CONCEPTS
-    groups["both"] = [f"a {t1} {n1} and a {t2} {n2} on a {bg} background" for bg in colours]
+    groups["both"] = [f"a {t1} {n1} and a {t2} {n2} on {_a(bg)} background" for bg in colours]
     return groups
 
 

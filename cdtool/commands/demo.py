@@ -37,6 +37,10 @@ def demo(
         str, typer.Option("--model", "-m", help="Base model (the toy model is the one the oracle can judge).")
     ] = TOY,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per concept.")] = 250,
+    lr: Annotated[
+        float,
+        typer.Option("--lr", help="Base learning rate (the toy model needs more than Stable Diffusion's 1e-5)."),
+    ] = 3e-4,
     reg_images: Annotated[int, typer.Option("--reg-images", min=1, help="Regularisation images per concept.")] = 64,
     n: Annotated[int, typer.Option("--n", min=1, help="Samples per prompt, before and after.")] = 8,
     sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="Denoising steps.")] = 25,
@@ -78,7 +82,7 @@ def demo(
         run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32", "--captions-from-files")
         run("regset", noun, "-o", reg, "--model", model, "--n", reg_images, "--prompts", reg_prompts,
             "--steps", sample_steps, "--guidance", guidance, "--batch-size", 16, "--seed", seed)  # fmt: skip
-        run("train", data, "--reg", reg, "-o", delta, "--model", model, "--steps", steps, "--seed", seed)
+        run("train", data, "--reg", reg, "-o", delta, "--model", model, "--steps", steps, "--lr", lr, "--seed", seed)
         deltas.append(delta)
     merged, small = output / "merged.safetensors", output / f"merged.r{rank}.safetensors"
     run("merge", "+".join(map(str, deltas)), "-o", merged, "--reg-captions", toy_captions)
