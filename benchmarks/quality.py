@@ -7,10 +7,10 @@ of each personal concept, regset, train (with and without the regularisation set
 DVAR early stopping), merge (closed form and sum), compress at several ranks, sample and score with
 the oracle. Reports, per model variant:
 
-- concept fidelity: share of "a <new1> star on a ... background" samples showing the pattern;
+- concept fidelity: share of "a small <new1> star on a ... background" samples showing the pattern;
 - prompt fidelity: share of "a <new1> star and a red square on a ... background" samples with the
   asked companion, colours and background;
-- prior drift: share of plain "a star on a ... background" samples showing the pattern;
+- prior drift: share of plain "a small red star on a ... background" samples showing the pattern;
 - both: share of "a <new1> star and a <new2> circle ..." samples showing both patterns.
 
 `--ci` is the small variant the test suite runs (fewer steps and samples).
@@ -75,10 +75,12 @@ def prompt_groups(seed: int) -> dict[str, list[str]]:
     for token, noun, _ in CONCEPTS:
         concept, companion, prior = [], [], []
         for bg in colours:
-            concept.append(f"a {token} {noun} on {_a(bg)} background")
-            prior.append(f"a {noun} on {_a(bg)} background")
+            # Worded as the pretraining captions are (single things with a size, plain things with
+            # a colour): the toy model never saw "a star on a red background".
             other = rng.choice([s for s in SHAPES if s != noun])
             colour = rng.choice([c for c in colours if c != bg])
+            concept.append(f"a small {token} {noun} on {_a(bg)} background")
+            prior.append(f"a small {colour} {noun} on {_a(bg)} background")
             companion.append(f"a {token} {noun} and {_a(colour + ' ' + other)} on {_a(bg)} background")
         groups[f"concept {token}"] = concept
         groups[f"companion {token}"] = companion

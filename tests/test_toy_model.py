@@ -59,11 +59,11 @@ def test_demo_end_to_end(cli, tmp_path):
     for key in ("concept_fidelity", "prompt_fidelity", "prior_drift"):
         assert 0.0 <= doc["after"][key] <= 1.0 and key in doc["before"]
     assert set(doc["per_prompt"]["after"]) == {
-        "a <new1> star on a blue background",
-        "a <new2> circle on a yellow background",
+        "a small <new1> star on a blue background",
+        "a large <new2> circle on a yellow background",
         "a <new1> star and a <new2> circle on a green background",
-        "a star on a red background",
-        "a circle on a purple background",
+        "a small white star on a red background",
+        "a large orange circle on a purple background",
     }
     from PIL import Image
 

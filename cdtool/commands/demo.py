@@ -23,11 +23,11 @@ from cdtool.models import TOY
 # (token, class noun, folder name); the toy world's two personal concepts.
 CONCEPTS = (("<new1>", "star", "new1-star"), ("<new2>", "circle", "new2-circle"))
 PROMPTS = (
-    "a <new1> star on a blue background",
-    "a <new2> circle on a yellow background",
+    "a small <new1> star on a blue background",
+    "a large <new2> circle on a yellow background",
     "a <new1> star and a <new2> circle on a green background",
-    "a star on a red background",
-    "a circle on a purple background",
+    "a small white star on a red background",
+    "a large orange circle on a purple background",
 )
 
 
