@@ -53,4 +53,4 @@ cdtool export "$out/pets.r4.safetensors" --to diffusers-lora -o "$out/pets-lora"
 # for ViT-B-32 (use the defaults with real weights on a real model).
 cdtool score "$out/samples" --ref "$out/data/cat" --clip-model cdtool-tiny --clip-pretrained none \
     --metrics clip-t,clip-i,kid --kid-features clip --kid-subsets 10 --json > "$out/scores.json"
-echo "demo finished: $out/samples/grid.png, $out/scores.json, training logs in $out/cat.run/" >&2
+echo "example finished: $out/samples/grid.png, $out/scores.json, training logs in $out/cat.run/" >&2
