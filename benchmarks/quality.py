@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cdtool.commands.demo import CONCEPTS, _captions, _write_photos  # noqa: E402
+from cdtool.commands.demo import CONCEPTS, toy_captions, write_photos  # noqa: E402
 from cdtool.inprocess import InProcess  # noqa: E402
-from cdtool.toy.world import COLOURS, SHAPES, _a  # noqa: E402
+from cdtool.toy.world import COLOURS, SHAPES, with_article  # noqa: E402
 
 TARGETS = {
     "concept_fidelity": 0.8,
@@ -79,14 +79,16 @@ def prompt_groups(seed: int) -> dict[str, list[str]]:
             # a colour): the toy model never saw "a star on a red background".
             other = rng.choice([s for s in SHAPES if s != noun])
             colour = rng.choice([c for c in colours if c != bg])
-            concept.append(f"a small {token} {noun} on {_a(bg)} background")
-            prior.append(f"a small {colour} {noun} on {_a(bg)} background")
-            companion.append(f"a {token} {noun} and {_a(colour + ' ' + other)} on {_a(bg)} background")
+            concept.append(f"a small {token} {noun} on {with_article(bg)} background")
+            prior.append(f"a small {colour} {noun} on {with_article(bg)} background")
+            companion.append(
+                f"a {token} {noun} and {with_article(colour + ' ' + other)} on {with_article(bg)} background"
+            )
         groups[f"concept {token}"] = concept
         groups[f"companion {token}"] = companion
         groups[f"prior {noun}"] = prior
     (t1, n1, _), (t2, n2, _) = CONCEPTS
-    groups["both"] = [f"a {t1} {n1} and a {t2} {n2} on {_a(bg)} background" for bg in colours]
+    groups["both"] = [f"a {t1} {n1} and a {t2} {n2} on {with_article(bg)} background" for bg in colours]
     return groups
 
 
@@ -141,14 +143,14 @@ def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
     rng = random.Random(s.seed)
     singles, noregs, reg_dirs, data_dirs = [], [], [], []
     merge_captions = out / "merge-captions.txt"
-    merge_captions.write_text("\n".join(_captions(rng, None, 400)) + "\n")
+    merge_captions.write_text("\n".join(toy_captions(rng, None, 400)) + "\n")
     for token, noun, name in CONCEPTS:
         photos, data, reg = out / "photos" / name, out / "data" / name, out / "reg" / noun
-        _write_photos(photos, token, rng)
+        write_photos(photos, token, rng)
         b.run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32",
               "--captions-from-files")  # fmt: skip
         reg_prompts = out / f"reg-prompts-{noun}.txt"
-        reg_prompts.write_text("\n".join(_captions(rng, noun, 64)) + "\n")
+        reg_prompts.write_text("\n".join(toy_captions(rng, noun, 64)) + "\n")
         b.run("regset", noun, "-o", reg, "--model", s.model, "--n", s.reg_images, "--prompts", reg_prompts,
               "--steps", s.sample_steps, "--guidance", s.guidance, "--batch-size", 32, "--seed", s.seed)  # fmt: skip
         data_dirs.append(data)

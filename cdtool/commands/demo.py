@@ -70,22 +70,22 @@ def demo(
     run = InProcess(quiet, timings)
     rng = random.Random(seed)
 
-    toy_captions = output / "toy-captions.txt"
-    toy_captions.write_text("\n".join(_captions(rng, None, 400)) + "\n")
+    merge_captions = output / "toy-captions.txt"
+    merge_captions.write_text("\n".join(toy_captions(rng, None, 400)) + "\n")
     deltas = []
     for token, noun, name in CONCEPTS:
         photos = output / "photos" / name
-        _write_photos(photos, token, rng)
+        write_photos(photos, token, rng)
         data, reg, delta = output / "data" / name, output / "reg" / noun, output / f"{name}.safetensors"
         reg_prompts = output / f"reg-prompts-{noun}.txt"
-        reg_prompts.write_text("\n".join(_captions(rng, noun, 64)) + "\n")
+        reg_prompts.write_text("\n".join(toy_captions(rng, noun, 64)) + "\n")
         run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32", "--captions-from-files")
         run("regset", noun, "-o", reg, "--model", model, "--n", reg_images, "--prompts", reg_prompts,
             "--steps", sample_steps, "--guidance", guidance, "--batch-size", 16, "--seed", seed)  # fmt: skip
         run("train", data, "--reg", reg, "-o", delta, "--model", model, "--steps", steps, "--lr", lr, "--seed", seed)
         deltas.append(delta)
     merged, small = output / "merged.safetensors", output / f"merged.r{rank}.safetensors"
-    run("merge", "+".join(map(str, deltas)), "-o", merged, "--reg-captions", toy_captions)
+    run("merge", "+".join(map(str, deltas)), "-o", merged, "--reg-captions", merge_captions)
     run("compress", merged, "-o", small, "--rank", rank)
     prompts = output / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -123,7 +123,7 @@ def demo(
         console.result(str(output / "scores.json"))
 
 
-def _captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
+def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
     """Toy-world captions: of scenes whose first thing is a `shape` (regularisation prompts), or of
     any scenes (the merge's regularisation captions)."""
     from dataclasses import replace
@@ -140,7 +140,7 @@ def _captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
     return out
 
 
-def _write_photos(folder: Path, token: str, rng: random.Random) -> None:
+def write_photos(folder: Path, token: str, rng: random.Random) -> None:
     """Five renders of the concept as 96 px JPEGs with a caption file each; the first one stored
     rotated with an EXIF orientation tag, as phones do."""
     from PIL import Image

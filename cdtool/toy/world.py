@@ -55,11 +55,11 @@ class Scene:
                 words = f"{self.token} {t.shape}" if self.token else f"{t.shape}"
             else:
                 words = f"{t.colour} {t.shape}"
-            parts.append(_a(f"{t.size} {words}") if len(self.things) == 1 else _a(words))
-        return f"{' and '.join(parts)} on {_a(self.background)} background"
+            parts.append(with_article(f"{t.size} {words}") if len(self.things) == 1 else with_article(words))
+        return f"{' and '.join(parts)} on {with_article(self.background)} background"
 
 
-def _a(words: str) -> str:
+def with_article(words: str) -> str:
     return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
