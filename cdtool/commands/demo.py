@@ -66,8 +66,7 @@ def demo(
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    timings: dict[str, float] = {}
-    run = InProcess(quiet, timings)
+    run = InProcess(quiet)
     rng = random.Random(seed)
 
     merge_captions = output / "toy-captions.txt"
@@ -106,10 +105,9 @@ def demo(
         },
         "grid": str(grid),
         "deltas": [str(d) for d in deltas] + [str(merged), str(small)],
-        "seconds": {**timings, "total": round(time.perf_counter() - started, 1)},
+        "seconds": {**run.timings, "total": round(time.perf_counter() - started, 1)},
     }
     (output / "scores.json").write_text(json.dumps(doc, indent=2) + "\n")
-    console.set_quiet(quiet)
     if json_out:
         console.result_json(doc)
     else:
