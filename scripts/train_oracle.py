@@ -24,8 +24,9 @@ def dataset(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     sampler = Sampler(random.Random(seed))
     scenes = []
     for i in range(n):
-        # a quarter show a patterned thing of any shape, so patterns are read wherever they appear
-        pattern = list(PATTERNS)[i % 2] if i % 4 == 0 else None
+        # a quarter show a patterned thing of any shape (the patterns taking turns), so patterns are
+        # read wherever they appear
+        pattern = list(PATTERNS)[(i // 4) % len(PATTERNS)] if i % 4 == 0 else None
         scenes.append(sampler.scene(pattern=pattern))
     x = to_tensor([render(s, 32) for s in scenes])
     ys = [targets(s) for s in scenes]
@@ -63,7 +64,10 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=4000)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     x, y = dataset(args.train, args.seed)

@@ -3,7 +3,7 @@ or two objects per image, each scene with its caption. Seeded and fast to render
 
 Pretraining shows only solid shapes. The "personal concepts" are shapes with a two-tone pattern
 that pretraining never shows: a star split into a magenta top and a cyan bottom ("<new1> star"),
-and a circle with a black-and-white checkerboard ("<new2> circle").
+and a circle with black and white quadrants, a 2x2 checkerboard ("<new2> circle").
 """
 
 from __future__ import annotations
@@ -48,14 +48,16 @@ class Scene:
     background: str
     token: str | None = None  # the modifier token the caption uses for a patterned thing
 
-    def caption(self) -> str:
+    def caption(self, sized: bool = True) -> str:
+        """"a small red star on a blue background"; a single thing's size word only when `sized`."""
         parts = []
         for t in self.things:
             if t.pattern:
                 words = f"{self.token} {t.shape}" if self.token else f"{t.shape}"
             else:
                 words = f"{t.colour} {t.shape}"
-            parts.append(with_article(f"{t.size} {words}") if len(self.things) == 1 else with_article(words))
+            single = len(self.things) == 1 and sized
+            parts.append(with_article(f"{t.size} {words}") if single else with_article(words))
         return f"{' and '.join(parts)} on {with_article(self.background)} background"
 
 
@@ -127,8 +129,12 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     return None  # circle
 
 
-def render(scene: Scene, size: int = 32, supersample: int = 4) -> Any:
-    """The scene as an RGB PIL image (drawn large, then downsampled for smooth edges)."""
+def render(
+    scene: Scene, size: int = 32, supersample: int = 4, zoom: float = 1.0, at: tuple[float, float] = (0.5, 0.5)
+) -> Any:
+    """The scene as an RGB PIL image (drawn large, then downsampled for smooth edges). A `zoom` below 1
+    shows it shrunk on its background, above 1 a crop of it enlarged; `at` places the shrunk scene or
+    the crop (0 to 1 across the free room, per axis)."""
     from PIL import Image, ImageDraw
 
     big = size * supersample
@@ -143,6 +149,16 @@ def render(scene: Scene, size: int = 32, supersample: int = 4) -> Any:
         else:
             draw.polygon(outline, fill=255)
         image.paste(_fill(t, big, cx, cy, r), (0, 0), mask)
+    if zoom != 1.0:
+        side = round(big * zoom)
+        scaled = image.resize((side, side), Image.Resampling.LANCZOS)
+        room = abs(big - side)
+        x, y = round(at[0] * room), round(at[1] * room)
+        if zoom < 1.0:
+            image = Image.new("RGB", (big, big), COLOURS[scene.background])
+            image.paste(scaled, (x, y))
+        else:
+            image = scaled.crop((x, y, x + big, y + big))
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
@@ -156,10 +172,10 @@ def _fill(t: Thing, big: int, cx: float, cy: float, r: float) -> Any:
     draw = ImageDraw.Draw(fill)
     if t.pattern == "split":
         draw.rectangle([0, cy, big, big], fill=b)
-    else:  # a 4x4 checkerboard over the shape's box
-        cell = 2 * r / 4
-        for i in range(4):
-            for j in range(4):
+    else:  # a 2x2 checkerboard over the shape's box: finer ones blur in 32 px samples
+        cell = 2 * r / 2
+        for i in range(2):
+            for j in range(2):
                 if (i + j) % 2:
                     x0, y0 = cx - r + i * cell, cy - r + j * cell
                     draw.rectangle([x0, y0, x0 + cell, y0 + cell], fill=b)
