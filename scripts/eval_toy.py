@@ -1,6 +1,6 @@
 """How well a toy-world text-to-image model follows captions, judged by the oracle.
 
-    python scripts/eval_toy.py MODEL_FOLDER [--n 64] [--steps 25] [--guidance 4]
+    python scripts/eval_toy.py MODEL_FOLDER [--n 64] [--steps 25] [--guidance 4] [--unsized] [--prefix "photo of "]
 
 Samples one image for each of N seeded single-object captions ("a small red star on a blue
 background") and reports the share of images whose background, shape, fill colour and object count
@@ -29,13 +29,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--unsized", action="store_true", help='captions without the size word ("a red star on ...")')
+    ap.add_argument("--prefix", default="", help='put before every caption, e.g. "photo of " or "zoomed in "')
     args = ap.parse_args()
     sampler = Sampler(random.Random(args.seed))
     scenes = [sampler.scene(count=1) for _ in range(args.n)]
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    jobs = [Job(s.caption(), i, args.seed + i, f"{i}.png") for i, s in enumerate(scenes)]
+    captions = [args.prefix + s.caption(sized=not args.unsized) for s in scenes]
+    jobs = [Job(c, i, args.seed + i, f"{i}.png") for i, c in enumerate(captions)]
     with torch.no_grad():
         images = [
             im
@@ -52,8 +55,8 @@ def main() -> None:
         ]
     seen = read(load_oracle(), images)
     hits = {"background": 0, "shape": 0, "colour": 0, "count": 0, "all": 0}
-    for scene, got in zip(scenes, seen, strict=True):
-        v = judge(parse_prompt(scene.caption()), got)
+    for caption, got in zip(captions, seen, strict=True):
+        v = judge(parse_prompt(caption), got)
         ok = {"background": v["background"], "shape": v["shapes"], "colour": v["colours"], "count": v["count"]}
         for k, hit in ok.items():
             hits[k] += hit
@@ -65,6 +68,7 @@ def main() -> None:
                 "n": args.n,
                 "steps": args.steps,
                 "guidance": args.guidance,
+                "wording": {"unsized": args.unsized, "prefix": args.prefix},
                 **{k: v / args.n for k, v in hits.items()},
             },
             indent=1,

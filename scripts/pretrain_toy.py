@@ -7,7 +7,9 @@ cross-attention UNet2DConditionModel and a CLIPTextModel with the real CLIP voca
 from scratch here: first the VAE (reconstruction + a small KL term), then the UNet and the text
 encoder together (epsilon prediction, 10% empty captions for classifier-free guidance; the saved
 weights are an exponential moving average). Scenes are rendered on the fly from a seeded sampler. The
-result is stored in float16 (about 14 MB).
+result is stored in float16 (about 14 MB). The captions are varied as web captions are (see `batch`):
+shrunk and zoomed-in views carry the size augmentation's words, some start with "photo of", some
+leave out the size.
 
 The VAE is the model's image codec, like Stable Diffusion's, which saw all kinds of images: a quarter
 of its training scenes show two-tone patterned shapes so that it can encode and decode the personal
@@ -64,30 +66,51 @@ TEXT = dict(
 )
 
 
-def batch(sampler, n: int, patterned: float = 0.0) -> tuple[torch.Tensor, list[str]]:
+def view(rng: random.Random) -> tuple[float, str]:
+    """(zoom, caption prefix) of one training scene: a sixth shrunk and a sixth zoomed in, worded with
+    the size augmentation's own prompt words, so that fine-tuning's augmented views (cdtool.augment)
+    ask for something the model knows instead of teaching it that the concept comes small and repeated."""
+    from cdtool.augment import FAR, NEAR
+
+    u = rng.random()
+    if u < 1 / 6:
+        return rng.uniform(1 / 3, 0.6), rng.choice(FAR)
+    if u < 1 / 3:
+        return rng.uniform(1.2, 1.4), rng.choice(NEAR)
+    return 1.0, ""
+
+
+def batch(sampler, n: int, patterned: float = 0.0, views: bool = False) -> tuple[torch.Tensor, list[str]]:
     """N rendered scenes as [-1, 1] pixels, with their captions; a `patterned` share of them shows a
-    patterned thing of any shape (used for the VAE only, see the module docstring)."""
+    patterned thing of any shape (used for the VAE only, see the module docstring). With `views`,
+    some scenes are shrunk or zoomed in (see `view`), some captions start with "photo of", and a
+    single thing's size word is left out of three captions in ten ("a red star on a blue background"
+    is a caption users write)."""
     from cdtool.toy.world import PATTERNS, render
 
+    rng = sampler.rng
     scenes = [
-        sampler.scene(pattern=sampler.rng.choice(list(PATTERNS)))
-        if sampler.rng.random() < patterned
-        else sampler.scene()
+        sampler.scene(pattern=rng.choice(list(PATTERNS))) if rng.random() < patterned else sampler.scene()
         for _ in range(n)
     ]
+    images, captions = [], []
+    for s in scenes:
+        zoom, prefix = view(rng) if views else (1.0, "")
+        if views and not prefix and rng.random() < 0.15:
+            prefix = "photo of "  # as many web captions start; the closed-form merge's target prompts do
+        images.append(render(s, SIZE, zoom=zoom, at=(rng.random(), rng.random())))
+        captions.append(prefix + s.caption(sized=not views or rng.random() >= 0.3))
     pixels = (
         torch.stack(
             [
-                torch.frombuffer(bytearray(render(s, SIZE).tobytes()), dtype=torch.uint8)
-                .reshape(SIZE, SIZE, 3)
-                .permute(2, 0, 1)
-                for s in scenes
+                torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(SIZE, SIZE, 3).permute(2, 0, 1)
+                for im in images
             ]
         ).float()
         / 127.5
         - 1
     )
-    return pixels, [s.caption() for s in scenes]
+    return pixels, captions
 
 
 def main() -> None:
@@ -107,6 +130,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--save-minutes", type=float, default=10.0, help="how often to save the model")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--no-views", dest="views", action="store_false", help="no shrunk/zoomed views, every size word kept"
+    )
     ap.add_argument(
         "--init", type=Path, help="continue from a saved model folder (its weights; the optimiser starts afresh)"
     )
@@ -175,17 +201,20 @@ def main_stage(args, sampler, t0: float, vae, unet, text, done: int) -> None:
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 250))
-    averaged = torch.optim.swa_utils.AveragedModel(
-        torch.nn.ModuleDict({"unet": unet, "text": text}),
-        multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema),
-    )
+
+    def ema_step(avg: torch.Tensor, new: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        # the usual warm-up of the decay: a plain EMA from step 1 would keep the random init for thousands of steps
+        decay = min(args.ema, (1 + float(n)) / (10 + float(n)))
+        return avg + (new - avg) * (1 - decay)
+
+    averaged = torch.optim.swa_utils.AveragedModel(torch.nn.ModuleDict({"unet": unet, "text": text}), avg_fn=ema_step)
     deadline = time.perf_counter() + args.minutes * 60
     next_save = time.perf_counter() + args.save_minutes * 60
     step = 0
     ema = None
     while time.perf_counter() < deadline:
         step += 1
-        x, captions = batch(sampler, args.batch)
+        x, captions = batch(sampler, args.batch, views=args.views)
         captions = ["" if random.random() < 0.1 else c for c in captions]
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample() * scaling

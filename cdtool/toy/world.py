@@ -49,7 +49,7 @@ class Scene:
     token: str | None = None  # the modifier token the caption uses for a patterned thing
 
     def caption(self, sized: bool = True) -> str:
-        """"a small red star on a blue background"; a single thing's size word only when `sized`."""
+        """The caption ("a small red star on a blue background"); a single thing's size only when `sized`."""
         parts = []
         for t in self.things:
             if t.pattern:
