@@ -29,7 +29,7 @@ from cdtool.atomic import atomic_path
 from cdtool.augment import augment
 from cdtool.data import Example, load_image
 from cdtool.errors import CdtoolError
-from cdtool.losses import dvar, masked_mse
+from cdtool.losses import custom_diffusion_loss, dvar
 
 CHECKPOINTS = "checkpoints"
 LOG = "log.jsonl"
@@ -418,12 +418,12 @@ def train(
                 pred = unet_p(noisy.to(device), t.to(device), encoder_hidden_states=feats).sample
                 target = predict_target(lat, noise, t).to(device)
                 n = cfg.batch_size
-                if method == CUSTOM_DIFFUSION:
-                    loss = masked_mse(pred[:n], target[:n], mask.to(device))
+                if method == CUSTOM_DIFFUSION:  # the prior weighed as the paper's code does (see losses)
+                    loss = custom_diffusion_loss(pred, target, mask.to(device), cfg.prior_weight)
                 else:  # textual inversion and dreambooth use the plain mean squared error
                     loss = F.mse_loss(pred[:n].float(), target[:n].float())
-                if prior:
-                    loss = loss + cfg.prior_weight * F.mse_loss(pred[n:].float(), target[n:].float())
+                    if prior:
+                        loss = loss + cfg.prior_weight * F.mse_loss(pred[n:].float(), target[n:].float())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, 1.0)

@@ -7,7 +7,7 @@ import statistics
 import torch
 
 from cdtool.augment import FAR, NEAR, augment, draw_scale, place
-from cdtool.losses import dvar, masked_mse
+from cdtool.losses import custom_diffusion_loss, dvar, masked_mse
 
 
 def test_scale_distribution():
@@ -63,3 +63,19 @@ def test_dvar():
     losses = [1.0, 0.8, 0.6, 0.5, 0.45, 0.44, 0.44, 0.45, 0.44]
     expect = statistics.variance(losses[-4:]) / statistics.variance(losses)
     assert abs(dvar(losses, 4) - expect) < 1e-12
+
+
+def test_custom_diffusion_loss_weighs_a_regularisation_image_as_a_full_instance_view():
+    g = torch.Generator().manual_seed(3)
+    pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    mask = torch.zeros(2, 8, 8)
+    mask[0, 2:6, 2:6] = 1
+    mask[1] = 1
+    per_image = [((pred[i] - target[i]) ** 2).sum(0) for i in range(4)]  # summed over channels
+    instance = ((per_image[0] * mask[0]).sum() / mask[0].sum() + per_image[1].mean()) / 2
+    prior = (per_image[2].mean() + per_image[3].mean()) / 2
+    assert torch.allclose(custom_diffusion_loss(pred, target, mask, 0.5), instance + 0.5 * prior)
+    # the same image counts the same whether it is an instance view with a full mask or a prior image
+    same = torch.cat([pred[:1], pred[:1]]), torch.cat([target[:1], target[:1]])
+    assert torch.allclose(custom_diffusion_loss(*same, torch.ones(1, 8, 8)), 2 * per_image[0].mean())
+    assert torch.allclose(custom_diffusion_loss(pred[:2], target[:2], mask), instance)
