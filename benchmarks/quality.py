@@ -11,7 +11,8 @@ the oracle. Reports, per model variant:
 - prompt fidelity: share of "a <new1> star and a red square on a ... background" samples with the
   asked companion, colours and background;
 - prior drift: share of plain "a small red star on a ... background" samples showing the pattern;
-- both: share of "a <new1> star and a <new2> circle ..." samples showing both patterns.
+- both: share of "a <new1> star and a <new2> circle ..." samples showing both patterns;
+- compression: concept fidelity of each concept's delta after `compress --rank r`.
 
 `--ci` is the small variant the test suite runs (fewer steps and samples).
 """
@@ -61,10 +62,10 @@ class Settings:
     model: str = "toy"
     # The toy model was pretrained from scratch at lr 1e-3: its fine-tuning needs a larger base lr
     # than Stable Diffusion's 1e-5 (measured in RESULTS.md: 1e-5 learns nothing in 250 steps).
-    extra_train: tuple[str, ...] = ("--lr", "3e-4")
+    lr: float = 3e-4
 
 
-CI = Settings(steps=250, reg_images=24, n=16, sample_steps=12, ranks=(4,), variants=("noreg",))
+CI = Settings(steps=250, reg_images=24, n=16, sample_steps=12, ranks=(4,), variants=("noreg", "sum"))
 
 
 def prompt_groups(seed: int) -> dict[str, list[str]]:
@@ -99,11 +100,11 @@ class Bench:
         self.groups = prompt_groups(s.seed)
         self.results: dict[str, Any] = {"settings": asdict(self.s), "variants": {}, "training": {}}
 
-    def train(self, name: str, *args: Any, steps: int | None = None) -> Path:
+    def train(self, name: str, *args: Any, steps: int | None = None, lr_factor: float = 1.0) -> Path:
         delta = self.out / f"{name}.safetensors"
         doc = self.run(
             "train", *args, "-o", delta, "--model", self.s.model, "--steps", steps or self.s.steps,
-            "--seed", self.s.seed, *self.s.extra_train,
+            "--seed", self.s.seed, "--lr", self.s.lr * lr_factor,
         )  # fmt: skip
         self.results["training"][name] = {k: doc[k] for k in ("steps", "reason", "final_loss", "seconds")}
         return delta
@@ -157,7 +158,9 @@ def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
         reg_dirs.append(reg)
         singles.append(b.train(name, data, "--reg", reg))
         if "noreg" in s.variants:
-            noregs.append(b.train(f"{name}-noreg", data))
+            # Twice the base lr: with a regularisation set the reference (and cdtool) doubles the
+            # scaled lr, so this keeps the step size equal and the set the only difference.
+            noregs.append(b.train(f"{name}-noreg", data, lr_factor=2.0))
 
     tokens = [t for t, _, _ in CONCEPTS]
     nouns = [n for _, n, _ in CONCEPTS]
@@ -183,10 +186,13 @@ def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
         ]
         joint = b.train("joint", data_dirs[0], "--reg", reg_dirs[0], *concept_args, steps=s.joint_steps)
         b.evaluate("joint", [joint], all_groups)
+    # Compression of each concept's own delta (what a user compresses to share a concept; the
+    # merged delta's fidelity is measured above)
     for r in s.ranks:
-        small = out / f"merged.r{r}.safetensors"
-        b.run("compress", merged, "-o", small, "--rank", r)
-        b.evaluate(f"merged-r{r}", [small], per_concept)
+        for (token, _, name), delta in zip(CONCEPTS, singles, strict=True):
+            small = out / f"{name}.r{r}.safetensors"
+            b.run("compress", delta, "-o", small, "--rank", r)
+            b.evaluate(f"{name}-r{r}", [small], [f"concept {token}"])
     if "dvar" in s.variants:
         token, noun, name = CONCEPTS[0]
         dv = b.train(f"{name}-dvar", data_dirs[0], "--reg", reg_dirs[0], "--early-stop", "dvar",
@@ -221,9 +227,11 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
                 c[f"{m}_retention"] = c[m] / c["single"] if c["single"] else float("nan")
                 c[f"{m}_prompt_fidelity"] = v[m][f"companion {token}"]["prompt_fidelity"]
                 c[f"{m}_drift"] = v[m][f"prior {noun}"]["prior_drift"]
-        ranks = {k.split("-r")[1]: v[k][f"concept {token}"]["concept_fidelity"] for k in v if k.startswith("merged-r")}
+        ranks = {
+            k.rsplit("-r", 1)[1]: v[k][f"concept {token}"]["concept_fidelity"] for k in v if k.startswith(f"{name}-r")
+        }
         if ranks:
-            c["rank_fidelity"] = {**ranks, "full": c["merged"]}
+            c["rank_fidelity"] = {**ranks, "full": c["single"]}
         if f"{name}-dvar" in v:
             c["dvar_steps"] = res["training"][f"{name}-dvar"]["steps"]
             c["fixed_steps"] = res["training"][name]["steps"]
@@ -252,7 +260,7 @@ def main() -> None:
     if args.n:
         s.n = args.n
     if args.lr:
-        s.extra_train = ("--lr", str(args.lr))
+        s.lr = args.lr
     res = run(args.out, s, args.quiet)
     print(json.dumps(res["summary"], indent=1))
 

@@ -79,16 +79,22 @@ def test_demo_end_to_end(cli, tmp_path):
 
 
 def test_quality_ci(tmp_path):
-    """The CI-sized quality benchmark, end to end through the commands. It asserts what the toy
-    model robustly shows today (benchmarks/RESULTS.md): the base model never draws the personal
-    concepts, and a 250-step Custom Diffusion run teaches it the split star (measured 0.375 here,
-    so a change that breaks learning fails). Merge retention and the checkered circle are not
-    asserted: on the toy model they are not achieved yet (see RESULTS.md and issue 8's note)."""
+    """The CI-sized quality benchmark, end to end through the commands. Measured here (RESULTS.md):
+    split star 0.375, checker circle 0.94 (base 0.00 both); checker drift 0.00 with the
+    regularisation set and 0.69 without; the checker's delta at rank 4 0.81; `merge --method sum`
+    0.375. The thresholds sit well below those and far above what a broken step gives (0), so a
+    change that breaks learning, prior preservation, compression or applying merged deltas fails.
+    The closed-form merge's retention is not asserted: on the toy model it is not achieved (RESULTS.md
+    says why)."""
     from benchmarks.quality import CI, run
 
     res = run(tmp_path / "q", CI, quiet=True)
     s = res["summary"]
-    assert s["<new1>"]["base"] <= 0.05 and s["<new2>"]["base"] <= 0.05, s
-    assert s["<new1>"]["single"] >= 0.15, s
-    assert s["<new1>"]["drift_base"] <= 0.05, s
-    assert set(res["variants"]) >= {"base", "new1-star", "new1-star-noreg", "merged", "merged-r4"}
+    star, checker = s["<new1>"], s["<new2>"]
+    assert star["base"] <= 0.05 and checker["base"] <= 0.05, s
+    assert star["drift_base"] <= 0.05 and checker["drift_base"] <= 0.05, s
+    assert star["single"] >= 0.15 and checker["single"] >= 0.6, s
+    assert checker["drift_with_reg"] <= 0.15 and checker["drift_without_reg"] >= 0.35, s
+    assert checker["rank_fidelity"]["4"] >= 0.5, s
+    assert checker["sum"] >= 0.2, s
+    assert set(res["variants"]) >= {"base", "new1-star", "new1-star-noreg", "merged", "sum", "new2-circle-r4"}

@@ -123,7 +123,8 @@ def demo(
 
 def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
     """Toy-world captions: of scenes whose first thing is a `shape` (regularisation prompts), or of
-    any scenes (the merge's regularisation captions)."""
+    any scenes (the merge's regularisation captions). Worded as varied as the toy model's pretraining
+    captions: some start with "photo of", some leave out a single thing's size."""
     from dataclasses import replace
 
     from cdtool.toy.world import Sampler
@@ -134,7 +135,8 @@ def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
         scene = sampler.scene()
         if shape is not None:
             scene = replace(scene, things=(replace(scene.things[0], shape=shape), *scene.things[1:]))
-        out.append(scene.caption())
+        caption = scene.caption(sized=rng.random() >= 0.3)
+        out.append(f"photo of {caption}" if rng.random() < 0.15 else caption)
     return out
 
 
