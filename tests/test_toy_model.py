@@ -65,10 +65,15 @@ def test_demo_end_to_end(cli, tmp_path):
         "a small white star on a red background",
         "a large orange circle on a purple background",
     }
+    assert set(doc["alone"]) == {"<new1>", "<new2>"}
+    assert set(doc["per_prompt"]["alone"]) == {
+        "a small <new1> star on a blue background",
+        "a large <new2> circle on a yellow background",
+    }
     from PIL import Image
 
-    with Image.open(out / "before-after.png") as im:
-        assert im.width > 2 * 3 * 32 and im.height >= 5 * 3 * 32
+    with Image.open(out / "before-after.png") as im:  # three panels of one 3x-scaled sample each
+        assert im.width > 3 * 3 * 32 and im.height >= 5 * 3 * 32
     assert "$ cdtool train" in r.stderr and "--captions-from-files" in r.stderr
     concept = json.loads((out / "data" / "new1-star" / "concept.json").read_text())
     assert concept["token"] == "<new1>" and concept["class_noun"] == "star"

@@ -55,8 +55,9 @@ def demo(
     prep, regset, train (one concept each, with prior preservation), merge (closed form), compress,
     sample before and after, and score with the oracle.
 
-    Writes OUTPUT/before-after.png (a row per prompt: base model left, merged concepts right) and
-    OUTPUT/scores.json (concept fidelity, prompt fidelity and prior drift, before and after).
+    Writes OUTPUT/before-after.png (a row per prompt: base model left, the concept's own delta in the
+    middle, the merged and compressed delta right) and OUTPUT/scores.json (concept fidelity, prompt
+    fidelity and prior drift: before, each concept alone, after).
     """
     if output.exists() and any(output.iterdir()):
         if not force:
@@ -91,17 +92,29 @@ def demo(
     before, after = output / "samples" / "before", output / "samples" / "after"
     common = ("--prompts", prompts, "--n", n, "--steps", sample_steps, "--guidance", guidance, "--seed", seed)
     run("sample", "--model", model, "-o", before, "--batch-size", 16, *common)
+    # each concept alone (its own delta, before merging): what training taught, next to what the
+    # merged, compressed delta keeps
+    alone = []
+    for (token, _, name), delta in zip(CONCEPTS, deltas, strict=True):
+        own = output / f"prompts-{name}.txt"
+        own.write_text("\n".join(p for p in PROMPTS if _only_token(p) == token) + "\n")
+        folder = output / "samples" / f"alone-{name}"
+        run("sample", "--delta", delta, "-o", folder, "--batch-size", 16, *common[2:], "--prompts", own)
+        alone.append(folder)
     run("sample", "--delta", small, "-o", after, "--batch-size", 16, *common)
-    scores = run("score", before, after, "--metrics", "oracle")
+    scores = run("score", before, *alone, after, "--metrics", "oracle")
     grid = output / "before-after.png"
-    _before_after(before, after, grid)
+    _before_after(before, alone, after, grid)
+    runs = scores["runs"]
     doc = {
         "model": model,
-        "before": scores["runs"][0]["overall"]["oracle"],
-        "after": scores["runs"][1]["overall"]["oracle"],
+        "before": runs[0]["overall"]["oracle"],
+        "alone": {t: r["overall"]["oracle"] for (t, _, _), r in zip(CONCEPTS, runs[1:-1], strict=True)},
+        "after": runs[-1]["overall"]["oracle"],
         "per_prompt": {
-            "before": {p["prompt"]: p["oracle"] for p in scores["runs"][0]["per_prompt"]},
-            "after": {p["prompt"]: p["oracle"] for p in scores["runs"][1]["per_prompt"]},
+            "before": {p["prompt"]: p["oracle"] for p in runs[0]["per_prompt"]},
+            "alone": {p["prompt"]: p["oracle"] for r in runs[1:-1] for p in r["per_prompt"]},
+            "after": {p["prompt"]: p["oracle"] for p in runs[-1]["per_prompt"]},
         },
         "grid": str(grid),
         "deltas": [str(d) for d in deltas] + [str(merged), str(small)],
@@ -112,10 +125,11 @@ def demo(
         console.result_json(doc)
     else:
         b, a = doc["before"], doc["after"]
+        each = ", ".join(f"{t} {v['concept_fidelity']:.2f}" for t, v in doc["alone"].items())
         console.log(
-            f"concept fidelity {b['concept_fidelity']:.2f} -> {a['concept_fidelity']:.2f}, prompt fidelity "
-            f"{b['prompt_fidelity']:.2f} -> {a['prompt_fidelity']:.2f}, prior drift {a['prior_drift']:.2f} "
-            f"({doc['seconds']['total']:.0f} s)"
+            f"concept fidelity {b['concept_fidelity']:.2f} before, alone {each}, merged and compressed "
+            f"{a['concept_fidelity']:.2f}; prompt fidelity {b['prompt_fidelity']:.2f} -> {a['prompt_fidelity']:.2f}, "
+            f"prior drift {a['prior_drift']:.2f} ({doc['seconds']['total']:.0f} s)"
         )
         console.result(str(grid))
         console.result(str(output / "scores.json"))
@@ -161,25 +175,42 @@ def write_photos(folder: Path, token: str, rng: random.Random) -> None:
         (folder / f"IMG_{i:04d}.txt").write_text(caption + "\n")
 
 
-def _before_after(before: Path, after: Path, out: Path, scale: int = 3) -> None:
-    """One row per prompt: the base model's samples, a gap, the merged model's samples."""
+def _only_token(prompt: str) -> str | None:
+    """The one concept token a prompt names, None for none or several."""
+    named = [t for t, _, _ in CONCEPTS if t in prompt]
+    return named[0] if len(named) == 1 else None
+
+
+def _before_after(before: Path, alone: list[Path], after: Path, out: Path, scale: int = 3) -> None:
+    """One row per prompt, three panels: the base model's samples; the concept's own delta (for
+    prompts naming one concept; blank otherwise); the merged, compressed delta."""
     from PIL import Image, ImageDraw
 
     prompts = json.loads((before / "prompts.json").read_text())
     rows: dict[str, list[str]] = {}
     for name, prompt in sorted(prompts.items()):
         rows.setdefault(prompt, []).append(name)
+    own: dict[str, tuple[Path, list[str]]] = {}  # prompt -> (folder, file names) of its concept alone
+    for folder in alone:
+        for name, prompt in json.loads((folder / "prompts.json").read_text()).items():
+            own.setdefault(prompt, (folder, []))[1].append(name)
     with Image.open(before / next(iter(prompts))) as im:
         side = im.width * scale
     per_row = max(len(v) for v in rows.values())
     label, gap = 14, side // 2
-    grid = Image.new("RGB", (2 * per_row * side + gap, len(rows) * (side + label)), "white")
+    grid = Image.new("RGB", (3 * per_row * side + 2 * gap, len(rows) * (side + label)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (prompt, names) in enumerate(rows.items()):
         y = r * (side + label)
         draw.text((2, y + 1), prompt, fill="black")
-        for c, name in enumerate(names):
-            for k, folder in enumerate((before, after)):
+        panels: list[tuple[Path, list[str]] | None] = [(before, names), None, (after, names)]
+        if prompt in own:
+            panels[1] = (own[prompt][0], sorted(own[prompt][1]))
+        for k, panel in enumerate(panels):
+            if panel is None:
+                continue
+            folder, files = panel
+            for c, name in enumerate(files):
                 with Image.open(folder / name) as im:
                     tile = im.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
                 grid.paste(tile, (k * (per_row * side + gap) + c * side, y + label))
