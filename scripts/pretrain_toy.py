@@ -86,7 +86,7 @@ def batch(sampler, n: int, patterned: float = 0.0, views: bool = False) -> tuple
     some scenes are shrunk or zoomed in (see `view`), some captions start with "photo of", and a
     single thing's size word is left out of three captions in ten ("a red star on a blue background"
     is a caption users write)."""
-    from cdtool.toy.world import PATTERNS, render
+    from cdtool.toy.world import PATTERNS, PHOTO_OF_SHARE, UNSIZED_SHARE, render
 
     rng = sampler.rng
     scenes = [
@@ -96,10 +96,10 @@ def batch(sampler, n: int, patterned: float = 0.0, views: bool = False) -> tuple
     images, captions = [], []
     for s in scenes:
         zoom, prefix = view(rng) if views else (1.0, "")
-        if views and not prefix and rng.random() < 0.15:
+        if views and not prefix and rng.random() < PHOTO_OF_SHARE:
             prefix = "photo of "  # as many web captions start; the closed-form merge's target prompts do
         images.append(render(s, SIZE, zoom=zoom, at=(rng.random(), rng.random())))
-        captions.append(prefix + s.caption(sized=not views or rng.random() >= 0.3))
+        captions.append(prefix + s.caption(sized=not views or rng.random() >= UNSIZED_SHARE))
     pixels = (
         torch.stack(
             [

@@ -141,7 +141,7 @@ def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
     captions: some start with "photo of", some leave out a single thing's size."""
     from dataclasses import replace
 
-    from cdtool.toy.world import Sampler
+    from cdtool.toy.world import PHOTO_OF_SHARE, UNSIZED_SHARE, Sampler
 
     sampler = Sampler(rng)
     out = []
@@ -149,8 +149,8 @@ def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
         scene = sampler.scene()
         if shape is not None:
             scene = replace(scene, things=(replace(scene.things[0], shape=shape), *scene.things[1:]))
-        caption = scene.caption(sized=rng.random() >= 0.3)
-        out.append(f"photo of {caption}" if rng.random() < 0.15 else caption)
+        caption = scene.caption(sized=rng.random() >= UNSIZED_SHARE)
+        out.append(f"photo of {caption}" if rng.random() < PHOTO_OF_SHARE else caption)
     return out
 
 

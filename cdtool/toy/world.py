@@ -30,6 +30,10 @@ PATTERNS = {
     "checker": ((15, 15, 15), (240, 240, 240)),
 }
 CONCEPTS = {"<new1>": ("star", "split"), "<new2>": ("circle", "checker")}
+# How captions vary, as web captions do (toy pretraining, generated regularisation prompts): a share
+# start with "photo of ", a share of single-thing captions leave out the size.
+PHOTO_OF_SHARE = 0.15
+UNSIZED_SHARE = 0.3
 
 
 @dataclass(frozen=True)
