@@ -90,8 +90,8 @@ def demo(
     prompts = output / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     before, after = output / "samples" / "before", output / "samples" / "after"
-    common = ("--prompts", prompts, "--n", n, "--steps", sample_steps, "--guidance", guidance, "--seed", seed)
-    run("sample", "--model", model, "-o", before, "--batch-size", 16, *common)
+    common = ("--n", n, "--steps", sample_steps, "--guidance", guidance, "--seed", seed, "--batch-size", 16)
+    run("sample", "--model", model, "-o", before, "--prompts", prompts, *common)
     # each concept alone (its own delta, before merging): what training taught, next to what the
     # merged, compressed delta keeps
     alone = []
@@ -99,9 +99,9 @@ def demo(
         own = output / f"prompts-{name}.txt"
         own.write_text("\n".join(p for p in PROMPTS if _only_token(p) == token) + "\n")
         folder = output / "samples" / f"alone-{name}"
-        run("sample", "--delta", delta, "-o", folder, "--batch-size", 16, *common[2:], "--prompts", own)
+        run("sample", "--delta", delta, "-o", folder, "--prompts", own, *common)
         alone.append(folder)
-    run("sample", "--delta", small, "-o", after, "--batch-size", 16, *common)
+    run("sample", "--delta", small, "-o", after, "--prompts", prompts, *common)
     scores = run("score", before, *alone, after, "--metrics", "oracle")
     grid = output / "before-after.png"
     _before_after(before, alone, after, grid)
