@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -13,24 +16,46 @@ from dataclasses import dataclass
 class Run:
     seconds: float
     peak_rss_mb: float
+    peak_gpu_mb: float  # 0 without an NVIDIA GPU
     returncode: int
     stderr: str
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None) -> Run:
-    """Run `cmd` in a child process under GNU time: wall time and the child's own peak RSS."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        ["/usr/bin/time", "-f", "MAXRSS_KB=%M", *cmd],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+def _gpu_used_mb() -> float:
+    """GPU memory held by all compute processes now (the benchmarks run one child at a time)."""
+    out = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
-    )
-    seconds = time.perf_counter() - start
-    lines = proc.stderr.strip().splitlines()
-    peak = next((int(x.split("=")[1]) for x in reversed(lines) if x.startswith("MAXRSS_KB=")), 0)
+    ).stdout
+    return float(sum(int(x) for x in out.split() if x.isdigit()))
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> Run:
+    """Run `cmd` in a child process: wall time, the child's own peak RSS (wait4's rusage) and, with an
+    NVIDIA GPU, the peak GPU memory nvidia-smi reports for it (polled every 0.1 s; what the process
+    holds, CUDA context and allocator cache included)."""
+    peak_gpu, done = [0.0], threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.1):
+            peak_gpu[0] = max(peak_gpu[0], _gpu_used_mb())
+
+    poller = threading.Thread(target=poll, daemon=True) if shutil.which("nvidia-smi") else None
+    with tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
+        if poller:
+            poller.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        done.set()
+        if poller:
+            poller.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        stderr = err.read()
     if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
+        sys.stderr.write(stderr)
         raise SystemExit(f"benchmark step failed: {' '.join(cmd)}")
-    return Run(seconds, peak / 1024, proc.returncode, proc.stderr)
+    return Run(seconds, usage.ru_maxrss / 1024, peak_gpu[0], proc.returncode, stderr)

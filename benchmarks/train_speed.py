@@ -6,7 +6,7 @@ Get the reference from the diffusers repository (examples/custom_diffusion/); it
 with cdtool. Both run on the same model, images, prompts and settings (prior preservation,
 augmentation, batch size, resolution, learning rate), one after the other in this one run. Each is
 run for S and 2S steps: steps/s = S / (t(2S) - t(S)) cancels start-up; time to a finished delta is
-t(2S); peak RSS from GNU time.
+t(2S); peak RSS from the child's rusage and, on an NVIDIA GPU, peak GPU memory from nvidia-smi.
 
 The reference's initializer lookup (`tokenizer.encode([token])`) returns a nested list under
 transformers 5, which crashes for the default multi-piece "ktn"; both runs use "cat" here.
@@ -153,15 +153,16 @@ def main() -> None:
     rows = {}
     for name, build in (("diffusers train_custom_diffusion.py", reference), ("cdtool train", cdtool)):
         short, long = measure(build(args.steps)), measure(build(2 * args.steps))
-        rows[name] = (args.steps / max(1e-9, long.seconds - short.seconds), long.seconds, long.peak_rss_mb)
+        rate = args.steps / max(1e-9, long.seconds - short.seconds)
+        rows[name] = (rate, long.seconds, long.peak_rss_mb, max(short.peak_gpu_mb, long.peak_gpu_mb))
     ref = rows["diffusers train_custom_diffusion.py"]
     print(
         f"model {args.model}, {size}px, batch {args.batch_size} (+{args.batch_size} class images), {2 * args.steps} steps, mixed precision {args.mixed_precision}"
     )
-    print("| trainer | steps/s | time to delta s | peak RSS MB | steps/s vs reference |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, (rate, secs, peak) in rows.items():
-        print(f"| {name} | {rate:.2f} | {secs:.1f} | {peak:.0f} | {rate / ref[0]:.2f}x |")
+    print("| trainer | steps/s | time to delta s | peak RSS MB | peak GPU MB | steps/s vs reference |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, (rate, secs, peak, gpu) in rows.items():
+        print(f"| {name} | {rate:.2f} | {secs:.1f} | {peak:.0f} | {gpu:.0f} | {rate / ref[0]:.2f}x |")
 
 
 if __name__ == "__main__":

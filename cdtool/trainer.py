@@ -152,6 +152,7 @@ def train(
 ) -> TrainResult:
     """Train the concepts of `cfg`; writes the delta (main process) and the run folder."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from diffusers import DDPMScheduler
 
     from cdtool.attention import use_detaching_cross_attention
@@ -166,6 +167,11 @@ def train(
     # Without CUDA, cpu=True is what makes accelerate run several CPU processes (MULTI_CPU) under
     # `accelerate launch --multi_gpu --num_processes N` (its `--cpu` flag starts one process without MPI).
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    # accelerate keeps its state (device, mixed precision) in process-wide singletons that a later
+    # Accelerator silently keeps (an earlier CUDA run wins over --device cpu) or may not change (mixed
+    # precision); one process may train several times (cdtool demo, notebooks, tests). Under
+    # `accelerate launch` nothing is set up before the first run, so this resets nothing there.
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, cpu=on_cpu
     )
@@ -309,6 +315,15 @@ def train(
     vae.to(device)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     vae.to(dtype=weight_dtype)
+    if weight_dtype != torch.float32 and device.type == "cuda":
+        # Frozen weights are only read inside accelerate's autocast, which computes in the half type
+        # anyway: holding them in it halves their memory (the reference holds the UNet and text encoder
+        # in weight_dtype too). What trains stays fp32, the optimiser's master copy. Not on the CPU,
+        # whose autocast leaves some ops (group norm) in the input's fp32 and so needs fp32 weights.
+        for module in (unet, encoder):
+            for p in module.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(weight_dtype)
     unet_p, encoder_p, optimizer = accelerator.prepare(unet, encoder, optimizer)
     scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
     size = cfg.resolution

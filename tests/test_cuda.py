@@ -1,0 +1,76 @@
+"""The CUDA paths: half-precision SDPA cross-attention, fp16/bf16 mixed-precision training, and
+half-precision sampling judged by the oracle. Skipped where no GPU is present (CI has none; these
+ran on a lent H100, see benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cdtool.attention import use_detaching_cross_attention
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_detaching_attention_in_half_precision(fresh_tiny, dtype):
+    unet = fresh_tiny.unet.to("cuda", dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g).to("cuda", dtype)
+    ehs = torch.randn(2, 77, 32, generator=g).to("cuda", dtype)
+    t = torch.tensor([10, 500], device="cuda")
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=ehs).sample.float()
+    use_detaching_cross_attention(unet)
+    ehs.requires_grad_(True)
+    out = unet(x, t, encoder_hidden_states=ehs).sample
+    assert out.dtype == dtype
+    tol = 2e-2 if dtype == torch.float16 else 8e-2
+    assert (out.float() - ref).abs().max() <= tol * ref.abs().max()
+    out.float().square().sum().backward()
+    assert float(ehs.grad[:, 0].abs().sum()) == 0.0
+    assert float(ehs.grad[:, 1].abs().sum()) > 0.0
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_training_on_cuda(cli, tmp_path, concept_dirs, precision):
+    from cdtool.delta import read_cdtool
+
+    cat, reg = concept_dirs
+    out = tmp_path / "cat.safetensors"
+    r = cli(
+        "train", cat, "--class-noun", "cat", "--reg", reg, "-o", out, "--model", "tiny", "--batch-size", "2",
+        "--steps", "30", "--lr", "2e-3", "--no-scale-lr", "--no-aug", "--mixed-precision", precision,
+        "--early-stop", "dvar", "--dvar-window", "1000", "--json", "-q",
+    )  # fmt: skip
+    assert json.loads(r.stdout)["steps"] == 30
+    log = [json.loads(x) for x in (tmp_path / "cat.run" / "log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(row["eval_loss"])) for row in log)
+    assert log[-1]["eval_loss"] < 0.97 * log[0]["eval_loss"]
+    delta = read_cdtool(out)
+    # trainable weights stay fp32 under mixed precision; the file holds fp32 deltas
+    for layer in delta.layers.values():
+        full = layer.dense()
+        assert full.dtype == torch.float32 and torch.isfinite(full).all()
+    assert any(float(layer.dense().abs().max()) > 0 for layer in delta.layers.values())
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_sampling_follows_prompts(cli, tmp_path, dtype):
+    """The toy model sampled in half precision on the GPU still draws what the prompt asks for."""
+    from PIL import Image
+
+    from cdtool.toy.judge import judge, parse_prompt
+    from cdtool.toy.oracle import load_oracle, read
+
+    prompts = ["a large red circle on a blue background", "a large yellow square on a green background"]
+    out = tmp_path / dtype
+    cli("sample", *prompts, "--model", "toy", "-o", out, "--n", "8", "--steps", "20", "--guidance", "4",
+        "--device", "cuda", "--dtype", dtype, "--batch-size", "8", "-q")  # fmt: skip
+    names = json.loads((out / "prompts.json").read_text())
+    images = [Image.open(out / name).convert("RGB") for name in names]
+    seen = read(load_oracle(), images)
+    verdicts = [judge(parse_prompt(names[name]), s) for name, s in zip(names, seen, strict=True)]
+    assert sum(v["prompt"] for v in verdicts) >= 0.75 * len(verdicts)
