@@ -1,10 +1,16 @@
 """How well a toy-world text-to-image model follows captions, judged by the oracle.
 
     python scripts/eval_toy.py MODEL_FOLDER [--n 64] [--steps 25] [--guidance 4] [--unsized] [--prefix "photo of "]
+                                            [--padding own|empty|only]
 
 Samples one image for each of N seeded single-object captions ("a small red star on a blue
 background") and reports the share of images whose background, shape, fill colour and object count
 the oracle reads as asked (chance: 1/8 background, 1/5 shape, 1/8 colour).
+
+`--padding` asks where the UNet reads a caption: `empty` swaps each caption's rows after its
+end-of-text (padding) for the empty caption's, `only` swaps the rows up to end-of-text instead, so
+that only the padding carries the caption. CLIP is causal, so its padding rows summarise the prompt;
+the closed-form merge constrains the rows up to end-of-text only.
 """
 
 from __future__ import annotations
@@ -31,11 +37,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--unsized", action="store_true", help='captions without the size word ("a red star on ...")')
     ap.add_argument("--prefix", default="", help='put before every caption, e.g. "photo of " or "zoomed in "')
+    ap.add_argument("--padding", choices=["own", "empty", "only"], default="own", help="see the module docstring")
     args = ap.parse_args()
     sampler = Sampler(random.Random(args.seed))
     scenes = [sampler.scene(count=1) for _ in range(args.n)]
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
+    if args.padding != "own":
+        swap_rows(pipe, padding=args.padding == "empty")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     captions = [args.prefix + s.caption(sized=not args.unsized) for s in scenes]
     jobs = [Job(c, i, args.seed + i, f"{i}.png") for i, c in enumerate(captions)]
@@ -68,12 +77,31 @@ def main() -> None:
                 "n": args.n,
                 "steps": args.steps,
                 "guidance": args.guidance,
-                "wording": {"unsized": args.unsized, "prefix": args.prefix},
+                "wording": {"unsized": args.unsized, "prefix": args.prefix, "padding": args.padding},
                 **{k: v / args.n for k, v in hits.items()},
             },
             indent=1,
         )
     )
+
+
+def swap_rows(pipe, padding: bool) -> None:
+    """Make the text encoder return the empty caption's rows after each caption's first end-of-text
+    (`padding`), or up to and including it (not `padding`)."""
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        empty = enc(ids.to(enc.device))[0]
+
+    def hook(_module, args, output):
+        ids = args[0]
+        first_eos = (ids == tok.eos_token_id).int().argmax(1)
+        after = torch.arange(ids.shape[1], device=ids.device)[None] > first_eos[:, None]
+        swap = after if padding else ~after
+        output[0].copy_(torch.where(swap[..., None], empty.expand_as(output[0]), output[0]))
+        return output
+
+    enc.register_forward_hook(hook)
 
 
 if __name__ == "__main__":
