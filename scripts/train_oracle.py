@@ -1,9 +1,9 @@
 """Trains the toy world's oracle and measures it on held-out renders.
 
-    python scripts/train_oracle.py [--train 24000] [--test 4000] [--epochs 8]
+    python scripts/train_oracle.py [--train 24000] [--test 4000] [--epochs 8] [--seed 0] [--out PATH]
 
-Writes cdtool/data/toy/oracle.safetensors and prints per-head held-out accuracy. Deterministic for a
-seed on the CPU.
+Writes cdtool/data/toy/oracle.safetensors (or --out) and prints per-head held-out accuracy.
+Deterministic for a seed on the CPU.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--out", type=Path, help="where to write the weights (default: the shipped oracle's file)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,7 +98,7 @@ def main() -> None:
         print(
             f"epoch {epoch + 1}: loss {float(loss):.4f} held-out {accuracy(model, xt, yt)} ({time.perf_counter() - t0:.0f}s)"
         )
-    path = Path(__file__).resolve().parent.parent / "cdtool" / WEIGHTS
+    path = args.out or Path(__file__).resolve().parent.parent / "cdtool" / WEIGHTS
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     print(f"held-out accuracy: {accuracy(model, xt, yt)}")

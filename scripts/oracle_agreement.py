@@ -1,0 +1,64 @@
+"""How much the judge's verdicts on generated samples depend on which oracle judges them.
+
+    python scripts/train_oracle.py --seed 1 --out oracle-seed1.safetensors
+    python scripts/oracle_agreement.py oracle-seed1.safetensors bench-quality/samples
+
+Reads every sample folder (PNGs and the prompts.json that `cdtool sample` writes) under SAMPLES with
+the shipped oracle and with another one, and prints, per folder, the share of images each finds
+showing the asked concept (and the asked prompt), and how often the two verdicts agree. Held-out
+renders cannot show this: samples are off the renders' distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+VERDICTS = ("concept", "prompt")
+
+
+def main() -> None:
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from cdtool.toy.judge import judge, parse_prompt
+    from cdtool.toy.oracle import Oracle, load_oracle, read
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("weights", type=Path, help="the other oracle's weights")
+    ap.add_argument("samples", type=Path, help="a folder of sample folders (e.g. bench-quality/samples)")
+    args = ap.parse_args()
+    other = Oracle()
+    other.load_state_dict(load_file(str(args.weights)))
+    judges = (load_oracle(), other.eval())
+    agree = {k: [0, 0] for k in VERDICTS}
+    print("| samples | " + " | ".join(f"{k}: shipped / other / agree" for k in VERDICTS) + " |")
+    print("| --- |" + " ---: |" * len(VERDICTS))
+    for folder in sorted(p for p in args.samples.iterdir() if (p / "prompts.json").is_file()):
+        prompts = json.loads((folder / "prompts.json").read_text())
+        images = [Image.open(folder / name).convert("RGB") for name in prompts]
+        with torch.no_grad():
+            verdicts = [
+                [judge(parse_prompt(prompts[n]), seen) for n, seen in zip(prompts, read(o, images), strict=True)]
+                for o in judges
+            ]
+        cells = []
+        for k in VERDICTS:
+            pairs = [(a[k], b[k]) for a, b in zip(*verdicts, strict=True) if k in a]
+            if not pairs:
+                cells.append("")
+                continue
+            same = sum(a == b for a, b in pairs)
+            agree[k][0] += same
+            agree[k][1] += len(pairs)
+            n = len(pairs)
+            cells.append(f"{sum(a for a, _ in pairs) / n:.2f} / {sum(b for _, b in pairs) / n:.2f} / {same / n:.2f}")
+        print(f"| {folder.name} | " + " | ".join(cells) + " |")
+    print("agreement over all images: " + ", ".join(f"{k} {a / n:.3f}" for k, (a, n) in agree.items() if n))
+
+
+if __name__ == "__main__":
+    main()
