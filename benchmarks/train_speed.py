@@ -7,6 +7,8 @@ with cdtool. Both run on the same model, images, prompts and settings (prior pre
 augmentation, batch size, resolution, learning rate), one after the other in this one run. Each is
 run for S and 2S steps: steps/s = S / (t(2S) - t(S)) cancels start-up; time to a finished delta is
 t(2S); peak RSS from the child's rusage and, on an NVIDIA GPU, peak GPU memory from nvidia-smi.
+Start-up varies by seconds between runs, so S must make S steps take far longer than that: on a
+GPU use --steps 300 or more (at 100 the difference measured the same trainer at 2x apart).
 
 The reference's initializer lookup (`tokenizer.encode([token])`) returns a nested list under
 transformers 5, which crashes for the default multi-piece "ktn"; both runs use "cat" here.

@@ -55,7 +55,7 @@ def place(
     left = int(torch.randint(0, outer - inner + 1, (), generator=g))
     if scale > size:
         return resized[:, top : top + size, left : left + size], torch.ones(m, m)
-    canvas = torch.zeros(3, size, size)
+    canvas = image.new_zeros(3, size, size)
     canvas[:, top : top + scale, left : left + scale] = resized
     mask = torch.zeros(m, m)
     mask[top // factor + 1 : (top + scale) // factor - 1, left // factor + 1 : (left + scale) // factor - 1] = 1.0

@@ -1,10 +1,10 @@
 """How much the judge's verdicts on generated samples depend on which oracle judges them.
 
     python scripts/train_oracle.py --seed 1 --out oracle-seed1.safetensors
-    python scripts/oracle_agreement.py oracle-seed1.safetensors bench-quality/samples
+    python scripts/oracle_agreement.py oracle-seed1.safetensors bench-quality/samples [--against OTHER]
 
 Reads every sample folder (PNGs and the prompts.json that `cdtool sample` writes) under SAMPLES with
-the shipped oracle and with another one, and prints, per folder, the share of images each finds
+the shipped oracle (or --against's) and with another one, and prints, per folder, the share of images each finds
 showing the asked concept (and the asked prompt), and how often the two verdicts agree. Held-out
 renders cannot show this: samples are off the renders' distribution.
 """
@@ -30,12 +30,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("weights", type=Path, help="the other oracle's weights")
     ap.add_argument("samples", type=Path, help="a folder of sample folders (e.g. bench-quality/samples)")
+    ap.add_argument("--against", type=Path, help="weights of the first oracle (default: the shipped one)")
     args = ap.parse_args()
-    other = Oracle()
-    other.load_state_dict(load_file(str(args.weights)))
-    judges = (load_oracle(), other.eval())
+
+    def load(path: Path) -> Oracle:
+        model = Oracle()
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+
+    judges = (load(args.against) if args.against else load_oracle(), load(args.weights))
     agree = {k: [0, 0] for k in VERDICTS}
-    print("| samples | " + " | ".join(f"{k}: shipped / other / agree" for k in VERDICTS) + " |")
+    print("| samples | " + " | ".join(f"{k}: first / other / agree" for k in VERDICTS) + " |")
     print("| --- |" + " ---: |" * len(VERDICTS))
     for folder in sorted(p for p in args.samples.iterdir() if (p / "prompts.json").is_file()):
         prompts = json.loads((folder / "prompts.json").read_text())

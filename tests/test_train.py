@@ -302,3 +302,24 @@ def test_get_deltas_from_run_and_checkpoint(cli, tmp_path, concept_dirs):
         assert torch.allclose(got.layers[name].full, layer.full, atol=1e-7)
     cli("get-deltas", tmp_path / "c.run" / "checkpoints" / "step-000002", "-o", tmp_path / "early.safetensors")
     assert not torch.equal(read_cdtool(tmp_path / "early.safetensors").tokens["<new1>"], final.tokens["<new1>"])
+
+
+def test_trained_layers_compute_in_fp32_inside_a_half_model():
+    """Under mixed precision on CUDA the frozen UNet runs in the half type and the trained
+    projections stay fp32: their input is cast up, their output down, and gradients reach them."""
+    from cdtool.trainer import _compute_in_fp32
+
+    torch.manual_seed(0)
+    frozen = torch.nn.Linear(8, 8).to(torch.bfloat16).requires_grad_(False)
+    trained = torch.nn.Linear(8, 4)
+    handles = _compute_in_fp32([trained], torch.bfloat16)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    out = trained(frozen(x))
+    assert out.dtype == torch.bfloat16 and trained.weight.dtype == torch.float32
+    expected = torch.nn.functional.linear(frozen(x).float(), trained.weight, trained.bias).to(torch.bfloat16)
+    assert torch.equal(out, expected)
+    out.float().sum().backward()
+    assert trained.weight.grad is not None and trained.weight.grad.dtype == torch.float32
+    for h in handles:
+        h.remove()
+    assert trained(torch.randn(2, 8)).dtype == torch.float32  # hooks gone: back to plain fp32
