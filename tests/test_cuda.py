@@ -57,6 +57,26 @@ def test_mixed_precision_training_on_cuda(cli, tmp_path, concept_dirs, precision
     assert any(float(layer.dense().abs().max()) > 0 for layer in delta.layers.values())
 
 
+@pytest.mark.parametrize("method", ["textual-inversion", "dreambooth-lora"])
+def test_mixed_precision_baselines_on_cuda(cli, tmp_path, concept_dirs, method):
+    """The UNet runs in the half type without autocast: peft's LoRA layers (UNet and text encoder)
+    and the new token rows must still train in fp32 and give finite deltas."""
+    from cdtool.delta import read_cdtool
+
+    cat, _ = concept_dirs
+    out = tmp_path / "cat.safetensors"
+    extra = ["--train-text-encoder"] if method == "dreambooth-lora" else []
+    r = cli(
+        "train", cat, "--class-noun", "cat", "-o", out, "--model", "tiny", "--batch-size", "2", "--steps", "10",
+        "--method", method, "--no-aug", "--mixed-precision", "bf16", *extra, "--json", "-q",
+    )  # fmt: skip
+    assert json.loads(r.stdout)["steps"] == 10
+    delta = read_cdtool(out)
+    tensors = [t for layer in delta.layers.values() for t in (layer.dense(),)] + list(delta.tokens.values())
+    assert tensors and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors)
+    assert any(float(t.abs().max()) > 0 for t in tensors)
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_half_precision_sampling_follows_prompts(cli, tmp_path, dtype):
     """The toy model sampled in half precision on the GPU still draws what the prompt asks for."""
