@@ -135,10 +135,16 @@ def closed_form_merge(
 ) -> MergeResult:
     """Merge relative, renamed deltas with the closed form. `tokenizer`/`encoder` are the base
     text side (new tokens are added to them here); `base` maps `unet.<path>.weight` to W0."""
-    from cdtool.apply import _plan_tokens
-    from cdtool.text_features import feature_rows
-
     check_closed_form_layers(deltas)
+    add_delta_tokens(tokenizer, encoder, deltas)
+    c, row_owner = paper_target_rows(deltas, tokenizer, encoder)
+    return solve_merge(deltas, base, reg_gram, c, row_owner, dry_run=dry_run)
+
+
+def add_delta_tokens(tokenizer: Any, encoder: Any, deltas: Sequence[Delta]) -> None:
+    """Add the deltas' new tokens, with their learned rows, to the base text side."""
+    from cdtool.apply import _plan_tokens
+
     new_rows = _plan_tokens(tokenizer, encoder, deltas)
     if new_rows:
         tokenizer.add_tokens(list(new_rows))
@@ -148,7 +154,12 @@ def closed_form_merge(
             for tok, row in new_rows.items():
                 table[tokenizer.convert_tokens_to_ids(tok)] = row.to(table.dtype)
 
-    # target rows C, with the input each came from
+
+def paper_target_rows(deltas: Sequence[Delta], tokenizer: Any, encoder: Any) -> tuple[torch.Tensor, list[int]]:
+    """The closed form's target rows C (float64, one text feature per row) and the input each came
+    from: the paper's prompts ("<new1> cat", "photo of a <new1> cat") from the subject to end-of-text."""
+    from cdtool.text_features import feature_rows
+
     prompts, starts, owner = [], [], []
     for i, d in enumerate(deltas):
         for concept in d.concepts:
@@ -165,8 +176,20 @@ def closed_form_merge(
                 starts.append(1 + n_prefix)
                 owner.append(i)
     rows = feature_rows(tokenizer, encoder, prompts, starts)
-    c = torch.cat(rows).double()
-    row_owner = [o for o, r in zip(owner, rows, strict=True) for _ in range(r.shape[0])]
+    return torch.cat(rows).double(), [o for o, r in zip(owner, rows, strict=True) for _ in range(r.shape[0])]
+
+
+def solve_merge(
+    deltas: Sequence[Delta],
+    base: Mapping[str, torch.Tensor],
+    reg_gram: torch.Tensor,
+    c: torch.Tensor,
+    row_owner: Sequence[int],
+    *,
+    dry_run: bool = False,
+) -> MergeResult:
+    """Per layer, W closest to W0 on the regularisation features (`reg_gram`) with W c = W_i c for
+    every target row c of input i (`row_owner`); the merged delta holds W - W0 and every token."""
     system = prepare(reg_gram, c)
     result = MergeResult(
         delta=Delta(),
