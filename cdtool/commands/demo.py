@@ -131,6 +131,13 @@ def demo(
             f"{a['concept_fidelity']:.2f}; prompt fidelity {b['prompt_fidelity']:.2f} -> {a['prompt_fidelity']:.2f}, "
             f"prior drift {a['prior_drift']:.2f} ({doc['seconds']['total']:.0f} s)"
         )
+        best_alone = max(v["concept_fidelity"] for v in doc["alone"].values())
+        if model == TOY and a["concept_fidelity"] < 0.5 * best_alone:
+            console.log(
+                "on the toy model the closed-form merge loses what each concept learned alone: its "
+                "fine-tunes carry a concept on the text rows after end-of-text, which the paper's merge "
+                "does not hold (measured in benchmarks/RESULTS.md)"
+            )
         console.result(str(grid))
         console.result(str(output / "scores.json"))
 
