@@ -58,10 +58,11 @@ def main() -> None:
     ap.add_argument("bench", type=Path, help="a quality benchmark's output folder")
     ap.add_argument("--variants", default=DEFAULT)
     ap.add_argument("--n", type=int, default=16, help="samples per prompt group")
+    ap.add_argument("--model", default="toy", help="the base the benchmark was run on (quality.py --model)")
     args = ap.parse_args()
     out = args.bench / "merge-targets"
     captions = [x for x in (args.bench / "merge-captions.txt").read_text().splitlines() if x.strip()]
-    bench = Bench(out, Settings(n=args.n, sample_steps=12), quiet=True)
+    bench = Bench(out, Settings(n=args.n, sample_steps=12, model=args.model), quiet=True)
     print(
         "| targets | rows | `<new1>` split star | `<new2>` checker | mean regularisation drift | plain prompts obeyed |"
     )
@@ -69,7 +70,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         kind, who, *k = variant.split(":")
         picked = [0, 1] if who == "both" else [int(who) - 1]
-        pipe = load_pipeline("toy")
+        pipe = load_pipeline(args.model)
         tok, enc = pipe.tokenizer, pipe.text_encoder
         base = {f"unet.{n}": p.detach().float() for n, p in pipe.unet.named_parameters()}
         reg_gram, _ = gram(feature_rows(tok, enc, captions))
@@ -93,7 +94,7 @@ def main() -> None:
                 owner += [j] * rows.shape[0]
             c = torch.cat(parts)
         merged = solve_merge(deltas, base, reg_gram, c, owner)
-        merged.delta.base_model = "toy"  # the fingerprint stays unset: sampling then trusts the name
+        merged.delta.base_model = args.model  # the fingerprint stays unset: sampling then trusts the name
         path = out / f"{variant.replace(':', '-')}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_cdtool(merged.delta, path)

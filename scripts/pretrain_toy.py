@@ -14,6 +14,11 @@ leave out the size.
 The VAE is the model's image codec, like Stable Diffusion's, which saw all kinds of images: a quarter
 of its training scenes show two-tone patterned shapes so that it can encode and decode the personal
 concepts' colours. The UNet and the text encoder never see a pattern: the concepts stay new to them.
+
+`--text-encoder FOLDER` uses a separately pretrained text encoder (scripts/pretrain_toy_text.py),
+frozen, as Stable Diffusion used CLIP; with `--init` the UNet keeps its weights and re-learns only
+its cross-attention keys and values when the text width changes. (Measured in benchmarks/RESULTS.md;
+the shipped model's text encoder was trained together with its UNet.)
 """
 
 from __future__ import annotations
@@ -136,6 +141,12 @@ def main() -> None:
     ap.add_argument(
         "--init", type=Path, help="continue from a saved model folder (its weights; the optimiser starts afresh)"
     )
+    ap.add_argument(
+        "--text-encoder",
+        type=Path,
+        help="a folder whose text_encoder/ (scripts/pretrain_toy_text.py) is used frozen, as Stable Diffusion used "
+        "CLIP; with --init, the UNet's other weights are kept and its cross-attention keys/values re-learned",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "cdtool" / "data" / "toy" / "model")
     args = ap.parse_args()
     if args.threads:
@@ -144,7 +155,11 @@ def main() -> None:
     sampler = Sampler(random.Random(args.seed))
     t0 = time.perf_counter()
     if args.init:
-        main_stage(args, sampler, t0, *load_init(args.init))
+        vae, unet, text, done = load_init(args.init)
+        if args.text_encoder:
+            text = load_text_encoder(args.text_encoder)
+            unet = with_cross_attention_dim(unet, text.config.hidden_size)
+        main_stage(args, sampler, t0, vae, unet, text, done)
         return
 
     vae = AutoencoderKL(**VAE)
@@ -170,8 +185,31 @@ def main() -> None:
     print(f"latent scaling factor {vae.config.scaling_factor:.4f}", flush=True)
     widths = tuple(int(c) for c in args.unet_channels.split(","))
     unet = UNet2DConditionModel(**dict(UNET, block_out_channels=widths, norm_num_groups=min(16, widths[0])))
-    text = CLIPTextModel(CLIPTextConfig(**TEXT))
+    text = load_text_encoder(args.text_encoder) if args.text_encoder else CLIPTextModel(CLIPTextConfig(**TEXT))
+    unet = with_cross_attention_dim(unet, text.config.hidden_size)
     main_stage(args, sampler, t0, vae, unet, text, 0)
+
+
+def load_text_encoder(folder: Path):
+    """A separately pretrained text encoder, frozen."""
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().eval().requires_grad_(False)
+
+
+def with_cross_attention_dim(unet, dim: int):
+    """`unet` itself if it reads `dim`-wide text features, else a copy built for them that keeps every
+    weight whose shape still fits (all but the cross-attention keys and values, which start afresh)."""
+    from diffusers import UNet2DConditionModel
+
+    if unet.config.cross_attention_dim == dim:
+        return unet
+    new = UNet2DConditionModel.from_config(dict(unet.config, cross_attention_dim=dim))
+    own = new.state_dict()
+    kept = {k: v for k, v in unet.state_dict().items() if k in own and own[k].shape == v.shape}
+    new.load_state_dict(kept, strict=False)
+    print(f"UNet re-read for {dim}-wide text: {len(own) - len(kept)} tensors start afresh", flush=True)
+    return new.train().requires_grad_(True)
 
 
 def load_init(folder: Path) -> tuple:
@@ -189,7 +227,8 @@ def load_init(folder: Path) -> tuple:
 
 
 def main_stage(args, sampler, t0: float, vae, unet, text, done: int) -> None:
-    """The UNet and the text encoder together, for --minutes; `done` UNet steps came before."""
+    """The UNet and the text encoder together (the UNet alone when the text encoder is frozen), for
+    --minutes; `done` UNet steps came before."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from cdtool.clip_vocab import load_clip_tokenizer
@@ -198,7 +237,7 @@ def main_stage(args, sampler, t0: float, vae, unet, text, done: int) -> None:
     scaling = vae.config.scaling_factor
     tokenizer = load_clip_tokenizer()
     noise_sched = DDPMScheduler.from_config(DDIMScheduler(**SCHEDULER_CONFIG).config)
-    params = list(unet.parameters()) + list(text.parameters())
+    params = [p for p in (*unet.parameters(), *text.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 250))
 
@@ -221,7 +260,9 @@ def main_stage(args, sampler, t0: float, vae, unet, text, done: int) -> None:
         noise = torch.randn_like(z)
         t = torch.randint(0, 1000, (z.shape[0],))
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=text(ids)[0]).sample
+        with torch.set_grad_enabled(text.training):
+            states = text(ids)[0]
+        pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=states).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad()
         loss.backward()
