@@ -238,6 +238,7 @@ def main_stage(args, sampler, t0: float, vae, unet, text, done: int) -> None:
     tokenizer = load_clip_tokenizer()
     noise_sched = DDPMScheduler.from_config(DDIMScheduler(**SCHEDULER_CONFIG).config)
     params = [p for p in (*unet.parameters(), *text.parameters()) if p.requires_grad]
+    text_trains = any(p.requires_grad for p in text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 250))
 
@@ -260,7 +261,7 @@ def main_stage(args, sampler, t0: float, vae, unet, text, done: int) -> None:
         noise = torch.randn_like(z)
         t = torch.randint(0, 1000, (z.shape[0],))
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        with torch.set_grad_enabled(text.training):
+        with torch.set_grad_enabled(text_trains):
             states = text(ids)[0]
         pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=states).sample
         loss = F.mse_loss(pred, noise)
