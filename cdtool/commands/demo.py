@@ -134,9 +134,10 @@ def demo(
         best_alone = max(v["concept_fidelity"] for v in doc["alone"].values())
         if model == TOY and a["concept_fidelity"] < 0.5 * best_alone:
             console.log(
-                "on the toy model the closed-form merge loses what each concept learned alone: its "
-                "fine-tunes carry a concept on the text rows after end-of-text, which the paper's merge "
-                "does not hold (measured in benchmarks/RESULTS.md)"
+                "on the toy model the closed-form merge loses what each concept learned alone: a toy "
+                "fine-tune rewrites the keys and values of every text row and holds its concept only for "
+                "its captions' wording, while the paper's merge holds the rows of two target prompts "
+                "(measured in benchmarks/RESULTS.md)"
             )
         console.result(str(grid))
         console.result(str(output / "scores.json"))
