@@ -74,8 +74,9 @@ def main() -> None:
     config = dict(TEXT, hidden_size=args.width, intermediate_size=4 * args.width, projection_dim=args.width)
     config["num_hidden_layers"] = args.layers
     text = CLIPTextModel(CLIPTextConfig(**config)).train()
-    image = copy.deepcopy(load_oracle().features).train().requires_grad_(True)
-    image_proj = torch.nn.Linear(96 * 16, args.width)
+    oracle = load_oracle()
+    image = copy.deepcopy(oracle.features).train().requires_grad_(True)
+    image_proj = torch.nn.Linear(oracle.hidden[0].in_features, args.width)
     text_proj = torch.nn.Linear(args.width, args.width, bias=False)
     log_scale = torch.nn.Parameter(torch.tensor(2.659))  # CLIP's initial temperature, log(1/0.07)
     table = text.get_input_embeddings().weight
