@@ -241,11 +241,19 @@ def train(
             ]
     else:
         layer_names = []
+    base_params = pipeline_params(pipe)
+    # the fingerprint covers what the written delta will name: full-rank layers (custom-diffusion)
+    # carry their bias's change too (to_out.0 under --train attn2), LoRA factors do not
+    full_rank = method == CUSTOM_DIFFUSION
     fingerprint_delta = Delta(
-        layers={n: LayerDelta(full=torch.zeros(1, 1)) for n in layer_names},
+        layers={
+            n: LayerDelta(
+                full=torch.zeros(1, 1), bias=torch.zeros(1) if full_rank and f"{n}.bias" in base_params else None
+            )
+            for n in layer_names
+        },
         tokens={c.token: torch.zeros(1, 1) for c in new_concepts},
     )
-    base_params = pipeline_params(pipe)
     base_fp = fingerprint(base_params, fingerprint_names(fingerprint_delta), base_vocab)
     base_weights = {n: base_params[f"{n}.weight"].detach().clone() for n in layer_names}
     base_biases = {n: base_params[f"{n}.bias"].detach().clone() for n in layer_names if f"{n}.bias" in base_params}

@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import one_error, train_config, write_concept_folder
 
+from cdtool.apply import check_base
+from cdtool.base import pipeline_params
 from cdtool.delta import read_cdtool
 from cdtool.tiny import build_tiny_pipeline
 from cdtool.trainer import train
@@ -57,6 +59,9 @@ def test_attn2_mode_trains_all_cross_attention_projections(tmp_path, concept_dir
     kinds = {n.rsplit("attn2.", 1)[1] for n in delta.layers}
     assert kinds == {"to_q", "to_k", "to_v", "to_out.0"}
     assert all((layer.bias is not None) == n.endswith("to_out.0") for n, layer in delta.layers.items())
+    # the fingerprint covers the biases the delta carries: it applies to its own base without complaint
+    base = build_tiny_pipeline()
+    check_base(delta, pipeline_params(base), len(base.tokenizer), ignore=False, warn=print)
 
 
 def test_loss_goes_down_and_delta_samples(cli, tmp_path, concept_dirs):
