@@ -7,7 +7,8 @@ of each personal concept, regset, train (with and without the regularisation set
 DVAR early stopping), merge (closed form and sum), compress at several ranks, sample and score with
 the oracle. Reports, per model variant:
 
-- concept fidelity: share of "a small <new1> star on a ... background" samples showing the pattern;
+- concept fidelity: share of "a small <new1> star on a ... background" samples showing the pattern
+  (and, as `*_in_shape`, showing it on a thing of the asked shape);
 - prompt fidelity: share of "a <new1> star and a red square on a ... background" samples with the
   asked companion, colours and background;
 - prior drift: share of plain "a small red star on a ... background" samples showing the pattern;
@@ -252,6 +253,8 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         c = {
             "base": v["base"][f"concept {token}"]["concept_fidelity"],
             "single": v[name][f"concept {token}"]["concept_fidelity"],
+            # the pattern on a thing of the asked shape (concept fidelity counts the pattern anywhere)
+            "single_in_shape": v[name][f"concept {token}"].get("concept_shape_fidelity"),
             "prompt_fidelity": v[name][f"companion {token}"]["prompt_fidelity"],
             "background": v[name][f"concept {token}"].get("background"),
             "drift_base": v["base"][f"prior {noun}"]["prior_drift"],
@@ -263,6 +266,7 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         for m in ("merged", "sum", "joint"):
             if m in v:
                 c[m] = v[m][f"concept {token}"]["concept_fidelity"]
+                c[f"{m}_in_shape"] = v[m][f"concept {token}"].get("concept_shape_fidelity")
                 c[f"{m}_retention"] = c[m] / c["single"] if c["single"] else float("nan")
                 c[f"{m}_prompt_fidelity"] = v[m][f"companion {token}"]["prompt_fidelity"]
                 c[f"{m}_drift"] = v[m][f"prior {noun}"]["prior_drift"]

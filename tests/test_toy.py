@@ -114,6 +114,7 @@ def test_judge_with_the_oracle_on_renders():
     assert all(v["prompt"] and v["count"] for v in verdicts)
     tokens = [s.token is not None for s in scenes]
     assert summarise(verdicts, tokens)["concept_fidelity"] == 1.0
+    assert summarise(verdicts, tokens)["concept_shape_fidelity"] == 1.0
     assert summarise(verdicts, tokens)["prior_drift"] == 0.0
     # The patterned star judged against a plain prompt is drift; a plain star against the concept's
     # prompt is a miss; a wrong background breaks prompt fidelity.
@@ -121,6 +122,9 @@ def test_judge_with_the_oracle_on_renders():
     assert drift["pattern"]
     plain = next(r for s, r in zip(scenes, seen, strict=True) if s.token is None)
     assert not judge(parse_prompt("a <new1> star"), plain)["concept"]
+    # the pattern in blobs that are no star: the concept's tones, not the concept
+    blobs = judge(parse_prompt("a <new1> star"), {**seen[0], "shapes": []})
+    assert blobs["concept"] and not blobs["concept_shape"]
     other = next(c for c in ("red", "blue") if c != scenes[0].background)
     assert not judge(parse_prompt(f"a <new1> star on a {other} background"), seen[0])["prompt"]
     assert summarise([drift], [False])["prior_drift"] == 1.0

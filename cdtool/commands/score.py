@@ -253,7 +253,12 @@ def _table(doc: dict[str, Any]) -> None:
         ("dino", "DINO"),
         ("kid", "KID x1e3"),
     ]
-    oracle_cols = [("concept_fidelity", "concept"), ("prompt_fidelity", "prompt"), ("prior_drift", "drift")]
+    oracle_cols = [
+        ("concept_fidelity", "concept"),
+        ("concept_shape_fidelity", "in shape"),
+        ("prompt_fidelity", "prompt"),
+        ("prior_drift", "drift"),
+    ]
     oracle_present = [
         (k, label) for k, label in oracle_cols if any(k in r["overall"].get("oracle", {}) for r in doc["runs"])
     ]

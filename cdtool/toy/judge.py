@@ -54,7 +54,8 @@ def parse_prompt(prompt: str, patterns: Mapping[str, str] | None = None) -> Aske
 
 def judge(asked: Asked, seen: Mapping[str, Any]) -> dict[str, bool]:
     """Per-aspect verdicts for one image. Keys present only where the prompt asks about them:
-    `concept` (every asked pattern shown), `background`, `colours` (every asked colour shown),
+    `concept` (every asked pattern shown), `concept_shape` (that, and every asked shape: the pattern
+    on a thing of the concept's shape, not only somewhere in the picture), `background`, `colours` (every asked colour shown),
     `shapes` (every asked shape shown), `count`, `prompt` (background, colours and shapes together),
     and `pattern` (any pattern shown at all: prior drift when the prompt has no token)."""
     fills = set(seen["fills"])
@@ -70,6 +71,8 @@ def judge(asked: Asked, seen: Mapping[str, Any]) -> dict[str, bool]:
         out["colours"] = all(c in fills for c in colours)
     out["shapes"] = all(s in shapes for s, _, _ in asked.things)
     out["count"] = seen["count"] == len(asked.things)
+    if wanted_patterns:
+        out["concept_shape"] = out["concept"] and out["shapes"]
     out["prompt"] = out["shapes"] and out.get("background", True) and out.get("colours", True)
     out["pattern"] = bool(fills & set(PATTERNS))
     return out
@@ -83,6 +86,7 @@ def summarise(verdicts: Sequence[Mapping[str, bool]], tokens: Sequence[bool]) ->
     without = [v for v, t in zip(verdicts, tokens, strict=True) if not t]
     if with_token:
         out["concept_fidelity"] = _share(with_token, "concept")
+        out["concept_shape_fidelity"] = _share(with_token, "concept_shape")
     if without:
         out["prior_drift"] = _share(without, "pattern")
     for key in ("prompt", "background", "colours", "shapes", "count"):
