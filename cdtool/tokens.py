@@ -22,15 +22,18 @@ def default_init_token(index: int) -> str:
 
 
 def resolve_init_token(tokenizer: Any, text: str) -> int:
-    """The vocabulary id a modifier token is initialised from: an exact vocabulary entry, the
-    entry with CLIP's end-of-word mark, or a word that tokenises to exactly one piece."""
+    """The vocabulary id a modifier token is initialised from. The default initialisers are the
+    reference's vocabulary entries (see DEFAULT_INIT); any other text is read as the word a prompt
+    would write, as diffusers' textual inversion script reads its initializer (`dog` is the piece
+    `dog</w>`), and failing that as a vocabulary entry (`ktn`, which as text is two pieces)."""
     vocab = tokenizer.get_vocab()
-    for candidate in (text, f"{text}</w>"):
-        if candidate in vocab:
-            return int(vocab[candidate])
+    if text in DEFAULT_INIT and text in vocab:
+        return int(vocab[text])
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if len(ids) == 1:
         return int(ids[0])
+    if text in vocab:
+        return int(vocab[text])
     raise CdtoolError(f"initialiser token {text!r} is {len(ids)} vocabulary pieces; choose a word that is one piece")
 
 

@@ -70,3 +70,19 @@ def test_single_file_that_is_not_a_checkpoint(tmp_path):
     save_file({"x": torch.zeros(2)}, path)
     with pytest.raises(CdtoolError, match="could not load the checkpoint"):
         load_pipeline(str(path))
+
+
+def test_initialiser_tokens_resolve_as_the_reference_and_as_words():
+    from cdtool.tokens import DEFAULT_INIT, resolve_init_token
+
+    tok = load_clip_tokenizer()
+    vocab = tok.get_vocab()
+    # the defaults are the official code's hard-coded vocabulary entries
+    assert [resolve_init_token(tok, t) for t in DEFAULT_INIT] == [42170, 47629, 43514]
+    # a word is the piece a prompt uses ("white" in "a white dog" is white</w>, not the word-start piece)
+    assert resolve_init_token(tok, "white") == vocab["white</w>"] != vocab["white"]
+    assert resolve_init_token(tok, "dog</w>") == vocab["dog</w>"]
+    # an entry that is two pieces as text is still found as an entry
+    assert resolve_init_token(tok, "gigan") == vocab["gigan"]
+    with pytest.raises(CdtoolError, match="one piece"):
+        resolve_init_token(tok, "sunflower field")

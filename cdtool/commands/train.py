@@ -182,7 +182,8 @@ def train(
         str | None,
         typer.Option(
             "--init-token",
-            help="Rare token the new embedding starts from (default: ktn, pll, ucd for concepts 1, 2, 3).",
+            help="Word the new embedding starts from, read as a prompt writes it (default: the reference's rare "
+            "vocabulary entries ktn, pll, ucd for concepts 1, 2, 3).",
         ),
     ] = None,
     prompt: Annotated[
