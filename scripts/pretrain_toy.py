@@ -13,7 +13,11 @@ leave out the size.
 
 The VAE is the model's image codec, like Stable Diffusion's, which saw all kinds of images: a quarter
 of its training scenes show two-tone patterned shapes so that it can encode and decode the personal
-concepts' colours. The UNet and the text encoder never see a pattern: the concepts stay new to them.
+concepts' colours. The shipped UNet and text encoder never saw a pattern: the concepts stay new to
+them. `--patterns SHARE` shows a share of scenes with a split or checkered thing in two named colours,
+named in the caption ("a red and blue checkered square"), never the concepts' own tones: measured in
+benchmarks/RESULTS.md (session 7) because fine-tunes of the shipped model draw the concepts' tones as
+blobs, not as a patterned shape.
 
 `--text-encoder FOLDER` uses a separately pretrained text encoder (scripts/pretrain_toy_text.py),
 frozen, as Stable Diffusion used CLIP; with `--init` the UNet keeps its weights and re-learns only
@@ -85,12 +89,15 @@ def view(rng: random.Random) -> tuple[float, str]:
     return 1.0, ""
 
 
-def batch(sampler, n: int, patterned: float = 0.0, views: bool = False) -> tuple[torch.Tensor, list[str]]:
+def batch(
+    sampler, n: int, patterned: float = 0.0, views: bool = False, named_patterns: float = 0.0
+) -> tuple[torch.Tensor, list[str]]:
     """N rendered scenes as [-1, 1] pixels, with their captions; a `patterned` share of them shows a
     patterned thing of any shape (used for the VAE only, see the module docstring). With `views`,
     some scenes are shrunk or zoomed in (see `view`), some captions start with "photo of", and a
     single thing's size word is left out of three captions in ten ("a red star on a blue background"
-    is a caption users write)."""
+    is a caption users write). A `named_patterns` share shows a two-tone thing in named colours with
+    its words in the caption (see cdtool.toy.world.PATTERN_WORDS; never the concepts' tones)."""
     from cdtool.toy.world import PATTERNS, PHOTO_OF_SHARE, UNSIZED_SHARE, render
 
     rng = sampler.rng
@@ -98,6 +105,7 @@ def batch(sampler, n: int, patterned: float = 0.0, views: bool = False) -> tuple
         sampler.scene(pattern=rng.choice(list(PATTERNS))) if rng.random() < patterned else sampler.scene()
         for _ in range(n)
     ]
+    scenes = [sampler.with_pretraining_pattern(s) if rng.random() < named_patterns else s for s in scenes]
     images, captions = [], []
     for s in scenes:
         zoom, prefix = view(rng) if views else (1.0, "")
@@ -146,6 +154,13 @@ def main() -> None:
         type=Path,
         help="a folder whose text_encoder/ (scripts/pretrain_toy_text.py) is used frozen, as Stable Diffusion used "
         "CLIP; with --init, the UNet's other weights are kept and its cross-attention keys/values re-learned",
+    )
+    ap.add_argument(
+        "--patterns",
+        type=float,
+        default=0.0,
+        help="share of UNet scenes with a two-tone thing in named colours, named in the caption (never the "
+        "concepts' own tones; the shipped model: 0)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "cdtool" / "data" / "toy" / "model")
     args = ap.parse_args()
@@ -254,7 +269,7 @@ def main_stage(args, sampler, t0: float, vae, unet, text, done: int) -> None:
     ema = None
     while time.perf_counter() < deadline:
         step += 1
-        x, captions = batch(sampler, args.batch, views=args.views)
+        x, captions = batch(sampler, args.batch, views=args.views, named_patterns=args.patterns)
         captions = ["" if random.random() < 0.1 else c for c in captions]
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample() * scaling

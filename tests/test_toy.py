@@ -9,7 +9,7 @@ import pytest
 
 from cdtool.toy import judge as judge_mod
 from cdtool.toy.oracle import load_oracle, read
-from cdtool.toy.world import COLOURS, PATTERNS, Sampler, render
+from cdtool.toy.world import COLOURS, CONCEPT_TONES, PATTERN_WORDS, PATTERNS, Sampler, render
 
 
 def test_scenes_are_seeded_and_captioned():
@@ -128,3 +128,20 @@ def test_judge_with_the_oracle_on_renders():
     other = next(c for c in ("red", "blue") if c != scenes[0].background)
     assert not judge(parse_prompt(f"a <new1> star on a {other} background"), seen[0])["prompt"]
     assert summarise([drift], [False])["prior_drift"] == 1.0
+
+
+def test_pretraining_patterns_are_named_and_never_the_concepts_tones():
+    sampler = Sampler(random.Random(3))
+    for _ in range(200):
+        scene = sampler.with_pretraining_pattern(sampler.scene())
+        first = scene.things[0]
+        assert first.pattern in PATTERN_WORDS and first.pair is not None
+        assert (first.pattern, frozenset(first.pair)) not in CONCEPT_TONES
+        assert scene.background not in first.pair
+        caption = scene.caption()
+        assert f"{first.pair[0]} and {first.pair[1]} {PATTERN_WORDS[first.pattern]} {first.shape}" in caption
+    # drawn in its two named tones
+    image = render(scene, 64)
+    pixels = set(image.getdata())
+    for name in first.pair:
+        assert any(sum(abs(a - b) for a, b in zip(p, COLOURS[name], strict=True)) < 30 for p in pixels), name

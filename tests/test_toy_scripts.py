@@ -32,7 +32,7 @@ def test_frozen_text_encoder_then_unet_rereads_it(tmp_path):
     out = tmp_path / "model"
     _script(
         "pretrain_toy.py", "--init", toy_model_folder(), "--text-encoder", text, "--minutes", 0.01,
-        "--batch", 2, "--threads", 1, "--lr", 0.0, "--out", out,
+        "--batch", 2, "--threads", 1, "--lr", 0.0, "--patterns", 1.0, "--out", out,
     )  # fmt: skip
     unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     shipped = UNet2DConditionModel.from_pretrained(toy_model_folder(), subfolder="unet")

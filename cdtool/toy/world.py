@@ -44,6 +44,14 @@ class Thing:
     x: float  # centre, as a share of the side
     y: float
     pattern: str | None = None
+    pair: tuple[str, str] | None = None  # COLOURS names of a pattern's two tones (pretraining patterns)
+
+
+# Pretraining with `patterns` (scripts/pretrain_toy.py --patterns) shows the two pattern kinds in
+# named colour pairs, captioned by their words ("a red and blue checkered square"), as Stable
+# Diffusion saw textures of every kind before a personal concept; never the concepts' own tones.
+PATTERN_WORDS = {"split": "split", "checker": "checkered"}
+CONCEPT_TONES = {("checker", frozenset({"black", "white"}))}
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,9 @@ class Scene:
         """The caption ("a small red star on a blue background"); a single thing's size only when `sized`."""
         parts = []
         for t in self.things:
-            if t.pattern:
+            if t.pattern and t.pair:
+                words = f"{t.pair[0]} and {t.pair[1]} {PATTERN_WORDS[t.pattern]} {t.shape}"
+            elif t.pattern:
                 words = f"{self.token} {t.shape}" if self.token else f"{t.shape}"
             else:
                 words = f"{t.colour} {t.shape}"
@@ -103,9 +113,22 @@ class Sampler:
             things: tuple[Thing, ...] = (first, second)
         else:
             things = (first,)
-        used = {t.colour for t in things if not t.pattern}
+        used = {t.colour for t in things if not t.pattern} | {c for t in things for c in t.pair or ()}
         background = self.rng.choice([c for c in COLOURS if c not in used])
         return Scene(things, background, concept)
+
+    def with_pretraining_pattern(self, scene: Scene) -> Scene:
+        """`scene` with its first thing in a two-tone pattern of named colours (any kind, shape and
+        pair except a concept's own tones), the background chosen again to differ from them."""
+        first = scene.things[0]
+        while True:
+            kind = self.rng.choice(list(PATTERN_WORDS))
+            pair = tuple(self.rng.sample(list(COLOURS), 2))
+            if (kind, frozenset(pair)) not in CONCEPT_TONES:
+                break
+        things = (Thing(first.shape, first.colour, first.size, first.x, first.y, kind, pair), *scene.things[1:])
+        used = {t.colour for t in things[1:]} | set(pair)
+        return Scene(things, self.rng.choice([c for c in COLOURS if c not in used]), scene.token)
 
 
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
@@ -171,7 +194,7 @@ def _fill(t: Thing, big: int, cx: float, cy: float, r: float) -> Any:
 
     if t.pattern is None:
         return Image.new("RGB", (big, big), COLOURS[t.colour])
-    a, b = PATTERNS[t.pattern]
+    a, b = (COLOURS[t.pair[0]], COLOURS[t.pair[1]]) if t.pair else PATTERNS[t.pattern]
     fill = Image.new("RGB", (big, big), a)
     draw = ImageDraw.Draw(fill)
     if t.pattern == "split":
