@@ -113,7 +113,7 @@ class Sampler:
             things: tuple[Thing, ...] = (first, second)
         else:
             things = (first,)
-        used = {t.colour for t in things if not t.pattern} | {c for t in things for c in t.pair or ()}
+        used = {t.colour for t in things if not t.pattern}
         background = self.rng.choice([c for c in COLOURS if c not in used])
         return Scene(things, background, concept)
 
