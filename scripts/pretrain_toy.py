@@ -286,7 +286,8 @@ def main_stage(args, sampler, t0: float, vae, unet, text, done: int) -> None:
         opt.step()
         warmup.step()
         averaged.update_parameters(torch.nn.ModuleDict({"unet": unet, "text": text}))
-        ema = float(loss) if ema is None else 0.99 * ema + 0.01 * float(loss)
+        value = loss.item()
+        ema = value if ema is None else 0.99 * ema + 0.01 * value
         if step % 200 == 0:
             print(f"unet {step}: loss {ema:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
         if time.perf_counter() > next_save:
