@@ -13,11 +13,11 @@ leave out the size.
 
 The VAE is the model's image codec, like Stable Diffusion's, which saw all kinds of images: a quarter
 of its training scenes show two-tone patterned shapes so that it can encode and decode the personal
-concepts' colours. The shipped UNet and text encoder never saw a pattern: the concepts stay new to
-them. `--patterns SHARE` shows a share of scenes with a split or checkered thing in two named colours,
-named in the caption ("a red and blue checkered square"), never the concepts' own tones: measured in
-benchmarks/RESULTS.md (session 7) because fine-tunes of the shipped model draw the concepts' tones as
-blobs, not as a patterned shape.
+concepts' colours. The UNet and text encoder never see a concept: `--patterns SHARE` shows a share of
+scenes with a split or checkered thing in two named colours, named in the caption ("a red and blue
+checkered square"), never the concepts' own tones, as Stable Diffusion has seen every texture. The
+shipped model's last stage used 0.3 (benchmarks/RESULTS.md, stage 4): without it, fine-tunes drew the
+concepts' tones as blobs, not as a patterned shape.
 
 `--text-encoder FOLDER` uses a separately pretrained text encoder (scripts/pretrain_toy_text.py),
 frozen, as Stable Diffusion used CLIP; with `--init` the UNet keeps its weights and re-learns only
@@ -160,7 +160,7 @@ def main() -> None:
         type=float,
         default=0.0,
         help="share of UNet scenes with a two-tone thing in named colours, named in the caption (never the "
-        "concepts' own tones; the shipped model: 0)",
+        "concepts' own tones; the shipped model's last stage: 0.3)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "cdtool" / "data" / "toy" / "model")
     args = ap.parse_args()

@@ -142,7 +142,7 @@ def test_pretraining_patterns_are_named_and_never_the_concepts_tones():
         assert f"{first.pair[0]} and {first.pair[1]} {PATTERN_WORDS[first.pattern]} {first.shape}" in caption
     # drawn in its two named tones
     image = render(scene, 64)
-    pixels = set(image.getdata())
+    pixels = {tuple(int(v) for v in p) for p in np.asarray(image).reshape(-1, 3)}
     for name in first.pair:
         assert any(sum(abs(a - b) for a, b in zip(p, COLOURS[name], strict=True)) < 30 for p in pixels), name
 

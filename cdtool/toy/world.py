@@ -1,9 +1,11 @@
 """The toy world: simple shapes in named colours, sizes and positions on coloured backgrounds, one
 or two objects per image, each scene with its caption. Seeded and fast to render.
 
-Pretraining shows only solid shapes. The "personal concepts" are shapes with a two-tone pattern
-that pretraining never shows: a star split into a magenta top and a cyan bottom ("<new1> star"),
-and a circle with black and white quadrants, a 2x2 checkerboard ("<new2> circle").
+Pretraining shows solid shapes and, in a share of scenes, two-tone things in named colours
+(`Sampler.with_pretraining_pattern`). The "personal concepts" are shapes with a two-tone pattern
+in tones that pretraining never shows on that pattern: a star split into a magenta top and a cyan
+bottom ("<new1> star"), and a circle with black and white quadrants, a 2x2 checkerboard ("<new2>
+circle").
 """
 
 from __future__ import annotations
