@@ -56,8 +56,9 @@ def judge(asked: Asked, seen: Mapping[str, Any]) -> dict[str, bool]:
     """Per-aspect verdicts for one image. Keys present only where the prompt asks about them:
     `concept` (every asked pattern shown), `concept_shape` (that, and every asked shape: the pattern
     on a thing of the concept's shape, not only somewhere in the picture), `background`, `colours`
-    (every asked colour shown), `shapes` (every asked shape shown), `count`, `prompt` (background, colours and shapes together),
-    and `pattern` (any pattern shown at all: prior drift when the prompt has no token)."""
+    (every asked colour shown), `shapes` (every asked shape shown), `count`, `prompt` (background,
+    colours and shapes together), and `pattern` (any pattern shown at all: prior drift when the
+    prompt has no token)."""
     fills = set(seen["fills"])
     shapes = set(seen["shapes"])
     out: dict[str, bool] = {}

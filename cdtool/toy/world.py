@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 SHAPES = ("circle", "square", "triangle", "star", "heart")
@@ -128,7 +128,7 @@ class Sampler:
             pair = tuple(self.rng.sample(list(COLOURS), 2))
             if (kind, frozenset(pair)) not in CONCEPT_TONES:
                 break
-        things = (Thing(first.shape, first.colour, first.size, first.x, first.y, kind, pair), *scene.things[1:])
+        things = (replace(first, pattern=kind, pair=pair), *scene.things[1:])
         used = {t.colour for t in things[1:]} | set(pair)
         return Scene(things, self.rng.choice([c for c in COLOURS if c not in used]), scene.token)
 
