@@ -154,7 +154,10 @@ def main() -> None:
 
     rows = {}
     for name, build in (("diffusers train_custom_diffusion.py", reference), ("cdtool train", cdtool)):
-        short, long = measure(build(args.steps)), measure(build(2 * args.steps))
+        short = measure(build(args.steps))
+        print(f"{name}: {args.steps} steps in {short.seconds:.1f} s", file=sys.stderr, flush=True)
+        long = measure(build(2 * args.steps))
+        print(f"{name}: {2 * args.steps} steps in {long.seconds:.1f} s", file=sys.stderr, flush=True)
         rate = args.steps / max(1e-9, long.seconds - short.seconds)
         rows[name] = (rate, long.seconds, long.peak_rss_mb, max(short.peak_gpu_mb, long.peak_gpu_mb))
     ref = rows["diffusers train_custom_diffusion.py"]
