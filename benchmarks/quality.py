@@ -21,6 +21,7 @@ the oracle. Reports, per model variant:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -305,16 +306,15 @@ def main() -> None:
     ap.add_argument("--aug", action="store_true", help="train with the paper's size augmentation")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
-    s = CI if args.ci else Settings()
-    s.model = args.model
+    base = CI if args.ci else Settings()
+    changes: dict[str, Any] = {"model": args.model, "aug": args.aug}
     if args.steps:
-        s.steps, s.joint_steps = args.steps, 2 * args.steps
+        changes |= {"steps": args.steps, "joint_steps": 2 * args.steps}
     if args.n:
-        s.n = args.n
+        changes["n"] = args.n
     if args.lr:
-        s.lr = args.lr
-    s.aug = args.aug
-    res = run(args.out, s, args.quiet)
+        changes["lr"] = args.lr
+    res = run(args.out, dataclasses.replace(base, **changes), args.quiet)
     print(json.dumps(res["summary"] | ({"dvar_curve": res["dvar_curve"]} if "dvar_curve" in res else {}), indent=1))
 
 
