@@ -20,11 +20,12 @@ import argparse
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import measure
+from benchmarks.common import Run, measure
 
 
 def make_data(work: Path, size: int) -> tuple[Path, Path]:
@@ -152,12 +153,14 @@ def main() -> None:
             "-q",
         ]
 
+    def timed(name: str, build: Callable[[int], list[str]], steps: int) -> Run:
+        run = measure(build(steps))
+        print(f"{name}: {steps} steps in {run.seconds:.1f} s", file=sys.stderr, flush=True)  # kept if cut short
+        return run
+
     rows = {}
     for name, build in (("diffusers train_custom_diffusion.py", reference), ("cdtool train", cdtool)):
-        short = measure(build(args.steps))
-        print(f"{name}: {args.steps} steps in {short.seconds:.1f} s", file=sys.stderr, flush=True)
-        long = measure(build(2 * args.steps))
-        print(f"{name}: {2 * args.steps} steps in {long.seconds:.1f} s", file=sys.stderr, flush=True)
+        short, long = (timed(name, build, k * args.steps) for k in (1, 2))
         rate = args.steps / max(1e-9, long.seconds - short.seconds)
         rows[name] = (rate, long.seconds, long.peak_rss_mb, max(short.peak_gpu_mb, long.peak_gpu_mb))
     ref = rows["diffusers train_custom_diffusion.py"]
