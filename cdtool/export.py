@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cdtool.atomic import atomic_dir
+from cdtool.atomic import inside
 from cdtool.delta import Delta, LayerDelta, base_param
 from cdtool.errors import CdtoolError
 
@@ -99,7 +99,8 @@ def token_files(delta: Delta) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def export(delta: Delta, target: str, path: Path, base: Mapping[str, torch.Tensor] | None) -> list[Path]:
-    """Write `delta` as `target` at `path` (a folder, except for `official`); returns files written."""
+    """Write `delta` as `target` into the empty folder `path` (for `official`: the file `path`);
+    returns the files written. Every file named after a token stays inside `path`."""
     from safetensors.torch import save_file
 
     from cdtool.importers import write_official
@@ -109,36 +110,36 @@ def export(delta: Delta, target: str, path: Path, base: Mapping[str, torch.Tenso
             raise CdtoolError("the official layout stores fine-tuned weights: the base model is needed")
         write_official(delta, path, dict(base))
         return [path]
-    with atomic_dir(path) as tmp:
-        written = []
-        if target == "textual-inversion":
-            if not delta.tokens:
-                raise CdtoolError("the delta has no token embeddings to export as textual inversion")
-            if len(delta.tokens) == 1:  # diffusers' default file name
-                token, emb = next(iter(delta.tokens.items()))
-                save_file({token: emb.contiguous()}, str(tmp / "learned_embeds.safetensors"))
-                written.append("learned_embeds.safetensors")
-        elif delta.layers:
-            if target == "diffusers-lora":
-                save_file(diffusers_lora_state(delta), str(tmp / LORA_FILE))
-                written.append(LORA_FILE)
-            elif target == "kohya":
-                save_file(
-                    kohya_state(delta), str(tmp / "lora.safetensors"), metadata={"ss_network_module": "networks.lora"}
-                )
-                written.append("lora.safetensors")
-            else:
-                if base is None:
-                    raise CdtoolError("Custom Diffusion weights are fine-tuned weights: the base model is needed")
-                torch.save(custom_diffusion_state(delta, base), str(tmp / CUSTOM_DIFFUSION_FILE))
-                written.append(CUSTOM_DIFFUSION_FILE)
-        for name, state in token_files(delta).items():
-            if target in ("kohya", "textual-inversion"):  # A1111 embeddings: the file name is the trigger word
-                (tmp / "embeddings").mkdir(exist_ok=True)
-                e = next(iter(state.values()))
-                save_file({"emb_params": e.reshape(-1, e.shape[-1]).contiguous()}, str(tmp / "embeddings" / name))
-                written.append(f"embeddings/{name}")
-            if target != "kohya":
-                save_file(state, str(tmp / name))
-                written.append(name)
-    return [path / w for w in written]
+    written: list[Path] = []
+    if target == "textual-inversion":
+        if not delta.tokens:
+            raise CdtoolError("the delta has no token embeddings to export as textual inversion")
+        if len(delta.tokens) == 1:  # diffusers' default file name
+            token, emb = next(iter(delta.tokens.items()))
+            save_file({token: emb.contiguous()}, str(path / "learned_embeds.safetensors"))
+            written.append(path / "learned_embeds.safetensors")
+    elif delta.layers:
+        if target == "diffusers-lora":
+            save_file(diffusers_lora_state(delta), str(path / LORA_FILE))
+            written.append(path / LORA_FILE)
+        elif target == "kohya":
+            save_file(
+                kohya_state(delta), str(path / "lora.safetensors"), metadata={"ss_network_module": "networks.lora"}
+            )
+            written.append(path / "lora.safetensors")
+        else:
+            if base is None:
+                raise CdtoolError("Custom Diffusion weights are fine-tuned weights: the base model is needed")
+            torch.save(custom_diffusion_state(delta, base), str(path / CUSTOM_DIFFUSION_FILE))
+            written.append(path / CUSTOM_DIFFUSION_FILE)
+    for name, state in token_files(delta).items():
+        if target in ("kohya", "textual-inversion"):  # A1111 embeddings: the file name is the trigger word
+            (path / "embeddings").mkdir(exist_ok=True)
+            e = next(iter(state.values()))
+            file = inside(path / "embeddings", name)
+            save_file({"emb_params": e.reshape(-1, e.shape[-1]).contiguous()}, str(file))
+            written.append(file)
+        if target != "kohya":
+            save_file(state, str(inside(path, name)))
+            written.append(inside(path, name))
+    return written

@@ -13,6 +13,7 @@ import torch
 from cdtool.closed_form import prepare, report, solve_layer
 from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import CdtoolError
+from cdtool.tokens import check_token_name
 
 KV_SUFFIXES = (".attn2.to_k", ".attn2.to_v")
 
@@ -46,6 +47,8 @@ def rename_tokens(delta: Delta, mapping: Mapping[str, str]) -> Delta:
     """A copy of `delta` with tokens (and the prompts that mention them) renamed."""
     if not mapping:
         return delta
+    for new in mapping.values():
+        check_token_name(new, delta.origin or "merge")
     pattern = re.compile("|".join(re.escape(t) for t in sorted(mapping, key=len, reverse=True)))
 
     def sub(text: str) -> str:

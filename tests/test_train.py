@@ -94,7 +94,7 @@ def test_loss_goes_down_and_delta_samples(cli, tmp_path, concept_dirs):
     log = [json.loads(x) for x in (tmp_path / "cat.run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["eval_loss"] < 0.97 * log[0]["eval_loss"]
     cli("sample", "photo of a <new1> cat", "-d", out, "-o", tmp_path / "s", "--n", "1", "--steps", "2")
-    assert (tmp_path / "s" / "000-photo-of-a-new1-cat-s0.png").exists()
+    assert (tmp_path / "s" / "000-photo-of-a-new1-cat-3e26aa20-s0.png").exists()
 
 
 def test_dvar_stops_early(cli, tmp_path, concept_dirs):

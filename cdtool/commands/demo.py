@@ -15,8 +15,8 @@ from typing import Annotated
 import typer
 
 from cdtool import console
+from cdtool.atomic import builds_folder
 from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command
-from cdtool.errors import CdtoolError
 from cdtool.inprocess import InProcess
 from cdtool.models import TOY
 
@@ -31,6 +31,7 @@ PROMPTS = (
 )
 
 
+@builds_folder("demo")  # checks the folder first; replaces an earlier demo only when this one is complete
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="The folder to write.")] = Path("demo-out"),
     model: Annotated[
@@ -59,13 +60,6 @@ def demo(
     middle, the merged and compressed delta right) and OUTPUT/scores.json (concept fidelity, prompt
     fidelity and prior drift: before, each concept alone, after).
     """
-    if output.exists() and any(output.iterdir()):
-        if not force:
-            raise CdtoolError(f"{output} exists and is not empty; pass --force to replace it")
-        import shutil
-
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     run = InProcess(quiet)
     rng = random.Random(seed)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cdtool import console
-from cdtool.atomic import check_writable
+from cdtool.atomic import claim_output
 from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, cdtool_command, pick_model
 from cdtool.errors import UsageError
 from cdtool.export import export as write_export
@@ -49,7 +49,7 @@ def export(
     """
     if to is Target.official and output.suffix != ".bin":
         raise UsageError(f"{output}: --to official writes a .bin file")
-    check_writable(output, force)
+    out = claim_output(output, "export", force, folder=to is not Target.official, inputs=[source])
     delta = read_delta(source)
     base = None
     if delta.needs_base or to in (Target.official, Target.diffusers_custom_diffusion):
@@ -63,7 +63,8 @@ def export(
         base = load_base_params(base_model, names)
         if delta.needs_base:
             delta = delta.relative_to(base)
-    files = write_export(delta, to.value, output, base)
+    with out.staged() as stage:
+        files = [output / f.relative_to(stage) for f in write_export(delta, to.value, stage, base)]
     console.log(f"wrote {len(files)} file(s) for {to.value}")
     if json_out:
         console.result_json({"output": str(output), "to": to.value, "files": [str(f) for f in files]})

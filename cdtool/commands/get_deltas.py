@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from cdtool import __version__, console
-from cdtool.atomic import check_writable
-from cdtool.base import fingerprint, fingerprint_names, load_base_params, pipeline_params
+from cdtool.atomic import claim_output
+from cdtool.base import check_token_width, fingerprint, fingerprint_names, load_base_params, pipeline_params
 from cdtool.commands.common import ForceOpt, JsonOpt, Layers, QuietOpt, cdtool_command, pick_model
 from cdtool.errors import CdtoolError
 from cdtool.hashing import file_sha256
@@ -72,7 +72,7 @@ def get_deltas(
     if not source.exists():
         raise CdtoolError(f"{source}: no such file or folder")
     check_delta_output(output)
-    check_writable(output, force)
+    claim = claim_output(output, "get-deltas", force, inputs=[source])
     if _is_model(source):
         base_model = pick_model(base)
         from cdtool.extract import extract_delta
@@ -107,6 +107,7 @@ def get_deltas(
             if delta.tokens:
                 from cdtool.models import load_text_side
 
+                check_token_width(delta, params, base_model)
                 vocab = len(load_text_side(base_model)[0])
         if delta.needs_base:
             assert params is not None
@@ -128,7 +129,8 @@ def get_deltas(
     )
     if not delta.concepts:
         delta.concepts = [{"token": t, "class_noun": None, "init_token": None, "prompts": []} for t in delta.tokens]
-    save_delta(delta, output, {k: v for k, v in (params or {}).items()} if output.suffix == ".bin" else None)
+    with claim.staged() as tmp:
+        save_delta(delta, tmp, {k: v for k, v in (params or {}).items()} if output.suffix == ".bin" else None)
     if json_out:
         console.result_json(
             {

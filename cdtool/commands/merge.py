@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from cdtool import __version__, console
-from cdtool.atomic import check_writable
+from cdtool.atomic import claim_output
 from cdtool.base import TOKEN_EMBEDDING, fingerprint, fingerprint_names, load_base_params
 from cdtool.commands.common import ForceOpt, JsonOpt, ModelOpt, QuietOpt, cdtool_command, parse_scaled
 from cdtool.delta import Delta
@@ -92,7 +92,7 @@ def merge(
     if output is not None:
         check_delta_output(output)
         if not dry_run:
-            check_writable(output, force)
+            claim = claim_output(output, "merge", force, inputs=[p for p, _ in specs])
     nouns = classes.split("+") if classes else []
     if nouns and len(nouns) != len(specs):
         raise UsageError(f"--classes names {len(nouns)} classes for {len(specs)} inputs")
@@ -233,7 +233,8 @@ def merge(
             ),
         }
     }
-    save_delta(merged, output, base if output.suffix == ".bin" else None)
+    with claim.staged() as tmp:
+        save_delta(merged, tmp, base if output.suffix == ".bin" else None)
     if json_out:
         console.result_json(dict(doc, output=str(output)))
     else:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cdtool import console
-from cdtool.atomic import atomic_path
+from cdtool.atomic import atomic_path, probe_writable
+from cdtool.base import model_fingerprint
 from cdtool.commands.common import (
     DeltaOpt,
     DeviceOpt,
@@ -26,8 +27,19 @@ from cdtool.commands.common import (
     pick_model,
 )
 from cdtool.errors import CdtoolError, UsageError
+from cdtool.hashing import path_sha256
 from cdtool.importers import read_delta
-from cdtool.sampling import SCHEDULERS, generate, image_grid, plan_jobs, save_png
+from cdtool.sampling import (
+    REQUEST_KEY,
+    SCHEDULERS,
+    check_size,
+    generate,
+    image_grid,
+    image_request,
+    plan_jobs,
+    request_differences,
+    save_png,
+)
 
 Scheduler = Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
 PROMPTS_FILE = "prompts.json"
@@ -85,8 +97,10 @@ def sample(
     """Generate images with the base model and any deltas applied.
 
     Image k of each prompt starts from noise seeded with seed+k and drawn on the CPU, so a seed
-    names the same images on any device (same seed and batch size: identical files). Existing
-    images are kept (not regenerated) unless --force.
+    names the same images on any device (same seed and batch size: identical files). An existing
+    image is kept when the request that made it (recorded in the PNG: model, deltas and their
+    scales, steps, guidance, size, scheduler, seed, negative prompt) is this one; another request
+    stops with an error, and --force regenerates.
     Writes PNGs and prompts.json (file name -> prompt) and prints the folder.
     """
     all_prompts = list(prompts or [])
@@ -105,57 +119,77 @@ def sample(
     if output.exists() and not output.is_dir():
         raise CdtoolError(f"{output} exists and is not a folder")
     for size, flag in ((height, "--height"), (width, "--width")):
-        if size is not None and size % 8:
-            raise UsageError(f"{flag} {size} is not a multiple of 8")
-    deltas = [(read_delta(p), s) for p, s in map(parse_scaled, delta or [])]
+        check_size(size, flag)
+    from cdtool.models import resolve_device, resolve_dtype
+
+    resolve_dtype(dtype, resolve_device(device))
+    specs = [parse_scaled(d) for d in delta or []]
+    deltas = [(read_delta(p), s) for p, s in specs]
     model_id = pick_model(model, [d.base_model for d, _ in deltas])
+    probe_writable(output / PROMPTS_FILE)
+    request = {
+        "model": model_id,
+        "deltas": [{"sha256": path_sha256(p), "scale": s} for p, s in specs],
+        "steps": steps,
+        "guidance": guidance,
+        "scheduler": scheduler.value,
+        "height": height,
+        "width": width,
+        "negative_prompt": negative_prompt or "",
+    }
 
     jobs = plan_jobs(all_prompts, n, seed)
-    todo = [j for j in jobs if force or not (output / j.file_name).exists()]
-    skipped = [j.file_name for j in jobs if j not in todo]
+    skipped = [] if force else [j.file_name for j in jobs if (output / j.file_name).exists()]
     if skipped:
+        request["base_fingerprint"] = model_fingerprint(model_id)
+        for job in (j for j in jobs if j.file_name in skipped):
+            _check_same(output / job.file_name, image_request(request, job))
         console.log(
-            f"{len(skipped)} of {len(jobs)} images already exist in {output}; keeping them (--force regenerates)"
+            f"{len(skipped)} of {len(jobs)} images already exist in {output}, made by the same request; keeping "
+            "them (--force regenerates)"
         )
+    todo = [j for j in jobs if j.file_name not in skipped]
 
     images = {}
     if todo:
         from cdtool.pipeline import load_with_deltas
-
-        pipe = load_with_deltas(model_id, deltas, device=device, dtype=dtype, ignore_base_mismatch=ignore_base_mismatch)
-        h = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        w = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
         from cdtool.sampling import set_scheduler
 
+        def note_base(pipe: Any) -> None:
+            request.setdefault("base_fingerprint", model_fingerprint(model_id, pipe))
+
+        pipe = load_with_deltas(
+            model_id,
+            deltas,
+            device=device,
+            dtype=dtype,
+            ignore_base_mismatch=ignore_base_mismatch,
+            on_base=note_base,
+        )
+        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        for size, flag in ((height, "--height"), (width, "--width")):
+            check_size(size, flag, pipe.vae_scale_factor)
         set_scheduler(pipe, scheduler.value)
-        output.mkdir(parents=True, exist_ok=True)
-        params = {
-            "model": model_id,
-            "steps": steps,
-            "guidance": guidance,
-            "scheduler": scheduler.value,
-            "deltas": delta or [],
-        }
-        with console.progress("sampling", len(todo)) as bar:
+        with console.progress("sampling", len(todo), plain=True) as bar:
             for job, image in generate(
                 pipe,
                 todo,
                 steps=steps,
                 guidance=guidance,
-                height=h,
-                width=w,
+                height=height or default,
+                width=width or default,
                 batch_size=batch_size,
                 negative_prompt=negative_prompt,
             ):
-                meta = dict(params, prompt=job.prompt, seed=job.seed, negative_prompt=negative_prompt or "")
-                save_png(image, output / job.file_name, {"parameters": json.dumps(meta)})
+                meta = json.dumps(image_request(request, job), sort_keys=True)
+                save_png(image, output / job.file_name, {REQUEST_KEY: meta})
                 images[job.file_name] = image
                 bar.advance()
     _update_prompts(output, {j.file_name: j.prompt for j in jobs})
     if grid:
-        from PIL import Image
+        from cdtool.images import open_image
 
-        tiles = [images.get(j.file_name) or Image.open(output / j.file_name).convert("RGB") for j in jobs]
+        tiles = [images.get(j.file_name) or open_image(output / j.file_name).convert("RGB") for j in jobs]
         save_png(image_grid(tiles, n), output / "grid.png")
     if json_out:
         console.result_json(
@@ -169,6 +203,16 @@ def sample(
         )
     else:
         console.result(str(output))
+
+
+def _check_same(path: Path, wanted: dict[str, Any]) -> None:
+    """An existing image is kept only when the request that made it is this one."""
+    differ = request_differences(path, wanted)
+    if differ:
+        raise CdtoolError(
+            f"{path} was made by another request ({', '.join(differ)} differ); pass --force to "
+            "regenerate it, or choose another --output"
+        )
 
 
 def _update_prompts(folder: Path, mapping: dict[str, str]) -> None:

@@ -207,8 +207,7 @@ def score(
 
 def _judge(rows: list[dict[str, Any]], files: list[Path], batch_size: int) -> None:
     """Adds the oracle's verdicts (`oracle`: aspect -> bool) to each row whose prompt is a toy-world one."""
-    from PIL import Image
-
+    from cdtool.images import open_image
     from cdtool.toy.judge import judge, parse_prompt
     from cdtool.toy.oracle import load_oracle, read
 
@@ -221,7 +220,7 @@ def _judge(rows: list[dict[str, Any]], files: list[Path], batch_size: int) -> No
         chunk = asked[start : start + batch_size]
         images = []
         for i, _ in chunk:
-            with Image.open(files[i]) as im:
+            with open_image(files[i]) as im:
                 images.append(im.convert("RGB"))
         seen = read(oracle, images)
         for (i, a), s in zip(chunk, seen, strict=True):

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from cdtool import console
-from cdtool.atomic import check_writable
+from cdtool.atomic import claim_output
 from cdtool.commands.common import ForceOpt, JsonOpt, Layers, QuietOpt, SeedOpt, cdtool_command, pick_model
 from cdtool.data import check_images, read_folder
 from cdtool.errors import CdtoolError, UsageError
@@ -406,7 +406,7 @@ def train(
     if resume is not None:
         resume_config_matches(resume, cfg)
     elif main:
-        check_writable(output, force)
+        claim_output(output, "train", force)
         if folder.exists() and any(folder.iterdir()) and not force:
             raise CdtoolError(f"run folder {folder} already exists; pass --resume {folder} to continue it, or --force")
     result = _run(cfg, resume is not None)
