@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -48,7 +50,9 @@ def test_optimal_against_perturbations():
     w = least_squares_merge(w0, ws, xs, reg, alphas, lam)
 
     def objective(x: torch.Tensor) -> float:
-        terms = [a * torch.linalg.norm((x - wi) @ xi.T) ** 2 / xi.shape[0] for a, wi, xi in zip(alphas, ws, xs)]
+        terms = [
+            a * torch.linalg.norm((x - wi) @ xi.T) ** 2 / xi.shape[0] for a, wi, xi in zip(alphas, ws, xs, strict=False)
+        ]
         return float(sum(terms) + lam * torch.linalg.norm((x - w0) @ reg.T) ** 2 / reg.shape[0])
 
     g = torch.Generator().manual_seed(11)
@@ -74,7 +78,7 @@ def test_growing_base_weight_returns_the_base():
         float(torch.linalg.norm(least_squares_merge(w0, ws, xs, reg, (1.0, 1.0), lam) - w0))
         for lam in (1e-2, 1.0, 1e2, 1e4, 1e6)
     ]
-    assert all(b < a for a, b in zip(dists, dists[1:], strict=False))
+    assert all(b < a for a, b in itertools.pairwise(dists))
     assert dists[-1] / float(torch.linalg.norm(ws[0] - w0)) < 1e-5
 
 
@@ -110,7 +114,7 @@ def test_an_input_that_leaves_a_layer_pulls_it_toward_the_base():
 
 
 def test_bad_weights_are_refused():
-    w0, ws, xs, reg = _problem(10)
+    _w0, _ws, xs, reg = _problem(10)
     with pytest.raises(ValueError, match="negative"):
         prepare_lsq([mean_gram(x) for x in xs], (1.0, -1.0), mean_gram(reg), 0.1)
     with pytest.raises(ValueError, match="2 Gram matrices for 1 weights"):
