@@ -110,9 +110,10 @@ def build_concepts(raw: list[dict[str, str]], resolution: int, method: str = CUS
     """Resolve every concept's token, class, captions and regularisation set; check the images."""
     from cdtool.apply import is_existing_word
     from cdtool.clip_vocab import load_clip_tokenizer
-    from cdtool.tokens import check_new_token, default_init_token
+    from cdtool.tokens import check_new_token, default_init_tokens
 
     specs = []
+    tokens = []
     for i, c in enumerate(raw):
         data = Path(c["data"])
         info = read_folder(data, "", "data").info if data.is_dir() else {}
@@ -133,24 +134,26 @@ def build_concepts(raw: list[dict[str, str]], resolution: int, method: str = CUS
             reg = read_folder(Path(c["reg"]), reg_caption, "regularisation")
             check_images(reg, resolution, "regularisation")
             reg_examples = reg.examples
-        init = c.get("init") or info.get("init_token") or info.get("initializer_token") or default_init_token(i)
+        tokens.append(token)
+        init = c.get("init") or info.get("init_token") or info.get("initializer_token")
         specs.append(
             ConceptSpec(
                 token=token,
                 class_noun=noun,
-                init_token=init,
+                init_token=init or "",
                 examples=folder.examples,
                 reg_examples=reg_examples,
                 data=str(data),
                 reg=c.get("reg"),
             )
         )
-    tokens = [s.token for s in specs]
     dup = {t for t in tokens if tokens.count(t) > 1}
     if dup:
         raise UsageError(
             f"two concepts share the token {sorted(dup)[0]}; give each its own (--concept ...,token=<new2>)"
         )
+    for spec, default in zip(specs, default_init_tokens(tokens), strict=True):
+        spec.init_token = spec.init_token or default
     tokenizer = load_clip_tokenizer()
     for s in specs:
         if not (method == DREAMBOOTH_LORA and is_existing_word(tokenizer, s.token)):
@@ -182,8 +185,9 @@ def train(
         str | None,
         typer.Option(
             "--init-token",
-            help="Word the new embedding starts from, read as a prompt writes it (default: the reference's rare "
-            "vocabulary entries ktn, pll, ucd for concepts 1, 2, 3).",
+            help="Word the new embedding starts from, read as a prompt writes it (default: a rare vocabulary "
+            "entry per token, the K-th for <newK> (ktn, pll, ucd, ... as the reference), so that separately "
+            "trained concepts start apart).",
         ),
     ] = None,
     prompt: Annotated[
