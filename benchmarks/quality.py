@@ -75,10 +75,10 @@ class Settings:
     seed: int = 0
     model: str = "toy"
     # The toy model was pretrained from scratch at lr 1e-3: its fine-tuning needs a larger base lr
-    # than Stable Diffusion's 1e-5 (measured in RESULTS.md: 1e-5 learns nothing in 250 steps).
+    # than Stable Diffusion's 1e-5 (measured in RESULTS.md: 1e-5 learned nothing in 150 steps).
     lr: float = 3e-4
     # Deliberately without the paper's size augmentation: at 32 px its views shrunk to a third turn
-    # the concept's pattern into specks and the token learns specks (RESULTS.md, session 8).
+    # the concept's pattern into specks and the token learns specks (RESULTS.md, single concept).
     aug: bool = False
 
 
@@ -229,8 +229,9 @@ def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
     return b.results
 
 
-# DVAR is measured on the checker circle, the concept the fixed schedule learns (0.94; the split
-# star reaches 0.44): whether stopping early loses fidelity needs fidelity to lose.
+# DVAR is measured on the checker circle, whose fidelity still rises late in the fixed schedule
+# (0.40 at 125 steps, 0.66 at 250: RESULTS.md): whether stopping early loses fidelity needs
+# fidelity still to gain.
 DVAR_CONCEPT = 1
 
 
@@ -267,7 +268,7 @@ def dvar_variant(b: Bench, data: Path, reg: Path) -> None:
 
 
 def summary(res: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers and how they compare with the issue's targets."""
+    """The headline numbers, to compare with TARGETS."""
     v = res["variants"]
     out: dict[str, Any] = {}
     for token, noun, name in CONCEPTS:

@@ -335,7 +335,7 @@ def train(
     vae.to(dtype=weight_dtype)
     # On CUDA with mixed precision the frozen weights are held in the half type (as the reference holds
     # them), halving their memory, and the UNet runs wholly in it without autocast's per-op casts, as
-    # the reference runs it: on an H100 a step was CPU-bound (profiled: ~66 ms of GPU work in a
+    # the reference runs it: on an H100 a step is CPU-bound (profiled: ~66 ms of GPU work in a
     # ~170 ms step at 512 px, batch 2+2). What trains stays fp32, the optimiser's master copy, and
     # computes in fp32. The text encoder (its new rows train) keeps autocast, and so does the CPU,
     # whose autocast keeps group norm in fp32 and so needs fp32 weights.

@@ -89,8 +89,8 @@ def test_demo_end_to_end(cli, tmp_path):
 
 
 def test_quality_ci(tmp_path):
-    """The CI-sized quality benchmark, end to end through the commands. Measured here (RESULTS.md,
-    toy model of session 8, no size augmentation): split star 0.81 (0.44 on a star), checker circle
+    """The CI-sized quality benchmark, end to end through the commands. Measured (RESULTS.md, the
+    shipped toy model, no size augmentation): split star 0.81 (0.44 on a star), checker circle
     0.44 (base 0.00 both); split star drift 0.00 with the regularisation set and 0.25 without; its
     delta at rank 4 0.88; `merge --method sum` 0.81. The thresholds sit below those and far above
     what a broken step gives (0), so a change that breaks learning, prior preservation, compression
