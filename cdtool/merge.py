@@ -18,7 +18,7 @@ KV_SUFFIXES = (".attn2.to_k", ".attn2.to_v")
 # The least-squares merge's default weight of the base model's outputs on the regularisation
 # captions' rows, against weight 1 for each concept's own rows (mean Gram matrices both): measured on
 # the toy model in benchmarks/RESULTS.md ("Merging").
-DEFAULT_BASE_WEIGHT = 0.1
+DEFAULT_BASE_WEIGHT = 0.3
 # Warn when target rows of two concepts are this parallel, or a merged layer's ΔW is this many
 # times its largest input's: the merge then cannot tell the concepts apart, or they fight.
 PARALLEL_COSINE = 0.999

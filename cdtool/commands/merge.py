@@ -67,7 +67,7 @@ def merge(
             "--base-weight",
             min=0.0,
             help="least-squares: weight of the base model's outputs on the regularisation captions, against 1 "
-            "for each concept's own rows (default 0.1; larger keeps plain prompts closer to the base).",
+            "for each concept's own rows (default 0.3; larger keeps plain prompts closer to the base).",
             show_default=False,
         ),
     ] = None,
