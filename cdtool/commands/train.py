@@ -16,7 +16,7 @@ from cdtool.commands.common import ForceOpt, JsonOpt, Layers, QuietOpt, SeedOpt,
 from cdtool.data import check_images, read_folder
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.importers import check_delta_output
-from cdtool.methods import (
+from cdtool.recipes import (
     CUSTOM_DIFFUSION,
     DEFAULTS,
     DREAMBOOTH_IDENTIFIER,
@@ -108,9 +108,8 @@ def read_concepts_file(path: Path) -> list[dict[str, str]]:
 
 def build_concepts(raw: list[dict[str, str]], resolution: int, method: str = CUSTOM_DIFFUSION) -> list[ConceptSpec]:
     """Resolve every concept's token, class, captions and regularisation set; check the images."""
-    from cdtool.apply import is_existing_word
     from cdtool.clip_vocab import load_clip_tokenizer
-    from cdtool.tokens import check_new_token, default_init_token
+    from cdtool.tokens import check_new_token, default_init_token, is_existing_word
 
     specs = []
     for i, c in enumerate(raw):
