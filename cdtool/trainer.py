@@ -20,7 +20,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from cdtool import __version__
 from cdtool.atomic import atomic_path
 from cdtool.augment import augment
 from cdtool.base import fingerprint, fingerprint_names, pipeline_params
+from cdtool.concepts import ConceptSpec
 from cdtool.data import Example, load_image
 from cdtool.delta import Delta, LayerDelta, read_cdtool
 from cdtool.errors import CdtoolError
@@ -55,19 +56,6 @@ from cdtool.tokens import (
 CHECKPOINTS = "checkpoints"
 LOG = "log.jsonl"
 CONFIG = "config.json"
-
-
-@dataclass
-class ConceptSpec:
-    """One concept: its photos (with captions), token, class noun and regularisation set."""
-
-    token: str
-    class_noun: str
-    init_token: str
-    examples: list[Example]
-    reg_examples: list[Example] = field(default_factory=list)
-    data: str = ""
-    reg: str | None = None
 
 
 @dataclass

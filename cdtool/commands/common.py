@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from cdtool import console
+from cdtool.choices import SCHEDULERS
 from cdtool.errors import CdtoolError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -24,6 +25,8 @@ class Layers(str, Enum):
     kv = "kv"
     attn2 = "attn2"
 
+
+Scheduler = Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 

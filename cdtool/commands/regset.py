@@ -18,11 +18,11 @@ from cdtool.commands.common import (
     JsonOpt,
     ModelOpt,
     QuietOpt,
+    Scheduler,
     SeedOpt,
     cdtool_command,
     pick_model,
 )
-from cdtool.commands.sample import Scheduler
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.regset import PROVENANCE, is_valid_image, write_metadata
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +19,7 @@ from cdtool.commands.common import (
     JsonOpt,
     ModelOpt,
     QuietOpt,
+    Scheduler,
     SeedOpt,
     cdtool_command,
     parse_scaled,
@@ -27,9 +27,8 @@ from cdtool.commands.common import (
 )
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.importers import read_delta
-from cdtool.sampling import SCHEDULERS, generate, image_grid, plan_jobs, save_png
+from cdtool.sampling import generate, image_grid, plan_jobs, save_png
 
-Scheduler = Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
 PROMPTS_FILE = "prompts.json"
 
 
