@@ -17,3 +17,12 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
+
+# layer set -> the suffixes of the UNet projections it holds (kv: the paper's; attn2: all of cross-attention)
+LAYER_SETS: dict[str, tuple[str, ...]] = {
+    "kv": ("attn2.to_k", "attn2.to_v"),
+    "attn2": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
+}
+
+# the storage and compute precisions, by name (cdtool.models.DTYPES maps them to torch dtypes)
+DTYPE_NAMES = ("fp32", "fp16", "bf16")

@@ -7,12 +7,8 @@ from typing import Any
 
 import torch
 
+from cdtool.choices import LAYER_SETS
 from cdtool.delta import Delta, LayerDelta
-
-LAYER_SETS = {
-    "kv": ("attn2.to_k", "attn2.to_v"),
-    "attn2": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
-}
 
 
 def linear_names(model: Any, component: str, suffixes: tuple[str, ...], within: tuple[str, ...] = ("",)) -> list[str]:

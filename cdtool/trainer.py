@@ -43,6 +43,17 @@ from cdtool.importers import save_delta
 from cdtool.losses import dvar
 from cdtool.methods import Method, method_for
 from cdtool.models import load_pipeline
+from cdtool.runs import (
+    CONFIG,
+    DELTA,
+    LOG,
+    LOSS_CURVE,
+    STATE,
+    checkpoint_folder,
+    checkpoints,
+    latest_checkpoint,
+    rng_file,
+)
 from cdtool.tokens import (
     TokenRows,
     add_token_rows,
@@ -52,10 +63,6 @@ from cdtool.tokens import (
     resolve_init_token,
     token_names,
 )
-
-CHECKPOINTS = "checkpoints"
-LOG = "log.jsonl"
-CONFIG = "config.json"
 
 
 @dataclass
@@ -640,8 +647,8 @@ def _write_outputs(cfg: TrainConfig, delta: Delta, base: _Base, entries: list[di
     """The delta (with the base weights a .bin export needs), its copy in the run folder, the loss curve."""
     base_params = {f"{n}.weight": w for n, w in base.weights.items()} | {f"{n}.bias": b for n, b in base.biases.items()}
     save_delta(delta, Path(cfg.output), base_params)
-    save_delta(delta, Path(cfg.run_dir) / "delta.safetensors")
-    _loss_curve(entries, Path(cfg.run_dir) / "loss.png")
+    save_delta(delta, Path(cfg.run_dir) / DELTA)
+    _loss_curve(entries, Path(cfg.run_dir) / LOSS_CURVE)
 
 
 def _resume_key(cfg: TrainConfig) -> str:
@@ -660,11 +667,6 @@ def resume_config_matches(run_dir: Path, cfg: TrainConfig) -> None:
         raise CdtoolError(f"{run_dir} has no checkpoint to resume from; use --checkpoint-every N")
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / CHECKPOINTS).glob("step-*"))
-    return ckpts[-1] if ckpts else None
-
-
 def _save_checkpoint(
     run_dir: Path,
     accelerator: Any,
@@ -675,12 +677,12 @@ def _save_checkpoint(
     history: list[float],
     keep: int,
 ) -> None:
-    folder = run_dir / CHECKPOINTS / f"step-{step:06d}"
-    tmp = run_dir / CHECKPOINTS / f".step-{step:06d}.tmp"
+    folder = checkpoint_folder(run_dir, step)
+    tmp = folder.with_name(f".{folder.name}.tmp")
     if accelerator.is_main_process:
         tmp.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    torch.save(rng.state(), tmp / f"rng-{accelerator.process_index}.pt")
+    torch.save(rng.state(), rng_file(tmp, accelerator.process_index))
     if accelerator.is_main_process:
         state = {
             "step": step,
@@ -688,13 +690,13 @@ def _save_checkpoint(
             "params": {n: p.detach().cpu().clone() for n, p in trainable.items()},
             "optimizer": optimizer.state_dict(),
         }
-        torch.save(state, tmp / "state.pt")
+        torch.save(state, tmp / STATE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
-        for old in sorted((run_dir / CHECKPOINTS).glob("step-*"))[:-keep] if keep > 0 else []:
+        for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -705,17 +707,17 @@ def _load_checkpoint(
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise CdtoolError(f"{run_dir} has no checkpoint to resume from")
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     if set(state["params"]) != set(trainable):
         raise CdtoolError(f"{folder} holds other parameters than this run trains; resume with the same options")
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(state["params"][n])
     optimizer.load_state_dict(state["optimizer"])
-    rng_file = folder / f"rng-{accelerator.process_index}.pt"
-    if not rng_file.exists():
+    rng_path = rng_file(folder, accelerator.process_index)
+    if not rng_path.exists():
         raise CdtoolError(f"{folder} was saved with fewer processes; resume with the same number")
-    rng.load(torch.load(rng_file, weights_only=True))
+    rng.load(torch.load(rng_path, weights_only=True))
     step = int(state["step"])
     if accelerator.is_main_process:  # the log continues from the checkpoint
         kept = [line for line in _read_log(run_dir) if line["step"] <= step]
@@ -764,17 +766,17 @@ def _loss_curve(entries: list[dict[str, Any]], path: Path) -> None:
 def delta_from_run(path: Path) -> Delta:
     """The delta of a training run folder (its final delta, else its latest checkpoint) or of one
     checkpoint folder; checkpoint weights are absolute, so the base is subtracted by the caller."""
-    if (path / "state.pt").exists():
+    if (path / STATE).exists():
         ckpt, run_dir = path, path.parent.parent
     else:
         run_dir = path
-        if (path / "delta.safetensors").exists():
-            return read_cdtool(path / "delta.safetensors")
+        if (path / DELTA).exists():
+            return read_cdtool(path / DELTA)
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise CdtoolError(f"{path} holds neither a finished delta nor a checkpoint")
     config = json.loads((run_dir / CONFIG).read_text())["config"]
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
     delta = Delta(
         base_model=config["model"],
         source_format="cdtool-checkpoint",

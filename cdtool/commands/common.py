@@ -13,18 +13,15 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from cdtool import console
-from cdtool.choices import SCHEDULERS
+from cdtool.choices import DTYPE_NAMES, LAYER_SETS, SCHEDULERS
 from cdtool.errors import CdtoolError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Layers(str, Enum):
-    """Which projections: kv = attn2.to_k/to_v (the paper); attn2 = all cross-attention projections."""
-
-    kv = "kv"
-    attn2 = "attn2"
-
+# Which projections: kv = attn2.to_k/to_v (the paper); attn2 = all cross-attention projections.
+Layers = Enum("Layers", {name: name for name in LAYER_SETS}, type=str)  # type: ignore[misc]
+Dtype = Enum("Dtype", {name: name for name in DTYPE_NAMES}, type=str)  # type: ignore[misc]
 
 Scheduler = Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
 
@@ -48,9 +45,6 @@ SeedOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress on stderr (warnings stay).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
-OutFileOpt = Annotated[
-    Path, typer.Option("--output", "-o", help="Output delta file (.safetensors, or .bin for the official layout).")
-]
 DeltaOpt = Annotated[
     list[str] | None,
     typer.Option("--delta", "-d", help="A delta to apply, optionally with a scale: `cat.safetensors:0.8`. Repeatable."),

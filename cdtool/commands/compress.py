@@ -6,31 +6,22 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 
 from cdtool import __version__, console
 from cdtool.atomic import check_writable
-from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, cdtool_command, pick_model
+from cdtool.commands.common import Dtype, ForceOpt, JsonOpt, QuietOpt, cdtool_command, pick_model
 from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import UsageError
 from cdtool.hashing import file_sha256
 from cdtool.importers import check_delta_output, read_delta, save_delta
 from cdtool.lowrank import truncate
-
-
-class Dtype(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
+from cdtool.models import DTYPES
 
 
 class Svd(str, Enum):
     exact = "exact"
     randomized = "randomized"
-
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compress(

@@ -14,6 +14,7 @@ from cdtool.commands.common import ForceOpt, JsonOpt, Layers, QuietOpt, cdtool_c
 from cdtool.errors import CdtoolError
 from cdtool.hashing import file_sha256
 from cdtool.importers import check_delta_output, read_delta, save_delta
+from cdtool.runs import is_run_folder
 
 MODEL_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 
@@ -31,13 +32,6 @@ def _is_model(source: Path) -> bool:
             return MODEL_KEY in set(f.keys())
     except Exception:
         return False
-
-
-def _is_run(source: Path) -> bool:
-    """A cdtool training run folder, or one of its checkpoint folders."""
-    return source.is_dir() and (
-        ((source / "config.json").exists() and (source / "log.jsonl").exists()) or (source / "state.pt").exists()
-    )
 
 
 def get_deltas(
@@ -92,7 +86,7 @@ def get_deltas(
         vocab = len(base_pipe.tokenizer)
         source_format = "fine-tuned-model"
     else:
-        if _is_run(source):
+        if is_run_folder(source):
             from cdtool.trainer import delta_from_run
 
             delta = delta_from_run(source)
