@@ -14,6 +14,7 @@ from cdtool.commands.common import (
     DeltaOpt,
     DeviceOpt,
     DtypeOpt,
+    FolderOutputOpt,
     ForceOpt,
     IgnoreBaseOpt,
     JsonOpt,
@@ -22,6 +23,7 @@ from cdtool.commands.common import (
     Scheduler,
     SeedOpt,
     cdtool_command,
+    examples,
     parse_scaled,
     pick_model,
 )
@@ -52,7 +54,7 @@ def sample(
     prompts: Annotated[
         list[str] | None, typer.Argument(help="Prompts (quote each one).", show_default=False, metavar="PROMPT...")
     ] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("samples"),
+    output: FolderOutputOpt = Path("samples"),
     prompts_file: Annotated[
         Path | None, typer.Option("--prompts", help="File of prompts: one per line, or a JSON list.")
     ] = None,
@@ -183,5 +185,11 @@ def _update_prompts(folder: Path, mapping: dict[str, str]) -> None:
         tmp.write_text(json.dumps(existing, indent=1, sort_keys=True), encoding="utf-8")
 
 
+EXAMPLES = examples(
+    'cdtool sample "photo of a <new1> cat" -d cat.safetensors -o out/',
+    "cdtool sample --prompts prompts.txt -d cat.safetensors:0.8 --n 2 --grid -o out/",
+)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("sample")(cdtool_command(sample))
+    app.command("sample", epilog=EXAMPLES)(cdtool_command(sample))

@@ -13,7 +13,20 @@ import typer
 
 from cdtool import console
 from cdtool.atomic import check_writable
-from cdtool.commands.common import ForceOpt, JsonOpt, Layers, QuietOpt, SeedOpt, cdtool_command, pick_model
+from cdtool.commands.common import (
+    DeltaOutputOpt,
+    ForceOpt,
+    JsonOpt,
+    Layers,
+    LayersOpt,
+    ModelOpt,
+    QuietOpt,
+    SeedOpt,
+    cdtool_command,
+    examples,
+    pick_alias,
+    pick_model,
+)
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.recipes import (
     CUSTOM_DIFFUSION,
@@ -25,6 +38,13 @@ from cdtool.recipes import (
 
 if TYPE_CHECKING:
     from cdtool.trainer import TrainConfig, TrainResult
+
+
+EXAMPLES = examples(
+    "cdtool train data/cat --reg reg/cat -o cat.safetensors",
+    "cdtool train data/cat --reg reg/cat --concept data/dog,token=<new2>,class=dog,reg=reg/dog -o pets.safetensors",
+    "cdtool train data/cat --method textual-inversion --steps 1000 -o cat-ti.safetensors",
+)
 
 
 class Method(str, Enum):
@@ -50,15 +70,12 @@ class EarlyStop(str, Enum):
 
 
 def train(
+    output: DeltaOutputOpt,
     data: Annotated[
         Path | None,
         typer.Argument(
             help="The concept's data folder (from `cdtool prep`, or images with one prompt).", show_default=False
         ),
-    ] = None,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="The delta to write (.safetensors, or .bin for the official layout)."),
     ] = None,
     reg: Annotated[
         Path | None, typer.Option("--reg", help="Regularisation folder (from `cdtool regset`) for prior preservation.")
@@ -93,10 +110,7 @@ def train(
     concepts_file: Annotated[
         Path | None, typer.Option("--concepts", help="diffusers concepts_list JSON for joint training.")
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", help="Base model: tiny, a hub id, a diffusers folder or a checkpoint file."),
-    ] = None,
+    model: ModelOpt = None,
     method: Annotated[
         Method,
         typer.Option(
@@ -124,9 +138,10 @@ def train(
         float | None,
         typer.Option("--text-encoder-lr", help="DreamBooth-LoRA: text encoder learning rate (default: the UNet's)."),
     ] = None,
-    train_layers: Annotated[
-        Layers, typer.Option("--train", help="kv: attn2.to_k/to_v (the paper); attn2: all cross-attention projections.")
-    ] = Layers.kv,
+    layers: LayersOpt = None,
+    train_alias: Annotated[
+        Layers | None, typer.Option("--train", hidden=True, help="Another name of --layers.")
+    ] = None,
     resolution: Annotated[
         int | None, typer.Option("--resolution", min=8, help="Training resolution (default: the model's).")
     ] = None,
@@ -246,8 +261,6 @@ def train(
         raw += read_concepts_file(concepts_file)
     if not raw:
         raise UsageError("give a data folder, --concept or --concepts FILE")
-    if output is None:
-        raise UsageError("give --output (the delta to write)")
     check_delta_output(output)
     model_id = pick_model(model)
     res = resolution or default_resolution(model_id)
@@ -267,7 +280,7 @@ def train(
         output=str(output),
         run_dir=str(folder),
         method=method.value,
-        train=train_layers.value,
+        train=(pick_alias(layers, train_alias, "--layers", "--train") or Layers.kv).value,
         resolution=res,
         steps=steps or d.steps_per_concept * (len(specs) if method is Method.custom_diffusion else 1),
         batch_size=batch_size,
@@ -344,4 +357,4 @@ def _run(cfg: TrainConfig, resume: bool) -> TrainResult:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(cdtool_command(train))
+    app.command("train", epilog=EXAMPLES)(cdtool_command(train))
