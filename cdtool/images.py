@@ -10,7 +10,6 @@ from typing import Any
 from cdtool.errors import UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-CROPS = ("center", "none", "pad")
 
 
 def parse_colour(text: str) -> tuple[int, int, int]:

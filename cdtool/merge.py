@@ -152,16 +152,9 @@ def closed_form_merge(
 
 def add_delta_tokens(tokenizer: Any, encoder: Any, deltas: Sequence[Delta]) -> None:
     """Add the deltas' new tokens, with their learned rows, to the base text side."""
-    from cdtool.apply import _plan_tokens
+    from cdtool.tokens import add_token_rows, plan_new_tokens
 
-    new_rows = _plan_tokens(tokenizer, encoder, deltas)
-    if new_rows:
-        tokenizer.add_tokens(list(new_rows))
-        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():
-            table = encoder.get_input_embeddings().weight
-            for tok, row in new_rows.items():
-                table[tokenizer.convert_tokens_to_ids(tok)] = row.to(table.dtype)
+    add_token_rows(tokenizer, encoder, plan_new_tokens(tokenizer, encoder, deltas))
 
 
 def paper_target_rows(deltas: Sequence[Delta], tokenizer: Any, encoder: Any) -> tuple[torch.Tensor, list[int]]:
