@@ -12,19 +12,7 @@ import torch
 from cdtool.base import fingerprint, fingerprint_names, pipeline_params
 from cdtool.delta import Delta
 from cdtool.errors import CdtoolError
-
-
-def token_names(token: str, n_vectors: int) -> list[str]:
-    """The tokenizer entries of a token with n vectors (diffusers' textual-inversion convention)."""
-    return [token] + [f"{token}_{i}" for i in range(1, n_vectors)]
-
-
-def is_existing_word(tokenizer: Any, token: str) -> bool:
-    """True when `token` is already in the vocabulary or encodes to one existing piece."""
-    if token in tokenizer.get_vocab():
-        return True
-    ids = tokenizer(token, add_special_tokens=False).input_ids
-    return len(ids) == 1 and ids[0] < tokenizer.vocab_size
+from cdtool.tokens import add_token_rows, plan_new_tokens
 
 
 def check_base(
@@ -65,7 +53,7 @@ def apply_deltas(
     relative = [d.relative_to(base) if d.needs_base else d for d, _ in deltas]
     for d in relative:
         check_base(d, params, vocab_size, ignore_base_mismatch, warn)
-    new_tokens = _plan_tokens(tokenizer, encoder, relative)
+    new_tokens = plan_new_tokens(tokenizer, encoder, relative)
     for d in relative:
         for name, layer in d.layers.items():
             module = _linear(pipe, name)
@@ -74,13 +62,7 @@ def apply_deltas(
                     f"{d.origin or 'delta'}: layer {name} has shape {layer.shape}, the model's is "
                     f"{tuple(module.weight.shape)}; is the delta for another base model?"
                 )
-    if new_tokens:
-        tokenizer.add_tokens(list(new_tokens))
-        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        table = encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            for tok, row in new_tokens.items():
-                table[tokenizer.convert_tokens_to_ids(tok)] = row.to(table.dtype)
+    add_token_rows(tokenizer, encoder, new_tokens)
     with torch.no_grad():
         for d, (_, scale) in zip(relative, deltas, strict=True):
             for name, layer in d.layers.items():
@@ -90,36 +72,6 @@ def apply_deltas(
                 if layer.bias is not None:
                     module.bias += (scale * layer.bias.float()).to(w.device, w.dtype)
     return relative
-
-
-def _plan_tokens(tokenizer: Any, encoder: Any, deltas: Sequence[Delta]) -> dict[str, torch.Tensor]:
-    """token entry -> embedding row, refusing existing words and conflicting definitions."""
-    dim = encoder.get_input_embeddings().weight.shape[1]
-    planned: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    for d in deltas:
-        for token, emb in d.tokens.items():
-            if emb.shape[-1] != dim:
-                raise CdtoolError(
-                    f"{d.origin or 'delta'}: token {token} has a {emb.shape[-1]}-dim embedding, the "
-                    f"model's text encoder uses {dim}; is the delta for another base model?"
-                )
-            for entry, row in zip(token_names(token, emb.shape[0]), emb, strict=True):
-                if entry in planned:
-                    if not torch.equal(planned[entry], row.float()):
-                        raise CdtoolError(
-                            f"token {entry} is defined differently by {origin[entry]} and "
-                            f"{d.origin or 'another delta'}; merge them with `cdtool merge`, which renames collisions"
-                        )
-                    continue
-                if is_existing_word(tokenizer, entry):
-                    raise CdtoolError(
-                        f"{d.origin or 'delta'}: token {entry!r} already exists in the model's "
-                        "vocabulary; a modifier token must be new, such as <new1>"
-                    )
-                planned[entry] = row.float()
-                origin[entry] = d.origin or "a delta"
-    return planned
 
 
 def _linear(pipe: Any, name: str) -> torch.nn.Module:

@@ -11,9 +11,8 @@ from typing import Any
 import torch
 
 from cdtool.errors import CdtoolError
+from cdtool.imagefolder import METADATA
 from cdtool.images import IMAGE_SUFFIXES, open_image
-
-METADATA = "metadata.jsonl"
 
 
 @dataclass

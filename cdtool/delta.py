@@ -1,4 +1,4 @@
-"""The delta file: what every cdtool command reads and writes (see shared/DESIGN.md).
+"""The delta file: what every cdtool command reads and writes (every key: docs/design.md).
 
 In memory a `Delta` holds, per trained Linear, either a full difference ΔW or a low-rank pair
 (up, down) with ΔW = up @ down, plus the learned embeddings of modifier tokens and the metadata.
@@ -19,7 +19,6 @@ import torch
 from cdtool import __version__
 from cdtool.atomic import atomic_path
 from cdtool.errors import CdtoolError
-from cdtool.tokens import check_token_name
 
 FORMAT = "cdtool.delta"
 FORMAT_VERSION = "1"
@@ -175,6 +174,8 @@ def read_cdtool(path: Path) -> Delta:
         created_by=meta.get("created_by", ""),
         provenance=_json(meta, "provenance", {}, path),
     )
+    from cdtool.tokens import check_token_name  # token names are data from strangers
+
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if key.startswith("token."):

@@ -7,22 +7,23 @@ from typing import Any
 
 import torch
 
+from cdtool.choices import LAYER_SETS
 from cdtool.delta import Delta, LayerDelta
 
-LAYER_SETS = {
-    "kv": ("attn2.to_k", "attn2.to_v"),
-    "attn2": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
-}
+
+def linear_names(model: Any, component: str, suffixes: tuple[str, ...], within: tuple[str, ...] = ("",)) -> list[str]:
+    """`<component>.<path>` of every Linear of `model` whose path ends in one of `suffixes` and
+    contains one of `within`."""
+    return [
+        f"{component}.{name}"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.endswith(suffixes) and any(w in name for w in within)
+    ]
 
 
 def trainable_layer_names(unet: Any, layers: str = "kv") -> list[str]:
     """`unet.<path>` of every Linear Custom Diffusion trains in this mode."""
-    suffixes = LAYER_SETS[layers]
-    return [
-        f"unet.{name}"
-        for name, module in unet.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.endswith(suffixes)
-    ]
+    return linear_names(unet, "unet", LAYER_SETS[layers])
 
 
 def extract_delta(tuned: Any, base: Any, layers: str = "kv") -> tuple[Delta, int]:

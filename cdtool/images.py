@@ -11,7 +11,6 @@ from typing import Any
 from cdtool.errors import CdtoolError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-CROPS = ("center", "none", "pad")
 
 
 def parse_colour(text: str) -> tuple[int, int, int]:

@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
+from cdtool.choices import DTYPE_NAMES
 from cdtool.errors import CdtoolError, UsageError
 
 TINY = "tiny"
 TOY = "toy"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -49,7 +50,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise UsageError(f"unknown --dtype {dtype!r}: use auto, fp32, fp16 or bf16")
+        raise UsageError(f"unknown --dtype {dtype!r}: use auto, {', '.join(DTYPE_NAMES)}")
     return DTYPES[dtype]
 
 
@@ -147,24 +148,6 @@ def load_text_side(model: str) -> tuple[Any, Any]:
     except (OSError, ValueError) as e:
         raise CdtoolError(_load_failure(model, kind, e)) from e
     return tok, enc.float().eval().requires_grad_(False)
-
-
-def load_unet(model: str) -> Any:
-    """The UNet alone, float32 on the CPU."""
-    kind = model_kind(model)
-    if kind in ("tiny", "file"):
-        return load_pipeline(model).unet
-    from diffusers import UNet2DConditionModel
-
-    _no_loading_bars()
-    source = str(local_path(model)) if kind == "folder" else model
-    try:
-        unet = UNet2DConditionModel.from_pretrained(
-            source, subfolder="unet", local_files_only=kind == "folder" or _hub_offline()
-        )
-    except (OSError, ValueError) as e:
-        raise CdtoolError(_load_failure(model, kind, e)) from e
-    return unet.float().eval().requires_grad_(False)
 
 
 def default_resolution(model: str) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 
 from cdtool.errors import CdtoolError
 from cdtool.hashing import file_sha256
+from cdtool.imagefolder import METADATA
 from cdtool.images import IMAGE_SUFFIXES, ImageError, dhash, fit, near_duplicate, open_rgb, pixel_sha256, thumbnail
 
 
@@ -129,5 +130,5 @@ def write_folder(out: Path, kept: list[Source], concept: dict[str, Any]) -> None
         src.image.save(out / name, format="PNG")
         rows.append({"file_name": name, "text": src.caption})
         sources.append({"path": str(src.path), "sha256": src.sha256, "file_name": name, "size": list(src.size)})
-    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (out / METADATA).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (out / "concept.json").write_text(json.dumps(dict(concept, sources=sources), indent=1) + "\n", encoding="utf-8")

@@ -20,10 +20,10 @@ import torch
 
 from cdtool.atomic import atomic_path
 from cdtool.errors import CdtoolError
+from cdtool.imagefolder import METADATA
 from cdtool.images import IMAGE_SUFFIXES, ImageError, open_image
 from cdtool.paths import cache_dir
 
-METADATA = "metadata.jsonl"
 PROVENANCE = "regset.json"
 
 

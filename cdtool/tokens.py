@@ -1,26 +1,69 @@
-"""Modifier tokens: validation, initialiser resolution, and a trainable-rows embedding."""
+"""Modifier tokens: validation, initialiser resolution, adding tokens with their embedding rows, and
+a trainable-rows embedding."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 import unicodedata
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cdtool.delta import Delta
 from cdtool.errors import CdtoolError, UsageError
 
-# The reference initialisers for the 1st, 2nd and 3rd concept: rare pieces of the CLIP vocabulary.
-# They are looked up as vocabulary entries (ids 42170, 47629, 43514 in CLIP's vocabulary, as the
-# official CompVis code hard-codes them), not by tokenising the words: "ktn" as text becomes two
-# pieces, and the diffusers script's `tokenizer.encode([...])` lookup crashes under transformers 5.
-DEFAULT_INIT = ("ktn", "pll", "ucd</w>")
+# The default initialisers: rare pieces of the CLIP vocabulary, looked up as vocabulary entries (not
+# by tokenising the words: "ktn" as text becomes two pieces, and the diffusers script's
+# `tokenizer.encode([...])` lookup crashes under transformers 5). The first three are the reference's
+# (ids 42170, 47629, 43514, as the official CompVis code hard-codes them); the others are further
+# three-letter pieces among CLIP's last merges (ids above 48000), chosen to carry no common meaning.
+DEFAULT_INIT = (
+    "ktn", "pll", "ucd</w>", "hta</w>", "rcn</w>", "waj</w>", "omd</w>", "ulf</w>",
+    "pgs</w>", "gsp</w>", "ucn</w>", "ccu</w>", "wbo</w>", "dru</w>", "ofi</w>", "afs</w>",
+)  # fmt: skip
+_NEW_K = re.compile(r"^<new([1-9][0-9]*)>$")
 
 
-def default_init_token(index: int) -> str:
-    if index >= len(DEFAULT_INIT):
-        raise UsageError(f"concept {index + 1}: there are default initialiser tokens for 3 concepts; give --init-token")
-    return DEFAULT_INIT[index]
+def token_names(token: str, n_vectors: int) -> list[str]:
+    """The tokenizer entries of a token with n vectors (diffusers' textual-inversion convention)."""
+    return [token] + [f"{token}_{i}" for i in range(1, n_vectors)]
+
+
+def is_existing_word(tokenizer: Any, token: str) -> bool:
+    """True when `token` is already in the vocabulary or encodes to one existing piece."""
+    if token in tokenizer.get_vocab():
+        return True
+    ids = tokenizer(token, add_special_tokens=False).input_ids
+    return len(ids) == 1 and ids[0] < tokenizer.vocab_size
+
+
+def default_init_tokens(tokens: Sequence[str]) -> list[str]:
+    """The default initialiser of each token of one run. A token `<newK>` starts from the K-th
+    entry of DEFAULT_INIT, so that concepts trained separately as <new1>, <new2>, ... start apart
+    (and a joint run of <new1>, <new2> starts as the reference's does); any other token from the
+    entry its name hashes to. Within one run a taken entry passes to the next free one."""
+    picks: list[str] = []
+    for token in tokens:
+        m = _NEW_K.match(token)
+        if m:
+            k = int(m.group(1)) - 1
+            if k >= len(DEFAULT_INIT):
+                raise UsageError(
+                    f"{token}: there are default initialisers for <new1> to <new{len(DEFAULT_INIT)}>; give --init-token"
+                )
+        else:
+            k = int(hashlib.sha256(token.encode()).hexdigest(), 16) % len(DEFAULT_INIT)
+        for step in range(len(DEFAULT_INIT)):
+            candidate = DEFAULT_INIT[(k + step) % len(DEFAULT_INIT)]
+            if candidate not in picks:
+                picks.append(candidate)
+                break
+        else:
+            raise UsageError(f"more than {len(DEFAULT_INIT)} concepts in one run: give each an --init-token")
+    return picks
 
 
 def resolve_init_token(tokenizer: Any, text: str) -> int:
@@ -70,13 +113,57 @@ def check_token_name(token: str, source: str | Path) -> None:
 
 def check_new_token(tokenizer: Any, token: str) -> None:
     """A modifier token must be a valid name (token_name_problem) and not already mean something."""
-    from cdtool.apply import is_existing_word
-
     problem = token_name_problem(token)
     if problem:
         raise UsageError(f"token {token!r} {problem}; use one word such as <new1>")
     if is_existing_word(tokenizer, token):
         raise CdtoolError(f"token {token!r} already exists in the vocabulary; use a new one such as <new1>")
+
+
+def plan_new_tokens(tokenizer: Any, encoder: Any, deltas: Sequence[Delta]) -> dict[str, torch.Tensor]:
+    """The deltas' token entries and their embedding rows, refusing existing words, rows of another
+    width than the text encoder's and tokens two deltas define differently."""
+    dim = encoder.get_input_embeddings().weight.shape[1]
+    planned: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for d in deltas:
+        for token, emb in d.tokens.items():
+            if emb.shape[-1] != dim:
+                raise CdtoolError(
+                    f"{d.origin or 'delta'}: token {token} has a {emb.shape[-1]}-dim embedding, the "
+                    f"model's text encoder uses {dim}; is the delta for another base model?"
+                )
+            for entry, row in zip(token_names(token, emb.shape[0]), emb, strict=True):
+                if entry in planned:
+                    if not torch.equal(planned[entry], row.float()):
+                        raise CdtoolError(
+                            f"token {entry} is defined differently by {origin[entry]} and "
+                            f"{d.origin or 'another delta'}; merge them with `cdtool merge`, which renames collisions"
+                        )
+                    continue
+                if is_existing_word(tokenizer, entry):
+                    raise CdtoolError(
+                        f"{d.origin or 'delta'}: token {entry!r} already exists in the model's "
+                        "vocabulary; a modifier token must be new, such as <new1>"
+                    )
+                planned[entry] = row.float()
+                origin[entry] = d.origin or "a delta"
+    return planned
+
+
+def add_token_rows(tokenizer: Any, encoder: Any, rows: Mapping[str, torch.Tensor]) -> list[int]:
+    """Add each token entry to the tokenizer and its row to the text encoder's embedding table;
+    returns the entries' ids."""
+    if not rows:
+        return []
+    tokenizer.add_tokens(list(rows))
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = tokenizer.convert_tokens_to_ids(list(rows))
+    table = encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for i, row in zip(ids, rows.values(), strict=True):
+            table[i] = row.to(table.dtype)
+    return ids
 
 
 class TokenRows(torch.nn.Module):

@@ -133,7 +133,7 @@ def one_error(result) -> str:
 
 def train_config(tmp_path: Path, raw: list[dict], method: str = "custom-diffusion", **kw):
     """A TrainConfig on the tiny model at 64 px for the given concept dicts (as --concept parses)."""
-    from cdtool.commands.train import build_concepts
+    from cdtool.concepts import build_concepts
     from cdtool.trainer import TrainConfig
 
     kw = {"resolution": 64, "batch_size": 2, **kw}

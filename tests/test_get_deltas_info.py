@@ -20,7 +20,7 @@ def test_from_fine_tuned_folder(cli, tmp_path, tiny_folder, make_delta):
     apply_deltas(tuned, [(d, 1.0)])
     tuned.save_pretrained(tmp_path / "tuned")
     out = tmp_path / "x.safetensors"
-    r = cli("get-deltas", tmp_path / "tuned", "--base", tiny_folder, "-o", out, "--json")
+    r = cli("get-deltas", tmp_path / "tuned", "--model", tiny_folder, "-o", out, "--json")
     doc = json.loads(r.stdout)
     assert doc["layers_matched"] == 14 and doc["tokens"] == ["<new1>"]
     got = read_cdtool(out)
@@ -43,7 +43,7 @@ def test_convert_official_bin_then_info(cli, tmp_path, tiny_pipe, make_delta):
     base = {k: v.detach().clone() for k, v in pipeline_params(tiny_pipe).items()}
     torch.save(official_state(d, base), tmp_path / "delta.bin")
     out = tmp_path / "conv.safetensors"
-    cli("get-deltas", tmp_path / "delta.bin", "--base", "tiny", "-o", out)
+    cli("get-deltas", tmp_path / "delta.bin", "--model", "tiny", "-o", out)
     got = read_cdtool(out)
     assert got.base_fingerprint == d.base_fingerprint and got.base_model == "tiny"
     for name, layer in d.layers.items():

@@ -13,28 +13,43 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from cdtool import console
-from cdtool.errors import CdtoolError
+from cdtool.choices import DTYPE_NAMES, LAYER_SETS, SCHEDULERS
+from cdtool.errors import CdtoolError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Layers(str, Enum):
-    """Which projections: kv = attn2.to_k/to_v (the paper); attn2 = all cross-attention projections."""
-
-    kv = "kv"
-    attn2 = "attn2"
-
+Layers = Enum("Layers", {name: name for name in LAYER_SETS}, type=str)  # type: ignore[misc]
+Dtype = Enum("Dtype", {name: name for name in DTYPE_NAMES}, type=str)  # type: ignore[misc]
+Scheduler = Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
+# The options every command spells the same way.
 ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model",
         "-m",
-        help="Base model: `tiny` (built in), a hub id, a local diffusers folder or a .safetensors/.ckpt "
-        f"file. Default: the base recorded in the delta, else $CDTOOL_MODEL, else {DEFAULT_MODEL}.",
+        help="Base model: `tiny` or `toy` (built in), a hub id, a local diffusers folder or a .safetensors/.ckpt "
+        f"file. Default: the base a delta records, else $CDTOOL_MODEL, else {DEFAULT_MODEL}.",
         show_default=False,
+    ),
+]
+BaseAliasOpt = Annotated[str | None, typer.Option("--base", hidden=True, help="Another name of --model.")]
+DeltaOutputOpt = Annotated[
+    Path,
+    typer.Option(
+        "--output", "-o", help="The delta to write: .safetensors (cdtool's format), or .bin (the official layout)."
+    ),
+]
+FolderOutputOpt = Annotated[Path, typer.Option("--output", "-o", help="The folder to write.")]
+LayersOpt = Annotated[
+    Layers | None,
+    typer.Option(
+        "--layers",
+        help="kv: attn2.to_k/to_v (the paper); attn2: all cross-attention projections.",
+        show_default="kv",
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
@@ -45,9 +60,6 @@ SeedOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress on stderr (warnings stay).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
-OutFileOpt = Annotated[
-    Path, typer.Option("--output", "-o", help="Output delta file (.safetensors, or .bin for the official layout).")
-]
 DeltaOpt = Annotated[
     list[str] | None,
     typer.Option("--delta", "-d", help="A delta to apply, optionally with a scale: `cat.safetensors:0.8`. Repeatable."),
@@ -68,6 +80,18 @@ def pick_model(model: str | None, recorded: list[str] | None = None) -> str:
         if base:
             return base
     return os.environ.get("CDTOOL_MODEL", DEFAULT_MODEL)
+
+
+def pick_alias(value: Any, alias: Any, name: str, alias_name: str) -> Any:
+    """An option given under its name or its other name (not both, with different values)."""
+    if value is not None and alias is not None and value != alias:
+        raise UsageError(f"{alias_name} is another name of {name}; give one of them")
+    return value if value is not None else alias
+
+
+def examples(*command_lines: str) -> str:
+    """A command's --help epilog: its example command lines, kept as written."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in command_lines)
 
 
 def parse_scaled(spec: str) -> tuple[Path, float]:

@@ -6,23 +6,32 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 
 from cdtool import __version__, console
 from cdtool.atomic import claim_output
-from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, cdtool_command, pick_model
+from cdtool.commands.common import (
+    DeltaOutputOpt,
+    Dtype,
+    ForceOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    cdtool_command,
+    examples,
+    pick_model,
+)
 from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.hashing import file_sha256
 from cdtool.importers import check_delta_output, read_delta, save_delta
 from cdtool.lowrank import truncate
+from cdtool.models import DTYPES
 
-
-class Dtype(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
+EXAMPLES = examples(
+    "cdtool compress pets.safetensors -o pets.small.safetensors",
+    "cdtool compress cat.safetensors --rank 32 --dtype fp16 -o cat.r32.safetensors",
+)
 
 
 class Svd(str, Enum):
@@ -30,16 +39,11 @@ class Svd(str, Enum):
     randomized = "randomized"
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def compress(
     source: Annotated[
         Path, typer.Argument(help="A delta in any supported format (full or already compressed).", show_default=False)
     ],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Compressed delta (.safetensors, or .bin for the official layout).")
-    ],
+    output: DeltaOutputOpt,
     rank: Annotated[int | None, typer.Option("--rank", min=1, help="Keep this many singular values per layer.")] = None,
     energy: Annotated[
         float | None,
@@ -55,10 +59,7 @@ def compress(
     ] = None,
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Storage dtype of the factors.")] = Dtype.fp32,
     svd: Annotated[Svd, typer.Option("--svd", help="exact, or randomized (faster on large layers).")] = Svd.exact,
-    model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", help="Base model, needed only for files that store fine-tuned weights."),
-    ] = None,
+    model: ModelOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD.")] = 0,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -66,7 +67,8 @@ def compress(
 ) -> None:
     """Compress each layer's ΔW to up @ down by truncated SVD; tokens are kept unchanged.
 
-    Exactly one of --rank, --energy, --fro (default: --energy 0.6, as the official tool).
+    Exactly one of --rank, --energy, --fro (default: --energy 0.6, as the official tool). The base
+    model is read only for files that store fine-tuned weights, and for a .bin output.
     """
     chosen = [x for x in (rank, energy, fro) if x is not None]
     if len(chosen) > 1:
@@ -132,4 +134,4 @@ def compress(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("compress")(cdtool_command(compress))
+    app.command("compress", epilog=EXAMPLES)(cdtool_command(compress))

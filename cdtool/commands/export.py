@@ -10,7 +10,7 @@ import typer
 
 from cdtool import console
 from cdtool.atomic import claim_output
-from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, cdtool_command, pick_model
+from cdtool.commands.common import ForceOpt, JsonOpt, ModelOpt, QuietOpt, cdtool_command, examples, pick_model
 from cdtool.errors import UsageError
 from cdtool.export import export as write_export
 from cdtool.importers import read_delta
@@ -28,12 +28,7 @@ def export(
     source: Annotated[Path, typer.Argument(help="A delta in any supported format.", show_default=False)],
     to: Annotated[Target, typer.Option("--to", help="Target layout.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (a .bin file for --to official).")],
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model", "-m", help="Base model, for layouts that store fine-tuned weights (default: the recorded base)."
-        ),
-    ] = None,
+    model: ModelOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -73,5 +68,12 @@ def export(
             console.result(str(f))
 
 
+EXAMPLES = examples(
+    "cdtool export cat.safetensors --to diffusers-custom-diffusion -o cat-diffusers/",
+    "cdtool export db.safetensors --to diffusers-lora -o db-lora/",
+    "cdtool export cat.safetensors --to official -o delta.bin",
+)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("export")(cdtool_command(export))
+    app.command("export", epilog=EXAMPLES)(cdtool_command(export))

@@ -10,11 +10,30 @@ import typer
 from cdtool import __version__, console
 from cdtool.atomic import claim_output
 from cdtool.base import check_token_width, fingerprint, fingerprint_names, load_base_params, pipeline_params
-from cdtool.commands.common import ForceOpt, JsonOpt, Layers, QuietOpt, cdtool_command, pick_model
+from cdtool.commands.common import (
+    BaseAliasOpt,
+    DeltaOutputOpt,
+    ForceOpt,
+    JsonOpt,
+    Layers,
+    LayersOpt,
+    ModelOpt,
+    QuietOpt,
+    cdtool_command,
+    examples,
+    pick_alias,
+    pick_model,
+)
 from cdtool.errors import CdtoolError
 from cdtool.hashing import file_sha256
 from cdtool.importers import check_delta_output, read_delta, save_delta
+from cdtool.runs import is_run_folder
 
+EXAMPLES = examples(
+    "cdtool get-deltas finetuned-sd15/ --model stable-diffusion-v1-5/stable-diffusion-v1-5 -o cat.safetensors",
+    "cdtool get-deltas delta.bin -o cat.safetensors",
+    "cdtool get-deltas cat.run/checkpoints/step-000100 -o cat-100.safetensors",
+)
 MODEL_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 
 
@@ -33,13 +52,6 @@ def _is_model(source: Path) -> bool:
         return False
 
 
-def _is_run(source: Path) -> bool:
-    """A cdtool training run folder, or one of its checkpoint folders."""
-    return source.is_dir() and (
-        ((source / "config.json").exists() and (source / "log.jsonl").exists()) or (source / "state.pt").exists()
-    )
-
-
 def get_deltas(
     source: Annotated[
         Path,
@@ -48,18 +60,10 @@ def get_deltas(
             show_default=False,
         ),
     ],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Output delta: .safetensors (cdtool) or .bin (official layout).")
-    ],
-    base: Annotated[
-        str | None,
-        typer.Option(
-            "--base", help="The base model the source was fine-tuned from (default: recorded base, else $CDTOOL_MODEL)."
-        ),
-    ] = None,
-    layers: Annotated[
-        Layers, typer.Option("--layers", help="kv: attn2.to_k/to_v; attn2: all cross-attention projections.")
-    ] = Layers.kv,
+    output: DeltaOutputOpt,
+    model: ModelOpt = None,
+    base: BaseAliasOpt = None,
+    layers: LayersOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -69,37 +73,37 @@ def get_deltas(
     Importable: cdtool files, the official Custom Diffusion delta.bin / CompVis .ckpt (also
     compressed), and diffusers' pytorch_custom_diffusion_weights + <token> files.
     """
+    model = pick_alias(model, base, "--model", "--base")
+    layer_set = (layers or Layers.kv).value
     if not source.exists():
         raise CdtoolError(f"{source}: no such file or folder")
     check_delta_output(output)
     claim = claim_output(output, "get-deltas", force, inputs=[source])
     if _is_model(source):
-        base_model = pick_model(base)
+        base_model = pick_model(model)
         from cdtool.extract import extract_delta
         from cdtool.models import load_pipeline
 
         console.log(f"loading {source} and its base {base_model}")
         tuned, base_pipe = load_pipeline(str(source)), load_pipeline(base_model)
-        delta, matched = extract_delta(tuned, base_pipe, layers.value)
+        delta, matched = extract_delta(tuned, base_pipe, layer_set)
         if matched == 0:
-            raise CdtoolError(
-                f"no {layers.value} layers of {source} match the base {base_model}; is it the right base?"
-            )
+            raise CdtoolError(f"no {layer_set} layers of {source} match the base {base_model}; is it the right base?")
         console.log(f"{matched} layers matched, {len(delta.layers)} changed, {len(delta.tokens)} new tokens")
         if not delta.layers and not delta.tokens:
-            raise CdtoolError(f"{source} does not differ from {base_model} in any {layers.value} layer or token")
+            raise CdtoolError(f"{source} does not differ from {base_model} in any {layer_set} layer or token")
         params = pipeline_params(base_pipe)
         vocab = len(base_pipe.tokenizer)
         source_format = "fine-tuned-model"
     else:
-        if _is_run(source):
+        if is_run_folder(source):
             from cdtool.trainer import delta_from_run
 
             delta = delta_from_run(source)
         else:
             delta = read_delta(source)
         source_format = delta.source_format
-        base_model = pick_model(base, [delta.base_model])
+        base_model = pick_model(model, [delta.base_model])
         params = None
         vocab = None
         if delta.needs_base or output.suffix == ".bin" or not delta.base_fingerprint:
@@ -147,4 +151,4 @@ def get_deltas(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("get-deltas")(cdtool_command(get_deltas))
+    app.command("get-deltas", epilog=EXAMPLES)(cdtool_command(get_deltas))

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from cdtool import console
-from cdtool.commands.common import JsonOpt, cdtool_command
+from cdtool.commands.common import JsonOpt, QuietOpt, cdtool_command, examples
 from cdtool.delta import Delta
 from cdtool.importers import read_delta
 
@@ -70,6 +70,7 @@ def _print_text(doc: dict[str, Any]) -> None:
 def info(
     file: Annotated[Path, typer.Argument(help="A delta file in any supported format.", show_default=False)],
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Show a delta's format, tokens, concepts, layers, ranks, dtype, size, base and provenance."""
     doc = describe(read_delta(file), file)
@@ -79,5 +80,11 @@ def info(
         _print_text(doc)
 
 
+EXAMPLES = examples(
+    "cdtool info cat.safetensors",
+    "cdtool info delta.bin --json",
+)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("info")(cdtool_command(info))
+    app.command("info", epilog=EXAMPLES)(cdtool_command(info))

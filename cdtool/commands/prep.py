@@ -10,7 +10,7 @@ import typer
 
 from cdtool import __version__, console
 from cdtool.atomic import claim_output
-from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, cdtool_command
+from cdtool.commands.common import FolderOutputOpt, ForceOpt, JsonOpt, QuietOpt, cdtool_command, examples
 from cdtool.errors import CdtoolError
 
 
@@ -27,7 +27,7 @@ def prep(
             help="Image files, folders (searched recursively) or globs.", show_default=False, metavar="INPUT"
         ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The data folder to write.")],
+    output: FolderOutputOpt,
     token: Annotated[str, typer.Option("--token", help="Modifier token of the concept.")] = "<new1>",
     class_noun: Annotated[str, typer.Option("--class-noun", help="Class noun, e.g. cat.")] = ...,  # type: ignore[assignment]
     caption: Annotated[
@@ -131,5 +131,11 @@ def prep(
         console.result(str(output))
 
 
+EXAMPLES = examples(
+    "cdtool prep photos/ --class-noun cat -o data/cat",
+    'cdtool prep "shots/*.jpg" --class-noun dog --token "<new2>" --dedupe -o data/dog',
+)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("prep")(cdtool_command(prep))
+    app.command("prep", epilog=EXAMPLES)(cdtool_command(prep))

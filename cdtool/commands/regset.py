@@ -14,15 +14,17 @@ from cdtool.atomic import claim_output
 from cdtool.commands.common import (
     DeviceOpt,
     DtypeOpt,
+    FolderOutputOpt,
     ForceOpt,
     JsonOpt,
     ModelOpt,
     QuietOpt,
+    Scheduler,
     SeedOpt,
     cdtool_command,
+    examples,
     pick_model,
 )
-from cdtool.commands.sample import Scheduler
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.images import ImageError, open_image
 from cdtool.regset import PROVENANCE, keep_image, write_metadata
@@ -30,7 +32,7 @@ from cdtool.regset import PROVENANCE, keep_image, write_metadata
 
 def regset(
     class_noun: Annotated[str, typer.Argument(help="The class, e.g. cat.", show_default=False, metavar="CLASS")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The folder to write.")],
+    output: FolderOutputOpt,
     n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 200,
     source: Annotated[
         str,
@@ -313,5 +315,11 @@ def _knn(
     }
 
 
+EXAMPLES = examples(
+    "cdtool regset cat --n 200 -o reg/cat",
+    "cdtool regset cat --from laion-subset/ --n 200 -o reg/cat",
+)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("regset")(cdtool_command(regset))
+    app.command("regset", epilog=EXAMPLES)(cdtool_command(regset))

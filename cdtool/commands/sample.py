@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,13 +15,16 @@ from cdtool.commands.common import (
     DeltaOpt,
     DeviceOpt,
     DtypeOpt,
+    FolderOutputOpt,
     ForceOpt,
     IgnoreBaseOpt,
     JsonOpt,
     ModelOpt,
     QuietOpt,
+    Scheduler,
     SeedOpt,
     cdtool_command,
+    examples,
     parse_scaled,
     pick_model,
 )
@@ -31,7 +33,6 @@ from cdtool.hashing import path_sha256
 from cdtool.importers import read_delta
 from cdtool.sampling import (
     REQUEST_KEY,
-    SCHEDULERS,
     check_size,
     generate,
     image_grid,
@@ -41,7 +42,6 @@ from cdtool.sampling import (
     save_png,
 )
 
-Scheduler = Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
 PROMPTS_FILE = "prompts.json"
 
 
@@ -65,7 +65,7 @@ def sample(
     prompts: Annotated[
         list[str] | None, typer.Argument(help="Prompts (quote each one).", show_default=False, metavar="PROMPT...")
     ] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("samples"),
+    output: FolderOutputOpt = Path("samples"),
     prompts_file: Annotated[
         Path | None, typer.Option("--prompts", help="File of prompts: one per line, or a JSON list.")
     ] = None,
@@ -228,5 +228,11 @@ def _update_prompts(folder: Path, mapping: dict[str, str]) -> None:
         tmp.write_text(json.dumps(existing, indent=1, sort_keys=True), encoding="utf-8")
 
 
+EXAMPLES = examples(
+    'cdtool sample "photo of a <new1> cat" -d cat.safetensors -o out/',
+    "cdtool sample --prompts prompts.txt -d cat.safetensors:0.8 --n 2 --grid -o out/",
+)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("sample")(cdtool_command(sample))
+    app.command("sample", epilog=EXAMPLES)(cdtool_command(sample))

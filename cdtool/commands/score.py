@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from cdtool import console
-from cdtool.commands.common import JsonOpt, QuietOpt, SeedOpt, cdtool_command
+from cdtool.commands.common import JsonOpt, QuietOpt, SeedOpt, cdtool_command, examples
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.images import IMAGE_SUFFIXES
 
@@ -278,5 +278,11 @@ def _table(doc: dict[str, Any]) -> None:
     Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
+EXAMPLES = examples(
+    "cdtool score out/ --ref data/cat",
+    "cdtool score before/ after/ --ref data/cat --metrics clip-t,clip-i --json",
+)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("score")(cdtool_command(score))
+    app.command("score", epilog=EXAMPLES)(cdtool_command(score))

@@ -2,32 +2,49 @@
 
 from __future__ import annotations
 
-import json
-import re
+import os
+import sys
+import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cdtool import console
 from cdtool.atomic import claim_output
-from cdtool.commands.common import ForceOpt, JsonOpt, Layers, QuietOpt, SeedOpt, cdtool_command, pick_model
-from cdtool.data import check_images, read_folder
+from cdtool.commands.common import (
+    DeltaOutputOpt,
+    ForceOpt,
+    JsonOpt,
+    Layers,
+    LayersOpt,
+    ModelOpt,
+    QuietOpt,
+    SeedOpt,
+    cdtool_command,
+    examples,
+    pick_alias,
+    pick_model,
+)
 from cdtool.errors import CdtoolError, UsageError
-from cdtool.importers import check_delta_output
-from cdtool.methods import (
+from cdtool.recipes import (
     CUSTOM_DIFFUSION,
     DEFAULTS,
-    DREAMBOOTH_IDENTIFIER,
     DREAMBOOTH_LORA,
     LORA_TARGETS,
     TEXTUAL_INVERSION,
 )
-from cdtool.trainer import ConceptSpec, TrainConfig
 
-DEFAULT_CAPTION = "photo of a {token} {class}"
-DEFAULT_CLASS_CAPTION = "photo of a {class}"
+if TYPE_CHECKING:
+    from cdtool.trainer import TrainConfig, TrainResult
+
+
+EXAMPLES = examples(
+    "cdtool train data/cat --reg reg/cat -o cat.safetensors",
+    "cdtool train data/cat --reg reg/cat --concept data/dog,token=<new2>,class=dog,reg=reg/dog -o pets.safetensors",
+    "cdtool train data/cat --method textual-inversion --steps 1000 -o cat-ti.safetensors",
+)
 
 
 class Method(str, Enum):
@@ -52,122 +69,13 @@ class EarlyStop(str, Enum):
     dvar = "dvar"
 
 
-def parse_concept(spec: str) -> dict[str, str]:
-    """`DIR[,token=<new2>,class=dog,reg=DIR,init=pll,prompt=...]` -> fields."""
-    out: dict[str, str] = {}
-    for i, part in enumerate(p for p in spec.split(",") if p):
-        key, sep, value = part.partition("=")
-        if not sep:
-            if i:
-                raise UsageError(f"--concept {spec!r}: expected key=value after the data folder")
-            out["data"] = part
-            continue
-        key = {"class_noun": "class", "init_token": "init"}.get(key.strip(), key.strip())
-        if key not in ("data", "token", "class", "reg", "init", "prompt", "class_prompt"):
-            raise UsageError(
-                f"--concept {spec!r}: unknown field {key!r} (data, token, class, reg, init, prompt, class_prompt)"
-            )
-        out[key] = value.strip()
-    if "data" not in out:
-        raise UsageError(f"--concept {spec!r}: no data folder")
-    return out
-
-
-def read_concepts_file(path: Path) -> list[dict[str, str]]:
-    """diffusers' concepts_list JSON (instance_prompt, class_prompt, instance_data_dir, class_data_dir)."""
-    if not path.is_file():
-        raise CdtoolError(f"{path}: no such concepts file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CdtoolError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a list of concepts") from e
-    if not isinstance(data, list) or not data or not all(isinstance(c, dict) for c in data):
-        raise CdtoolError(f"{path}: expected a non-empty JSON list of concept objects")
-    out = []
-    for n, c in enumerate(data, 1):
-        if "instance_data_dir" not in c:
-            raise CdtoolError(f"{path}: concept {n} has no instance_data_dir")
-        item = {"data": str(c["instance_data_dir"])}
-        prompt = c.get("instance_prompt")
-        if prompt:
-            item["prompt"] = str(prompt)
-            m = re.search(r"<[^>\s]+>", prompt)
-            if m:
-                item["token"] = m.group(0)
-        if c.get("class_data_dir"):
-            item["reg"] = str(c["class_data_dir"])
-        if c.get("class_prompt"):
-            item["class_prompt"] = str(c["class_prompt"])
-            item["class"] = re.sub(r"^(a )?(photo|picture|image) of (a |an )?", "", str(c["class_prompt"]).strip())
-        for key, ours in (("token", "token"), ("class_noun", "class"), ("initializer_token", "init")):
-            if c.get(key):
-                item[ours] = str(c[key])
-        out.append(item)
-    return out
-
-
-def build_concepts(raw: list[dict[str, str]], resolution: int, method: str = CUSTOM_DIFFUSION) -> list[ConceptSpec]:
-    """Resolve every concept's token, class, captions and regularisation set; check the images."""
-    from cdtool.apply import is_existing_word
-    from cdtool.clip_vocab import load_clip_tokenizer
-    from cdtool.tokens import check_new_token, default_init_token
-
-    specs = []
-    for i, c in enumerate(raw):
-        data = Path(c["data"])
-        info = read_folder(data, "", "data").info if data.is_dir() else {}
-        default_token = DREAMBOOTH_IDENTIFIER if method == DREAMBOOTH_LORA else f"<new{i + 1}>"
-        token = c.get("token") or info.get("token") or default_token
-        noun = c.get("class") or info.get("class_noun") or ("" if method == TEXTUAL_INVERSION else None)
-        if noun is None:
-            raise UsageError(
-                f"{data}: give the class noun (--class-noun, or class= in --concept); the folder has no concept.json"
-            )
-        template = c.get("prompt") or info.get("caption_template") or DEFAULT_CAPTION
-        caption = template.replace("{token}", token).replace("{class}", noun)
-        folder = read_folder(data, caption, "data")
-        check_images(folder, resolution, "data")
-        reg_examples = []
-        if c.get("reg"):
-            reg_caption = (c.get("class_prompt") or DEFAULT_CLASS_CAPTION).replace("{class}", noun)
-            reg = read_folder(Path(c["reg"]), reg_caption, "regularisation")
-            check_images(reg, resolution, "regularisation")
-            reg_examples = reg.examples
-        init = c.get("init") or info.get("init_token") or info.get("initializer_token") or default_init_token(i)
-        specs.append(
-            ConceptSpec(
-                token=token,
-                class_noun=noun,
-                init_token=init,
-                examples=folder.examples,
-                reg_examples=reg_examples,
-                data=str(data),
-                reg=c.get("reg"),
-            )
-        )
-    tokens = [s.token for s in specs]
-    dup = {t for t in tokens if tokens.count(t) > 1}
-    if dup:
-        raise UsageError(
-            f"two concepts share the token {sorted(dup)[0]}; give each its own (--concept ...,token=<new2>)"
-        )
-    tokenizer = load_clip_tokenizer()
-    for s in specs:
-        if not (method == DREAMBOOTH_LORA and is_existing_word(tokenizer, s.token)):
-            check_new_token(tokenizer, s.token)
-    return specs
-
-
 def train(
+    output: DeltaOutputOpt,
     data: Annotated[
         Path | None,
         typer.Argument(
             help="The concept's data folder (from `cdtool prep`, or images with one prompt).", show_default=False
         ),
-    ] = None,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="The delta to write (.safetensors, or .bin for the official layout)."),
     ] = None,
     reg: Annotated[
         Path | None, typer.Option("--reg", help="Regularisation folder (from `cdtool regset`) for prior preservation.")
@@ -182,8 +90,9 @@ def train(
         str | None,
         typer.Option(
             "--init-token",
-            help="Word the new embedding starts from, read as a prompt writes it (default: the reference's rare "
-            "vocabulary entries ktn, pll, ucd for concepts 1, 2, 3).",
+            help="Word the new embedding starts from, read as a prompt writes it (default: a rare vocabulary "
+            "entry per token, the K-th for <newK> (ktn, pll, ucd, ... as the reference), so that separately "
+            "trained concepts start apart).",
         ),
     ] = None,
     prompt: Annotated[
@@ -202,10 +111,7 @@ def train(
     concepts_file: Annotated[
         Path | None, typer.Option("--concepts", help="diffusers concepts_list JSON for joint training.")
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", help="Base model: tiny, a hub id, a diffusers folder or a checkpoint file."),
-    ] = None,
+    model: ModelOpt = None,
     method: Annotated[
         Method,
         typer.Option(
@@ -233,9 +139,10 @@ def train(
         float | None,
         typer.Option("--text-encoder-lr", help="DreamBooth-LoRA: text encoder learning rate (default: the UNet's)."),
     ] = None,
-    train_layers: Annotated[
-        Layers, typer.Option("--train", help="kv: attn2.to_k/to_v (the paper); attn2: all cross-attention projections.")
-    ] = Layers.kv,
+    layers: LayersOpt = None,
+    train_alias: Annotated[
+        Layers | None, typer.Option("--train", hidden=True, help="Another name of --layers.")
+    ] = None,
     resolution: Annotated[
         int | None, typer.Option("--resolution", min=8, help="Training resolution (default: the model's).")
     ] = None,
@@ -327,6 +234,12 @@ def train(
     Several processes: `accelerate launch --multi_gpu --num_processes 2 -m cdtool train ...` (on a
     CPU-only machine too: cdtool then runs accelerate's multi-CPU mode).
     """
+    # the library loads here, not at the top, so that `cdtool train --help` starts without torch
+    from cdtool.concepts import build_concepts, parse_concept, read_concepts_file
+    from cdtool.importers import check_delta_output
+    from cdtool.models import default_resolution
+    from cdtool.trainer import TrainConfig, resume_config_matches
+
     raw: list[dict[str, str]] = []
     if data is not None:
         item = {"data": str(data)}
@@ -349,12 +262,8 @@ def train(
         raw += read_concepts_file(concepts_file)
     if not raw:
         raise UsageError("give a data folder, --concept or --concepts FILE")
-    if output is None:
-        raise UsageError("give --output (the delta to write)")
     check_delta_output(output)
     model_id = pick_model(model)
-    from cdtool.models import default_resolution
-
     res = resolution or default_resolution(model_id)
     specs = build_concepts(raw, res, method.value)
     d = DEFAULTS[method.value]
@@ -372,7 +281,7 @@ def train(
         output=str(output),
         run_dir=str(folder),
         method=method.value,
-        train=train_layers.value,
+        train=(pick_alias(layers, train_alias, "--layers", "--train") or Layers.kv).value,
         resolution=res,
         steps=steps or d.steps_per_concept * (len(specs) if method is Method.custom_diffusion else 1),
         batch_size=batch_size,
@@ -401,8 +310,6 @@ def train(
         train_text_encoder=train_text_encoder,
         text_encoder_lr=text_encoder_lr,
     )
-    from cdtool.trainer import resume_config_matches
-
     if resume is not None:
         resume_config_matches(resume, cfg)
     elif main:
@@ -420,14 +327,10 @@ def train(
 
 
 def _rank() -> int:
-    import os
-
     return int(os.environ.get("RANK", "0"))
 
 
-def _run(cfg: TrainConfig, resume: bool) -> Any:
-    import sys
-
+def _run(cfg: TrainConfig, resume: bool) -> TrainResult:
     from cdtool.trainer import train as run_training
 
     every = max(1, cfg.steps // 20)
@@ -442,8 +345,6 @@ def _run(cfg: TrainConfig, resume: bool) -> Any:
     last = {"t": None}
 
     def plain(step: int, total: int, e: dict[str, Any]) -> None:
-        import time
-
         now = time.perf_counter()
         if step % every == 0 or step == total:
             rate = "" if last["t"] is None else f" {every / (now - last['t']):.2f} it/s"
@@ -457,4 +358,4 @@ def _run(cfg: TrainConfig, resume: bool) -> Any:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(cdtool_command(train))
+    app.command("train", epilog=EXAMPLES)(cdtool_command(train))

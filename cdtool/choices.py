@@ -1,0 +1,28 @@
+"""The names the command line offers as choices, and what each stands for. No torch here: the
+options read these when `--help` is drawn, which must not load the model libraries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# sampler name -> (diffusers scheduler class, extra config)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+# layer set -> the suffixes of the UNet projections it holds (kv: the paper's; attn2: all of cross-attention)
+LAYER_SETS: dict[str, tuple[str, ...]] = {
+    "kv": ("attn2.to_k", "attn2.to_v"),
+    "attn2": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
+}
+
+# the storage and compute precisions, by name (cdtool.models.DTYPES maps them to torch dtypes)
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
