@@ -139,6 +139,16 @@ def _make_parents(path: Path) -> list[Path]:
     return created
 
 
+def _apply_umask(folder: Path) -> None:
+    """Give a finished folder and everything in it the umask's permissions (some writers, such as
+    safetensors, and every temporary file or folder start private)."""
+    files, dirs = file_mode(), dir_mode()
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, dirs if p.is_dir() else files)
+    os.chmod(folder, dirs)
+
+
 def _remove_empty(folders: Iterable[Path]) -> None:
     for folder in folders:
         with contextlib.suppress(OSError):
@@ -183,7 +193,7 @@ def atomic_dir(path: Path, *, replace: bool = True) -> Iterator[Path]:
     done = False
     try:
         yield tmp
-        os.chmod(tmp, dir_mode())
+        _apply_umask(tmp)
         publish(tmp, path, replace=replace)
         done = True
     finally:
@@ -224,7 +234,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def write_manifest(folder: Path, command: str) -> None:
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST)
     doc = {"written_by": "cdtool", "command": command, "files": files}
     (folder / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
@@ -329,7 +339,7 @@ class Output:
                 yield stage
                 if self.manifest:
                     write_manifest(stage, self.command)
-                os.chmod(stage, dir_mode())
+                _apply_umask(stage)
                 if self._settle(stage):
                     publish(stage, self.path, replace=self.existed)
             else:
@@ -362,10 +372,11 @@ class Output:
         return True
 
     @contextlib.contextmanager
-    def in_place(self) -> Iterator[Path]:
+    def in_place(self, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
         """For a command that builds its folder where it stands (every path it logs or records is
         the final one): an earlier output is set aside and deleted only when the new one is
-        complete; on failure the partial folder goes and the earlier one comes back."""
+        complete. On failure the partial folder goes and the earlier one comes back, unless `keep`
+        says the partial one is worth more (a training run that can be resumed)."""
         created = _make_parents(self.path)
         aside = None
         if self.existed:
@@ -378,16 +389,20 @@ class Output:
             yield self.path
             if self.manifest:
                 write_manifest(self.path, self.command)
+            _apply_umask(self.path)
         except BaseException:
-            shutil.rmtree(self.path, ignore_errors=True)
-            if aside is not None:
-                os.rename(aside, self.path)
-            elif was_empty:
-                self.path.mkdir()
-            _remove_empty(created)
+            if keep is None or not keep(self.path):
+                shutil.rmtree(self.path, ignore_errors=True)
+                if aside is not None:
+                    os.rename(aside, self.path)
+                    aside = None
+                elif was_empty:
+                    self.path.mkdir()
+                _remove_empty(created)
             raise
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        finally:
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
 
 
 def claim_output(

@@ -16,8 +16,7 @@ from conftest import one_error, write_concept_folder
 from PIL import Image
 from safetensors.torch import save_file
 
-from cdtool.atomic import MANIFEST, atomic_path, claim_output, inside
-from cdtool.delta import Delta, write_cdtool
+from cdtool.delta import write_cdtool
 from cdtool.errors import CdtoolError
 
 
@@ -78,6 +77,8 @@ def test_force_refuses_a_folder_the_command_did_not_write(cli, tmp_path):
 
 
 def test_force_replaces_an_earlier_output_but_not_files_added_to_it(cli, tmp_path):
+    from cdtool.atomic import MANIFEST
+
     photos = _photos(tmp_path / "photos")
     out = tmp_path / "data"
     cli("prep", photos, "-o", out, *PREP)
@@ -162,6 +163,7 @@ def _tensors(delta):
 
 
 def test_export_keeps_every_file_inside_the_output_whatever_the_name(tmp_path, make_delta):
+    from cdtool.atomic import inside
     from cdtool.export import export
 
     d = make_delta()
@@ -313,3 +315,191 @@ def test_a_file_without_layers_is_a_runtime_error(cli, tmp_path):
     save_file({"<new1>": torch.zeros(32)}, tmp_path / "emb.safetensors")
     r = cli("compress", tmp_path / "emb.safetensors", "-o", tmp_path / "c.safetensors", code=1)
     assert one_error(r) == f"Error: {tmp_path / 'emb.safetensors'} has no layers to compress (tokens only)"
+
+
+# ---- training runs -------------------------------------------------------------------------------
+
+TRAIN = ("--model", "tiny", "--batch-size", "1", "--device", "cpu", "-q", "--checkpoint-every", "1")
+
+
+def _steps(run):
+    return [p.name for p in sorted((run / "checkpoints").iterdir())]
+
+
+def test_a_stale_run_folder_is_replaced_never_continued(cli, tmp_path, concept_dirs):
+    cat, _ = concept_dirs
+    run = tmp_path / "shared.run"
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    cli("train", cat, "--class-noun", "cat", "-o", a, *TRAIN, "--steps", "4", "--run-dir", run)
+    assert _steps(run) == ["step-000003", "step-000004"]
+    (run / "notes.txt").write_text("mine")
+    r = cli("train", cat, "--class-noun", "dog", "-o", b, *TRAIN, "--steps", "2", "--run-dir", run, "--force", code=1)
+    assert "holds files cdtool train did not write (notes.txt)" in one_error(r)
+    (run / "notes.txt").unlink()
+    cli("train", cat, "--class-noun", "dog", "-o", b, *TRAIN, "--steps", "2", "--run-dir", run, "--force")
+    assert _steps(run) == ["step-000001", "step-000002"]  # the new run's, not the old one's
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run / "config.json").read_text())["config"]["output"] == str(b)
+    # the run folder alone is enough to continue it; the delta it wrote is its own to replace
+    before = b.read_bytes()
+    r = cli("train", "--resume", run, "--steps", "3", "--json")
+    assert json.loads(r.stdout)["steps"] == 3 and b.read_bytes() != before
+    assert len((run / "log.jsonl").read_text().splitlines()) == 3
+    r = cli("train", "--resume", run, "--steps", "4", "--lr", "0.01", "--class-noun", "cat", code=2)
+    assert "--class-noun" in r.stderr  # --class-noun describes DATA, which is not given
+    r = cli("train", "--resume", run, "--steps", "4", "--lr", "0.01", "--batch-size", "3", code=1)
+    assert one_error(r) == (
+        f"Error: {run} was trained with other settings: --batch-size 3 (the run: 1); --lr 0.01 (the run: 1e-05); "
+        "leave them out to continue the run as it was"
+    )
+    # a delta this run did not write is not replaced on resume without --force
+    a_bytes = a.read_bytes()
+    r = cli("train", "--resume", run, "--steps", "4", "-o", a, code=1)
+    assert one_error(r) == f"Error: {a} already exists; pass --force to overwrite it"
+    assert a.read_bytes() == a_bytes
+
+
+def test_a_malicious_checkpoint_is_refused_in_one_line(cli, tmp_path, concept_dirs):
+    import pickle
+
+    cat, _ = concept_dirs
+    out = tmp_path / "c.safetensors"
+    cli("train", cat, "--class-noun", "cat", "-o", out, *TRAIN, "--steps", "1")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    state = tmp_path / "c.run" / "checkpoints" / "step-000001" / "state.pt"
+    state.write_bytes(pickle.dumps({"step": 1, "params": Evil()}))
+    r = cli("train", "--resume", tmp_path / "c.run", "--steps", "2", code=1)
+    assert one_error(r) == (
+        f"Error: {state}: refused: the pickle holds more than tensors (possibly code), and cdtool opens "
+        "pickles only as plain tensors; convert it to safetensors where you trust it"
+    )
+    assert "weights_only" not in r.stderr and not marker.exists()
+    r = cli("get-deltas", state.parent, "-o", tmp_path / "x.safetensors", code=1)
+    assert "refused: the pickle holds more than tensors" in one_error(r) and not marker.exists()
+
+
+# ---- every image reader names the file -----------------------------------------------------------
+
+
+def test_corrupt_and_oversized_images_are_named(cli, tmp_path, concept_dirs, monkeypatch):
+    cat, _ = concept_dirs
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    Image.new("RGB", (32, 32), "red").save(samples / "a.png")
+    (samples / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF" + b"\x00" * 64)
+    (samples / "prompts.json").write_text(json.dumps({"a.png": "a red square", "b.jpg": "a red square"}))
+    score = ("score", samples, "--metrics", "clip-t", "--clip-model", "cdtool-tiny", "--clip-pretrained", "none")
+    r = cli(*score, code=1)
+    assert one_error(r).startswith(f"Error: {samples / 'b.jpg'}: not a readable image (")
+    (samples / "b.jpg").unlink()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 and 80x80 images are now "bombs"
+    r = cli(*score, code=1)
+    assert one_error(r).startswith(
+        f"Error: {samples / 'a.png'}: not a readable image (refused as a possible decompression bomb"
+    )
+    r = cli("train", cat, "--class-noun", "cat", "-o", tmp_path / "x.safetensors", "--model", "tiny", code=1)
+    assert one_error(r).startswith(f"Error: {cat / '00.png'}: not a readable image (refused as a possible")
+
+
+# ---- how outputs are written ---------------------------------------------------------------------
+
+
+def test_outputs_respect_the_umask(cli, tmp_path, make_delta):
+    from cdtool.atomic import atomic_path
+
+    src = tmp_path / "d.safetensors"
+    write_cdtool(make_delta(), src)
+    old = os.umask(0o027)
+    try:
+        cli("compress", src, "-o", tmp_path / "c.safetensors", "--rank", "2")
+        cli("export", src, "--to", "diffusers-lora", "-o", tmp_path / "lora")
+        with atomic_path(tmp_path / "plain.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.safetensors").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "lora").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "lora" / "pytorch_lora_weights.safetensors").stat().st_mode) == 0o640
+
+
+def test_an_output_written_meanwhile_is_a_conflict(cli, tmp_path, make_delta, monkeypatch):
+    from cdtool import merge as merge_lib
+
+    a, b, out = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "m.safetensors"
+    write_cdtool(make_delta(seed=1), a)
+    write_cdtool(make_delta(token="<new2>", seed=2), b)
+    original = merge_lib.weighted_sum
+
+    def the_other_merge_finishes_first(*args, **kwargs):  # a second `cdtool merge -o m.safetensors`
+        out.write_bytes(b"the other merge's result")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(merge_lib, "weighted_sum", the_other_merge_finishes_first)
+    for force in ((), ("--force",)):
+        out.unlink(missing_ok=True)
+        r = cli("merge", a, b, "-o", out, "--method", "sum", *force, code=1)
+        assert one_error(r) == (
+            f"Error: {out} was written by another command while this one ran; it was kept and nothing was "
+            "replaced (run again with --force to replace it)"
+        )
+        assert out.read_bytes() == b"the other merge's result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "m.safetensors"]
+
+
+def test_claims_refuse_before_the_work(tmp_path):
+    from cdtool.atomic import claim_output
+
+    out = claim_output(tmp_path / "new" / "x.safetensors", "merge", False)
+    assert not out.existed and not (tmp_path / "new").exists()  # nothing is created before the end
+    with out.staged() as tmp:
+        tmp.write_bytes(b"1")
+    assert (tmp_path / "new" / "x.safetensors").read_bytes() == b"1"
+    with pytest.raises(CdtoolError, match="already exists; pass --force to overwrite it"):
+        claim_output(tmp_path / "new" / "x.safetensors", "merge", False)
+    with pytest.raises(CdtoolError, match="is a folder; give a file name"):
+        claim_output(tmp_path / "new", "merge", True)
+    with pytest.raises(RuntimeError):  # a failure inside leaves no empty folders behind
+        with claim_output(tmp_path / "a" / "b", "export", False, folder=True).staged() as stage:
+            (stage / "f").write_text("x")
+            raise RuntimeError
+    assert not (tmp_path / "a").exists()
+    # a folder output holding another command's output (demo's prep folders) is still its own
+    with claim_output(tmp_path / "demo", "demo", False, folder=True).staged() as stage:
+        with claim_output(stage / "data", "prep", False, folder=True).staged() as inner:
+            (inner / "x.png").write_bytes(b"x")
+    assert claim_output(tmp_path / "demo", "demo", True, folder=True).existed
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder nobody may write into, root included (chattr +i where available)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+            pytest.skip("needs chattr to make a folder read-only for root")
+        yield folder
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+
+
+def test_a_read_only_output_is_named_before_the_work(cli, tmp_path, make_delta, read_only):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_cdtool(make_delta(seed=1), a)
+    write_cdtool(make_delta(token="<new2>", seed=2), b)
+    out = read_only / "m.safetensors"
+    for args in (("merge", a, b, "-o", out), ("compress", a, "-o", out, "--rank", "2")):
+        r = cli(*args, code=1)
+        assert one_error(r).startswith(f"Error: cannot write {out}: {read_only} is not writable (")
+        assert "reading" not in r.stderr  # refused before any base weight was read
+    r = cli("sample", "x", "-o", read_only / "s", "--model", "tiny", code=1)
+    assert one_error(r).startswith(f"Error: cannot write {read_only / 's' / 'prompts.json'}: {read_only} is not")
