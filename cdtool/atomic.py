@@ -184,24 +184,6 @@ def atomic_path(path: Path, *, replace: bool = True) -> Iterator[Path]:
             _remove_empty(created)
 
 
-@contextlib.contextmanager
-def atomic_dir(path: Path, *, replace: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds."""
-    path = Path(path)
-    created = _make_parents(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    done = False
-    try:
-        yield tmp
-        _apply_umask(tmp)
-        publish(tmp, path, replace=replace)
-        done = True
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not done:
-            _remove_empty(created)
-
-
 # ---- names from files ---------------------------------------------------------------------------
 
 
@@ -300,7 +282,6 @@ class Output:
     force: bool
     folder: bool
     existed: bool = False
-    defer: bool = False
     ownership: Ownership | None = None
     manifest: bool = False  # a folder output carrying MANIFEST (the default ownership)
     changed: bool = True  # False when a re-run left the output as it was
@@ -426,7 +407,7 @@ def claim_output(
     path = Path(path)
     _check_inputs(path, folder, inputs)
     probe_writable(path)
-    out = Output(path, command, force, folder, defer=defer)
+    out = Output(path, command, force, folder)
     if folder:
         out.ownership = ownership or manifest_ownership(command)
         out.manifest = ownership is None

@@ -503,3 +503,23 @@ def test_a_read_only_output_is_named_before_the_work(cli, tmp_path, make_delta, 
         assert "reading" not in r.stderr  # refused before any base weight was read
     r = cli("sample", "x", "-o", read_only / "s", "--model", "tiny", code=1)
     assert one_error(r).startswith(f"Error: cannot write {read_only / 's' / 'prompts.json'}: {read_only} is not")
+
+
+def test_moving_into_place_never_replaces_without_renameat2(tmp_path, monkeypatch):
+    import cdtool.atomic as atomic
+
+    monkeypatch.setattr(atomic, "_renameat2_noreplace", lambda src, dst: False)  # the portable way
+    for make in (lambda p: p.write_text("new"), lambda p: p.mkdir()):
+        src, dst = tmp_path / "src", tmp_path / "dst"
+        make(src)
+        dst.write_text("theirs")
+        with pytest.raises(FileExistsError):
+            atomic.rename_noreplace(src, dst)
+        assert dst.read_text() == "theirs" and src.exists()
+        dst.unlink()
+        atomic.rename_noreplace(src, dst)
+        assert dst.exists() and not src.exists()
+        if dst.is_dir():
+            dst.rmdir()
+        else:
+            dst.unlink()

@@ -27,7 +27,6 @@ from cdtool.commands.common import (
 )
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.images import ImageError, open_image
-from cdtool.regset import PROVENANCE, keep_image, write_metadata
 
 
 def regset(
@@ -87,6 +86,9 @@ def regset(
     is gone). --from generate (default) samples the base model, one seed per image, and resumes:
     valid images already there are kept.
     """
+    # the library loads here, not at the top, so that `cdtool regset --help` starts without torch
+    from cdtool.regset import write_metadata
+
     text = prompt.replace("{class}", class_noun)
     texts = [text]
     if prompts is not None:
@@ -143,6 +145,8 @@ def regset(
 
 def _provenance(folder: Path) -> dict[str, Any] | None:
     """The regset.json of an earlier set in `folder`, if there is a readable one."""
+    from cdtool.regset import PROVENANCE
+
     try:
         doc = json.loads((folder / PROVENANCE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -179,6 +183,7 @@ def _generate(
     device: str,
     dtype: str,
 ) -> dict[str, Any]:
+    from cdtool.regset import keep_image
     from cdtool.sampling import Job, generate, save_png, set_scheduler
 
     jobs = [Job(texts[i % len(texts)], 0, seed + i, f"{i:05d}.png") for i in range(n)]

@@ -10,7 +10,6 @@ import typer
 
 from cdtool import console
 from cdtool.atomic import atomic_path, probe_writable
-from cdtool.base import model_fingerprint
 from cdtool.commands.common import (
     DeltaOpt,
     DeviceOpt,
@@ -120,6 +119,7 @@ def sample(
         raise CdtoolError(f"{output} exists and is not a folder")
     for size, flag in ((height, "--height"), (width, "--width")):
         check_size(size, flag)
+    from cdtool.base import model_fingerprint
     from cdtool.models import resolve_device, resolve_dtype
 
     resolve_dtype(dtype, resolve_device(device))
@@ -139,15 +139,7 @@ def sample(
     }
 
     jobs = plan_jobs(all_prompts, n, seed)
-    skipped = [] if force else [j.file_name for j in jobs if (output / j.file_name).exists()]
-    if skipped:
-        request["base_fingerprint"] = model_fingerprint(model_id)
-        for job in (j for j in jobs if j.file_name in skipped):
-            _check_same(output / job.file_name, image_request(request, job))
-        console.log(
-            f"{len(skipped)} of {len(jobs)} images already exist in {output}, made by the same request; keeping "
-            "them (--force regenerates)"
-        )
+    skipped = [] if force else _kept(output, jobs, request)
     todo = [j for j in jobs if j.file_name not in skipped]
 
     images = {}
@@ -205,14 +197,27 @@ def sample(
         console.result(str(output))
 
 
-def _check_same(path: Path, wanted: dict[str, Any]) -> None:
-    """An existing image is kept only when the request that made it is this one."""
-    differ = request_differences(path, wanted)
-    if differ:
-        raise CdtoolError(
-            f"{path} was made by another request ({', '.join(differ)} differ); pass --force to "
-            "regenerate it, or choose another --output"
+def _kept(output: Path, jobs: list[Any], request: dict[str, Any]) -> list[str]:
+    """The images of `jobs` already in `output`, kept because this request made them; one that
+    another request made is an error (it would be mislabelled)."""
+    from cdtool.base import model_fingerprint
+
+    there = [j for j in jobs if (output / j.file_name).exists()]
+    if there:
+        request["base_fingerprint"] = model_fingerprint(request["model"])
+    for job in there:
+        differ = request_differences(output / job.file_name, image_request(request, job))
+        if differ:
+            raise CdtoolError(
+                f"{output / job.file_name} was made by another request ({', '.join(differ)} differ); pass "
+                "--force to regenerate it, or choose another --output"
+            )
+    if there:
+        console.log(
+            f"{len(there)} of {len(jobs)} images already exist in {output}, made by the same request; keeping "
+            "them (--force regenerates)"
         )
+    return [j.file_name for j in there]
 
 
 def _update_prompts(folder: Path, mapping: dict[str, str]) -> None:
