@@ -77,12 +77,10 @@ def test_force_refuses_a_folder_the_command_did_not_write(cli, tmp_path):
 
 
 def test_force_replaces_an_earlier_output_but_not_files_added_to_it(cli, tmp_path):
-    from cdtool.atomic import MANIFEST
-
     photos = _photos(tmp_path / "photos")
     out = tmp_path / "data"
     cli("prep", photos, "-o", out, *PREP)
-    assert json.loads((out / MANIFEST).read_text())["command"] == "prep"
+    assert json.loads((out / ".cdtool-output.json").read_text())["command"] == "prep"
     r = cli("prep", photos, "-o", out, "--class-noun", "dog", "--size", "32", code=1)
     assert one_error(r) == f"Error: {out} already exists with other contents; pass --force to replace it"
     (out / "my-notes.txt").write_text("keep me")
@@ -163,7 +161,6 @@ def _tensors(delta):
 
 
 def test_export_keeps_every_file_inside_the_output_whatever_the_name(tmp_path, make_delta):
-    from cdtool.atomic import inside
     from cdtool.export import export
 
     d = make_delta()
@@ -172,6 +169,8 @@ def test_export_keeps_every_file_inside_the_output_whatever_the_name(tmp_path, m
     with pytest.raises(CdtoolError, match="a name taken from an input must be a plain file name"):
         export(d, "diffusers-lora", tmp_path / "out", None)
     assert not (tmp_path / "escape.safetensors").exists()
+    from cdtool.atomic import inside
+
     assert inside(tmp_path, "<new1>.safetensors") == tmp_path / "<new1>.safetensors"
     for bad in ("/etc/x", "..", "a/b", ""):
         with pytest.raises(CdtoolError):
