@@ -1,7 +1,7 @@
 """Loading a Stable Diffusion base: `tiny`, `toy`, a hub id, a local diffusers folder or one checkpoint file.
 
 `tiny` is built in code from configs (random weights: for tests of the plumbing); `toy` is a small
-model pretrained on the toy world (cdtool/toy/world.py) by scripts/pretrain_toy.py and shipped as a
+model pretrained on the toy world (cdtool/toy/world.py) by tools/pretrain_toy.py and shipped as a
 float16 diffusers folder inside the package: it follows captions, so quality can be measured on a CPU.
 
 Models load in float32 on the CPU; deltas are applied there (in full precision) and the pipeline is
@@ -67,7 +67,7 @@ def model_kind(model: str) -> str:
         if not (toy_model_folder() / "model_index.json").is_file():
             raise CdtoolError(
                 f"the toy model is missing from {toy_model_folder()}; reinstall cdtool, or rebuild it "
-                "with scripts/pretrain_toy.py"
+                "with tools/pretrain_toy.py of the source repository"
             )
         return "folder"
     path = Path(model).expanduser()
