@@ -59,6 +59,22 @@ def local_path(model: str) -> Path:
     return toy_model_folder() if model == TOY else Path(model).expanduser()
 
 
+def model_reference(model: str) -> str:
+    """How a delta records its base: a local folder or file by its absolute path (so that the delta
+    finds it from any working folder), anything else (`tiny`, `toy`, a hub id) as given."""
+    if model in (TINY, TOY):
+        return model
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def is_missing_path(model: str) -> bool:
+    """A model written as a local path (or a checkpoint file name) that is not there."""
+    if model in (TINY, TOY) or Path(model).expanduser().exists():
+        return False
+    return Path(model).suffix in SINGLE_FILE_SUFFIXES or model.startswith((".", "/", "~"))
+
+
 def model_kind(model: str) -> str:
     """'tiny', 'folder', 'file' or 'hub' (`toy` is a folder inside the package)."""
     if model == TINY:
@@ -75,7 +91,7 @@ def model_kind(model: str) -> str:
         return "folder"
     if path.is_file():
         return "file"
-    if path.suffix in SINGLE_FILE_SUFFIXES or model.startswith((".", "/", "~")):
+    if is_missing_path(model):
         raise CdtoolError(f"model {model}: no such file or folder")
     return "hub"
 

@@ -25,7 +25,7 @@ from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import UsageError
 from cdtool.hashing import file_sha256
 from cdtool.importers import check_delta_output, read_delta, save_delta
-from cdtool.lowrank import truncate
+from cdtool.lowrank import factors_are_larger, truncate
 from cdtool.models import DTYPES
 
 EXAMPLES = examples(
@@ -99,13 +99,19 @@ def compress(
         t = truncate(layer.dense(), rank=rank, energy=energy, fro=fro, method=svd.value, seed=seed)
         if t.capped:
             console.log(f"{name}: rank {rank} exceeds the layer's size; kept all {t.rank}")
-        out.layers[name] = LayerDelta(up=t.up.to(target), down=t.down.to(target), bias=layer.bias)
+        dense = factors_are_larger(layer.shape, t.rank)
+        if dense:  # the whole ΔW where nothing was cut, else the rank-k approximation, as one matrix
+            full = layer.dense() if t.rank == min(layer.shape) else t.up @ t.down
+            out.layers[name] = LayerDelta(full=full.to(target), bias=layer.bias)
+        else:
+            out.layers[name] = LayerDelta(up=t.up.to(target), down=t.down.to(target), bias=layer.bias)
         rows[name] = {
             "rank": t.rank,
             "energy": t.energy,
             "fro": t.fro,
             "shape": list(layer.shape),
             "was_rank": layer.rank,
+            "stored": "dense" if dense else "factors",
         }
     out.provenance = dict(
         delta.provenance,
@@ -123,7 +129,8 @@ def compress(
     size_in = source.stat().st_size if source.is_file() else None
     size_out = output.stat().st_size
     for name, r in rows.items():
-        console.log(f"{name}: rank {r['rank']}, energy {r['energy']:.3f}, frobenius {r['fro']:.3f}")
+        how = f", stored dense (rank-{r['rank']} factors would not be smaller)" if r["stored"] == "dense" else ""
+        console.log(f"{name}: rank {r['rank']}, energy {r['energy']:.3f}, frobenius {r['fro']:.3f}{how}")
     if size_in:
         console.log(f"size: {size_in:,} -> {size_out:,} bytes ({size_out / size_in:.1%})")
     if json_out:
