@@ -21,12 +21,8 @@ from cdtool.commands.common import (
     examples,
     pick_model,
 )
-from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import UsageError
 from cdtool.hashing import file_sha256
-from cdtool.importers import check_delta_output, read_delta, save_delta
-from cdtool.lowrank import factors_are_larger, truncate
-from cdtool.models import DTYPES
 
 EXAMPLES = examples(
     "cdtool compress pets.safetensors -o pets.small.safetensors",
@@ -70,6 +66,12 @@ def compress(
     Exactly one of --rank, --energy, --fro (default: --energy 0.6, as the official tool). The base
     model is read only for files that store fine-tuned weights, and for a .bin output.
     """
+    # the library loads here, not at the top, so that `cdtool compress --help` starts without torch
+    from cdtool.delta import Delta, LayerDelta
+    from cdtool.importers import check_delta_output, read_delta, save_delta
+    from cdtool.lowrank import factors_are_larger, truncate
+    from cdtool.models import DTYPES
+
     chosen = [x for x in (rank, energy, fro) if x is not None]
     if len(chosen) > 1:
         raise UsageError("give only one of --rank, --energy, --fro")

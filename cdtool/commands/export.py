@@ -12,8 +12,6 @@ from cdtool import console
 from cdtool.atomic import check_writable
 from cdtool.commands.common import ForceOpt, JsonOpt, ModelOpt, QuietOpt, cdtool_command, examples, pick_model
 from cdtool.errors import UsageError
-from cdtool.export import export as write_export
-from cdtool.importers import read_delta
 
 
 class Target(str, Enum):
@@ -44,6 +42,10 @@ def export(
     textual-inversion: learned_embeds.safetensors / <token>.safetensors for pipe.load_textual_inversion
     and A1111 embeddings/.
     """
+    # the library loads here, not at the top, so that `cdtool export --help` starts without torch
+    from cdtool.export import export as write_export
+    from cdtool.importers import read_delta
+
     if to is Target.official and output.suffix != ".bin":
         raise UsageError(f"{output}: --to official writes a .bin file")
     check_writable(output, force)
