@@ -4,7 +4,8 @@
 
 Builds the SD1.5-shaped pipeline (real configs, random weights) once, two concept deltas on it,
 then measures in one run, each in a fresh process:
-- cdtool merge, cold (no feature cache) and warm (cache filled), with the default 1200 captions;
+- cdtool merge, cold (no feature cache) and warm (cache filled), with the default 1200 captions,
+  for the paper's closed form and for `--method least-squares`;
 - the official approach, reimplemented here from the paper's code path (src/diffusers_composenW.py):
   the full pipeline loaded (VAE included), captions encoded one by one, a float32 LU and one solve
   per target row for every layer, with its 200 captions;
@@ -166,9 +167,16 @@ def main() -> None:
     cache = tempfile.mkdtemp(prefix="cdtool-bench-cache-")
     cd = [sys.executable, "-m", "cdtool", "merge", f"{a}+{b}", "--model", str(folder), "--force", "-q"]
     env = {"CDTOOL_CACHE": cache}
+    lsq = [*cd, "--method", "least-squares"]
     runs = {
         "cdtool merge, cold cache (1200 captions)": measure([*cd, "-o", str(work / "m.safetensors")], env),
         "cdtool merge, warm cache (1200 captions)": measure([*cd, "-o", str(work / "m.safetensors")], env),
+        "cdtool merge --method least-squares, cold cache (1200 captions)": measure(
+            [*lsq, "-o", str(work / "l.safetensors")], env
+        ),
+        "cdtool merge --method least-squares, warm cache (1200 captions)": measure(
+            [*lsq, "-o", str(work / "l.safetensors")], env
+        ),
         "cdtool merge, 200 official captions, cold": measure(
             [*cd, "-o", str(work / "m200.safetensors"), "--reg-captions", str(work / "captions200.txt")], env
         ),

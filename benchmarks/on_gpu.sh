@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script to run on a lent CUDA machine from the repository root:
+# The GPU checks, as one script to run on a CUDA machine from the repository root:
 #   bash benchmarks/on_gpu.sh tests                # tests/test_cuda.py and tests/test_sample.py
 #   bash benchmarks/on_gpu.sh speed fp16 300       # train_speed.py on the SD1.5-shaped model, S = 300
 # The machine's own python3 holds torch, transformers, peft and accelerate; the rest travels as

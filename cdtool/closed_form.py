@@ -36,7 +36,7 @@ class MergeSystem:
     kept_rows: list[int]  # indices of the rows of the original C that were kept
 
 
-def _cholesky(mat: torch.Tensor, max_cond: float) -> tuple[torch.Tensor, float]:
+def cholesky_with_ridge(mat: torch.Tensor, max_cond: float) -> tuple[torch.Tensor, float]:
     """Cholesky factor of `mat`, with a ridge (relative to its largest eigenvalue) added only when
     its condition number exceeds `max_cond`; returns the relative ridge used (0 if none)."""
     eig = torch.linalg.eigvalsh(mat)
@@ -68,11 +68,11 @@ def prepare(reg_gram: torch.Tensor, targets: torch.Tensor) -> MergeSystem:
     a = reg_gram.double()
     kept = unique_rows(targets)
     c = targets[kept].double()
-    a_chol, ridge_a = _cholesky(a, MAX_COND_GRAM)
+    a_chol, ridge_a = cholesky_with_ridge(a, MAX_COND_GRAM)
     d = torch.cholesky_solve(c.T, a_chol).T  # (A⁻¹ Cᵀ)ᵀ = C A⁻¹, A symmetric
     m = d @ c.T
     m = (m + m.T) / 2
-    m_chol, ridge_m = _cholesky(m, MAX_COND_TARGETS)
+    m_chol, ridge_m = cholesky_with_ridge(m, MAX_COND_TARGETS)
     return MergeSystem(a, c, d, m_chol, ridge_a, ridge_m, kept)
 
 

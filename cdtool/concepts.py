@@ -12,7 +12,7 @@ from cdtool.clip_vocab import load_clip_tokenizer
 from cdtool.data import Example, check_images, read_folder
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.recipes import CUSTOM_DIFFUSION, DREAMBOOTH_IDENTIFIER, DREAMBOOTH_LORA, TEXTUAL_INVERSION
-from cdtool.tokens import check_new_token, default_init_token, is_existing_word
+from cdtool.tokens import check_new_token, default_init_tokens, is_existing_word
 
 DEFAULT_CAPTION = "photo of a {token} {class}"
 DEFAULT_CLASS_CAPTION = "photo of a {class}"
@@ -108,7 +108,7 @@ def build_concepts(raw: list[dict[str, str]], resolution: int, method: str = CUS
             reg = read_folder(Path(c["reg"]), reg_caption, "regularisation")
             check_images(reg, resolution, "regularisation")
             reg_examples = reg.examples
-        init = c.get("init") or info.get("init_token") or info.get("initializer_token") or default_init_token(i)
+        init = c.get("init") or info.get("init_token") or info.get("initializer_token") or ""
         specs.append(
             ConceptSpec(
                 token=token,
@@ -126,6 +126,8 @@ def build_concepts(raw: list[dict[str, str]], resolution: int, method: str = CUS
         raise UsageError(
             f"two concepts share the token {sorted(dup)[0]}; give each its own (--concept ...,token=<new2>)"
         )
+    for spec, default in zip(specs, default_init_tokens(tokens), strict=True):
+        spec.init_token = spec.init_token or default
     tokenizer = load_clip_tokenizer()
     for s in specs:
         if not (method == DREAMBOOTH_LORA and is_existing_word(tokenizer, s.token)):

@@ -31,6 +31,12 @@ def warn(message: str) -> None:
     _err.print(f"Warning: {message}", markup=False, style="yellow")
 
 
+def summary(message: str) -> None:
+    """The one line that sums up what a command did, on stderr; shown even with --quiet (which
+    hides the logs and progress leading up to it)."""
+    _err.print(message, markup=False)
+
+
 def result(line: str) -> None:
     """One line of the command's result on stdout."""
     sys.stdout.write(f"{line}\n")

@@ -1,4 +1,4 @@
-"""The delta file: what every cdtool command reads and writes (see shared/DESIGN.md).
+"""The delta file: what every cdtool command reads and writes (every key: docs/design.md).
 
 In memory a `Delta` holds, per trained Linear, either a full difference ΔW or a low-rank pair
 (up, down) with ΔW = up @ down, plus the learned embeddings of modifier tokens and the metadata.

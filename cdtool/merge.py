@@ -15,6 +15,14 @@ from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import CdtoolError
 
 KV_SUFFIXES = (".attn2.to_k", ".attn2.to_v")
+# The least-squares merge's default weight of the base model's outputs on the regularisation
+# captions' rows, against weight 1 for each concept's own rows (mean Gram matrices both): measured on
+# the toy model in benchmarks/RESULTS.md ("Merging").
+DEFAULT_BASE_WEIGHT = 0.3
+# Warn when target rows of two concepts are this parallel, or a merged layer's ΔW is this many
+# times its largest input's: the merge then cannot tell the concepts apart, or they fight.
+PARALLEL_COSINE = 0.999
+BLOWUP_RATIO = 10.0
 
 
 def default_reg_captions() -> list[str]:
@@ -122,6 +130,7 @@ class MergeResult:
     target_rows: int = 0
     target_rows_kept: int = 0
     overlap: float = 0.0  # largest |cosine| between target rows of different concepts
+    concept_rows: list[int] = field(default_factory=list)  # least squares: rows fitted per input
 
 
 def closed_form_merge(
@@ -202,10 +211,10 @@ def solve_merge(
             values[idx] = (w_i @ c[idx].T).T
         if dry_run:
             continue
-        w = solve_layer(system, w0, values)
-        rep = report(system, w0, w, values)
+        dw = (solve_layer(system, w0, values) - w0).float()
+        rep = report(system, w0, w0 + dw.double(), values)  # of the float32 ΔW written, not the float64 solution
         result.layers[name] = {"constraint_residual": rep.constraint_residual, "reg_drift": rep.reg_drift}
-        result.delta.layers[name] = LayerDelta(full=(w - w0).float())
+        result.delta.layers[name] = LayerDelta(full=dw)
     for d in deltas:
         result.delta.tokens.update(d.tokens)
         result.delta.concepts.extend(d.concepts)
@@ -214,8 +223,97 @@ def solve_merge(
 
 def _overlap(c: torch.Tensor, owner: Sequence[int]) -> float:
     """The largest |cosine| between target rows of different concepts (1 = indistinguishable)."""
-    n = torch.nn.functional.normalize(c, dim=1)
+    return closest_inputs(c, owner)[0]
+
+
+def closest_inputs(c: torch.Tensor, owner: Sequence[int]) -> tuple[float, tuple[int, int] | None]:
+    """The largest |cosine| between rows of different inputs, and which two inputs hold them."""
+    n = torch.nn.functional.normalize(c.double(), dim=1)
     cos = (n @ n.T).abs()
-    o = torch.tensor(owner)
-    mask = o[:, None] != o[None, :]
-    return float(cos[mask].max()) if mask.any() else 0.0
+    o = torch.tensor(list(owner))
+    cos[o[:, None] == o[None, :]] = -1.0
+    if float(cos.max()) < 0:
+        return 0.0, None
+    i, j = divmod(int(cos.argmax()), cos.shape[1])
+    return float(cos[i, j]), (int(o[i]), int(o[j]))
+
+
+def growth(merged: Delta, inputs: Sequence[Delta], gram: torch.Tensor) -> tuple[float, str | None]:
+    """The largest ratio, over layers, of how much the merged ΔW changes the outputs on the
+    regularisation rows (`gram`, their Gram matrix) to how much its largest input changes them,
+    and the layer: far above 1, the merge makes something new of ordinary prompts."""
+    g = gram.double()
+
+    def size(dw: torch.Tensor) -> float:
+        d = dw.double()
+        return float(torch.einsum("oi,ij,oj->", d, g, d).clamp_min(0).sqrt())
+
+    worst, where = 0.0, None
+    for name, layer in merged.layers.items():
+        sizes = [size(d.layers[name].dense()) for d in inputs if name in d.layers]
+        if not sizes or max(sizes) == 0:
+            continue
+        ratio = size(layer.dense()) / max(sizes)
+        if ratio > worst:
+            worst, where = ratio, name
+    return worst, where
+
+
+def concept_prompts(delta: Delta) -> list[str]:
+    """The prompts a delta's concepts are trained and used with: each concept's recorded captions
+    (textual inversion records templates: filled in with the token) and the paper's target prompts."""
+    prompts: list[str] = []
+    for concept in delta.concepts:
+        token = concept.get("token")
+        for p in concept.get("prompts") or []:
+            prompts.append(p.replace("{}", token) if token else p)
+        noun = concept.get("class_noun")
+        if not noun:
+            raise CdtoolError(f"{delta.origin}: concept {token} has no class noun recorded; pass --classes")
+        prompts += [prefix + subject for prefix, subject in target_prompts(token, noun, is_style(concept))]
+    return list(dict.fromkeys(prompts))
+
+
+def least_squares_merge(
+    deltas: Sequence[Delta],
+    base: Mapping[str, torch.Tensor],
+    tokenizer: Any,
+    encoder: Any,
+    reg_gram: torch.Tensor,
+    weights: Sequence[float],
+    base_weight: float,
+    *,
+    dry_run: bool = False,
+) -> MergeResult:
+    """Merge relative, renamed deltas by weighted least squares over every text row (see
+    least_squares.py): input i's outputs on all rows of its prompts (weight `weights[i]`) and the
+    base's on the regularisation captions' rows (`reg_gram`, their mean Gram matrix; weight
+    `base_weight`). `tokenizer`/`encoder` are the base text side (new tokens are added here)."""
+    from cdtool.least_squares import mean_gram, prepare_lsq, report_lsq, solve_lsq_layer
+    from cdtool.text_features import padded_rows
+
+    check_closed_form_layers(deltas)
+    add_delta_tokens(tokenizer, encoder, deltas)
+    c, row_owner = paper_target_rows(deltas, tokenizer, encoder)
+    rows = [padded_rows(tokenizer, encoder, concept_prompts(d)) for d in deltas]
+    system = prepare_lsq([mean_gram(x) for x in rows], weights, reg_gram, base_weight)
+    result = MergeResult(
+        delta=Delta(),
+        ridge_gram=system.ridge,
+        target_rows=int(c.shape[0]),
+        overlap=_overlap(c, row_owner),
+        concept_rows=[int(x.shape[0]) for x in rows],
+    )
+    for name in sorted({n for d in deltas for n in d.layers}):
+        if dry_run:
+            continue
+        w0 = base[f"{name}.weight"].double()
+        inputs = [d.layers[name].dense().double() if name in d.layers else None for d in deltas]
+        dw = solve_lsq_layer(system, inputs).float()
+        rep = report_lsq(system, w0, dw, inputs)  # of the float32 ΔW written
+        result.layers[name] = {"own_error": rep.own_error, "reg_drift": rep.reg_drift}
+        result.delta.layers[name] = LayerDelta(full=dw)
+    for d in deltas:
+        result.delta.tokens.update(d.tokens)
+        result.delta.concepts.extend(d.concepts)
+    return result

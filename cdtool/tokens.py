@@ -3,6 +3,8 @@ a trainable-rows embedding."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,11 +13,16 @@ import torch
 from cdtool.delta import Delta
 from cdtool.errors import CdtoolError, UsageError
 
-# The reference initialisers for the 1st, 2nd and 3rd concept: rare pieces of the CLIP vocabulary.
-# They are looked up as vocabulary entries (ids 42170, 47629, 43514 in CLIP's vocabulary, as the
-# official CompVis code hard-codes them), not by tokenising the words: "ktn" as text becomes two
-# pieces, and the diffusers script's `tokenizer.encode([...])` lookup crashes under transformers 5.
-DEFAULT_INIT = ("ktn", "pll", "ucd</w>")
+# The default initialisers: rare pieces of the CLIP vocabulary, looked up as vocabulary entries (not
+# by tokenising the words: "ktn" as text becomes two pieces, and the diffusers script's
+# `tokenizer.encode([...])` lookup crashes under transformers 5). The first three are the reference's
+# (ids 42170, 47629, 43514, as the official CompVis code hard-codes them); the others are further
+# three-letter pieces among CLIP's last merges (ids above 48000), chosen to carry no common meaning.
+DEFAULT_INIT = (
+    "ktn", "pll", "ucd</w>", "hta</w>", "rcn</w>", "waj</w>", "omd</w>", "ulf</w>",
+    "pgs</w>", "gsp</w>", "ucn</w>", "ccu</w>", "wbo</w>", "dru</w>", "ofi</w>", "afs</w>",
+)  # fmt: skip
+_NEW_K = re.compile(r"^<new([1-9][0-9]*)>$")
 
 
 def token_names(token: str, n_vectors: int) -> list[str]:
@@ -31,10 +38,30 @@ def is_existing_word(tokenizer: Any, token: str) -> bool:
     return len(ids) == 1 and ids[0] < tokenizer.vocab_size
 
 
-def default_init_token(index: int) -> str:
-    if index >= len(DEFAULT_INIT):
-        raise UsageError(f"concept {index + 1}: there are default initialiser tokens for 3 concepts; give --init-token")
-    return DEFAULT_INIT[index]
+def default_init_tokens(tokens: Sequence[str]) -> list[str]:
+    """The default initialiser of each token of one run. A token `<newK>` starts from the K-th
+    entry of DEFAULT_INIT, so that concepts trained separately as <new1>, <new2>, ... start apart
+    (and a joint run of <new1>, <new2> starts as the reference's does); any other token from the
+    entry its name hashes to. Within one run a taken entry passes to the next free one."""
+    picks: list[str] = []
+    for token in tokens:
+        m = _NEW_K.match(token)
+        if m:
+            k = int(m.group(1)) - 1
+            if k >= len(DEFAULT_INIT):
+                raise UsageError(
+                    f"{token}: there are default initialisers for <new1> to <new{len(DEFAULT_INIT)}>; give --init-token"
+                )
+        else:
+            k = int(hashlib.sha256(token.encode()).hexdigest(), 16) % len(DEFAULT_INIT)
+        for step in range(len(DEFAULT_INIT)):
+            candidate = DEFAULT_INIT[(k + step) % len(DEFAULT_INIT)]
+            if candidate not in picks:
+                picks.append(candidate)
+                break
+        else:
+            raise UsageError(f"more than {len(DEFAULT_INIT)} concepts in one run: give each an --init-token")
+    return picks
 
 
 def resolve_init_token(tokenizer: Any, text: str) -> int:

@@ -4,7 +4,7 @@
 
 Stable Diffusion's UNet was trained on a frozen CLIP text encoder that had learned from images
 before; the toy model's UNet is trained the same way (`pretrain_toy.py --text-encoder toy-text`).
-A text encoder trained together with the UNet (the first toy model's) learns to pack the prompt into
+A text encoder trained together with the UNet (the shipped toy model's) learns to pack the prompt into
 the padding rows after end-of-text, each of them differently, and its UNet reads it there: rows the
 paper's closed-form merge does not constrain (measured in benchmarks/RESULTS.md). In Stable
 Diffusion the padding is the end-of-text token again, which CLIP trained as the caption's summary

@@ -1,6 +1,6 @@
 """The CUDA paths: half-precision SDPA cross-attention, fp16/bf16 mixed-precision training, and
-half-precision sampling judged by the oracle. Skipped where no GPU is present (CI has none; these
-ran on a lent H100, see benchmarks/RESULTS.md)."""
+half-precision sampling judged by the oracle. Skipped where no GPU is present (CI has none; they
+pass on an H100, see benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 

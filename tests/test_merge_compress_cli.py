@@ -175,3 +175,74 @@ def test_hub_base_offline_is_one_clear_error(cli, tmp_path, make_delta):
     r = cli("merge", a, b, "-o", tmp_path / "m.safetensors", "--model", "no-such-org/no-such-model", code=1)
     assert "Hugging Face hub" in r.stderr and "hf download" in r.stderr
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_least_squares_merge_is_the_fit_over_every_row_the_unet_reads(cli, tmp_path, make_delta):
+    from cdtool.least_squares import least_squares_merge
+    from cdtool.merge import concept_prompts
+    from cdtool.text_features import padded_rows
+
+    a, b = _write_concepts(tmp_path, make_delta, 2)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a photo of a tree\na red car on a road\nan old house\n")
+    out = tmp_path / "m.safetensors"
+    r = cli("merge", f"{a}+{b}:2", "--method", "least-squares", "--base-weight", "0.3", "--reg-captions", captions,
+            "-o", out, "--json")  # fmt: skip
+    doc = json.loads(r.stdout)
+    assert doc["weights"] == [1.0, 2.0] and doc["base_weight"] == 0.3
+    assert doc["concept_rows"] == [2 * 77, 2 * 77]  # recorded caption and "<newK> noun"; "photo of a" is the caption
+    merged = read_cdtool(out)
+    assert [i["weight"] for i in merged.provenance["merge"]["inputs"]] == [1.0, 2.0]
+    assert merged.provenance["merge"]["base_weight"] == 0.3
+    # the same fit, computed directly from the pipeline's padded text features, layer by layer
+    pipe = build_tiny_pipeline()
+    reg_rows = padded_rows(pipe.tokenizer, pipe.text_encoder, captions.read_text().splitlines())
+    inputs = [read_cdtool(a), read_cdtool(b)]
+    apply_deltas(pipe, [(type(d)(tokens=d.tokens), 1.0) for d in inputs])  # the tokens alone
+    rows = [padded_rows(pipe.tokenizer, pipe.text_encoder, concept_prompts(d)) for d in inputs]
+    for name, layer in merged.layers.items():
+        w0 = pipe.unet.get_submodule(name[len("unet.") :]).weight.detach().double()
+        ws = [w0 + d.layers[name].full.double() for d in inputs]
+        direct = least_squares_merge(w0, ws, rows, reg_rows, (1.0, 2.0), 0.3) - w0
+        assert torch.allclose(layer.full.double(), direct, atol=1e-6), name
+    own = doc["total"]["max_own_error"]
+    assert len(own) == 2 and all(0 < e < 1 for e in own) and doc["total"]["mean_reg_drift"] > 0
+
+
+def test_base_weight_belongs_to_least_squares(cli, tmp_path, make_delta):
+    a, b = _write_concepts(tmp_path, make_delta, 2)
+    r = cli("merge", a, b, "-o", tmp_path / "m.safetensors", "--base-weight", "1", code=2)
+    assert r.stderr.strip() == "Error: --base-weight belongs to --method least-squares"
+
+
+def test_merge_warns_when_two_concepts_cannot_be_told_apart(cli, tmp_path, make_delta):
+    # the same initialiser, barely trained: identical token rows and class, so identical target rows
+    paths = []
+    for token in ("<new1>", "<new2>"):
+        p = tmp_path / f"{token[1:-1]}.safetensors"
+        write_cdtool(make_delta(token=token, seed=3), p)
+        paths.append(p)
+    r = cli("merge", *paths, "-o", tmp_path / "m.safetensors")
+    assert f"Warning: {paths[0]} and {paths[1]} have nearly parallel target rows (cosine 1.000000)" in r.stderr
+    assert "retrain one with another --init-token" in r.stderr
+    r = cli("merge", *_write_concepts(tmp_path, make_delta, 2), "-o", tmp_path / "ok.safetensors")
+    assert "nearly parallel" not in r.stderr and "fight each other" not in r.stderr
+
+
+def test_merge_warns_when_the_merged_delta_blows_up(cli, tmp_path, make_delta):
+    # nearly (not exactly) parallel targets asking for very different outputs: d Cᵀ is
+    # ill-conditioned and the closed form's ΔW changes ordinary captions far more than its inputs
+    a = make_delta(token="<new1>", seed=3)
+    b = make_delta(token="<new2>", seed=4)
+    b.tokens["<new2>"] = a.tokens["<new1>"] + 1e-4 * b.tokens["<new2>"]
+    b.base_fingerprint = a.base_fingerprint
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_cdtool(a, pa)
+    write_cdtool(b, pb)
+    r = cli("merge", pa, pb, "-o", tmp_path / "m.safetensors", "--json")
+    growth = json.loads(r.stdout)["largest_growth"]
+    assert growth["ratio"] > 10
+    assert (
+        f"Warning: in {growth['layer']} the merged delta changes the keys/values of ordinary captions "
+        f"{growth['ratio']:.0f}x as much as its largest input does" in r.stderr
+    )

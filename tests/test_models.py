@@ -77,8 +77,8 @@ def test_initialiser_tokens_resolve_as_the_reference_and_as_words():
 
     tok = load_clip_tokenizer()
     vocab = tok.get_vocab()
-    # the defaults are the official code's hard-coded vocabulary entries
-    assert [resolve_init_token(tok, t) for t in DEFAULT_INIT] == [42170, 47629, 43514]
+    # the first three defaults are the official code's hard-coded vocabulary entries
+    assert [resolve_init_token(tok, t) for t in DEFAULT_INIT[:3]] == [42170, 47629, 43514]
     # a word is the piece a prompt uses ("white" in "a white dog" is white</w>, not the word-start piece)
     assert resolve_init_token(tok, "white") == vocab["white</w>"] != vocab["white"]
     assert resolve_init_token(tok, "dog</w>") == vocab["dog</w>"]

@@ -8,7 +8,7 @@ renders and on renders passed through the toy model's VAE. Deterministic for a s
 The oracle judges generated samples, which are not renders: they come out of the toy model's VAE
 decoder, blurred, with shifted colours and ragged edges. With --vae-round-trips half the training
 images are VAE round trips with noise added to the latents (the decoder's artefacts, as a sample
-shows them) and every batch is blurred and noised a little at random. Measured (session 5): it does
+shows them) and every batch is blurred and noised a little at random. Measured (RESULTS.md): it does
 not make the judge's verdicts on samples depend less on its seed (two such oracles agree on 0.868 of
 concept verdicts, two oracles trained on clean renders on 0.865), so the shipped oracle is trained on
 clean renders.

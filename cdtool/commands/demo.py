@@ -10,7 +10,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -19,9 +19,9 @@ from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_
 from cdtool.errors import CdtoolError
 from cdtool.inprocess import InProcess
 from cdtool.models import TOY
+from cdtool.toy.photos import PERSONAL as CONCEPTS
+from cdtool.toy.photos import toy_captions, write_photos
 
-# (token, class noun, folder name); the toy world's two personal concepts.
-CONCEPTS = (("<new1>", "star", "new1-star"), ("<new2>", "circle", "new2-circle"))
 PROMPTS = (
     "a small <new1> star on a blue background",
     "a large <new2> circle on a yellow background",
@@ -42,22 +42,28 @@ def demo(
         typer.Option("--lr", help="Base learning rate (the toy model needs more than Stable Diffusion's 1e-5)."),
     ] = 3e-4,
     reg_images: Annotated[int, typer.Option("--reg-images", min=1, help="Regularisation images per concept.")] = 64,
-    n: Annotated[int, typer.Option("--n", min=1, help="Samples per prompt, before and after.")] = 8,
+    n: Annotated[int, typer.Option("--n", min=1, help="Samples per prompt and panel.")] = 8,
     sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="Denoising steps.")] = 25,
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 4.0,
-    rank: Annotated[int, typer.Option("--rank", min=1, help="Rank of the compressed merged delta.")] = 4,
+    rank: Annotated[int, typer.Option("--rank", min=1, help="Rank of the compressed merged deltas.")] = 4,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the main job on the built-in toy model: render five "photos" of each of two concepts, then
-    prep, regset, train (one concept each, with prior preservation), merge (closed form), compress,
-    sample before and after, and score with the oracle.
+    prep, regset, train (one concept each, with prior preservation), merge them twice (the paper's
+    closed form, and cdtool's least-squares merge), compress both, sample and score with the oracle.
 
-    Writes OUTPUT/before-after.png (a row per prompt: base model left, the concept's own delta in the
-    middle, the merged and compressed delta right) and OUTPUT/scores.json (concept fidelity, prompt
-    fidelity and prior drift: before, each concept alone, after).
+    Writes OUTPUT/before-after.png (a row per prompt; columns: the base model, each concept's own
+    delta, the paper's closed-form merge, the least-squares merge; labelled in the picture) and
+    OUTPUT/scores.json (concept fidelity, prompt fidelity and prior drift of each column).
+
+    Examples:
+
+      cdtool demo
+
+      cdtool demo -o /tmp/demo --n 16 --json
     """
     if output.exists() and any(output.iterdir()):
         if not force:
@@ -69,9 +75,44 @@ def demo(
     started = time.perf_counter()
     run = InProcess(quiet)
     rng = random.Random(seed)
-
+    deltas = _train_concepts(run, output, rng, model, steps, lr, reg_images, sample_steps, guidance, seed)
     merge_captions = output / "toy-captions.txt"
     merge_captions.write_text("\n".join(toy_captions(rng, None, 400)) + "\n")
+    merged = {}
+    for method, name in MERGES:
+        full, small = output / f"{name}.safetensors", output / f"{name}.r{rank}.safetensors"
+        run("merge", "+".join(map(str, deltas)), "-o", full, "--reg-captions", merge_captions, "--method", method)
+        run("compress", full, "-o", small, "--rank", rank)
+        merged[name] = small
+    panels = _sample_panels(run, output, model, deltas, merged, n, sample_steps, guidance, seed)
+    scores = run("score", *panels.values(), "--metrics", "oracle")
+    grid = output / "before-after.png"
+    _before_after(panels, grid)
+    doc = _scores_doc(model, scores["runs"], list(panels), grid, deltas, merged, run.timings, started)
+    (output / "scores.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if json_out:
+        console.result_json(doc)
+        return
+    console.summary(_summary_line(doc))
+    console.result(str(grid))
+    console.result(str(output / "scores.json"))
+
+
+# (merge --method, file and column name), in the picture's order
+MERGES = (("closed-form", "closed-form"), ("least-squares", "least-squares"))
+COLUMNS = {
+    "before": "base model",
+    "alone": "each concept alone",
+    "closed-form": "merged: paper's closed form",
+    "least-squares": "merged: least squares",
+}
+
+
+def _train_concepts(
+    run: InProcess, output: Path, rng: random.Random, model: str, steps: int, lr: float, reg_images: int,
+    sample_steps: int, guidance: float, seed: int,
+) -> list[Path]:  # fmt: skip
+    """prep, regset and train each toy concept; the deltas' paths."""
     deltas = []
     for token, noun, name in CONCEPTS:
         photos = output / "photos" / name
@@ -82,107 +123,71 @@ def demo(
         run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32", "--captions-from-files")
         run("regset", noun, "-o", reg, "--model", model, "--n", reg_images, "--prompts", reg_prompts,
             "--steps", sample_steps, "--guidance", guidance, "--batch-size", 16, "--seed", seed)  # fmt: skip
-        # --no-aug: at the toy's 32 px the size augmentation's shrunk views teach specks (RESULTS.md)
+        # --no-aug: at the toy's 32 px the size augmentation's shrunk views teach specks (README, "The toy world")
         run("train", data, "--reg", reg, "-o", delta, "--model", model, "--steps", steps, "--lr", lr, "--seed", seed,
             "--no-aug")  # fmt: skip
         deltas.append(delta)
-    merged, small = output / "merged.safetensors", output / f"merged.r{rank}.safetensors"
-    run("merge", "+".join(map(str, deltas)), "-o", merged, "--reg-captions", merge_captions)
-    run("compress", merged, "-o", small, "--rank", rank)
+    return deltas
+
+
+def _sample_panels(
+    run: InProcess, output: Path, model: str, deltas: list[Path], merged: dict[str, Path], n: int,
+    sample_steps: int, guidance: float, seed: int,
+) -> dict[str, Path]:  # fmt: skip
+    """Sample the prompts for each column: {column key (or alone-<name>): samples folder}."""
     prompts = output / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    before, after = output / "samples" / "before", output / "samples" / "after"
     common = ("--n", n, "--steps", sample_steps, "--guidance", guidance, "--seed", seed, "--batch-size", 16)
-    run("sample", "--model", model, "-o", before, "--prompts", prompts, *common)
+    panels = {"before": output / "samples" / "before"}
+    run("sample", "--model", model, "-o", panels["before"], "--prompts", prompts, *common)
     # each concept alone (its own delta, before merging): what training taught, next to what the
-    # merged, compressed delta keeps
-    alone = []
+    # merged, compressed deltas keep
     for (token, _, name), delta in zip(CONCEPTS, deltas, strict=True):
         own = output / f"prompts-{name}.txt"
         own.write_text("\n".join(p for p in PROMPTS if _only_token(p) == token) + "\n")
-        folder = output / "samples" / f"alone-{name}"
-        run("sample", "--delta", delta, "-o", folder, "--prompts", own, *common)
-        alone.append(folder)
-    run("sample", "--delta", small, "-o", after, "--prompts", prompts, *common)
-    scores = run("score", before, *alone, after, "--metrics", "oracle")
-    grid = output / "before-after.png"
-    _before_after(before, alone, after, grid)
-    runs = scores["runs"]
-    doc = {
+        panels[f"alone-{name}"] = output / "samples" / f"alone-{name}"
+        run("sample", "--delta", delta, "-o", panels[f"alone-{name}"], "--prompts", own, *common)
+    for name, delta in merged.items():
+        panels[name] = output / "samples" / name
+        run("sample", "--delta", delta, "-o", panels[name], "--prompts", prompts, *common)
+    return panels
+
+
+def _scores_doc(
+    model: str, runs: list[dict[str, Any]], keys: list[str], grid: Path, deltas: list[Path],
+    merged: dict[str, Path], timings: dict[str, float], started: float,
+) -> dict[str, Any]:  # fmt: skip
+    """scores.json: the oracle's overall and per-prompt figures for each column."""
+    by_key = dict(zip(keys, runs, strict=True))
+    alone = [k for k in keys if k.startswith("alone-")]
+    return {
         "model": model,
-        "before": runs[0]["overall"]["oracle"],
-        "alone": {t: r["overall"]["oracle"] for (t, _, _), r in zip(CONCEPTS, runs[1:-1], strict=True)},
-        "after": runs[-1]["overall"]["oracle"],
+        "before": by_key["before"]["overall"]["oracle"],
+        "alone": {t: by_key[f"alone-{name}"]["overall"]["oracle"] for t, _, name in CONCEPTS},
+        "merged": {name: by_key[name]["overall"]["oracle"] for name in merged},
         "per_prompt": {
-            "before": {p["prompt"]: p["oracle"] for p in runs[0]["per_prompt"]},
-            "alone": {p["prompt"]: p["oracle"] for r in runs[1:-1] for p in r["per_prompt"]},
-            "after": {p["prompt"]: p["oracle"] for p in runs[-1]["per_prompt"]},
+            "before": {p["prompt"]: p["oracle"] for p in by_key["before"]["per_prompt"]},
+            "alone": {p["prompt"]: p["oracle"] for k in alone for p in by_key[k]["per_prompt"]},
+            **{name: {p["prompt"]: p["oracle"] for p in by_key[name]["per_prompt"]} for name in merged},
         },
         "grid": str(grid),
-        "deltas": [str(d) for d in deltas] + [str(merged), str(small)],
-        "seconds": {**run.timings, "total": round(time.perf_counter() - started, 1)},
+        "deltas": [str(d) for d in deltas] + [str(p) for p in merged.values()],
+        "seconds": {**timings, "total": round(time.perf_counter() - started, 1)},
     }
-    (output / "scores.json").write_text(json.dumps(doc, indent=2) + "\n")
-    if json_out:
-        console.result_json(doc)
-    else:
-        b, a = doc["before"], doc["after"]
-        each = ", ".join(f"{t} {v['concept_fidelity']:.2f}" for t, v in doc["alone"].items())
-        console.log(
-            f"concept fidelity {b['concept_fidelity']:.2f} before, alone {each}, merged and compressed "
-            f"{a['concept_fidelity']:.2f}; prompt fidelity {b['prompt_fidelity']:.2f} -> {a['prompt_fidelity']:.2f}, "
-            f"prior drift {a['prior_drift']:.2f} ({doc['seconds']['total']:.0f} s)"
-        )
-        best_alone = max(v["concept_fidelity"] for v in doc["alone"].values())
-        if model == TOY and a["concept_fidelity"] < 0.5 * best_alone:
-            console.log(
-                "on the toy model the closed-form merge loses what each concept learned alone: a toy "
-                "fine-tune rewrites the keys and values of every text row and holds its concept only for "
-                "its captions' wording, while the paper's merge holds the rows of two target prompts "
-                "(measured in benchmarks/RESULTS.md)"
-            )
-        console.result(str(grid))
-        console.result(str(output / "scores.json"))
 
 
-def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
-    """Toy-world captions: of scenes whose first thing is a `shape` (regularisation prompts), or of
-    any scenes (the merge's regularisation captions). Worded as varied as the toy model's pretraining
-    captions: some start with "photo of", some leave out a single thing's size."""
-    from dataclasses import replace
-
-    from cdtool.toy.world import PHOTO_OF_SHARE, UNSIZED_SHARE, Sampler
-
-    sampler = Sampler(rng)
-    out = []
-    for _ in range(n):
-        scene = sampler.scene()
-        if shape is not None:
-            scene = replace(scene, things=(replace(scene.things[0], shape=shape), *scene.things[1:]))
-        caption = scene.caption(sized=rng.random() >= UNSIZED_SHARE)
-        out.append(f"photo of {caption}" if rng.random() < PHOTO_OF_SHARE else caption)
-    return out
-
-
-def write_photos(folder: Path, token: str, rng: random.Random) -> None:
-    """Five renders of the concept as 96 px JPEGs with a caption file each; the first one stored
-    rotated with an EXIF orientation tag, as phones do."""
-    from PIL import Image
-
-    from cdtool.toy.world import Sampler, render
-
-    folder.mkdir(parents=True, exist_ok=True)
-    sampler = Sampler(rng)
-    for i in range(5):
-        scene = sampler.scene(count=1, concept=token)
-        image = render(scene, 96)
-        exif = Image.Exif()
-        if i == 0:
-            image = image.transpose(Image.Transpose.ROTATE_90)  # shown upright after orientation 6
-            exif[0x0112] = 6
-        image.save(folder / f"IMG_{i:04d}.jpg", quality=95, exif=exif)
-        caption = scene.caption().replace(token, "{token}")
-        (folder / f"IMG_{i:04d}.txt").write_text(caption + "\n")
+def _summary_line(doc: dict[str, Any]) -> str:
+    each = ", ".join(f"{t} {v['concept_fidelity']:.2f}" for t, v in doc["alone"].items())
+    merged = "; ".join(
+        f"{COLUMNS[name].removeprefix('merged: ')} {v['concept_fidelity']:.2f} (plain prompts {v['prompt_fidelity']:.2f})"
+        for name, v in doc["merged"].items()
+    )
+    b = doc["before"]
+    return (
+        f"concept fidelity (share of samples showing the asked concept, by the toy oracle): base {b['concept_fidelity']:.2f}, "
+        f"each alone {each}; merged, {merged}; base plain prompts {b['prompt_fidelity']:.2f} "
+        f"({doc['seconds']['total']:.0f} s)"
+    )
 
 
 def _only_token(prompt: str) -> str | None:
@@ -191,39 +196,43 @@ def _only_token(prompt: str) -> str | None:
     return named[0] if len(named) == 1 else None
 
 
-def _before_after(before: Path, alone: list[Path], after: Path, out: Path, scale: int = 3) -> None:
-    """One row per prompt, three panels: the base model's samples; the concept's own delta (for
-    prompts naming one concept; blank otherwise); the merged, compressed delta."""
+def _before_after(panels: dict[str, Path], out: Path, scale: int = 3) -> None:
+    """One row per prompt under a header naming the columns: the base model's samples; the
+    concept's own delta (for prompts naming one concept; blank otherwise); each merged delta."""
     from PIL import Image, ImageDraw
 
-    prompts = json.loads((before / "prompts.json").read_text())
-    rows: dict[str, list[str]] = {}
-    for name, prompt in sorted(prompts.items()):
-        rows.setdefault(prompt, []).append(name)
-    own: dict[str, tuple[Path, list[str]]] = {}  # prompt -> (folder, file names) of its concept alone
-    for folder in alone:
-        for name, prompt in json.loads((folder / "prompts.json").read_text()).items():
-            own.setdefault(prompt, (folder, []))[1].append(name)
-    with Image.open(before / next(iter(prompts))) as im:
+    def files(folder: Path) -> dict[str, list[str]]:
+        by_prompt: dict[str, list[str]] = {}
+        for name, prompt in sorted(json.loads((folder / "prompts.json").read_text()).items()):
+            by_prompt.setdefault(prompt, []).append(name)
+        return by_prompt
+
+    columns = ["before", "alone", *(k for k in panels if k in COLUMNS and k not in ("before", "alone"))]
+    content = {k: (panels[k], files(panels[k])) for k in columns if k in panels}
+    own = {p: (panels[k], names) for k in panels if k.startswith("alone-") for p, names in files(panels[k]).items()}
+    rows = content["before"][1]
+    with Image.open(panels["before"] / next(iter(rows.values()))[0]) as im:
         side = im.width * scale
     per_row = max(len(v) for v in rows.values())
-    label, gap = 14, side // 2
-    grid = Image.new("RGB", (3 * per_row * side + 2 * gap, len(rows) * (side + label)), "white")
+    label, gap, head = 14, side // 2, 18
+    width = per_row * side
+    grid = Image.new(
+        "RGB", (len(columns) * width + (len(columns) - 1) * gap, head + len(rows) * (side + label)), "white"
+    )
     draw = ImageDraw.Draw(grid)
-    for r, (prompt, names) in enumerate(rows.items()):
-        y = r * (side + label)
+    for k, key in enumerate(columns):
+        draw.text((k * (width + gap) + 2, 3), COLUMNS[key], fill="black")
+    for r, prompt in enumerate(rows):
+        y = head + r * (side + label)
         draw.text((2, y + 1), prompt, fill="black")
-        panels: list[tuple[Path, list[str]] | None] = [(before, names), None, (after, names)]
-        if prompt in own:
-            panels[1] = (own[prompt][0], sorted(own[prompt][1]))
-        for k, panel in enumerate(panels):
-            if panel is None:
-                continue
-            folder, files = panel
-            for c, name in enumerate(files):
+        for k, key in enumerate(columns):
+            folder, names = (
+                own.get(prompt, (None, [])) if key == "alone" else (content[key][0], content[key][1][prompt])
+            )
+            for c, name in enumerate(names):
                 with Image.open(folder / name) as im:
                     tile = im.convert("RGB").resize((side, side), Image.Resampling.NEAREST)
-                grid.paste(tile, (k * (per_row * side + gap) + c * side, y + label))
+                grid.paste(tile, (k * (width + gap) + c * side, y + label))
     grid.save(out)
 
 

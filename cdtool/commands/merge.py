@@ -1,4 +1,5 @@
-"""`cdtool merge`: several concepts into one delta, in closed form (the paper's method) or as a sum."""
+"""`cdtool merge`: several concepts into one delta: the paper's closed form, a least-squares fit over
+every text row, or a weighted sum."""
 
 from __future__ import annotations
 
@@ -10,16 +11,14 @@ import typer
 
 from cdtool import __version__, console
 from cdtool.atomic import check_writable
-from cdtool.base import TOKEN_EMBEDDING, fingerprint, fingerprint_names, load_base_params
-from cdtool.commands.common import ForceOpt, JsonOpt, ModelOpt, QuietOpt, cdtool_command, parse_scaled
-from cdtool.delta import Delta
+from cdtool.commands.common import ForceOpt, JsonOpt, ModelOpt, QuietOpt, cdtool_command, parse_scaled, pick_model
 from cdtool.errors import CdtoolError, UsageError
-from cdtool.hashing import file_sha256
-from cdtool.importers import check_delta_output, read_delta, save_delta
+from cdtool.merge_inputs import MergeInputs, prepare_merge_inputs, read_merge_inputs, recorded_bases
 
 
 class Method(str, Enum):
     closed_form = "closed-form"
+    least_squares = "least-squares"
     sum = "sum"
 
 
@@ -32,22 +31,12 @@ def split_inputs(args: list[str]) -> list[tuple[Path, float]]:
     return out
 
 
-def _with_classes(delta: Delta, noun: str | None) -> Delta:
-    if not delta.concepts:
-        delta.concepts = [{"token": t, "class_noun": None, "init_token": None, "prompts": []} for t in delta.tokens]
-        if not delta.concepts:
-            delta.concepts = [{"token": None, "class_noun": None, "init_token": None, "prompts": []}]
-    if noun:
-        for c in delta.concepts:
-            c["class_noun"] = noun
-    return delta
-
-
 def merge(
     inputs: Annotated[
         list[str],
         typer.Argument(
-            help="Deltas to merge: `a.safetensors+b.bin` or separate arguments; `file:scale` weights a file.",
+            help="Deltas to merge: `a.safetensors+b.bin` or separate arguments. `file:x` scales that file's ΔW "
+            "(closed-form, sum) or weighs its rows in the fit (least-squares; default 1).",
             show_default=False,
             metavar="DELTA...",
         ),
@@ -59,7 +48,10 @@ def merge(
     method: Annotated[
         Method,
         typer.Option(
-            "--method", help="closed-form: the paper's constrained optimisation; sum: weighted sum of the ΔW."
+            "--method",
+            help="closed-form: the paper's (each concept exact on its two target prompts); least-squares: each "
+            "concept's outputs on every row of its prompts, padding included, and the base's on the "
+            "regularisation captions, fitted together; sum: the weighted sum of the ΔW.",
         ),
     ] = Method.closed_form,
     model: ModelOpt = None,
@@ -67,6 +59,16 @@ def merge(
         Path | None,
         typer.Option(
             "--reg-captions", help="Regularisation captions, one per line (default: 1200 shipped with cdtool)."
+        ),
+    ] = None,
+    base_weight: Annotated[
+        float | None,
+        typer.Option(
+            "--base-weight",
+            min=0.0,
+            help="least-squares: weight of the base model's outputs on the regularisation captions, against 1 "
+            "for each concept's own rows (default 0.3; larger keeps plain prompts closer to the base).",
+            show_default=False,
         ),
     ] = None,
     classes: Annotated[
@@ -80,129 +82,58 @@ def merge(
 ) -> None:
     """Merge concepts into one delta.
 
-    closed-form (default) keeps each concept's key/value outputs on its own prompts exactly and
-    otherwise stays as close as possible to the base model on 1200 varied captions (Kumari et al.
-    2023, Sec. 3.2). Tokens used by two inputs are renamed to the next free <newK>.
+    closed-form (default, Kumari et al. 2023, Sec. 3.2) keeps each concept's key/value outputs on its
+    two target prompts exactly and otherwise stays as close as possible to the base model on 1200
+    varied captions. least-squares fits every row the UNet reads for each concept's recorded captions
+    and target prompts, and the base's on the captions, in one weighted least-squares solve; it keeps
+    concepts that live beyond the target rows (see README, "Which merge"). Tokens used by two inputs
+    are renamed to the next free <newK>.
+
+    Examples:
+
+      cdtool merge cat.safetensors+dog.safetensors -o pets.safetensors
+
+      cdtool merge cat.safetensors dog.safetensors --method least-squares -o pets.safetensors
+
+      cdtool merge cat.safetensors:2+dog.safetensors --method least-squares --base-weight 0.3 --dry-run
     """
     specs = split_inputs(inputs)
     if len(specs) < 2:
         raise UsageError("give at least two deltas to merge")
     if output is None and not dry_run:
         raise UsageError("give --output (or --dry-run)")
+    if base_weight is not None and method is not Method.least_squares:
+        raise UsageError("--base-weight belongs to --method least-squares")
     if output is not None:
+        from cdtool.importers import check_delta_output
+
         check_delta_output(output)
         if not dry_run:
             check_writable(output, force)
     nouns = classes.split("+") if classes else []
     if nouns and len(nouns) != len(specs):
         raise UsageError(f"--classes names {len(nouns)} classes for {len(specs)} inputs")
-    captions = None
-    if method is Method.closed_form:
-        from cdtool.merge import default_reg_captions
-
-        if reg_captions is not None:
-            if not reg_captions.is_file():
-                raise CdtoolError(f"{reg_captions}: no such captions file")
-            captions = [ln.strip() for ln in reg_captions.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            if not captions:
-                raise CdtoolError(f"{reg_captions}: no captions in the file")
-        else:
-            captions = default_reg_captions()
-
-    deltas = [_with_classes(read_delta(p), nouns[i] if nouns else None) for i, (p, _) in enumerate(specs)]
-    bases = sorted({d.base_model for d in deltas if d.base_model})
-    if model is None and len(bases) > 1:
-        raise CdtoolError(f"the inputs were made for different base models ({', '.join(bases)}); they cannot be merged")
-    from cdtool.commands.common import pick_model
-
-    base_model = pick_model(model, bases)
-
-    from cdtool.merge import assign_tokens, check_closed_form_layers, rename_tokens
-
-    if method is Method.closed_form:
-        check_closed_form_layers(deltas)
-
-    renames = assign_tokens(deltas)
-    for (path, _), mapping in zip(specs, renames, strict=True):
-        for old, new in mapping.items():
-            console.warn(f"{path}: token {old} is taken by an earlier input; renamed to {new}")
-    deltas = [rename_tokens(d, m) for d, m in zip(deltas, renames, strict=True)]
-
-    names = sorted(
-        {f"{n}.weight" for d in deltas for n in d.layers}
-        | {f"{n}.bias" for d in deltas for n, layer in d.layers.items() if layer.bias is not None}
+    captions = None if method is Method.sum else _read_captions(reg_captions)
+    # least-squares reads `file:x` as the input's weight in the fit; the others scale its ΔW
+    scales = [1.0 if method is Method.least_squares else s for _, s in specs]
+    paths = [p for p, _ in specs]
+    deltas = read_merge_inputs(paths, nouns)
+    base_model = pick_model(model, recorded_bases(deltas, model))
+    loaded = prepare_merge_inputs(
+        paths, deltas, scales, base_model, text_side=method is not Method.sum, warn=console.warn, log=console.log
     )
-    console.log(f"reading {len(names)} base weights of {base_model}")
-    base = load_base_params(base_model, [*names, TOKEN_EMBEDDING])
-    tokenizer = encoder = None
-    if method is Method.closed_form or any(d.tokens and d.base_fingerprint for d in deltas):
-        from cdtool.models import load_text_side
-
-        tokenizer, encoder = load_text_side(base_model)
-    vocab = len(tokenizer) if tokenizer is not None else None
-    for i, d in enumerate(deltas):
-        if d.needs_base:
-            deltas[i] = d = d.relative_to(base)
-        if d.base_fingerprint and fingerprint(base, fingerprint_names(d), vocab) != d.base_fingerprint:
-            raise CdtoolError(
-                f"{d.origin} was made for another base model than {base_model} (fingerprint mismatch); inputs with different bases are refused"
-            )
-    deltas = [d if s == 1.0 else _scaled(d, s) for d, (_, s) in zip(deltas, specs, strict=True)]
-
-    doc: dict[str, Any] = {
-        "method": method.value,
-        "base_model": base_model,
-        "inputs": [str(p) for p, _ in specs],
-        "renamed": {str(p): m for (p, _), m in zip(specs, renames, strict=True) if m},
-        "concepts": [c for d in deltas for c in d.concepts],
-        "tokens": [t for d in deltas for t in d.tokens],
-        "layers": {
-            n: {"ranks": [d.layers[n].rank for d in deltas if n in d.layers]}
-            for n in sorted({n for d in deltas for n in d.layers})
-        },
-    }
+    doc = _inputs_doc(method, loaded, specs)
     if method is Method.sum:
         from cdtool.merge import weighted_sum
 
-        merged = weighted_sum([(d, 1.0) for d in deltas])
+        merged = weighted_sum([(d, 1.0) for d in loaded.deltas])
     else:
-        from cdtool.merge import closed_form_merge
-        from cdtool.text_features import cached_reg_gram
-
         assert captions is not None
-        gram, rows, cached = cached_reg_gram(tokenizer, encoder, captions)
-        console.log(f"regularisation features: {len(captions)} captions, {rows} rows{' (cached)' if cached else ''}")
-        result = closed_form_merge(deltas, base, tokenizer, encoder, gram, dry_run=dry_run)
-        merged = result.delta
-        doc.update(
-            reg_captions=len(captions),
-            reg_rows=rows,
-            target_rows=result.target_rows,
-            target_rows_kept=result.target_rows_kept,
-            target_overlap=result.overlap,
-            ridge={"gram": result.ridge_gram, "targets": result.ridge_targets},
-        )
-        for n, rep in result.layers.items():
-            doc["layers"][n].update(rep)
-        dim = gram.shape[0]
-        if result.target_rows_kept > dim:
-            console.warn(
-                f"{result.target_rows_kept} target rows exceed the text feature size {dim}: the constraints cannot all hold; see the residuals"
-            )
-        if result.ridge_gram or result.ridge_targets:
-            console.warn(
-                f"the system was ill-conditioned; a relative ridge of {max(result.ridge_gram, result.ridge_targets):g} was added"
-            )
-        if result.layers:
-            worst_res = max(r["constraint_residual"] for r in result.layers.values())
-            mean_drift = sum(r["reg_drift"] for r in result.layers.values()) / len(result.layers)
-            doc["total"] = {"max_constraint_residual": worst_res, "mean_reg_drift": mean_drift}
-            console.log(
-                f"{len(result.layers)} layers: max constraint residual {worst_res:.2e}, mean drift on regularisation features {mean_drift:.2e}"
-            )
-        console.log(
-            f"target rows: {result.target_rows} ({result.target_rows_kept} distinct); largest cross-concept overlap {result.overlap:.3f}"
-        )
+        weights = [s for _, s in specs]
+        lam = base_weight if base_weight is not None else _default_base_weight()
+        merged, gram = _solve(method, loaded, captions, weights, lam, dry_run, doc)
+        if not dry_run:
+            _warn_growth(merged, loaded, gram, doc)
     if dry_run:
         doc["dry_run"] = True
         if json_out:
@@ -211,52 +142,190 @@ def merge(
             _print_analysis(doc)
         return
     assert output is not None
-    merged.base_model = base_model
-    merged.base_fingerprint = fingerprint(base, fingerprint_names(merged), vocab)
-    merged.created_by = f"cdtool {__version__} merge"
-    merged.provenance = {
-        "merge": {
-            "method": method.value,
-            "inputs": [
-                {"path": str(p), "scale": s, "sha256": file_sha256(p) if p.is_file() else None} for p, s in specs
-            ],
-            "renamed": doc["renamed"],
-            **(
-                {
-                    "reg_captions": str(reg_captions) if reg_captions else "cdtool default",
-                    "reg_rows": doc["reg_rows"],
-                    "ridge": doc["ridge"],
-                    "total": doc.get("total"),
-                }
-                if method is Method.closed_form
-                else {}
-            ),
-        }
-    }
-    save_delta(merged, output, base if output.suffix == ".bin" else None)
+    _write(merged, output, method, loaded, specs, reg_captions, doc)
     if json_out:
         console.result_json(dict(doc, output=str(output)))
     else:
         console.result(str(output))
 
 
-def _scaled(d: Delta, s: float) -> Delta:
-    from cdtool.delta import LayerDelta
+def _default_base_weight() -> float:
+    from cdtool.merge import DEFAULT_BASE_WEIGHT
 
-    layers = {
-        n: LayerDelta(full=s * layer.dense().float(), bias=None if layer.bias is None else s * layer.bias)
-        for n, layer in d.layers.items()
+    return DEFAULT_BASE_WEIGHT
+
+
+def _read_captions(path: Path | None) -> list[str]:
+    from cdtool.merge import default_reg_captions
+
+    if path is None:
+        return default_reg_captions()
+    if not path.is_file():
+        raise CdtoolError(f"{path}: no such captions file")
+    captions = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not captions:
+        raise CdtoolError(f"{path}: no captions in the file")
+    return captions
+
+
+def _inputs_doc(method: Method, loaded: MergeInputs, specs: list[tuple[Path, float]]) -> dict[str, Any]:
+    deltas = loaded.deltas
+    return {
+        "method": method.value,
+        "base_model": loaded.base_model,
+        "inputs": [str(p) for p, _ in specs],
+        "renamed": {str(p): m for (p, _), m in zip(specs, loaded.renames, strict=True) if m},
+        "concepts": [c for d in deltas for c in d.concepts],
+        "tokens": [t for d in deltas for t in d.tokens],
+        "layers": {
+            n: {"ranks": [d.layers[n].rank for d in deltas if n in d.layers]}
+            for n in sorted({n for d in deltas for n in d.layers})
+        },
     }
-    return Delta(
-        layers=layers,
-        tokens=d.tokens,
-        base_model=d.base_model,
-        base_fingerprint=d.base_fingerprint,
-        concepts=d.concepts,
-        provenance=d.provenance,
-        origin=d.origin,
-        source_format=d.source_format,
+
+
+def _solve(
+    method: Method,
+    loaded: MergeInputs,
+    captions: list[str],
+    weights: list[float],
+    base_weight: float,
+    dry_run: bool,
+    doc: dict[str, Any],
+) -> tuple[Any, Any]:
+    """Run the closed form or the least-squares merge; fill `doc` with its analysis; warn. Returns
+    the merged delta and the regularisation rows' Gram matrix."""
+    from cdtool.merge import closed_form_merge, least_squares_merge
+    from cdtool.text_features import cached_reg_gram
+
+    padded = method is Method.least_squares
+    gram, rows, cached = cached_reg_gram(loaded.tokenizer, loaded.encoder, captions, padded=padded)
+    console.log(f"regularisation features: {len(captions)} captions, {rows} rows{' (cached)' if cached else ''}")
+    if padded:
+        result = least_squares_merge(
+            loaded.deltas, loaded.base, loaded.tokenizer, loaded.encoder, gram / rows, weights, base_weight,
+            dry_run=dry_run,
+        )  # fmt: skip
+        doc.update(weights=weights, base_weight=base_weight, concept_rows=result.concept_rows)
+    else:
+        result = closed_form_merge(loaded.deltas, loaded.base, loaded.tokenizer, loaded.encoder, gram, dry_run=dry_run)
+        doc.update(target_rows_kept=result.target_rows_kept, ridge_targets=result.ridge_targets)
+    doc.update(
+        reg_captions=len(captions),
+        reg_rows=rows,
+        target_rows=result.target_rows,
+        target_overlap=result.overlap,
+        ridge={"gram": result.ridge_gram, **({} if padded else {"targets": result.ridge_targets})},
     )
+    for n, rep in result.layers.items():
+        doc["layers"][n].update(rep)
+    _summarise(result, loaded, doc, padded, int(gram.shape[0]))
+    return result.delta, gram
+
+
+def _summarise(result: Any, loaded: MergeInputs, doc: dict[str, Any], padded: bool, dim: int) -> None:
+    """The totals and the warnings a merge's analysis calls for."""
+    from cdtool.merge import PARALLEL_COSINE
+
+    if not padded and result.target_rows_kept > dim:
+        console.warn(
+            f"{result.target_rows_kept} target rows exceed the text feature size {dim}: the constraints cannot all hold; see the residuals"
+        )
+    if result.ridge_gram or result.ridge_targets:
+        console.warn(
+            f"the system was ill-conditioned; a relative ridge of {max(result.ridge_gram, result.ridge_targets):g} was added"
+        )
+    layers = result.layers.values()
+    if result.layers and padded:
+        worst = [max(r["own_error"][i] for r in layers) for i in range(len(loaded.deltas))]
+        mean_drift = sum(r["reg_drift"] for r in layers) / len(result.layers)
+        doc["total"] = {"max_own_error": worst, "mean_reg_drift": mean_drift}
+        each = ", ".join(f"{e:.3f}" for e in worst)
+        console.log(
+            f"{len(result.layers)} layers: largest relative error on each input's own rows {each}; "
+            f"mean drift on regularisation rows {mean_drift:.3f}"
+        )
+    elif result.layers:
+        worst_res = max(r["constraint_residual"] for r in layers)
+        mean_drift = sum(r["reg_drift"] for r in layers) / len(result.layers)
+        doc["total"] = {"max_constraint_residual": worst_res, "mean_reg_drift": mean_drift}
+        console.log(
+            f"{len(result.layers)} layers: max constraint residual {worst_res:.2e}, mean drift on regularisation features {mean_drift:.2e}"
+        )
+    console.log(
+        f"target prompts: {result.target_rows} text rows; the most similar rows of two different concepts have "
+        f"cosine {result.overlap:.4f} (1 would make them indistinguishable to the merge)"
+    )
+    if result.overlap > PARALLEL_COSINE:
+        _warn_parallel(loaded, result.overlap)
+
+
+def _warn_parallel(loaded: MergeInputs, cosine: float) -> None:
+    from cdtool.merge import closest_inputs, paper_target_rows
+
+    c, owner = paper_target_rows(loaded.deltas, loaded.tokenizer, loaded.encoder)
+    _, pair = closest_inputs(c, owner)
+    names = " and ".join(str(loaded.paths[i]) for i in pair) if pair else "two inputs"
+    console.warn(
+        f"{names} have nearly parallel target rows (cosine {cosine:.6f}): the merge cannot keep both concepts "
+        "apart. Their tokens probably started from the same word; retrain one with another --init-token "
+        "(a concept trained as <newK> starts from the K-th default initialiser), or merge with --method sum"
+    )
+
+
+def _warn_growth(merged: Any, loaded: MergeInputs, gram: Any, doc: dict[str, Any]) -> None:
+    from cdtool.merge import BLOWUP_RATIO, growth
+
+    ratio, layer = growth(merged, loaded.deltas, gram)
+    doc["largest_growth"] = {"ratio": ratio, "layer": layer}
+    if ratio > BLOWUP_RATIO:
+        console.warn(
+            f"in {layer} the merged delta changes the keys/values of ordinary captions {ratio:.0f}x as much as its "
+            "largest input does: the concepts' constraints fight each other and plain prompts will likely break; "
+            "check the inputs' tokens (see above) or use --method least-squares"
+        )
+
+
+def _write(
+    merged: Any,
+    output: Path,
+    method: Method,
+    loaded: MergeInputs,
+    specs: list[tuple[Path, float]],
+    reg_captions: Path | None,
+    doc: dict[str, Any],
+) -> None:
+    from cdtool.base import fingerprint, fingerprint_names
+    from cdtool.hashing import file_sha256
+    from cdtool.importers import save_delta
+
+    merged.base_model = loaded.base_model
+    merged.base_fingerprint = fingerprint(loaded.base, fingerprint_names(merged), loaded.vocab)
+    merged.created_by = f"cdtool {__version__} merge"
+    solved = {
+        "reg_captions": str(reg_captions) if reg_captions else "cdtool default",
+        "reg_rows": doc.get("reg_rows"),
+        "ridge": doc.get("ridge"),
+        "total": doc.get("total"),
+    }
+    if method is Method.least_squares:
+        solved["base_weight"] = doc["base_weight"]
+    merged.provenance = {
+        "merge": {
+            "method": method.value,
+            "inputs": [
+                {
+                    "path": str(p),
+                    "sha256": file_sha256(p) if p.is_file() else None,
+                    ("weight" if method is Method.least_squares else "scale"): s,
+                }
+                for p, s in specs
+            ],
+            "renamed": doc["renamed"],
+            **({} if method is Method.sum else solved),
+        }
+    }
+    save_delta(merged, output, loaded.base if output.suffix == ".bin" else None)
 
 
 def _print_analysis(doc: dict[str, Any]) -> None:
@@ -272,9 +341,14 @@ def _print_analysis(doc: dict[str, Any]) -> None:
         out(f"  {n}  ranks: {ranks}")
     if "target_rows" in doc:
         out(
-            f"targets:   {doc['target_rows']} rows ({doc['target_rows_kept']} distinct), largest cross-concept cosine {doc['target_overlap']:.3f}"
+            f"targets:   {doc['target_rows']} rows, largest cross-concept cosine {doc['target_overlap']:.4f} "
+            "(1: indistinguishable)"
         )
         out(f"reg set:   {doc['reg_captions']} captions, {doc['reg_rows']} feature rows")
+    if "concept_rows" in doc:
+        rows = ", ".join(str(n) for n in doc["concept_rows"])
+        weights = ", ".join(f"{w:g}" for w in doc["weights"])
+        out(f"fit:       rows per input {rows}; weights {weights}; base weight {doc['base_weight']:g}")
 
 
 def register(app: typer.Typer) -> None:

@@ -90,8 +90,9 @@ def train(
         str | None,
         typer.Option(
             "--init-token",
-            help="Word the new embedding starts from, read as a prompt writes it (default: the reference's rare "
-            "vocabulary entries ktn, pll, ucd for concepts 1, 2, 3).",
+            help="Word the new embedding starts from, read as a prompt writes it (default: a rare vocabulary "
+            "entry per token, the K-th for <newK> (ktn, pll, ucd, ... as the reference), so that separately "
+            "trained concepts start apart).",
         ),
     ] = None,
     prompt: Annotated[

@@ -1,0 +1,120 @@
+"""Reading the inputs of a merge: deltas made relative to one base, checked against it, with their
+tokens renamed apart, and the base's weights and text side the solvers need."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdtool.delta import Delta, LayerDelta
+from cdtool.errors import CdtoolError
+
+
+@dataclass
+class MergeInputs:
+    paths: list[Path]
+    deltas: list[Delta]  # relative to the base, renamed, scaled
+    renames: list[dict[str, str]]  # per input: {old token: new token}
+    base_model: str
+    base: dict[str, torch.Tensor]  # the touched base weights (and the token embedding table)
+    tokenizer: Any = None  # the base text side, when loaded
+    encoder: Any = None
+
+    @property
+    def vocab(self) -> int | None:
+        return len(self.tokenizer) if self.tokenizer is not None else None
+
+
+def with_classes(delta: Delta, noun: str | None) -> Delta:
+    """Give a delta that records no concepts one per token (or one without a token), and set every
+    concept's class noun to `noun` when given."""
+    if not delta.concepts:
+        delta.concepts = [{"token": t, "class_noun": None, "init_token": None, "prompts": []} for t in delta.tokens]
+        if not delta.concepts:
+            delta.concepts = [{"token": None, "class_noun": None, "init_token": None, "prompts": []}]
+    if noun:
+        for c in delta.concepts:
+            c["class_noun"] = noun
+    return delta
+
+
+def scaled(d: Delta, s: float) -> Delta:
+    """A copy of `d` with every ΔW (and bias change) times `s`; tokens unchanged."""
+    if s == 1.0:
+        return d
+    layers = {
+        n: LayerDelta(full=s * layer.dense().float(), bias=None if layer.bias is None else s * layer.bias)
+        for n, layer in d.layers.items()
+    }
+    return Delta(
+        layers=layers,
+        tokens=d.tokens,
+        base_model=d.base_model,
+        base_fingerprint=d.base_fingerprint,
+        concepts=d.concepts,
+        provenance=d.provenance,
+        origin=d.origin,
+        source_format=d.source_format,
+    )
+
+
+def read_merge_inputs(paths: Sequence[Path], nouns: Sequence[str]) -> list[Delta]:
+    """The inputs as read, each with its concepts (and `nouns` as class nouns when given)."""
+    from cdtool.importers import read_delta
+
+    return [with_classes(read_delta(p), nouns[i] if nouns else None) for i, p in enumerate(paths)]
+
+
+def recorded_bases(deltas: Sequence[Delta], model: str | None) -> list[str]:
+    """The base models the inputs record; several of them (and no --model) cannot be merged."""
+    bases = sorted({d.base_model for d in deltas if d.base_model})
+    if model is None and len(bases) > 1:
+        raise CdtoolError(f"the inputs were made for different base models ({', '.join(bases)}); they cannot be merged")
+    return bases
+
+
+def prepare_merge_inputs(
+    paths: Sequence[Path],
+    deltas: Sequence[Delta],
+    scales: Sequence[float],
+    base_model: str,
+    *,
+    text_side: bool,
+    warn: Callable[[str], None],
+    log: Callable[[str], None],
+) -> MergeInputs:
+    """Rename tokens apart, load the base (and its text side when a solver needs it), make the
+    inputs relative to it, check their fingerprints and scale them."""
+    from cdtool.base import TOKEN_EMBEDDING, fingerprint, fingerprint_names, load_base_params
+    from cdtool.merge import assign_tokens, check_closed_form_layers, rename_tokens
+
+    if text_side:
+        check_closed_form_layers(deltas)
+    renames = assign_tokens(deltas)
+    for path, mapping in zip(paths, renames, strict=True):
+        for old, new in mapping.items():
+            warn(f"{path}: token {old} is taken by an earlier input; renamed to {new}")
+    renamed = [rename_tokens(d, m) for d, m in zip(deltas, renames, strict=True)]
+    names = sorted(
+        {f"{n}.weight" for d in renamed for n in d.layers}
+        | {f"{n}.bias" for d in renamed for n, layer in d.layers.items() if layer.bias is not None}
+    )
+    log(f"reading {len(names)} base weights of {base_model}")
+    base = load_base_params(base_model, [*names, TOKEN_EMBEDDING])
+    loaded = MergeInputs(list(paths), renamed, renames, base_model, base)
+    if text_side or any(d.tokens and d.base_fingerprint for d in renamed):
+        from cdtool.models import load_text_side
+
+        loaded.tokenizer, loaded.encoder = load_text_side(base_model)
+    relative = [d.relative_to(base) if d.needs_base else d for d in renamed]
+    for d in relative:
+        if d.base_fingerprint and fingerprint(base, fingerprint_names(d), loaded.vocab) != d.base_fingerprint:
+            raise CdtoolError(
+                f"{d.origin} was made for another base model than {base_model} (fingerprint mismatch); inputs with different bases are refused"
+            )
+    loaded.deltas = [scaled(d, s) for d, s in zip(relative, scales, strict=True)]
+    return loaded

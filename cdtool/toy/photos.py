@@ -1,0 +1,48 @@
+"""The toy world's personal concepts as a user would bring them: five "photos" of each, and the
+captions of ordinary toy scenes (regularisation prompts, the merge's regularisation captions). Used by
+`cdtool demo` and the quality benchmark, so both start from the same kind of data."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+from cdtool.toy.world import PHOTO_OF_SHARE, UNSIZED_SHARE, Sampler, render
+
+# (token, class noun, folder name) of the toy world's two personal concepts.
+PERSONAL = (("<new1>", "star", "new1-star"), ("<new2>", "circle", "new2-circle"))
+
+
+def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
+    """Toy-world captions: of scenes whose first thing is a `shape` (regularisation prompts), or of
+    any scenes (the merge's regularisation captions). Worded as varied as the toy model's pretraining
+    captions: some start with "photo of", some leave out a single thing's size."""
+    sampler = Sampler(rng)
+    out = []
+    for _ in range(n):
+        scene = sampler.scene()
+        if shape is not None:
+            scene = replace(scene, things=(replace(scene.things[0], shape=shape), *scene.things[1:]))
+        caption = scene.caption(sized=rng.random() >= UNSIZED_SHARE)
+        out.append(f"photo of {caption}" if rng.random() < PHOTO_OF_SHARE else caption)
+    return out
+
+
+def write_photos(folder: Path, token: str, rng: random.Random) -> None:
+    """Five renders of the concept as 96 px JPEGs with a caption file each; the first one stored
+    rotated with an EXIF orientation tag, as phones do."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sampler = Sampler(rng)
+    for i in range(5):
+        scene = sampler.scene(count=1, concept=token)
+        image = render(scene, 96)
+        exif = Image.Exif()
+        if i == 0:
+            image = image.transpose(Image.Transpose.ROTATE_90)  # shown upright after orientation 6
+            exif[0x0112] = 6
+        image.save(folder / f"IMG_{i:04d}.jpg", quality=95, exif=exif)
+        caption = scene.caption().replace(token, "{token}")
+        (folder / f"IMG_{i:04d}.txt").write_text(caption + "\n")

@@ -1,0 +1,103 @@
+"""The project's own documents: links that resolve, a design doc that lists every key of the delta
+file, and text that speaks of the product, not of how it was developed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdtool.delta import Delta, LayerDelta, delta_metadata, delta_tensors
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [
+    ROOT / "README.md",
+    *sorted(ROOT.glob("docs/*.md")),
+    *sorted(ROOT.glob("benchmarks/*.md")),
+    *sorted(ROOT.glob("tools/*.md")),
+    *sorted(ROOT.glob("research/*.md")),
+]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# Development narration: numbered work periods and tickets, borrowed machines and their limits.
+NARRATION = re.compile(
+    r"\bsessions? \d+|\bissues? #?\d+|\blent\b|\bborrowed\b|\bdevice time\b|\btime budget\b|shared/DESIGN",
+    re.IGNORECASE,
+)
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub gives a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+    return {slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, flags=re.MULTILINE)}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve_inside_the_repository(doc):
+    broken = []
+    for target in LINK.findall(doc.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        file, _, anchor = target.partition("#")
+        path = (doc.parent / file).resolve() if file else doc
+        if not path.is_relative_to(ROOT) or not path.exists():
+            broken.append(target)
+        elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+            broken.append(target)
+    assert broken == [], f"{doc.name}: links that do not resolve in the repository"
+
+
+def test_design_doc_lists_every_key_of_the_delta_file():
+    delta = Delta(
+        layers={
+            "unet.blk.attn2.to_k": LayerDelta(full=torch.zeros(2, 2), bias=torch.zeros(2)),
+            "unet.blk.attn2.to_v": LayerDelta(up=torch.zeros(2, 1), down=torch.zeros(1, 2)),
+            "text_encoder.blk.q_proj": LayerDelta(up=torch.zeros(2, 1), down=torch.zeros(1, 2)),
+            "text_encoder.blk.k_proj": LayerDelta(full=torch.zeros(2, 2)),
+        },
+        tokens={"<new1>": torch.zeros(1, 2)},
+    )
+    generic = {
+        re.sub(r"^(unet|text_encoder)\.blk\.[\w.]+?\.(\w+)$", r"\1.<path>.\2", k).replace(
+            "token.<new1>", "token.<token>"
+        )
+        for k in delta_tensors(delta)
+    }
+    assert generic == {
+        "unet.<path>.delta",
+        "unet.<path>.bias",
+        "unet.<path>.up",
+        "unet.<path>.down",
+        "text_encoder.<path>.up",
+        "text_encoder.<path>.down",
+        "text_encoder.<path>.delta",
+        "token.<token>",
+    }
+    design = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    missing = [k for k in sorted(generic) if f"`{k}`" not in design]
+    missing += [k for k in delta_metadata(delta) if f"| `{k}` |" not in design]
+    assert missing == []
+
+
+def product_files() -> list[Path]:
+    files = [*DOCS, ROOT / "Makefile", ROOT / "pyproject.toml"]
+    for folder in ("cdtool", "tests", "benchmarks", "scripts", "tools", "research", ".ci"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".sh", ".md", "") and p.is_file()]
+    return [
+        p for p in files if p.exists() and "data" not in p.relative_to(ROOT).parts and p != Path(__file__).resolve()
+    ]
+
+
+def test_product_text_does_not_narrate_its_development():
+    found = []
+    for path in product_files():
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if NARRATION.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert found == []
