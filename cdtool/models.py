@@ -16,11 +16,9 @@ from typing import Any
 
 import torch
 
-from cdtool.choices import DTYPE_NAMES
+from cdtool.choices import DTYPE_NAMES, TINY, TOY
 from cdtool.errors import CdtoolError, UsageError
 
-TINY = "tiny"
-TOY = "toy"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 
