@@ -26,7 +26,6 @@ from cdtool.commands.common import (
     pick_model,
 )
 from cdtool.errors import CdtoolError, UsageError
-from cdtool.regset import PROVENANCE, is_valid_image, write_metadata
 
 
 def regset(
@@ -86,6 +85,9 @@ def regset(
     is gone). --from generate (default) samples the base model, one seed per image, and resumes:
     valid images already there are kept.
     """
+    # the library loads here, not at the top, so that `cdtool regset --help` starts without torch
+    from cdtool.regset import PROVENANCE, write_metadata
+
     text = prompt.replace("{class}", class_noun)
     texts = [text]
     if prompts is not None:
@@ -166,6 +168,7 @@ def _generate(
     device: str,
     dtype: str,
 ) -> dict[str, Any]:
+    from cdtool.regset import is_valid_image
     from cdtool.sampling import Job, generate, save_png, set_scheduler
 
     jobs = [Job(texts[i % len(texts)], 0, seed + i, f"{i:05d}.png") for i in range(n)]

@@ -28,8 +28,6 @@ from cdtool.commands.common import (
     pick_model,
 )
 from cdtool.errors import CdtoolError, UsageError
-from cdtool.importers import read_delta
-from cdtool.sampling import generate, image_grid, plan_jobs, save_png
 
 PROMPTS_FILE = "prompts.json"
 
@@ -90,6 +88,10 @@ def sample(
     images are kept (not regenerated) unless --force.
     Writes PNGs and prompts.json (file name -> prompt) and prints the folder.
     """
+    # the library loads here, not at the top, so that `cdtool sample --help` starts without torch
+    from cdtool.importers import read_delta
+    from cdtool.sampling import generate, image_grid, plan_jobs, save_png
+
     all_prompts = list(prompts or [])
     if prompts_file is not None:
         all_prompts += read_prompts(prompts_file)

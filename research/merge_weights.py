@@ -1,7 +1,7 @@
 """How the least-squares merge's base weight trades concept retention against plain prompts.
 
     cdtool demo -o demo-out                       # (or benchmarks/quality.py --out bench-quality)
-    python scripts/merge_weights.py demo-out [--weights 0.01,0.03,0.1,0.3,1] [--n 64]
+    python research/merge_weights.py demo-out [--weights 0.01,0.03,0.1,0.3,1] [--n 64]
 
 Merges the folder's two single-concept deltas (new1-star, new2-circle) with `merge --method
 least-squares --base-weight W` for each W, and with the closed form and the sum for comparison,
