@@ -90,17 +90,18 @@ def check_closed_form_layers(deltas: Sequence[Delta]) -> None:
         )
 
 
-def weighted_sum(deltas: Sequence[tuple[Delta, float]]) -> Delta:
-    """ΔW = Σ scale_i ΔW_i on the union of layers; tokens and concepts united (already renamed)."""
+def sum_deltas(deltas: Sequence[Delta]) -> Delta:
+    """ΔW = Σ ΔW_i on the union of layers (bias changes summed too); tokens and concepts united
+    (already renamed, and scaled where asked)."""
     out = Delta()
-    for d, scale in deltas:
+    for d in deltas:
         for name, layer in d.layers.items():
-            dense = scale * layer.dense().float()
-            bias = None if layer.bias is None else scale * layer.bias.float()
+            dense = layer.dense().float()
+            bias = None if layer.bias is None else layer.bias.float()
             if name in out.layers:
                 prev = out.layers[name]
-                assert prev.full is not None
-                dense = prev.full + dense
+                if prev.full is not None:
+                    dense = prev.full + dense
                 if prev.bias is not None:
                     bias = prev.bias if bias is None else prev.bias + bias
             out.layers[name] = LayerDelta(full=dense, bias=bias)

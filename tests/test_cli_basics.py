@@ -25,7 +25,9 @@ COMMANDS = [
     "export",
     "info",
 ]
-WITH_EXAMPLES = ["prep", "regset", "train", "sample", "score", "get-deltas", "compress", "export", "info"]
+WITH_EXAMPLES = [
+    "prep", "regset", "train", "sample", "score", "get-deltas", "merge", "compress", "export", "info", "demo"
+]  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -21,7 +21,19 @@ except SystemExit:
     pass
 print(sorted(m for m in {HEAVY!r} if m in sys.modules))
 """
-LIGHT_COMMANDS = ["prep", "regset", "train", "sample", "score", "get-deltas", "compress", "export", "info"]
+LIGHT_COMMANDS = [
+    "prep",
+    "regset",
+    "train",
+    "sample",
+    "score",
+    "get-deltas",
+    "merge",
+    "compress",
+    "export",
+    "info",
+    "demo",
+]
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], *([c, "--help"] for c in LIGHT_COMMANDS)], ids=" ".join)

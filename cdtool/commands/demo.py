@@ -15,10 +15,10 @@ from typing import Annotated, Any
 import typer
 
 from cdtool import console
-from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command
+from cdtool.choices import TOY
+from cdtool.commands.common import FolderOutputOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command, examples
 from cdtool.errors import CdtoolError
 from cdtool.inprocess import InProcess
-from cdtool.models import TOY
 from cdtool.toy.photos import PERSONAL as CONCEPTS
 from cdtool.toy.photos import toy_captions, write_photos
 
@@ -32,7 +32,7 @@ PROMPTS = (
 
 
 def demo(
-    output: Annotated[Path, typer.Option("--output", "-o", help="The folder to write.")] = Path("demo-out"),
+    output: FolderOutputOpt = Path("demo-out"),
     model: Annotated[
         str, typer.Option("--model", "-m", help="Base model (the toy model is the one the oracle can judge).")
     ] = TOY,
@@ -58,12 +58,6 @@ def demo(
     Writes OUTPUT/before-after.png (a row per prompt; columns: the base model, each concept's own
     delta, the paper's closed-form merge, the least-squares merge; labelled in the picture) and
     OUTPUT/scores.json (concept fidelity, prompt fidelity and prior drift of each column).
-
-    Examples:
-
-      cdtool demo
-
-      cdtool demo -o /tmp/demo --n 16 --json
     """
     if output.exists() and any(output.iterdir()):
         if not force:
@@ -236,5 +230,8 @@ def _before_after(panels: dict[str, Path], out: Path, scale: int = 3) -> None:
     grid.save(out)
 
 
+EXAMPLES = examples("cdtool demo -o demo-out", "cdtool demo -o demo-out --force -q", "cdtool demo --n 16 --json")
+
+
 def register(app: typer.Typer) -> None:
-    app.command("demo")(cdtool_command(demo))
+    app.command("demo", epilog=EXAMPLES)(cdtool_command(demo))
