@@ -25,8 +25,8 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check cdtool tests benchmarks scripts
-	$(BIN)/ruff format --check cdtool tests benchmarks scripts
+	$(BIN)/ruff check cdtool tests benchmarks scripts tools research
+	$(BIN)/ruff format --check cdtool tests benchmarks scripts tools research
 
 clean:
 	rm -rf $(DEMO_OUT) example-out .pytest_cache

@@ -81,3 +81,37 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> Run:
         sys.stderr.write(stderr)
         raise SystemExit(f"benchmark step failed: {' '.join(cmd)}")
     return Run(seconds, peak / 1024, peak_gpu[0], proc.returncode, stderr)
+
+
+@dataclass
+class Rate:
+    """Steps per second from repeated (S steps, 2S steps) pairs of whole runs."""
+
+    median: float | None  # None when the pairs cannot measure it
+    low: float | None  # the slowest and fastest pair
+    high: float | None
+    startup_s: float | None  # t(S) - S / rate, the time from command to the first step (median)
+    why: str = ""  # what made it unmeasurable
+
+
+def pair_rate(short: list[float], long: list[float], steps: int, min_share: float = 0.2) -> Rate:
+    """steps / (t(2S) - t(S)) per pair, start-up cancelled. A pair whose difference is under
+    `min_share` of its t(S) is start-up noise (S steps take too little time to see): the rate is
+    then refused, with the reason, rather than printed as a huge number."""
+    if not short or len(short) != len(long):
+        raise ValueError("need as many S-step runs as 2S-step runs")
+    diffs = [b - a for a, b in zip(short, long, strict=True)]
+    bad = [(d, a) for d, a in zip(diffs, short, strict=True) if d < min_share * a]
+    if bad:
+        d, a = bad[0]
+        return Rate(None, None, None, None, f"t(2S) - t(S) = {d:.2f} s against t(S) = {a:.2f} s: raise --steps")
+    rates = sorted(steps / d for d in diffs)
+    med = _median(rates)
+    startup = _median([a - steps / med for a in short])
+    return Rate(med, rates[0], rates[-1], startup)
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2

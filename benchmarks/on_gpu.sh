@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script to run on a CUDA machine from the repository root:
 #   bash benchmarks/on_gpu.sh tests                # tests/test_cuda.py and tests/test_sample.py
-#   bash benchmarks/on_gpu.sh speed fp16 300       # train_speed.py on the SD1.5-shaped model, S = 300
+#   bash benchmarks/on_gpu.sh speed fp16 300 [R]   # train_speed.py on the SD1.5-shaped model, S = 300, R pairs
 # The machine's own python3 holds torch, transformers, peft and accelerate; the rest travels as
 # wheels in .whl/ and the reference trainer as .ref/train_custom_diffusion.py (both git-ignored):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -23,10 +23,10 @@ tests)
     ;;
 speed)
     python3 benchmarks/train_speed.py --reference .ref/train_custom_diffusion.py --model sd15 \
-        --mixed-precision "${2:-bf16}" --steps "${3:-300}" --workdir /tmp/bench 2>&1 | tee "$out/speed-${2:-bf16}.log"
+        --mixed-precision "${2:-bf16}" --steps "${3:-300}" --repeats "${4:-1}" --workdir /tmp/bench 2>&1 | tee "$out/speed-${2:-bf16}.log"
     ;;
 *)
-    echo "usage: bash benchmarks/on_gpu.sh tests | speed PRECISION STEPS" >&2
+    echo "usage: bash benchmarks/on_gpu.sh tests | speed PRECISION STEPS [REPEATS]" >&2
     exit 2
     ;;
 esac

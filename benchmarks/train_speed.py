@@ -5,10 +5,12 @@
 Get the reference from the diffusers repository (examples/custom_diffusion/); it is not shipped
 with cdtool. Both run on the same model, images, prompts and settings (prior preservation,
 augmentation, batch size, resolution, learning rate), one after the other in this one run. Each is
-run for S and 2S steps: steps/s = S / (t(2S) - t(S)) cancels start-up; time to a finished delta is
-t(2S); peak RSS from the child's rusage and, on an NVIDIA GPU, peak GPU memory from nvidia-smi.
-Start-up varies by seconds between runs, so S must make S steps take far longer than that: on a
-GPU use --steps 300 or more (at 100 the difference measured the same trainer at 2x apart).
+run for S and 2S steps, --repeats times, the two trainers' runs interleaved: steps/s = S / (t(2S) -
+t(S)) per pair cancels start-up, and the median pair is reported with the slowest and fastest; start-up
+(command to first step) is t(S) - S / (steps/s); time to a finished delta is the median t(2S); peak
+RSS from the child's rusage and, on an NVIDIA GPU, peak GPU memory from nvidia-smi. Start-up varies
+by seconds between runs, so S steps must take far longer than that (on a GPU --steps 300 or more): a
+pair whose difference is within the noise is refused, and no ratio is printed from it.
 
 The reference's initializer lookup (`tokenizer.encode([token])`) returns a nested list under
 transformers 5, which crashes for the default multi-piece "ktn"; both runs use "cat" here.
@@ -25,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Run, measure
+from benchmarks.common import Run, measure, pair_rate
 
 
 def make_data(work: Path, size: int) -> tuple[Path, Path]:
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--reference", type=Path, required=True, help="path to diffusers' train_custom_diffusion.py")
     ap.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
     ap.add_argument("--steps", type=int, default=40, help="S: each tool runs S and 2S steps")
+    ap.add_argument("--repeats", type=int, default=3, help="(S, 2S) pairs per trainer")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--mixed-precision", default="no")
     ap.add_argument("--resolution", type=int, default=None, help="default: the model's (64 tiny, 512 sd15)")
@@ -158,19 +161,37 @@ def main() -> None:
         print(f"{name}: {steps} steps in {run.seconds:.1f} s", file=sys.stderr, flush=True)  # kept if cut short
         return run
 
-    rows = {}
-    for name, build in (("diffusers train_custom_diffusion.py", reference), ("cdtool train", cdtool)):
-        short, long = (timed(name, build, k * args.steps) for k in (1, 2))
-        rate = args.steps / max(1e-9, long.seconds - short.seconds)
-        rows[name] = (rate, long.seconds, long.peak_rss_mb, max(short.peak_gpu_mb, long.peak_gpu_mb))
-    ref = rows["diffusers train_custom_diffusion.py"]
+    trainers = {"diffusers train_custom_diffusion.py": reference, "cdtool train": cdtool}
+    runs: dict[str, list[tuple[Run, Run]]] = {name: [] for name in trainers}
+    for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits both
+        for name, build in trainers.items():
+            runs[name].append((timed(name, build, args.steps), timed(name, build, 2 * args.steps)))
     print(
-        f"model {args.model}, {size}px, batch {args.batch_size} (+{args.batch_size} class images), {2 * args.steps} steps, mixed precision {args.mixed_precision}"
+        f"model {args.model}, {size}px, batch {args.batch_size} (+{args.batch_size} class images), {2 * args.steps} "
+        f"steps, mixed precision {args.mixed_precision}, {args.repeats} pairs per trainer"
     )
-    print("| trainer | steps/s | time to delta s | peak RSS MB | peak GPU MB | steps/s vs reference |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, (rate, secs, peak, gpu) in rows.items():
-        print(f"| {name} | {rate:.2f} | {secs:.1f} | {peak:.0f} | {gpu:.0f} | {rate / ref[0]:.2f}x |")
+    print_table(runs, args.steps)
+
+
+def print_table(runs: dict[str, list[tuple[Run, Run]]], steps: int) -> None:
+    """One row per trainer; the ratio column only where both rates could be measured."""
+    rates = {name: pair_rate([a.seconds for a, _ in p], [b.seconds for _, b in p], steps) for name, p in runs.items()}
+    ref = next(iter(rates.values()))
+    print(
+        "| trainer | steps/s (median; range) | start-up s | time to delta s | peak RSS MB | peak GPU MB | steps/s vs reference |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, pairs in runs.items():
+        r = rates[name]
+        delta = sorted(b.seconds for _, b in pairs)[len(pairs) // 2]
+        rss = max(b.peak_rss_mb for _, b in pairs)
+        gpu = max(max(a.peak_gpu_mb, b.peak_gpu_mb) for a, b in pairs)
+        if r.median is None:
+            rate, startup = f"not measured: {r.why}", "-"
+        else:
+            rate, startup = f"{r.median:.2f} ({r.low:.2f}-{r.high:.2f})", f"{r.startup_s:.1f}"
+        ratio = f"{r.median / ref.median:.2f}x" if r.median and ref.median else "-"
+        print(f"| {name} | {rate} | {startup} | {delta:.1f} | {rss:.0f} | {gpu:.0f} | {ratio} |")
 
 
 if __name__ == "__main__":

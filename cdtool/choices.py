@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# the built-in bases: random weights for plumbing, and the model pretrained on the toy world
+TINY = "tiny"
+TOY = "toy"
+
 # sampler name -> (diffusers scheduler class, extra config)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),

@@ -85,3 +85,10 @@ def truncate(
         fro=(float((s[:k].double() ** 2).sum()) / total_sq) ** 0.5,
         capped=rank is not None and rank > full_rank,
     )
+
+
+def factors_are_larger(shape: tuple[int, int], rank: int) -> bool:
+    """Whether rank-`rank` factors of an [out, in] matrix (r·(out + in) numbers) hold at least as
+    many numbers as the matrix itself (out·in): then the matrix is the smaller way to store it."""
+    out, inp = shape
+    return rank * (out + inp) >= out * inp

@@ -10,12 +10,14 @@ from typing import Any
 
 import torch
 
+from cdtool.choices import LAYER_SETS
 from cdtool.closed_form import prepare, report, solve_layer
 from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import CdtoolError
 from cdtool.tokens import check_token_name
 
-KV_SUFFIXES = (".attn2.to_k", ".attn2.to_v")
+# the projections a text-feature merge covers: those that read the text features (the kv layer set)
+KV_SUFFIXES = tuple(f".{s}" for s in LAYER_SETS["kv"])
 # The least-squares merge's default weight of the base model's outputs on the regularisation
 # captions' rows, against weight 1 for each concept's own rows (mean Gram matrices both): measured on
 # the toy model in benchmarks/RESULTS.md ("Merging").
@@ -93,17 +95,18 @@ def check_closed_form_layers(deltas: Sequence[Delta]) -> None:
         )
 
 
-def weighted_sum(deltas: Sequence[tuple[Delta, float]]) -> Delta:
-    """ΔW = Σ scale_i ΔW_i on the union of layers; tokens and concepts united (already renamed)."""
+def sum_deltas(deltas: Sequence[Delta]) -> Delta:
+    """ΔW = Σ ΔW_i on the union of layers (bias changes summed too); tokens and concepts united
+    (already renamed, and scaled where asked)."""
     out = Delta()
-    for d, scale in deltas:
+    for d in deltas:
         for name, layer in d.layers.items():
-            dense = scale * layer.dense().float()
-            bias = None if layer.bias is None else scale * layer.bias.float()
+            dense = layer.dense().float()
+            bias = None if layer.bias is None else layer.bias.float()
             if name in out.layers:
                 prev = out.layers[name]
-                assert prev.full is not None
-                dense = prev.full + dense
+                if prev.full is not None:
+                    dense = prev.full + dense
                 if prev.bias is not None:
                     bias = prev.bias if bias is None else prev.bias + bias
             out.layers[name] = LayerDelta(full=dense, bias=bias)

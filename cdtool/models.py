@@ -1,7 +1,7 @@
 """Loading a Stable Diffusion base: `tiny`, `toy`, a hub id, a local diffusers folder or one checkpoint file.
 
 `tiny` is built in code from configs (random weights: for tests of the plumbing); `toy` is a small
-model pretrained on the toy world (cdtool/toy/world.py) by scripts/pretrain_toy.py and shipped as a
+model pretrained on the toy world (cdtool/toy/world.py) by tools/pretrain_toy.py and shipped as a
 float16 diffusers folder inside the package: it follows captions, so quality can be measured on a CPU.
 
 Models load in float32 on the CPU; deltas are applied there (in full precision) and the pipeline is
@@ -16,11 +16,9 @@ from typing import Any
 
 import torch
 
-from cdtool.choices import DTYPE_NAMES
+from cdtool.choices import DTYPE_NAMES, TINY, TOY
 from cdtool.errors import CdtoolError, UsageError
 
-TINY = "tiny"
-TOY = "toy"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 
@@ -66,6 +64,22 @@ def local_path(model: str) -> Path:
     return toy_model_folder() if model == TOY else Path(model).expanduser()
 
 
+def model_reference(model: str) -> str:
+    """How a delta records its base: a local folder or file by its absolute path (so that the delta
+    finds it from any working folder), anything else (`tiny`, `toy`, a hub id) as given."""
+    if model in (TINY, TOY):
+        return model
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def is_missing_path(model: str) -> bool:
+    """A model written as a local path (or a checkpoint file name) that is not there."""
+    if model in (TINY, TOY) or Path(model).expanduser().exists():
+        return False
+    return Path(model).suffix in SINGLE_FILE_SUFFIXES or model.startswith((".", "/", "~"))
+
+
 def model_kind(model: str) -> str:
     """'tiny', 'folder', 'file' or 'hub' (`toy` is a folder inside the package)."""
     if model == TINY:
@@ -74,7 +88,7 @@ def model_kind(model: str) -> str:
         if not (toy_model_folder() / "model_index.json").is_file():
             raise CdtoolError(
                 f"the toy model is missing from {toy_model_folder()}; reinstall cdtool, or rebuild it "
-                "with scripts/pretrain_toy.py"
+                "with tools/pretrain_toy.py of the source repository"
             )
         return "folder"
     path = Path(model).expanduser()
@@ -82,7 +96,7 @@ def model_kind(model: str) -> str:
         return "folder"
     if path.is_file():
         return "file"
-    if path.suffix in SINGLE_FILE_SUFFIXES or model.startswith((".", "/", "~")):
+    if is_missing_path(model):
         raise CdtoolError(f"model {model}: no such file or folder")
     return "hub"
 

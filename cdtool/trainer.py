@@ -572,30 +572,29 @@ def _draw_batch(cfg: TrainConfig, method: Method, parts: _Parts, data: _Data, to
 
 
 def _loss(method: Method, parts: _Parts, batch: _Batch, prior_weight: float) -> torch.Tensor:
-    noisy = parts.scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
     feats = _encode_prompts(parts.tokenizer, parts.encoder_p, batch.prompts, parts.device)
     if batch.class_features is not None:
         feats = torch.cat([feats, batch.class_features.to(parts.device, feats.dtype)])
-    pred = parts.unet_p(
-        noisy.to(parts.device, parts.unet_dtype),
-        batch.timesteps.to(parts.device),
-        encoder_hidden_states=feats.to(parts.unet_dtype),
-    ).sample
-    target = _target(parts.scheduler, batch.latents, batch.noise, batch.timesteps).to(parts.device)
+    pred, target = _predict(parts.unet_p, parts, batch.latents, batch.noise, batch.timesteps, feats)
     return method.loss(pred, target, batch.mask.to(parts.device), prior_weight)
 
 
 def _eval_loss(parts: _Parts, tokens: _NewTokens, ev: _EvalBatch) -> float:
     with torch.no_grad():
-        noisy = parts.scheduler.add_noise(ev.latents, ev.noise, ev.timesteps)
         feats = _encode_prompts(parts.tokenizer, parts.encoder, [tokens.expand(p) for p in ev.prompts], parts.device)
-        pred = parts.unet(
-            noisy.to(parts.device, parts.unet_dtype),
-            ev.timesteps.to(parts.device),
-            encoder_hidden_states=feats.to(parts.unet_dtype),
-        ).sample
-        target = _target(parts.scheduler, ev.latents, ev.noise, ev.timesteps).to(parts.device)
+        pred, target = _predict(parts.unet, parts, ev.latents, ev.noise, ev.timesteps, feats)
         return float(F.mse_loss(pred.float(), target.float()))
+
+
+def _predict(
+    unet: Any, parts: _Parts, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, feats: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction for the latents noised to timesteps `t`, and what it should predict."""
+    noisy = parts.scheduler.add_noise(latents, noise, t)
+    pred = unet(
+        noisy.to(parts.device, parts.unet_dtype), t.to(parts.device), encoder_hidden_states=feats.to(parts.unet_dtype)
+    )
+    return pred.sample, _target(parts.scheduler, latents, noise, t).to(parts.device)
 
 
 def _target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cdtool.cli import app
+from cdtool.cli import COMMANDS, app
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
@@ -21,7 +21,7 @@ def render() -> str:
         "# cdtool command reference\n",
         "Generated from `--help` by tests/test_cli_docs.py; do not edit by hand.\n",
     ]
-    names = [None, *sorted(c.name for c in app.registered_commands)]
+    names = [None, *sorted(COMMANDS)]
     for name in names:
         args = ["--help"] if name is None else [name, "--help"]
         result = runner.invoke(app, args, prog_name="cdtool", env={"COLUMNS": "100", "TERM": "dumb"})

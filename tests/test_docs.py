@@ -12,7 +12,13 @@ import torch
 from cdtool.delta import Delta, LayerDelta, delta_metadata, delta_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "benchmarks").glob("*.md"))]
+DOCS = [
+    ROOT / "README.md",
+    *sorted(ROOT.glob("docs/*.md")),
+    *sorted(ROOT.glob("benchmarks/*.md")),
+    *sorted(ROOT.glob("tools/*.md")),
+    *sorted(ROOT.glob("research/*.md")),
+]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # Development narration: numbered work periods and tickets, borrowed machines and their limits.
 NARRATION = re.compile(
@@ -81,7 +87,7 @@ def test_design_doc_lists_every_key_of_the_delta_file():
 
 def product_files() -> list[Path]:
     files = [*DOCS, ROOT / "Makefile", ROOT / "pyproject.toml"]
-    for folder in ("cdtool", "tests", "benchmarks", "scripts", ".ci"):
+    for folder in ("cdtool", "tests", "benchmarks", "scripts", "tools", "research", ".ci"):
         files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".sh", ".md", "") and p.is_file()]
     return [
         p for p in files if p.exists() and "data" not in p.relative_to(ROOT).parts and p != Path(__file__).resolve()

@@ -68,3 +68,22 @@ def test_export_bin_and_reimport(cli, tmp_path, make_delta):
     back = read_cdtool(tmp_path / "b.safetensors")
     for name, layer in d.layers.items():
         assert torch.equal(back.layers[name].full, layer.full)
+
+
+def test_a_local_base_is_recorded_by_its_absolute_path(cli, tmp_path, tiny_pipe, tiny_folder, make_delta, monkeypatch):
+    d = make_delta()
+    base = {k: v.detach().clone() for k, v in pipeline_params(tiny_pipe).items()}
+    torch.save(official_state(d, base), tmp_path / "delta.bin")
+    monkeypatch.chdir(tiny_folder.parent)
+    out = tmp_path / "conv.safetensors"
+    cli("get-deltas", tmp_path / "delta.bin", "--model", f"./{tiny_folder.name}", "-o", out)
+    assert read_cdtool(out).base_model == str(tiny_folder.resolve())
+    # a recorded base that is not there (moved, or another machine): the error says what to pass
+    gone = make_delta()
+    gone.base_model = str(tmp_path / "moved-away")
+    write_cdtool(gone, tmp_path / "gone.safetensors")
+    r = cli("export", tmp_path / "gone.safetensors", "--to", "official", "-o", tmp_path / "x.bin", code=1)
+    assert r.stderr == (
+        f"Error: the base model recorded in the delta, {tmp_path / 'moved-away'}, is not there; "
+        "pass --model with the base it was trained on\n"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdtool.lowrank import rank_for_energy, rank_for_fro, truncate
+from cdtool.lowrank import factors_are_larger, rank_for_energy, rank_for_fro, truncate
 
 
 def _matrix(seed=0, out=40, inp=24):
@@ -60,3 +60,9 @@ def test_randomized_matches_exact_on_low_rank_input():
     low = torch.randn(64, 5, generator=g) @ torch.randn(5, 48, generator=g)
     t = truncate(low, rank=5, method="randomized")
     assert torch.allclose(t.up @ t.down, low, atol=1e-3)
+
+
+def test_factors_are_larger_from_the_break_even_rank():
+    # a 320x768 layer holds 245760 numbers; rank-k factors hold k * 1088: break-even at k = 225.88
+    assert [factors_are_larger((320, 768), k) for k in (1, 225, 226, 320)] == [False, False, True, True]
+    assert factors_are_larger((32, 32), 16) and not factors_are_larger((32, 32), 15)

@@ -133,7 +133,7 @@ def test_compress_then_merge_and_sample(cli, tmp_path, make_delta):
     a, b = _write_concepts(tmp_path, make_delta, 2)
     r = cli("compress", a, "-o", tmp_path / "a4.safetensors", "--rank", "4", "--json")
     doc = json.loads(r.stdout)
-    assert all(v["rank"] == 4 for v in doc["layers"].values())
+    assert all(v["rank"] == 4 and v["stored"] == "factors" for v in doc["layers"].values())
     assert doc["size_after"] < doc["size_before"]
     small = read_cdtool(tmp_path / "a4.safetensors")
     assert torch.equal(small.tokens["<new1>"], read_cdtool(a).tokens["<new1>"])
@@ -145,12 +145,19 @@ def test_compress_then_merge_and_sample(cli, tmp_path, make_delta):
 
 def test_compress_cap_and_exactness(cli, tmp_path, make_delta):
     (a,) = _write_concepts(tmp_path, make_delta, 1)
-    r = cli("compress", a, "-o", tmp_path / "big.safetensors", "--rank", "500")
-    assert "exceeds the layer's size" in r.stderr
+    r = cli("compress", a, "-o", tmp_path / "big.safetensors", "--rank", "500", "--json")
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    assert f"{name}: rank 500 exceeds the layer's size; kept all 32\n" in r.stderr
+    assert (
+        f"{name}: rank 32, energy 1.000, frobenius 1.000, stored dense (rank-32 factors would not be smaller)\n"
+        in r.stderr
+    )
+    assert {v["stored"] for v in json.loads(r.stdout)["layers"].values()} == {"dense"}
     full = read_cdtool(tmp_path / "big.safetensors")
     orig = read_cdtool(a)
     for name, layer in orig.layers.items():
-        assert torch.allclose(full.layers[name].dense(), layer.full, atol=1e-5)
+        # nothing was cut: the very ΔW, stored as it came (factors of full rank would be larger)
+        assert full.layers[name].rank is None and torch.equal(full.layers[name].full, layer.full)
     cli("compress", a, "-o", tmp_path / "e1.safetensors", "--energy", "1.0")
     again = tmp_path / "again.safetensors"
     cli("compress", tmp_path / "e1.safetensors", "-o", again, "--rank", "2")

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from cdtool.delta import read_cdtool
+
 CLIP = ("--clip-model", "cdtool-tiny", "--clip-pretrained", "none")
 
 
@@ -129,26 +131,17 @@ def test_train_consumes_regset(cli, tmp_path, collection, concept_dirs):
     out = tmp_path / "retrieved"
     cli("regset", "cat", "-o", out, "--from", root, "--n", "3", "--min-sim", "-1", *CLIP)
     cat, _ = concept_dirs
+    delta = tmp_path / "c.safetensors"
     # the retrieved images are 40 px: train at 32
-    cli(
-        "train",
-        cat,
-        "--class-noun",
-        "cat",
-        "--reg",
-        out,
-        "-o",
-        tmp_path / "c.safetensors",
-        "--model",
-        "tiny",
-        "--steps",
-        "1",
-        "--batch-size",
-        "1",
-        "--resolution",
-        "32",
-        "-q",
-    )
+    r = cli(
+        "train", cat, "--class-noun", "cat", "--reg", out, "-o", delta, "--model", "tiny",
+        "--steps", "1", "--batch-size", "1", "--resolution", "32", "-q", "--json",
+    )  # fmt: skip
+    # the prior term doubles the scaled rate (1e-5 x batch 1 x 2): the class images were used
+    assert json.loads(r.stdout)["learning_rate"] == 2e-5
+    run = json.loads((tmp_path / "c.run" / "config.json").read_text())["config"]
+    assert [(c["reg"], c["reg_examples"]) for c in run["concepts"]] == [(str(out), 3)]
+    assert read_cdtool(delta).concepts[0]["reg"] == str(out)
 
 
 class _Knn(BaseHTTPRequestHandler):

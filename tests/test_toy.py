@@ -43,7 +43,7 @@ def test_oracle_reads_held_out_renders():
     try:
         oracle = load_oracle()
     except FileNotFoundError:
-        pytest.fail("the oracle's weights are missing: run scripts/train_oracle.py")
+        pytest.fail("the oracle's weights are missing: run tools/train_oracle.py")
     sampler = Sampler(random.Random(12345))
     scenes = [sampler.scene(pattern=list(PATTERNS)[(i // 4) % 2] if i % 4 == 0 else None) for i in range(300)]
     seen = read(oracle, [render(s) for s in scenes])

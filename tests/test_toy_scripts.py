@@ -12,8 +12,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _script(name: str, *args: object) -> None:
-    cmd = [sys.executable, str(ROOT / "scripts" / name), *map(str, args)]
+def _script(path: str, *args: object) -> None:
+    cmd = [sys.executable, str(ROOT / path), *map(str, args)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -25,13 +25,13 @@ def test_frozen_text_encoder_then_unet_rereads_it(tmp_path):
     from cdtool.models import toy_model_folder
 
     text = tmp_path / "text"
-    _script("pretrain_toy_text.py", "--width", 32, "--steps", 2, "--batch", 8, "--threads", 1, "--out", text)
+    _script("research/pretrain_toy_text.py", "--width", 32, "--steps", 2, "--batch", 8, "--threads", 1, "--out", text)
     encoder = CLIPTextModel.from_pretrained(text, subfolder="text_encoder")
     assert encoder.config.hidden_size == 32 and encoder.config.vocab_size == 49408
 
     out = tmp_path / "model"
     _script(
-        "pretrain_toy.py", "--init", toy_model_folder(), "--text-encoder", text, "--minutes", 0.01,
+        "tools/pretrain_toy.py", "--init", toy_model_folder(), "--text-encoder", text, "--minutes", 0.01,
         "--batch", 2, "--threads", 1, "--lr", 0.0, "--patterns", 1.0, "--out", out,
     )  # fmt: skip
     unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")

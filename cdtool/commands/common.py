@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from enum import Enum
@@ -73,13 +74,20 @@ IgnoreBaseOpt = Annotated[
 
 
 def pick_model(model: str | None, recorded: list[str] | None = None) -> str:
-    """--model if given, else the base the deltas recorded, else $CDTOOL_MODEL or the default."""
+    """--model if given, else the base the deltas recorded, else $CDTOOL_MODEL or the default;
+    local paths made absolute, as deltas record them."""
+    from cdtool.models import is_missing_path, model_reference  # at run time: --help stays light
+
     if model:
-        return model
+        return model_reference(model)
     for base in recorded or []:
+        if base and is_missing_path(base):
+            raise CdtoolError(
+                f"the base model recorded in the delta, {base}, is not there; pass --model with the base it was trained on"
+            )
         if base:
             return base
-    return os.environ.get("CDTOOL_MODEL", DEFAULT_MODEL)
+    return model_reference(os.environ.get("CDTOOL_MODEL", DEFAULT_MODEL))
 
 
 def pick_alias(value: Any, alias: Any, name: str, alias_name: str) -> Any:
@@ -107,7 +115,7 @@ def parse_scaled(spec: str) -> tuple[Path, float]:
 
 def cdtool_command(func: F) -> F:
     """Turn CdtoolError into `Error: ...` on stderr and its exit code; hide tracebacks unless
-    CDTOOL_DEBUG=1."""
+    CDTOOL_DEBUG=1. Ctrl-C and a closed stdout end the command quietly."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -125,6 +133,9 @@ def cdtool_command(func: F) -> F:
         except KeyboardInterrupt:
             typer.echo("Interrupted.", err=True)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # the reader of stdout stopped reading (`cdtool info X | head`): a normal end
+            _discard_stdout()
+            raise typer.Exit(0) from None
         except Exception as e:  # an unexpected failure: still one line, unless debugging
             if _debug():
                 raise
@@ -132,6 +143,18 @@ def cdtool_command(func: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that the interpreter's last flush of what is still
+    buffered does not fail on the closed pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests capture stdout)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _debug() -> bool:

@@ -21,12 +21,8 @@ from cdtool.commands.common import (
     examples,
     pick_model,
 )
-from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.hashing import file_sha256
-from cdtool.importers import check_delta_output, read_delta, save_delta
-from cdtool.lowrank import truncate
-from cdtool.models import DTYPES
 
 EXAMPLES = examples(
     "cdtool compress pets.safetensors -o pets.small.safetensors",
@@ -70,6 +66,12 @@ def compress(
     Exactly one of --rank, --energy, --fro (default: --energy 0.6, as the official tool). The base
     model is read only for files that store fine-tuned weights, and for a .bin output.
     """
+    # the library loads here, not at the top, so that `cdtool compress --help` starts without torch
+    from cdtool.delta import Delta, LayerDelta
+    from cdtool.importers import check_delta_output, read_delta, save_delta
+    from cdtool.lowrank import factors_are_larger, truncate
+    from cdtool.models import DTYPES
+
     chosen = [x for x in (rank, energy, fro) if x is not None]
     if len(chosen) > 1:
         raise UsageError("give only one of --rank, --energy, --fro")
@@ -99,13 +101,19 @@ def compress(
         t = truncate(layer.dense(), rank=rank, energy=energy, fro=fro, method=svd.value, seed=seed)
         if t.capped:
             console.log(f"{name}: rank {rank} exceeds the layer's size; kept all {t.rank}")
-        out.layers[name] = LayerDelta(up=t.up.to(target), down=t.down.to(target), bias=layer.bias)
+        dense = factors_are_larger(layer.shape, t.rank)
+        if dense:  # the whole ΔW where nothing was cut, else the rank-k approximation, as one matrix
+            full = layer.dense() if t.rank == min(layer.shape) else t.up @ t.down
+            out.layers[name] = LayerDelta(full=full.to(target), bias=layer.bias)
+        else:
+            out.layers[name] = LayerDelta(up=t.up.to(target), down=t.down.to(target), bias=layer.bias)
         rows[name] = {
             "rank": t.rank,
             "energy": t.energy,
             "fro": t.fro,
             "shape": list(layer.shape),
             "was_rank": layer.rank,
+            "stored": "dense" if dense else "factors",
         }
     out.provenance = dict(
         delta.provenance,
@@ -124,7 +132,8 @@ def compress(
     size_in = source.stat().st_size if source.is_file() else None
     size_out = output.stat().st_size
     for name, r in rows.items():
-        console.log(f"{name}: rank {r['rank']}, energy {r['energy']:.3f}, frobenius {r['fro']:.3f}")
+        how = f", stored dense (rank-{r['rank']} factors would not be smaller)" if r["stored"] == "dense" else ""
+        console.log(f"{name}: rank {r['rank']}, energy {r['energy']:.3f}, frobenius {r['fro']:.3f}{how}")
     if size_in:
         console.log(f"size: {size_in:,} -> {size_out:,} bytes ({size_out / size_in:.1%})")
     if json_out:

@@ -16,9 +16,9 @@ import typer
 
 from cdtool import console
 from cdtool.atomic import builds_folder
-from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command
+from cdtool.choices import TOY
+from cdtool.commands.common import FolderOutputOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command, examples
 from cdtool.inprocess import InProcess
-from cdtool.models import TOY
 from cdtool.toy.photos import PERSONAL as CONCEPTS
 from cdtool.toy.photos import toy_captions, write_photos
 
@@ -33,7 +33,7 @@ PROMPTS = (
 
 @builds_folder("demo")  # checks the folder first; replaces an earlier demo only when this one is complete
 def demo(
-    output: Annotated[Path, typer.Option("--output", "-o", help="The folder to write.")] = Path("demo-out"),
+    output: FolderOutputOpt = Path("demo-out"),
     model: Annotated[
         str, typer.Option("--model", "-m", help="Base model (the toy model is the one the oracle can judge).")
     ] = TOY,
@@ -59,12 +59,6 @@ def demo(
     Writes OUTPUT/before-after.png (a row per prompt; columns: the base model, each concept's own
     delta, the paper's closed-form merge, the least-squares merge; labelled in the picture) and
     OUTPUT/scores.json (concept fidelity, prompt fidelity and prior drift of each column).
-
-    Examples:
-
-      cdtool demo
-
-      cdtool demo -o /tmp/demo --n 16 --json
     """
     started = time.perf_counter()
     run = InProcess(quiet)
@@ -230,5 +224,8 @@ def _before_after(panels: dict[str, Path], out: Path, scale: int = 3) -> None:
     grid.save(out)
 
 
+EXAMPLES = examples("cdtool demo -o demo-out", "cdtool demo -o demo-out --force -q", "cdtool demo --n 16 --json")
+
+
 def register(app: typer.Typer) -> None:
-    app.command("demo")(cdtool_command(demo))
+    app.command("demo", epilog=EXAMPLES)(cdtool_command(demo))

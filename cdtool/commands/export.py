@@ -12,8 +12,6 @@ from cdtool import console
 from cdtool.atomic import claim_output
 from cdtool.commands.common import ForceOpt, JsonOpt, ModelOpt, QuietOpt, cdtool_command, examples, pick_model
 from cdtool.errors import UsageError
-from cdtool.export import export as write_export
-from cdtool.importers import read_delta
 
 
 class Target(str, Enum):
@@ -37,11 +35,17 @@ def export(
 
     diffusers-lora: pytorch_lora_weights.safetensors (pipe.load_lora_weights) and <token>.safetensors
     (pipe.load_textual_inversion). kohya: lora.safetensors with alphas, and A1111 embeddings.
-    diffusers-custom-diffusion: pytorch_custom_diffusion_weights.safetensors and <token>.safetensors,
-    as diffusers' train_custom_diffusion.py writes them. official: the official delta.bin.
+    diffusers-custom-diffusion: pytorch_custom_diffusion_weights.bin and <token>.safetensors, the
+    layout of diffusers' train_custom_diffusion.py; load with pipe.unet.load_attn_procs(DIR,
+    weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=pipe) (without _pipeline diffusers
+    silently loads nothing) and pipe.load_textual_inversion. official: the official delta.bin.
     textual-inversion: learned_embeds.safetensors / <token>.safetensors for pipe.load_textual_inversion
     and A1111 embeddings/.
     """
+    # the library loads here, not at the top, so that `cdtool export --help` starts without torch
+    from cdtool.export import export as write_export
+    from cdtool.importers import read_delta
+
     if to is Target.official and output.suffix != ".bin":
         raise UsageError(f"{output}: --to official writes a .bin file")
     out = claim_output(output, "export", force, folder=to is not Target.official, inputs=[source])

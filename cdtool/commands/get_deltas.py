@@ -9,7 +9,6 @@ import typer
 
 from cdtool import __version__, console
 from cdtool.atomic import claim_output
-from cdtool.base import check_token_width, fingerprint, fingerprint_names, load_base_params, pipeline_params
 from cdtool.commands.common import (
     BaseAliasOpt,
     DeltaOutputOpt,
@@ -26,7 +25,6 @@ from cdtool.commands.common import (
 )
 from cdtool.errors import CdtoolError
 from cdtool.hashing import file_sha256
-from cdtool.importers import check_delta_output, read_delta, save_delta
 from cdtool.runs import is_run_folder
 
 EXAMPLES = examples(
@@ -73,6 +71,10 @@ def get_deltas(
     Importable: cdtool files, the official Custom Diffusion delta.bin / CompVis .ckpt (also
     compressed), and diffusers' pytorch_custom_diffusion_weights + <token> files.
     """
+    # the library loads here, not at the top, so that `cdtool get-deltas --help` starts without torch
+    from cdtool.base import check_token_width, fingerprint, fingerprint_names, load_base_params, pipeline_params
+    from cdtool.importers import check_delta_output, read_delta, save_delta
+
     model = pick_alias(model, base, "--model", "--base")
     layer_set = (layers or Layers.kv).value
     if not source.exists():

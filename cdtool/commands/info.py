@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cdtool import console
 from cdtool.commands.common import JsonOpt, QuietOpt, cdtool_command, examples
-from cdtool.delta import Delta
-from cdtool.importers import read_delta
+
+if TYPE_CHECKING:
+    from cdtool.delta import Delta
 
 
 def describe(delta: Delta, path: Path) -> dict[str, Any]:
@@ -73,6 +74,9 @@ def info(
     quiet: QuietOpt = False,
 ) -> None:
     """Show a delta's format, tokens, concepts, layers, ranks, dtype, size, base and provenance."""
+    # the library loads here, not at the top, so that `cdtool info --help` starts without torch
+    from cdtool.importers import read_delta
+
     doc = describe(read_delta(file), file)
     if json_out:
         console.result_json(doc)

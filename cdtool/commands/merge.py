@@ -5,15 +5,26 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cdtool import __version__, console
 from cdtool.atomic import claim_output
-from cdtool.commands.common import ForceOpt, JsonOpt, ModelOpt, QuietOpt, cdtool_command, parse_scaled, pick_model
+from cdtool.commands.common import (
+    ForceOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    cdtool_command,
+    examples,
+    parse_scaled,
+    pick_model,
+)
 from cdtool.errors import CdtoolError, UsageError
-from cdtool.merge_inputs import MergeInputs, prepare_merge_inputs, read_merge_inputs, recorded_bases
+
+if TYPE_CHECKING:
+    from cdtool.merge_inputs import MergeInputs
 
 
 class Method(str, Enum):
@@ -88,14 +99,6 @@ def merge(
     and target prompts, and the base's on the captions, in one weighted least-squares solve; it keeps
     concepts that live beyond the target rows (see README, "Which merge"). Tokens used by two inputs
     are renamed to the next free <newK>.
-
-    Examples:
-
-      cdtool merge cat.safetensors+dog.safetensors -o pets.safetensors
-
-      cdtool merge cat.safetensors dog.safetensors --method least-squares -o pets.safetensors
-
-      cdtool merge cat.safetensors:2+dog.safetensors --method least-squares --base-weight 0.3 --dry-run
     """
     specs = split_inputs(inputs)
     if len(specs) < 2:
@@ -116,6 +119,8 @@ def merge(
     captions = None if method is Method.sum else _read_captions(reg_captions)
     # least-squares reads `file:x` as the input's weight in the fit; the others scale its ΔW
     scales = [1.0 if method is Method.least_squares else s for _, s in specs]
+    from cdtool.merge_inputs import prepare_merge_inputs, read_merge_inputs, recorded_bases
+
     paths = [p for p, _ in specs]
     deltas = read_merge_inputs(paths, nouns)
     base_model = pick_model(model, recorded_bases(deltas, model))
@@ -124,9 +129,9 @@ def merge(
     )
     doc = _inputs_doc(method, loaded, specs)
     if method is Method.sum:
-        from cdtool.merge import weighted_sum
+        from cdtool.merge import sum_deltas
 
-        merged = weighted_sum([(d, 1.0) for d in loaded.deltas])
+        merged = sum_deltas(loaded.deltas)
     else:
         assert captions is not None
         weights = [s for _, s in specs]
@@ -352,5 +357,12 @@ def _print_analysis(doc: dict[str, Any]) -> None:
         out(f"fit:       rows per input {rows}; weights {weights}; base weight {doc['base_weight']:g}")
 
 
+EXAMPLES = examples(
+    "cdtool merge cat.safetensors+dog.safetensors -o pets.safetensors",
+    "cdtool merge cat.safetensors dog.safetensors --method least-squares -o pets-ls.safetensors",
+    "cdtool merge cat.safetensors:2+dog.safetensors --method least-squares --base-weight 1 --dry-run",
+)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("merge")(cdtool_command(merge))
+    app.command("merge", epilog=EXAMPLES)(cdtool_command(merge))

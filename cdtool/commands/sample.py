@@ -29,17 +29,6 @@ from cdtool.commands.common import (
 )
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.hashing import path_sha256
-from cdtool.importers import read_delta
-from cdtool.sampling import (
-    REQUEST_KEY,
-    check_size,
-    generate,
-    image_grid,
-    image_request,
-    plan_jobs,
-    request_differences,
-    save_png,
-)
 
 PROMPTS_FILE = "prompts.json"
 
@@ -102,6 +91,10 @@ def sample(
     stops with an error, and --force regenerates.
     Writes PNGs and prompts.json (file name -> prompt) and prints the folder.
     """
+    # the library loads here, not at the top, so that `cdtool sample --help` starts without torch
+    from cdtool.importers import read_delta
+    from cdtool.sampling import REQUEST_KEY, check_size, generate, image_grid, image_request, plan_jobs, save_png
+
     all_prompts = list(prompts or [])
     if prompts_file is not None:
         all_prompts += read_prompts(prompts_file)
@@ -201,6 +194,7 @@ def _kept(output: Path, jobs: list[Any], request: dict[str, Any]) -> list[str]:
     """The images of `jobs` already in `output`, kept because this request made them; one that
     another request made is an error (it would be mislabelled)."""
     from cdtool.base import model_fingerprint
+    from cdtool.sampling import image_request, request_differences
 
     there = [j for j in jobs if (output / j.file_name).exists()]
     if there:

@@ -49,7 +49,7 @@ class Thing:
     pair: tuple[str, str] | None = None  # COLOURS names of a pattern's two tones (pretraining patterns)
 
 
-# Pretraining with `patterns` (scripts/pretrain_toy.py --patterns) shows the two pattern kinds in
+# Pretraining with `patterns` (tools/pretrain_toy.py --patterns) shows the two pattern kinds in
 # named colour pairs, captioned by their words ("a red and blue checkered square"), as Stable
 # Diffusion saw textures of every kind before a personal concept; never the concepts' own tones.
 PATTERN_WORDS = {"split": "split", "checker": "checkered"}

@@ -1,6 +1,6 @@
 """Pretrains the toy model's text encoder alone, as CLIP was trained: contrastively against images.
 
-    python scripts/pretrain_toy_text.py [--width 96] [--steps 1500] --out toy-text
+    python research/pretrain_toy_text.py [--width 96] [--steps 1500] --out toy-text
 
 Stable Diffusion's UNet was trained on a frozen CLIP text encoder that had learned from images
 before; the toy model's UNet is trained the same way (`pretrain_toy.py --text-encoder toy-text`).
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))  # pretrain_toy builds the scenes
 
 from pretrain_toy import TEXT, batch
 

@@ -1,6 +1,6 @@
 """How well a toy-world text-to-image model follows captions, judged by the oracle.
 
-    python scripts/eval_toy.py MODEL_FOLDER [--n 64] [--steps 25] [--guidance 4] [--unsized] [--prefix "photo of "]
+    python research/eval_toy.py MODEL_FOLDER [--n 64] [--steps 25] [--guidance 4] [--unsized] [--prefix "photo of "]
                                             [--padding own|empty|only]
 
 Samples one image for each of N seeded single-object captions ("a small red star on a blue

@@ -1,6 +1,6 @@
 """Trains the toy world's oracle and measures it on held-out renders.
 
-    python scripts/train_oracle.py [--train 24000] [--test 4000] [--epochs 8] [--seed 0] [--out PATH]
+    python tools/train_oracle.py [--train 24000] [--test 4000] [--epochs 8] [--seed 0] [--out PATH]
 
 Writes cdtool/data/toy/oracle.safetensors (or --out) and prints per-head held-out accuracy, on clean
 renders and on renders passed through the toy model's VAE. Deterministic for a seed on the CPU.

@@ -1,7 +1,7 @@
 """Writes cdtool/data/reg_captions.txt: varied captions written for cdtool (people, animals,
 objects, scenes, styles), used as the regularisation set of the closed-form merge.
 
-Deterministic: rerunning gives the same file. `python scripts/make_reg_captions.py`
+Deterministic: rerunning gives the same file. `python tools/make_reg_captions.py`
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Pretrains the built-in toy text-to-image model (`--model toy`) on the toy world, on a CPU.
 
-    python scripts/pretrain_toy.py [--minutes 45] [--out cdtool/data/toy/model]
+    python tools/pretrain_toy.py [--minutes 45] [--out cdtool/data/toy/model]
 
 A real diffusers StableDiffusionPipeline: AutoencoderKL (32 px images, 16x16x4 latents), a
 cross-attention UNet2DConditionModel and a CLIPTextModel with the real CLIP vocabulary, all trained
@@ -19,7 +19,7 @@ checkered square"), never the concepts' own tones, as Stable Diffusion has seen 
 shipped model's last stage used 0.3 (benchmarks/RESULTS.md, stage 4): without it, fine-tunes drew the
 concepts' tones as blobs, not as a patterned shape.
 
-`--text-encoder FOLDER` uses a separately pretrained text encoder (scripts/pretrain_toy_text.py),
+`--text-encoder FOLDER` uses a separately pretrained text encoder (research/pretrain_toy_text.py),
 frozen, as Stable Diffusion used CLIP; with `--init` the UNet keeps its weights and re-learns only
 its cross-attention keys and values when the text width changes. (Measured in benchmarks/RESULTS.md;
 the shipped model's text encoder was trained together with its UNet.)
@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument(
         "--text-encoder",
         type=Path,
-        help="a folder whose text_encoder/ (scripts/pretrain_toy_text.py) is used frozen, as Stable Diffusion used "
+        help="a folder whose text_encoder/ (research/pretrain_toy_text.py) is used frozen, as Stable Diffusion used "
         "CLIP; with --init, the UNet's other weights are kept and its cross-attention keys/values re-learned",
     )
     ap.add_argument(

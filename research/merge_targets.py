@@ -1,7 +1,7 @@
 """Which text rows the closed-form merge must hold for a toy concept to survive it.
 
     python benchmarks/quality.py --out bench-quality          # the deltas and merge captions
-    python scripts/merge_targets.py bench-quality [--variants paper:1,paper:2,...] [--n 16] [--model toy]
+    python research/merge_targets.py bench-quality [--variants paper:1,paper:2,...] [--n 16] [--model toy]
 
 Merges the benchmark's single-concept deltas (new1-star, new2-circle) with cdtool's closed-form
 solver (cdtool.merge.solve_merge) under different target rows, samples and scores each result as

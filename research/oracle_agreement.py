@@ -1,7 +1,7 @@
 """How much the judge's verdicts on generated samples depend on which oracle judges them.
 
-    python scripts/train_oracle.py --seed 1 --out oracle-seed1.safetensors
-    python scripts/oracle_agreement.py oracle-seed1.safetensors bench-quality/samples [--against OTHER]
+    python tools/train_oracle.py --seed 1 --out oracle-seed1.safetensors
+    python research/oracle_agreement.py oracle-seed1.safetensors bench-quality/samples [--against OTHER]
 
 Reads every sample folder (PNGs and the prompts.json that `cdtool sample` writes) under SAMPLES with
 the shipped oracle (or --against's) and with another one, and prints, per folder, the share of images each finds
