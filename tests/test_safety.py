@@ -433,13 +433,13 @@ def test_an_output_written_meanwhile_is_a_conflict(cli, tmp_path, make_delta, mo
     a, b, out = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "m.safetensors"
     write_cdtool(make_delta(seed=1), a)
     write_cdtool(make_delta(token="<new2>", seed=2), b)
-    original = merge_lib.weighted_sum
+    original = merge_lib.sum_deltas
 
     def the_other_merge_finishes_first(*args, **kwargs):  # a second `cdtool merge -o m.safetensors`
         out.write_bytes(b"the other merge's result")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(merge_lib, "weighted_sum", the_other_merge_finishes_first)
+    monkeypatch.setattr(merge_lib, "sum_deltas", the_other_merge_finishes_first)
     for force in ((), ("--force",)):
         out.unlink(missing_ok=True)
         r = cli("merge", a, b, "-o", out, "--method", "sum", *force, code=1)
