@@ -4,6 +4,7 @@
     RUN/config.json                   the run's settings (a resumed run must match them)
     RUN/log.jsonl                     one line per step: loss, learning rate, eval loss, DVAR
     RUN/loss.png                      the loss curve
+    RUN/samples.png                   the concepts' prompts sampled with the final delta (train --samples)
     RUN/delta.safetensors             the final delta
     RUN/checkpoints/step-NNNNNN/      state.pt (step, trained tensors, optimiser) and rng-<process>.pt
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 CONFIG = "config.json"
 LOG = "log.jsonl"
 LOSS_CURVE = "loss.png"
+SAMPLES = "samples.png"
 DELTA = "delta.safetensors"
 CHECKPOINTS = "checkpoints"
 STATE = "state.pt"

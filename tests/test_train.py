@@ -93,8 +93,44 @@ def test_loss_goes_down_and_delta_samples(cli, tmp_path, concept_dirs):
     assert doc["steps"] == 30 and not doc["stopped_early"]
     log = [json.loads(x) for x in (tmp_path / "cat.run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["eval_loss"] < 0.97 * log[0]["eval_loss"]
-    cli("sample", "photo of a <new1> cat", "-d", out, "-o", tmp_path / "s", "--n", "1", "--steps", "2")
-    assert (tmp_path / "s" / "000-photo-of-a-new1-cat-s0.png").exists()
+    # the run's sample grid: the concept's prompt, images 0 and 1 as `cdtool sample` makes them
+    grid = tmp_path / "cat.run" / "samples.png"
+    assert doc["samples"] == str(grid)
+    cli(
+        "sample",
+        "photo of a <new1> cat",
+        "-d",
+        out,
+        "-o",
+        tmp_path / "s",
+        "--n",
+        "2",
+        "--steps",
+        "25",
+        "--batch-size",
+        "2",
+    )
+    from PIL import Image
+
+    with Image.open(grid) as im:
+        assert json.loads(im.text["parameters"])["prompts"] == ["photo of a <new1> cat"]
+        assert im.size == (320, 14 + 128)  # a label line over two 64 px samples shown at 128 px
+        for k in range(2):
+            with Image.open(tmp_path / "s" / f"000-photo-of-a-new1-cat-s{k}.png") as own:
+                tile = own.convert("RGB").resize((128, 128), Image.Resampling.NEAREST)
+            assert im.convert("RGB").crop((128 * k, 14, 128 * (k + 1), 142)).tobytes() == tile.tobytes()
+
+
+def test_no_samples(cli, tmp_path, concept_dirs):
+    cat, _ = concept_dirs
+    out = tmp_path / "cat.safetensors"
+    doc = json.loads(
+        cli("train", cat, "--class-noun", "cat", "-o", out, *FAST, "--steps", "1", "--no-samples", "--json").stdout
+    )
+    assert doc["samples"] is None
+    assert sorted(p.name for p in (tmp_path / "cat.run").iterdir()) == [
+        "config.json", "delta.safetensors", "log.jsonl", "loss.png"
+    ]  # fmt: skip
 
 
 def test_dvar_stops_early(cli, tmp_path, concept_dirs):
@@ -271,6 +307,8 @@ def test_accelerate_two_processes(tmp_path, concept_dirs):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == [str(out)]  # only the main process prints its result
+    assert "process 1: the sample grid is left to the main process\n" in r.stderr
+    assert (tmp_path / "mp.run" / "samples.png").is_file()
     d = read_cdtool(out)
     train_info = d.provenance["train"]
     assert train_info["processes"] == 2 and train_info["steps_run"] == 3

@@ -223,6 +223,14 @@ def train(
     device: Annotated[
         str, typer.Option("--device", help="auto or cpu (under accelerate launch the launcher decides).")
     ] = "auto",
+    samples: Annotated[
+        bool,
+        typer.Option(
+            "--samples/--no-samples",
+            help="At the end, sample the concepts' prompts with the trained delta (seeded, at the model's "
+            "resolution) into samples.png in the run folder, beside loss.png.",
+        ),
+    ] = True,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -318,12 +326,26 @@ def train(
             raise CdtoolError(f"run folder {folder} already exists; pass --resume {folder} to continue it, or --force")
     result = _run(cfg, resume is not None)
     if not main:
+        if samples:
+            console.summary(f"process {_rank()}: the sample grid is left to the main process")
         return
     console.log(f"stopped at step {result.steps}: {result.reason}")
+    grid = _sample_grid(cfg) if samples else None
     if json_out:
-        console.result_json({k: v for k, v in vars(result).items() if k != "pipeline"})
+        console.result_json({k: v for k, v in vars(result).items() if k != "pipeline"} | {"samples": grid})
     else:
         console.result(str(output))
+
+
+def _sample_grid(cfg: TrainConfig) -> str:
+    """The concepts' prompts sampled with the delta just written, a row per prompt (runs.SAMPLES)."""
+    from cdtool.preview import sample_preview
+    from cdtool.runs import DELTA, SAMPLES
+
+    path = Path(cfg.run_dir) / SAMPLES
+    console.log(f"sampling the concepts' prompts into {path}")
+    sample_preview(cfg.model, Path(cfg.run_dir) / DELTA, path, seed=cfg.seed, device=cfg.device)
+    return str(path)
 
 
 def _rank() -> int:
