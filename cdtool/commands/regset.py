@@ -23,7 +23,7 @@ from cdtool.commands.common import (
     SeedOpt,
     cdtool_command,
     examples,
-    pick_model,
+    pick_available_model,
 )
 from cdtool.errors import CdtoolError, UsageError
 
@@ -94,6 +94,7 @@ def regset(
         if source != "generate":
             raise UsageError("--prompts is for --from generate; retrieval ranks by --prompt")
         texts = _read_prompts(prompts, class_noun)
+    model_id = pick_available_model(model) if source == "generate" else ""  # before any output exists
     config = {"class": class_noun, "from": source, "prompt": texts[0] if len(texts) == 1 else texts, "n": n}
     existing = output / PROVENANCE
     if existing.exists() and not force:
@@ -121,7 +122,7 @@ def regset(
             batch_size,
             scheduler.value,
             seed,
-            pick_model(model),
+            model_id,
             device,
             dtype,
         )

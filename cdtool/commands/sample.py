@@ -25,7 +25,7 @@ from cdtool.commands.common import (
     cdtool_command,
     examples,
     parse_scaled,
-    pick_model,
+    pick_available_model,
 )
 from cdtool.errors import CdtoolError, UsageError
 
@@ -111,7 +111,7 @@ def sample(
         if size is not None and size % 8:
             raise UsageError(f"{flag} {size} is not a multiple of 8")
     deltas = [(read_delta(p), s) for p, s in map(parse_scaled, delta or [])]
-    model_id = pick_model(model, [d.base_model for d, _ in deltas])
+    model_id = pick_available_model(model, [d.base_model for d, _ in deltas])
 
     jobs = plan_jobs(all_prompts, n, seed)
     todo = [j for j in jobs if force or not (output / j.file_name).exists()]

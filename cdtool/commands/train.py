@@ -25,7 +25,7 @@ from cdtool.commands.common import (
     cdtool_command,
     examples,
     pick_alias,
-    pick_model,
+    pick_available_model,
 )
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.recipes import (
@@ -271,7 +271,7 @@ def train(
     if not raw:
         raise UsageError("give a data folder, --concept or --concepts FILE")
     check_delta_output(output)
-    model_id = pick_model(model)
+    model_id = pick_available_model(model)
     res = resolution or default_resolution(model_id)
     specs = build_concepts(raw, res, method.value)
     d = DEFAULTS[method.value]
