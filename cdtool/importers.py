@@ -17,7 +17,15 @@ from typing import Any
 import torch
 
 from cdtool.atomic import atomic_path
-from cdtool.delta import Delta, LayerDelta, base_param, is_cdtool_safetensors, read_cdtool, write_cdtool
+from cdtool.delta import (
+    Delta,
+    LayerDelta,
+    base_param,
+    is_cdtool_safetensors,
+    read_cdtool,
+    safetensors_metadata,
+    write_cdtool,
+)
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.naming import compvis_to_diffusers
 
@@ -106,7 +114,7 @@ def _from_state(state: Any, path: Path) -> Delta:
         return _from_compvis(state["state_dict"], path)
     if any("_custom_diffusion" in k for k in state):
         return _from_diffusers(state, path)
-    tokens = _token_file(state)
+    tokens = _token_file(state, path)
     if tokens:
         return Delta(tokens=tokens, source_format="token-embeddings", origin=str(path))
     raise CdtoolError(
@@ -179,27 +187,42 @@ def _from_diffusers(state: dict[str, Any], path: Path) -> Delta:
             raise CdtoolError(f"{path}: unexpected entry {key!r} in Custom Diffusion weights")
         module, kind = _CD_SUFFIX[sub]
         _merge_param(layers, f"unet.{proc}.{module}", kind, LayerDelta(full=value, absolute=True))
+    return Delta(
+        layers=layers, tokens=_tokens_beside(path), source_format="diffusers-custom-diffusion", origin=str(path)
+    )
+
+
+def _tokens_beside(weights: Path) -> dict[str, torch.Tensor]:
+    """The token files in the folder of diffusers' Custom Diffusion weights, found by content: named
+    `<token>.safetensors` as diffusers writes them, or `new1.safetensors` as cdtool exports them."""
     tokens: dict[str, torch.Tensor] = {}
-    for token_file in sorted(path.parent.glob("<*>.*")):
-        if token_file.suffix in (".safetensors", ".bin"):
-            state_t = _load_safetensors(token_file) if token_file.suffix == ".safetensors" else _load_pickle(token_file)
-            tokens.update(_token_file(state_t) if isinstance(state_t, dict) else {})
-    return Delta(layers=layers, tokens=tokens, source_format="diffusers-custom-diffusion", origin=str(path))
+    for token_file in sorted(weights.parent.iterdir()):
+        if token_file.suffix not in (".safetensors", ".bin") or token_file.name in DIFFUSERS_WEIGHTS:
+            continue
+        state = _load_safetensors(token_file) if token_file.suffix == ".safetensors" else _load_pickle(token_file)
+        tokens.update(_token_file(state, token_file) if isinstance(state, dict) else {})
+    return tokens
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return (t.reshape(1, -1) if t.dim() == 1 else t).float()
 
 
-def _token_file(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """{token: [n, dim]} from a token-embedding file, or {} when `state` is not one."""
-    if "string_to_param" in state and isinstance(state["string_to_param"], dict):  # A1111 embedding
+def _token_file(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """{token: [n, dim]} from a token-embedding file, or {} when `state` is not one: A1111's
+    `string_to_param` (.pt) or `emb_params` (.safetensors; the token is the metadata's `token`, as
+    cdtool writes it, else the file's name, as the UI reads it), or diffusers' {token: embedding},
+    whose keys are token names, not parameter names."""
+    if "string_to_param" in state and isinstance(state["string_to_param"], dict):  # A1111 .pt
         name = state.get("name")
-        param = next(iter(state["string_to_param"].values()))
-        return {str(name) if name else "*": _as_rows(param)} if isinstance(param, torch.Tensor) else {}
-    if not state or len(state) > 64:
+        param = next(iter(state["string_to_param"].values()), None)
+        return {str(name) if name else path.stem: _as_rows(param)} if isinstance(param, torch.Tensor) else {}
+    if set(state) == {"emb_params"} and isinstance(state["emb_params"], torch.Tensor):  # A1111 .safetensors
+        meta = (safetensors_metadata(path) or {}) if path.suffix == ".safetensors" else {}
+        return {meta.get("token") or path.stem: _as_rows(state["emb_params"])}
+    if not state or len(state) > 64 or any("." in str(k) for k in state):
         return {}
-    if all(isinstance(v, torch.Tensor) and v.dim() in (1, 2) for v in state.values()):
+    if all(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() in (1, 2) for v in state.values()):
         return {k: _as_rows(v) for k, v in state.items()}
     return {}
 

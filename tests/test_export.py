@@ -135,3 +135,20 @@ def test_checkpoint_is_fp16_by_default(cli, tmp_path, make_delta):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     r = cli("export", path, "--to", "diffusers-lora", "--dtype", "fp32", "-o", tmp_path / "x", code=2)
     assert "Error: --dtype is for --to checkpoint" in r.stderr
+
+
+def test_exports_read_back_with_their_tokens(cli, tmp_path, delta_file):
+    """The token inside each file, whatever the file is named; old `<token>.safetensors` names too."""
+    import shutil
+
+    src = read_delta(delta_file)
+    for target, path in (
+        ("diffusers-custom-diffusion", "cd"),  # the folder: weights and new1.safetensors beside them
+        ("kohya", "kohya/embeddings/new1.safetensors"),  # A1111's file: the token from its metadata
+        ("diffusers-lora", "diffusers-lora/new1.safetensors"),
+    ):
+        cli("export", delta_file, "--to", target, "-o", tmp_path / path.split("/")[0])
+        back = read_delta(tmp_path / path)
+        assert list(back.tokens) == ["<new1>"] and torch.equal(back.tokens["<new1>"], src.tokens["<new1>"])
+    shutil.move(tmp_path / "cd" / "new1.safetensors", tmp_path / "cd" / "<new1>.safetensors")
+    assert list(read_delta(tmp_path / "cd").tokens) == ["<new1>"]
