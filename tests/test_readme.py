@@ -52,8 +52,10 @@ def test_the_first_snippet_runs_as_written(cli, tmp_path, monkeypatch):
     prompts = json.loads((tmp_path / "out" / "prompts.json").read_text())
     assert set(prompts.values()) == {"a <new1> star and a <new2> circle on a white background"}
     assert (tmp_path / "out" / "grid.png").is_file()
-    assert (tmp_path / "star.run" / "loss.png").is_file()
-    assert (tmp_path / "shapes-lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "star.run" / "loss.png").is_file() and (tmp_path / "star.run" / "samples.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "shapes-lora").iterdir()) == [
+        "README.md", "new1.safetensors", "new2.safetensors", "pytorch_lora_weights.safetensors"
+    ]  # fmt: skip
 
 
 def test_the_stable_diffusion_snippet_is_the_same_job():
