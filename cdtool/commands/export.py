@@ -133,10 +133,9 @@ def export(
 
 
 EXAMPLES = examples(
-    "cdtool export cat.safetensors --to diffusers-custom-diffusion -o cat-diffusers/",
     "cdtool export db.safetensors --to diffusers-lora -o db-lora/",
-    "cdtool export cat.safetensors --to official -o delta.bin",
     "cdtool export pets.safetensors --to checkpoint -o pets-sd15/",
+    "cdtool export cat.safetensors --to official -o delta.bin",
 )
 
 
