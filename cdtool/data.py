@@ -12,7 +12,7 @@ import torch
 
 from cdtool.errors import CdtoolError
 from cdtool.imagefolder import METADATA
-from cdtool.images import IMAGE_SUFFIXES
+from cdtool.images import IMAGE_SUFFIXES, open_image
 
 
 @dataclass
@@ -73,18 +73,11 @@ def read_folder(path: Path, default_caption: str | None, what: str = "data") -> 
 
 def check_images(folder: Folder, min_size: int, what: str = "data") -> None:
     """Every image opens and is at least min_size on its shorter side (before any model loads)."""
-    from PIL import Image, UnidentifiedImageError
-
     for ex in folder.examples:
         if not ex.path.exists():
             raise CdtoolError(f"{ex.path}: listed in {folder.path / METADATA} but missing")
-        try:
-            with Image.open(ex.path) as im:
-                im.verify()
-            with Image.open(ex.path) as im:
-                w, h = im.size
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise CdtoolError(f"{ex.path}: not a readable image ({e}); remove it or run `cdtool prep`") from e
+        with open_image(ex.path) as im:
+            w, h = im.size
         if min(w, h) < min_size:
             generated = folder.info.get("from") == "generate" and folder.info.get("model")
             if generated:  # a regularisation set of another base model: that is the cause to name
@@ -103,7 +96,7 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     """RGB, centre-cropped to a square, resized to size x size; [3, size, size] in [-1, 1]."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2

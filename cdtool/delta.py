@@ -174,9 +174,12 @@ def read_cdtool(path: Path) -> Delta:
         created_by=meta.get("created_by", ""),
         provenance=_json(meta, "provenance", {}, path),
     )
+    from cdtool.tokens import check_token_name  # token names are data from strangers
+
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if key.startswith("token."):
+            check_token_name(key[len("token.") :], path)
             delta.tokens[key[len("token.") :]] = tensor if tensor.dim() == 2 else tensor.reshape(1, -1)
             continue
         stem, _, kind = key.rpartition(".")
@@ -231,10 +234,10 @@ def delta_metadata(delta: Delta) -> dict[str, str]:
     }
 
 
-def write_cdtool(delta: Delta, path: Path) -> None:
+def write_cdtool(delta: Delta, path: Path, *, replace: bool = True) -> None:
     """Write `delta` atomically as a cdtool `.safetensors` file."""
     from safetensors.torch import save_file
 
     tensors = delta_tensors(delta)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=replace) as tmp:
         save_file(tensors, str(tmp), metadata=delta_metadata(delta))

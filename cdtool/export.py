@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from cdtool.atomic import inside
 from cdtool.delta import Delta, LayerDelta, base_param
 from cdtool.errors import CdtoolError
 
@@ -146,7 +147,8 @@ def export(
     license: str | None = None,
 ) -> list[Path]:
     """Write `delta` as `target` into the empty folder `path` (for `official`: the file `path`),
-    with its model card (README.md); returns the files written. `name` is the output folder's
+    with its model card (README.md); returns the files written. Every file named after a token
+    stays inside `path`. `name` is the output folder's
     name (the card's, and the checkpoint file's); `model` the base (`checkpoint` loads it whole)."""
     from safetensors.torch import save_file
 
@@ -160,12 +162,12 @@ def export(
     written = _write_weights(delta, target, path, base, name or path.name, model, dtype)
     if target in DIFFUSERS_TOKEN_TARGETS:
         for file, state in token_files(delta).items():
-            save_file(state, str(path / file))
+            save_file(state, str(inside(path, file)))  # token names are data from strangers
             written.append(file)
     if target in A1111_TOKEN_TARGETS and delta.tokens:
         (path / EMBEDDINGS).mkdir(exist_ok=True)
         for file, (state, meta) in a1111_embeddings(delta).items():
-            save_file(state, str(path / EMBEDDINGS / file), metadata=meta)
+            save_file(state, str(inside(path / EMBEDDINGS, file)), metadata=meta)
             written.append(f"{EMBEDDINGS}/{file}")
     if samples is not None:
         shutil.copyfile(samples, path / SAMPLES_FILE)

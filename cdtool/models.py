@@ -24,15 +24,22 @@ DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), s
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA when available, else the CPU."""
+    """The one rule for --device in every command: `auto` picks CUDA when available, else the
+    CPU; an unknown device, or one this machine does not have, is a usage error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as e:
-        raise UsageError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CdtoolError(f"--device {device}: CUDA is not available here; use --device cpu")
+        raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu (or auto)")
     return dev
 
 

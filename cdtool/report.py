@@ -138,10 +138,8 @@ def png_report(doc: Mapping[str, Any], runs: Sequence[tuple[Path, Sequence[Mappi
 
 
 def write_report(path: Path, doc: Mapping[str, Any], runs: Sequence[tuple[Path, Sequence[Mapping[str, Any]]]]) -> None:
-    from cdtool.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        if path.suffix.lower() == ".html":
-            tmp.write_text(html_report(doc, runs), encoding="utf-8")
-        else:
-            png_report(doc, runs).save(tmp, format="PNG")
+    """Write the report to `path` (a claimed output's staging path): HTML or PNG by its suffix."""
+    if path.suffix.lower() == ".html":
+        path.write_text(html_report(doc, runs), encoding="utf-8")
+    else:
+        png_report(doc, runs).save(path, format="PNG")

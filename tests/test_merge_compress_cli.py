@@ -148,7 +148,7 @@ def test_compress_then_merge_and_sample(cli, tmp_path, make_delta):
     cli("merge", tmp_path / "a4.safetensors", b, "-o", tmp_path / "m.safetensors")
     cli("compress", tmp_path / "m.safetensors", "-o", tmp_path / "m8.safetensors", "--fro", "0.99", "--dtype", "fp16")
     cli("sample", "a <new1> cat", "-d", tmp_path / "m8.safetensors", "-o", tmp_path / "s", "--n", "1", "--steps", "2")
-    assert (tmp_path / "s" / "000-a-new1-cat-s0.png").exists()
+    assert (tmp_path / "s" / "000-a-new1-cat-257ab73f-s0.png").exists()
 
 
 def test_compress_cap_and_exactness(cli, tmp_path, make_delta):

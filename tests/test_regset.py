@@ -140,7 +140,8 @@ def test_train_consumes_regset(cli, tmp_path, collection, concept_dirs):
     # the prior term doubles the scaled rate (1e-5 x batch 1 x 2): the class images were used
     assert json.loads(r.stdout)["learning_rate"] == 2e-5
     run = json.loads((tmp_path / "c.run" / "config.json").read_text())["config"]
-    assert [(c["reg"], c["reg_examples"]) for c in run["concepts"]] == [(str(out), 3)]
+    assert [(c["reg"], len(c["reg_examples"])) for c in run["concepts"]] == [(str(out), 3)]
+    assert run["concepts"][0]["reg_examples"][0] == [str(out / "00000.png"), "a bowl of soup"]
     assert read_cdtool(delta).concepts[0]["reg"] == str(out)
 
 

@@ -116,7 +116,7 @@ def test_loss_goes_down_and_delta_samples(cli, tmp_path, concept_dirs):
         assert json.loads(im.text["parameters"])["prompts"] == ["photo of a <new1> cat"]
         assert im.size == (320, 14 + 128)  # a label line over two 64 px samples shown at 128 px
         for k in range(2):
-            with Image.open(tmp_path / "s" / f"000-photo-of-a-new1-cat-s{k}.png") as own:
+            with Image.open(tmp_path / "s" / f"000-photo-of-a-new1-cat-3e26aa20-s{k}.png") as own:
                 tile = own.convert("RGB").resize((128, 128), Image.Resampling.NEAREST)
             assert im.convert("RGB").crop((128 * k, 14, 128 * (k + 1), 142)).tobytes() == tile.tobytes()
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from cdtool import __version__, console
-from cdtool.atomic import check_writable
+from cdtool.atomic import claim_output
 from cdtool.commands.common import (
     DeltaOutputOpt,
     Dtype,
@@ -21,7 +21,7 @@ from cdtool.commands.common import (
     examples,
     pick_model,
 )
-from cdtool.errors import UsageError
+from cdtool.errors import CdtoolError, UsageError
 from cdtool.hashing import file_sha256
 
 EXAMPLES = examples(
@@ -78,7 +78,7 @@ def compress(
     if not chosen:
         energy = 0.6
     check_delta_output(output)
-    check_writable(output, force)
+    claim = claim_output(output, "compress", force, inputs=[source])
     delta = read_delta(source)
     base = None
     if delta.needs_base or output.suffix == ".bin":
@@ -87,7 +87,7 @@ def compress(
         base = load_base_params(pick_model(model, [delta.base_model]), fingerprint_names(delta))
         delta = delta.relative_to(base) if delta.needs_base else delta
     if not delta.layers:
-        raise UsageError(f"{source} has no layers to compress (tokens only)")
+        raise CdtoolError(f"{source} has no layers to compress (tokens only)")
     out = Delta(
         tokens=delta.tokens,
         base_model=delta.base_model,
@@ -129,7 +129,8 @@ def compress(
             "svd": svd.value,
         },
     )
-    save_delta(out, output, base)
+    with claim.staged() as tmp:
+        save_delta(out, tmp, base)
     size_in = source.stat().st_size if source.is_file() else None
     size_out = output.stat().st_size
     if capped:

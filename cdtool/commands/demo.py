@@ -15,9 +15,9 @@ from typing import Annotated, Any
 import typer
 
 from cdtool import console
+from cdtool.atomic import builds_folder
 from cdtool.choices import TOY
 from cdtool.commands.common import FolderOutputOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command, examples
-from cdtool.errors import CdtoolError
 from cdtool.inprocess import InProcess
 from cdtool.toy.photos import PERSONAL as CONCEPTS
 from cdtool.toy.photos import toy_captions, write_photos
@@ -31,6 +31,7 @@ PROMPTS = (
 )
 
 
+@builds_folder("demo")  # checks the folder first; replaces an earlier demo only when this one is complete
 def demo(
     output: FolderOutputOpt = Path("demo-out"),
     model: Annotated[
@@ -67,13 +68,6 @@ def demo(
     delta, the paper's closed-form merge, the least-squares merge; labelled in the picture) and
     OUTPUT/scores.json (concept fidelity, prompt fidelity and prior drift of each column).
     """
-    if output.exists() and any(output.iterdir()):
-        if not force:
-            raise CdtoolError(f"{output} exists and is not empty; pass --force to replace it")
-        import shutil
-
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     run = InProcess(quiet)
     rng = random.Random(seed)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cdtool import console
-from cdtool.atomic import check_writable
+from cdtool.atomic import claim_output
 from cdtool.commands.common import (
     ForceOpt,
     JsonOpt,
@@ -81,7 +81,6 @@ def export(
     is inside the file.
     """
     # the library loads here, not at the top, so that `cdtool export --help` starts without torch
-    from cdtool.atomic import atomic_dir
     from cdtool.export import export as write_export
     from cdtool.importers import read_delta
 
@@ -93,7 +92,7 @@ def export(
         raise UsageError("--samples and --license are for the model card of a folder export, not --to official")
     if samples is not None and not samples.is_file():
         raise CdtoolError(f"--samples {samples}: no such file")
-    check_writable(output, force)
+    out = claim_output(output, "export", force, folder=to is not Target.official, inputs=[source])
     delta = read_delta(source)
     base, base_model = None, None
     if to is Target.checkpoint:
@@ -109,21 +108,19 @@ def export(
         base = load_base_params(base_model, names)
         if delta.needs_base:
             delta = delta.relative_to(base)
-    if to is Target.official:
-        files = write_export(delta, to.value, output, base)
-    else:
+    options: dict[str, Any] = {}
+    if to is not Target.official:
         from cdtool.model_card import run_samples
 
-        picture = samples or run_samples(delta, source)
         options = dict(
             name=output.name,
             model=base_model,
             dtype=(dtype or CheckpointDtype.fp16).value,
-            samples=picture,
+            samples=samples or run_samples(delta, source),
             license=license,
         )
-        with atomic_dir(output) as stage:
-            files = [output / f.relative_to(stage) for f in write_export(delta, to.value, stage, base, **options)]
+    with out.staged() as stage:
+        files = [output / f.relative_to(stage) for f in write_export(delta, to.value, stage, base, **options)]
     console.log(f"wrote {len(files)} file(s) for {to.value}")
     if json_out:
         console.result_json({"output": str(output), "to": to.value, "files": [str(f) for f in files]})

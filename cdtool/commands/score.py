@@ -90,12 +90,13 @@ def score(
         raise UsageError("--kid-features: inception, clip or dino")
     if ref is None and set(NEEDS_REF) & set(chosen):
         raise UsageError(f"--ref is needed for {', '.join(m for m in chosen if m in NEEDS_REF)}")
+    claim = None
     if report is not None:
-        from cdtool.atomic import check_writable
+        from cdtool.atomic import claim_output
         from cdtool.report import check_report_path
 
         check_report_path(report)
-        check_writable(report, force)
+        claim = claim_output(report, "score", force, inputs=list(samples))
     ref_files = image_files(ref) if ref is not None else []
     runs_in = []
     for folder in samples:
@@ -217,7 +218,9 @@ def score(
     if report is not None:
         from cdtool.report import write_report
 
-        write_report(report, doc, scored)
+        assert claim is not None
+        with claim.staged() as tmp:
+            write_report(tmp, doc, scored)
         console.log(f"wrote {report}")
     if json_out:
         console.result_json(doc)
@@ -228,8 +231,7 @@ def score(
 
 def _judge(rows: list[dict[str, Any]], files: list[Path], batch_size: int) -> None:
     """Adds the oracle's verdicts (`oracle`: aspect -> bool) to each row whose prompt is a toy-world one."""
-    from PIL import Image
-
+    from cdtool.images import open_image
     from cdtool.toy.judge import judge, parse_prompt
     from cdtool.toy.oracle import load_oracle, read
 
@@ -242,7 +244,7 @@ def _judge(rows: list[dict[str, Any]], files: list[Path], batch_size: int) -> No
         chunk = asked[start : start + batch_size]
         images = []
         for i, _ in chunk:
-            with Image.open(files[i]) as im:
+            with open_image(files[i]) as im:
                 images.append(im.convert("RGB"))
         seen = read(oracle, images)
         for (i, a), s in zip(chunk, seen, strict=True):
