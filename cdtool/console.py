@@ -50,6 +50,12 @@ def result_json(doc: Any) -> None:
     sys.stdout.flush()
 
 
+def print_table(table: Any) -> None:
+    """A rich table on stderr, with the logs (silenced by --quiet)."""
+    if not _state["quiet"]:
+        _err.print(table)
+
+
 def interactive() -> bool:
     return not _state["quiet"] and _err.is_terminal
 

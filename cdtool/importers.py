@@ -18,7 +18,15 @@ from typing import Any
 import torch
 
 from cdtool.atomic import atomic_path
-from cdtool.delta import Delta, LayerDelta, base_param, is_cdtool_safetensors, read_cdtool, write_cdtool
+from cdtool.delta import (
+    Delta,
+    LayerDelta,
+    base_param,
+    is_cdtool_safetensors,
+    read_cdtool,
+    safetensors_metadata,
+    write_cdtool,
+)
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.naming import compvis_to_diffusers
 from cdtool.tokens import check_token_name
@@ -208,12 +216,21 @@ def _from_diffusers(state: dict[str, Any], path: Path) -> Delta:
             raise CdtoolError(f"{path}: unexpected entry {key!r} in Custom Diffusion weights")
         module, kind = _CD_SUFFIX[sub]
         _merge_param(layers, f"unet.{proc}.{module}", kind, LayerDelta(full=value, absolute=True))
+    return Delta(
+        layers=layers, tokens=_tokens_beside(path), source_format="diffusers-custom-diffusion", origin=str(path)
+    )
+
+
+def _tokens_beside(weights: Path) -> dict[str, torch.Tensor]:
+    """The token files in the folder of diffusers' Custom Diffusion weights, found by content: named
+    `<token>.safetensors` as diffusers writes them, or `new1.safetensors` as cdtool exports them."""
     tokens: dict[str, torch.Tensor] = {}
-    for token_file in sorted(path.parent.glob("<*>.*")):
-        if token_file.suffix in (".safetensors", ".bin"):
-            state_t = _load_safetensors(token_file) if token_file.suffix == ".safetensors" else load_pickle(token_file)
-            tokens.update(_token_file(state_t, token_file) if isinstance(state_t, dict) else {})
-    return Delta(layers=layers, tokens=tokens, source_format="diffusers-custom-diffusion", origin=str(path))
+    for token_file in sorted(weights.parent.iterdir()):
+        if token_file.suffix not in (".safetensors", ".bin") or token_file.name in DIFFUSERS_WEIGHTS:
+            continue
+        state = _load_safetensors(token_file) if token_file.suffix == ".safetensors" else load_pickle(token_file)
+        tokens.update(_token_file(state, token_file) if isinstance(state, dict) else {})
+    return tokens
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -227,7 +244,8 @@ _PARAMETER_NAMES = {"weight", "bias", "emb_params", "state_dict", "params"}
 
 def _token_file(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
     """{token: [n, dim]} from a token-embedding file, or {} when `state` is not one: A1111's
-    `string_to_param` (or `emb_params`, named after the file), or diffusers' {token: embedding},
+    `string_to_param` (.pt) or `emb_params` (.safetensors; the token is the metadata's `token`, as
+    cdtool writes it, else the file's name, as the UI reads it), or diffusers' {token: embedding},
     whose keys are token names (not parameter names) and whose values are floating-point vectors
     of one width, at most MAX_TOKEN_VECTORS of them."""
     if "string_to_param" in state and isinstance(state["string_to_param"], dict):  # A1111 .pt
@@ -235,7 +253,8 @@ def _token_file(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
         param = next(iter(state["string_to_param"].values()), None)
         return {str(name) if name else path.stem: _as_rows(param)} if _is_embedding(param) else {}
     if set(state) == {"emb_params"} and _is_embedding(state["emb_params"]):  # A1111 .safetensors
-        return {path.stem: _as_rows(state["emb_params"])}
+        meta = (safetensors_metadata(path) or {}) if path.suffix == ".safetensors" else {}
+        return {meta.get("token") or path.stem: _as_rows(state["emb_params"])}
     if not state or len(state) > 64:
         return {}
     names_ok = all(isinstance(k, str) and "." not in k and k not in _PARAMETER_NAMES for k in state)

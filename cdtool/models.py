@@ -108,6 +108,36 @@ def _offline_hint(model: str) -> str:
     )
 
 
+def check_available(model: str, source: str = "--model") -> None:
+    """Fail now, before a command makes any output, when `model` cannot be loaded from where it is
+    named: a local folder that is not a diffusers model, or a hub id that is neither in the local
+    Hugging Face cache nor downloadable (offline). `source` says where the name came from."""
+    kind = model_kind(model)
+    if kind == "folder" and not (local_path(model) / "model_index.json").is_file():
+        raise CdtoolError(
+            f"{model} ({source}) is not a diffusers model folder (no model_index.json); pass --model with a "
+            "diffusers folder, a .safetensors/.ckpt checkpoint, or a hub id"
+        )
+    if kind != "hub":
+        return
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return
+    if _hub_offline():
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            hf_hub_download(model, "model_index.json")
+            return
+        except Exception as e:  # offline, no such repository, no access
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CdtoolError(
+        f"the model {model} ({source}) is not on this machine and could not be downloaded ({reason}); "
+        f"{_offline_hint(model)} (`--model toy` is built in)"
+    )
+
+
 def _no_loading_bars() -> None:
     """transformers 5 and diffusers draw "Loading weights" bars on stderr; cdtool has its own output."""
     from diffusers.utils import logging as diffusers_logging

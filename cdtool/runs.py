@@ -4,6 +4,7 @@
     RUN/config.json                   the run's settings (a resumed run must match them)
     RUN/log.jsonl                     one line per step: loss, learning rate, eval loss, DVAR
     RUN/loss.png                      the loss curve
+    RUN/samples.png                   the concepts' prompts sampled with the final delta (train --samples)
     RUN/delta.safetensors             the final delta
     RUN/checkpoints/step-NNNNNN/      state.pt (step, trained tensors, optimiser) and rng-<process>.pt
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 CONFIG = "config.json"
 LOG = "log.jsonl"
 LOSS_CURVE = "loss.png"
+SAMPLES = "samples.png"
 DELTA = "delta.safetensors"
 CHECKPOINTS = "checkpoints"
 STATE = "state.pt"
@@ -46,7 +48,7 @@ def is_run_folder(path: Path) -> bool:
 
 # Every file a run writes (and the temporary ones an interrupted write may leave).
 _RUN_FILE = re.compile(
-    r"(config\.json|log\.jsonl|loss\.png|delta\.safetensors|\.[^/]+\.tmp"
+    r"(config\.json|log\.jsonl|loss\.png|samples\.png|delta\.safetensors|\.[^/]+\.tmp"
     r"|checkpoints/\.?step-\d{6}(\.tmp)?/(state\.pt|rng-\d+\.pt))"
 )
 

@@ -48,6 +48,14 @@ def demo(
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 4.0,
     rank: Annotated[int, typer.Option("--rank", min=1, help="Rank of the compressed merged deltas.")] = 4,
     seed: SeedOpt = 0,
+    photos_only: Annotated[
+        bool,
+        typer.Option(
+            "--photos-only",
+            help="Only render the toy concepts' photos (OUTPUT/new1-star, OUTPUT/new2-circle: JPEGs with "
+            "caption files), to run the commands on them yourself.",
+        ),
+    ] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -63,6 +71,16 @@ def demo(
     started = time.perf_counter()
     run = InProcess(quiet)
     rng = random.Random(seed)
+    if photos_only:
+        folders = [output / name for _, _, name in CONCEPTS]
+        for (token, _, _), folder in zip(CONCEPTS, folders, strict=True):
+            write_photos(folder, token, rng)
+        if json_out:
+            console.result_json({"photos": [str(f) for f in folders]})
+        else:
+            for folder in folders:
+                console.result(str(folder))
+        return
     deltas = _train_concepts(run, output, rng, model, steps, lr, reg_images, sample_steps, guidance, seed)
     merge_captions = output / "toy-captions.txt"
     merge_captions.write_text("\n".join(toy_captions(rng, None, 400)) + "\n")

@@ -23,7 +23,7 @@ from cdtool.commands.common import (
     SeedOpt,
     cdtool_command,
     examples,
-    pick_model,
+    pick_available_model,
 )
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.images import ImageError, open_image
@@ -96,6 +96,7 @@ def regset(
             raise UsageError("--prompts is for --from generate; retrieval ranks by --prompt")
         texts = _read_prompts(prompts, class_noun)
     inputs = [prompts] if prompts is not None else []
+    model_id = pick_available_model(model) if source == "generate" else ""  # before any output exists
     if source == "generate":
         from cdtool.models import resolve_device
         from cdtool.sampling import check_size
@@ -127,7 +128,7 @@ def regset(
                 batch_size,
                 scheduler.value,
                 seed,
-                pick_model(model),
+                model_id,
                 device,
                 dtype,
             )

@@ -25,7 +25,7 @@ from cdtool.commands.common import (
     cdtool_command,
     examples,
     parse_scaled,
-    pick_model,
+    pick_available_model,
 )
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.hashing import path_sha256
@@ -118,7 +118,7 @@ def sample(
     resolve_dtype(dtype, resolve_device(device))
     specs = [parse_scaled(d) for d in delta or []]
     deltas = [(read_delta(p), s) for p, s in specs]
-    model_id = pick_model(model, [d.base_model for d, _ in deltas])
+    model_id = pick_available_model(model, [d.base_model for d, _ in deltas])
     probe_writable(output / PROMPTS_FILE)
     request = {
         "model": model_id,

@@ -24,7 +24,7 @@ from cdtool.commands.common import (
     cdtool_command,
     examples,
     pick_alias,
-    pick_model,
+    pick_available_model,
 )
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.recipes import (
@@ -236,6 +236,14 @@ def train(
     device: Annotated[
         str, typer.Option("--device", help="auto, cpu or cuda (under accelerate launch the launcher decides).")
     ] = "auto",
+    samples: Annotated[
+        bool,
+        typer.Option(
+            "--samples/--no-samples",
+            help="At the end, sample the concepts' prompts with the trained delta (seeded, at the model's "
+            "resolution) into samples.png in the run folder, beside loss.png.",
+        ),
+    ] = True,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -283,7 +291,7 @@ def train(
             raise UsageError("give --output (the delta to write)")
         output = Path(saved.output)
     check_delta_output(output)
-    model_id = saved.model if saved is not None and model is None else pick_model(model)
+    model_id = saved.model if saved is not None and model is None else pick_available_model(model)
     res = resolution or (saved.resolution if saved is not None else default_resolution(model_id))
     specs = build_concepts(raw, res, method.value) if raw else saved.concepts  # type: ignore[union-attr]
     d = DEFAULTS[method.value]
@@ -339,12 +347,26 @@ def train(
     else:
         result = _run(cfg, resume is not None, replace_output=True)
     if not main:
+        if samples:
+            console.summary(f"process {_rank()}: the sample grid is left to the main process")
         return
     console.log(f"stopped at step {result.steps}: {result.reason}")
+    grid = _sample_grid(cfg) if samples else None
     if json_out:
-        console.result_json({k: v for k, v in vars(result).items() if k != "pipeline"})
+        console.result_json({k: v for k, v in vars(result).items() if k != "pipeline"} | {"samples": grid})
     else:
         console.result(str(output))
+
+
+def _sample_grid(cfg: TrainConfig) -> str:
+    """The concepts' prompts sampled with the delta just written, a row per prompt (runs.SAMPLES)."""
+    from cdtool.preview import sample_preview
+    from cdtool.runs import DELTA, SAMPLES
+
+    path = Path(cfg.run_dir) / SAMPLES
+    console.log(f"sampling the concepts' prompts into {path}")
+    sample_preview(cfg.model, Path(cfg.run_dir) / DELTA, path, seed=cfg.seed, device=cfg.device)
+    return str(path)
 
 
 def _claim_and_run(cfg: TrainConfig, resume: Path | None, force: bool, inputs: list[Path]) -> TrainResult:
