@@ -54,7 +54,8 @@ def test_the_first_snippet_runs_as_written(cli, tmp_path, monkeypatch):
     assert (tmp_path / "out" / "grid.png").is_file()
     assert (tmp_path / "star.run" / "loss.png").is_file() and (tmp_path / "star.run" / "samples.png").is_file()
     assert sorted(p.name for p in (tmp_path / "shapes-lora").iterdir()) == [
-        "README.md", "new1.safetensors", "new2.safetensors", "pytorch_lora_weights.safetensors"
+        ".cdtool-output.json", "README.md", "new1.safetensors", "new2.safetensors",
+        "pytorch_lora_weights.safetensors",
     ]  # fmt: skip
 
 
