@@ -110,7 +110,8 @@ def compare(work: Path, folder: Path) -> dict[str, dict[str, float]]:
     from cdtool.models import load_text_side
     from cdtool.text_features import feature_rows, gram
 
-    tok, enc = load_text_side(str(folder))
+    text = load_text_side(str(folder))
+    tok, enc = text.tokenizer, text.encoder
     caps = [line.strip() for line in (work / "captions200.txt").read_text().splitlines()]
     a_reg, _ = gram(feature_rows(tok, enc, caps))
     inputs = [read_cdtool(work / f"{noun}.safetensors") for _, noun in CONCEPTS]

@@ -17,7 +17,16 @@ from typing import Any
 import torch
 
 from cdtool.atomic import atomic_path
-from cdtool.delta import Delta, LayerDelta, base_param, is_cdtool_safetensors, read_cdtool, write_cdtool
+from cdtool.choices import SDXL
+from cdtool.delta import (
+    Delta,
+    LayerDelta,
+    base_param,
+    check_token_pairs,
+    is_cdtool_safetensors,
+    read_cdtool,
+    write_cdtool,
+)
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.naming import compvis_to_diffusers
 
@@ -140,8 +149,19 @@ def _from_official(state: dict[str, Any], path: Path) -> Delta:
         if kind not in ("weight", "bias"):
             raise CdtoolError(f"{path}: unexpected entry {key!r} under 'unet'")
         _merge_param(layers, f"unet.{stem}", kind, _layer(state["unet"][key], key, path))
-    tokens = {t: _as_rows(e) for t, e in (state.get("modifier_token") or {}).items()}
-    return Delta(layers=layers, tokens=tokens, source_format="official-diffusers", origin=str(path))
+    delta = Delta(layers=layers, source_format="official-diffusers", origin=str(path))
+    for token, rows in (state.get("modifier_token") or {}).items():
+        if isinstance(rows, (list, tuple)):  # the SDXL script's: [row in text_encoder, row in text_encoder_2]
+            if len(rows) != 2 or not all(isinstance(r, torch.Tensor) for r in rows):
+                raise CdtoolError(f"{path}: modifier_token {token!r} holds {len(rows)} entries, not a pair of rows")
+            delta.tokens[token], delta.tokens_2[token] = _as_rows(rows[0]), _as_rows(rows[1])
+            delta.base_kind = SDXL
+        elif isinstance(rows, torch.Tensor):
+            delta.tokens[token] = _as_rows(rows)
+        else:
+            raise CdtoolError(f"{path}: modifier_token {token!r} is neither a row nor a pair of rows")
+    check_token_pairs(delta, str(path))
+    return delta
 
 
 def _from_compvis(sd: dict[str, Any], path: Path) -> Delta:
@@ -227,7 +247,9 @@ def save_delta(delta: Delta, path: Path, base: dict[str, torch.Tensor] | None = 
 
 
 def official_state(delta: Delta, base: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The official diffusers-style `delta.bin` dict: fine-tuned weights, or u/v for low-rank.
+    """The official diffusers-style `delta.bin` dict: fine-tuned weights, or u/v for low-rank; for
+    SDXL each modifier token holds its pair of rows (text_encoder's, text_encoder_2's), as the
+    official SDXL script writes them.
 
     Deliberate difference: fine-tuned weights are stored in float64. W0 + ΔW of two float32 tensors
     is exact in float64, so cdtool -> .bin -> cdtool gives back ΔW bit for bit; the official
@@ -245,8 +267,15 @@ def official_state(delta: Delta, base: dict[str, torch.Tensor]) -> dict[str, Any
         if layer.bias is not None:
             b0 = base_param(base, f"{name}.bias", layer.bias.shape)
             unet[f"{stem}.bias"] = b0.double() + layer.bias.double()
-    tokens = {t: (e[0] if e.shape[0] == 1 else e).clone() for t, e in delta.tokens.items()}
+    tokens: dict[str, Any] = {t: _official_rows(e) for t, e in delta.tokens.items()}
+    for t, e in delta.tokens_2.items():  # the SDXL script's pair of rows
+        tokens[t] = [tokens[t], _official_rows(e)]
     return {"unet": unet, "modifier_token": tokens}
+
+
+def _official_rows(e: torch.Tensor) -> torch.Tensor:
+    """A token's rows as the official code stores them: one row as a vector."""
+    return (e[0] if e.shape[0] == 1 else e).clone()
 
 
 def write_official(delta: Delta, path: Path, base: dict[str, torch.Tensor]) -> None:
