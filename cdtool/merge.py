@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cdtool.choices import LAYER_SETS
 from cdtool.closed_form import prepare, report, solve_layer
 from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import CdtoolError
@@ -17,7 +18,8 @@ from cdtool.errors import CdtoolError
 if TYPE_CHECKING:
     from cdtool.conditioning import TextSide
 
-KV_SUFFIXES = (".attn2.to_k", ".attn2.to_v")
+# the projections a text-feature merge covers: those that read the text features (the kv layer set)
+KV_SUFFIXES = tuple(f".{s}" for s in LAYER_SETS["kv"])
 # The least-squares merge's default weight of the base model's outputs on the regularisation
 # captions' rows, against weight 1 for each concept's own rows (mean Gram matrices both): measured on
 # the toy model in benchmarks/RESULTS.md ("Merging").

@@ -6,7 +6,7 @@
 Merges the folder's two single-concept deltas (new1-star, new2-circle) with `merge --method
 least-squares --base-weight W` for each W, and with the closed form and the sum for comparison,
 samples the quality benchmark's prompt groups (each concept, plain prompts of its class, both
-concepts in one prompt) and prints one table row per merge. The captions are the folder's
+concepts in one prompt) and prints one line per concept alone and one table row per merge. The captions are the folder's
 toy-captions.txt (demo) or merge-captions.txt (benchmark).
 """
 
@@ -41,6 +41,15 @@ def main() -> None:
     groups = [f"concept {t}" for t, _, _ in PERSONAL] + [f"prior {n}" for _, n, _ in PERSONAL] + ["both"]
     runs = [("base", None), ("closed-form", ("--method", "closed-form")), ("sum", ("--method", "sum"))]
     runs += [(f"least-squares {w}", ("--method", "least-squares", "--base-weight", w)) for w in args.weights.split(",")]
+    for token, noun, name in PERSONAL:  # each concept alone: what a merge should keep
+        r = bench.evaluate(
+            f"alone-{name}", [args.folder / f"{name}.safetensors"], [f"concept {token}", f"prior {noun}"]
+        )
+        print(
+            f"{name} alone: concept {r[f'concept {token}']['concept_fidelity']:.2f}, plain prompts obeyed "
+            f"{r[f'prior {noun}']['prompt_fidelity']:.2f}, prior drift {r[f'prior {noun}']['prior_drift']:.2f}",
+            flush=True,
+        )
     se = standard_error(0.5, args.n)
     print(f"n = {args.n} per cell (standard error at most {se:.3f})")
     print("| merge | `<new1>` split star | `<new2>` checker | plain stars / circles obeyed | prior drift | both |")
