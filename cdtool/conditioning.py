@@ -24,6 +24,8 @@ import torch
 
 from cdtool.errors import CdtoolError
 
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")  # the pipelines' names of their text encoders
+
 
 @dataclass
 class TextSide:
@@ -39,6 +41,10 @@ class TextSide:
         if getattr(pipe, "text_encoder_2", None) is not None:
             return cls([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
         return cls([pipe.tokenizer], [pipe.text_encoder])
+
+    def named(self) -> dict[str, Any]:
+        """The text encoders by their pipeline component names (`text_encoder`, `text_encoder_2`)."""
+        return dict(zip(TEXT_COMPONENTS, self.encoders, strict=False))
 
     @property
     def xl(self) -> bool:

@@ -167,14 +167,14 @@ def one_error(result) -> str:
 
 
 def train_config(tmp_path: Path, raw: list[dict], method: str = "custom-diffusion", **kw):
-    """A TrainConfig on the tiny model at 64 px for the given concept dicts (as --concept parses)."""
+    """A TrainConfig on a tiny model (`model=`, default `tiny`) at 64 px for the given concept dicts
+    (as --concept parses)."""
     from cdtool.concepts import build_concepts
     from cdtool.trainer import TrainConfig
 
-    kw = {"resolution": 64, "batch_size": 2, **kw}
+    kw = {"resolution": 64, "batch_size": 2, "model": "tiny", **kw}
     return TrainConfig(
         concepts=build_concepts(raw, kw["resolution"], method),
-        model="tiny",
         method=method,
         output=str(tmp_path / "out.safetensors"),
         run_dir=str(tmp_path / "run"),
