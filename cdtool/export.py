@@ -15,6 +15,7 @@ import torch
 from cdtool.atomic import atomic_dir
 from cdtool.delta import Delta, LayerDelta, base_param
 from cdtool.errors import CdtoolError
+from cdtool.export_xl import is_sdxl, kohya_sdxl_state, sdxl_embedding, sdxl_token_files
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # diffusers' loader needs an entry for every attention processor, empty for the untouched ones,
@@ -94,12 +95,17 @@ def custom_diffusion_state(delta: Delta, base: Mapping[str, torch.Tensor]) -> di
 
 def token_files(delta: Delta) -> dict[str, dict[str, torch.Tensor]]:
     """`<token>.safetensors` -> {token: embedding}, as diffusers writes them for
-    `pipe.load_textual_inversion(folder, weight_name=...)`."""
+    `pipe.load_textual_inversion(folder, weight_name=...)` (SDXL: cdtool.export_xl's two-encoder files)."""
+    if is_sdxl(delta):
+        return sdxl_token_files(delta)
     return {f"{t}.safetensors": {t: (e[0] if e.shape[0] == 1 else e).contiguous()} for t, e in delta.tokens.items()}
 
 
-def export(delta: Delta, target: str, path: Path, base: Mapping[str, torch.Tensor] | None) -> list[Path]:
-    """Write `delta` as `target` at `path` (a folder, except for `official`); returns files written."""
+def export(
+    delta: Delta, target: str, path: Path, base: Mapping[str, torch.Tensor] | None, layers_per_block: int = 2
+) -> list[Path]:
+    """Write `delta` as `target` at `path` (a folder, except for `official`); returns files written.
+    `layers_per_block` is the UNet config's (kohya's SDXL names count it)."""
     from safetensors.torch import save_file
 
     from cdtool.importers import write_official
@@ -116,16 +122,16 @@ def export(delta: Delta, target: str, path: Path, base: Mapping[str, torch.Tenso
                 raise CdtoolError("the delta has no token embeddings to export as textual inversion")
             if len(delta.tokens) == 1:  # diffusers' default file name
                 token, emb = next(iter(delta.tokens.items()))
-                save_file({token: emb.contiguous()}, str(tmp / "learned_embeds.safetensors"))
+                state = sdxl_embedding(delta, token) if is_sdxl(delta) else {token: emb.contiguous()}
+                save_file(state, str(tmp / "learned_embeds.safetensors"))
                 written.append("learned_embeds.safetensors")
         elif delta.layers:
             if target == "diffusers-lora":
                 save_file(diffusers_lora_state(delta), str(tmp / LORA_FILE))
                 written.append(LORA_FILE)
             elif target == "kohya":
-                save_file(
-                    kohya_state(delta), str(tmp / "lora.safetensors"), metadata={"ss_network_module": "networks.lora"}
-                )
+                state = kohya_sdxl_state(delta, layers_per_block) if is_sdxl(delta) else kohya_state(delta)
+                save_file(state, str(tmp / "lora.safetensors"), metadata={"ss_network_module": "networks.lora"})
                 written.append("lora.safetensors")
             else:
                 if base is None:
@@ -136,7 +142,8 @@ def export(delta: Delta, target: str, path: Path, base: Mapping[str, torch.Tenso
             if target in ("kohya", "textual-inversion"):  # A1111 embeddings: the file name is the trigger word
                 (tmp / "embeddings").mkdir(exist_ok=True)
                 e = next(iter(state.values()))
-                save_file({"emb_params": e.reshape(-1, e.shape[-1]).contiguous()}, str(tmp / "embeddings" / name))
+                a1111 = state if is_sdxl(delta) else {"emb_params": e.reshape(-1, e.shape[-1]).contiguous()}
+                save_file(a1111, str(tmp / "embeddings" / name))
                 written.append(f"embeddings/{name}")
             if target != "kohya":
                 save_file(state, str(tmp / name))

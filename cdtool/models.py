@@ -255,6 +255,18 @@ def load_text_side(model: str) -> TextSide:
     return TextSide(tokenizers, encoders)
 
 
+def unet_config(model: str) -> dict[str, Any]:
+    """The model's UNet config, read from its config file (a single checkpoint: loaded)."""
+    where = model_kind(model)
+    if where == "tiny":
+        from cdtool import tiny
+
+        return dict({TINY: tiny.UNET_CONFIG, TINY_SD2: tiny.SD2_UNET_CONFIG, TINY_XL: tiny.XL_UNET_CONFIG}[model])
+    if where in ("folder", "hub"):
+        return _config(model, where, "unet/config.json")
+    return dict(load_pipeline(model).unet.config)
+
+
 def default_resolution(model: str) -> int:
     """The model's native image size: UNet sample size x VAE factor, read from the configs where
     there are configs (1024 for SDXL, 512 or 768 for SD 1.x/2.x); for a single checkpoint, 1024 for

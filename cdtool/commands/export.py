@@ -41,6 +41,9 @@ def export(
     silently loads nothing) and pipe.load_textual_inversion. official: the official delta.bin.
     textual-inversion: learned_embeds.safetensors / <token>.safetensors for pipe.load_textual_inversion
     and A1111 embeddings/.
+    An SDXL delta's token files hold both encoders' rows (clip_l, clip_g: the embedding AUTOMATIC1111
+    and ComfyUI read; diffusers loads each with load_textual_inversion(..., text_encoder=, tokenizer=)),
+    and its kohya LoRA the original UNet's names (lora_unet_input_blocks_..., lora_te1_, lora_te2_).
     """
     # the library loads here, not at the top, so that `cdtool export --help` starts without torch
     from cdtool.export import export as write_export
@@ -62,7 +65,12 @@ def export(
         base = load_base_params(base_model, names)
         if delta.needs_base:
             delta = delta.relative_to(base)
-    files = write_export(delta, to.value, output, base)
+    per_block = 2
+    if to is Target.kohya and delta.kind == "sdxl":  # kohya's SDXL names count the UNet's layers per block
+        from cdtool.models import unet_config
+
+        per_block = int(unet_config(pick_model(model, [delta.base_model])).get("layers_per_block", 2))
+    files = write_export(delta, to.value, output, base, per_block)
     console.log(f"wrote {len(files)} file(s) for {to.value}")
     if json_out:
         console.result_json({"output": str(output), "to": to.value, "files": [str(f) for f in files]})
