@@ -115,6 +115,11 @@ def _from_state(state: Any, path: Path) -> Delta:
         return _from_compvis(state["state_dict"], path)
     if any("_custom_diffusion" in k for k in state):
         return _from_diffusers(state, path)
+    if _is_sdxl_embedding(state):
+        tokens, tokens_2 = _sdxl_embedding(state, path)
+        return Delta(
+            tokens=tokens, tokens_2=tokens_2, base_kind=SDXL, source_format="token-embeddings", origin=str(path)
+        )
     tokens = _token_file(state)
     if tokens:
         return Delta(tokens=tokens, source_format="token-embeddings", origin=str(path))
@@ -199,12 +204,28 @@ def _from_diffusers(state: dict[str, Any], path: Path) -> Delta:
             raise CdtoolError(f"{path}: unexpected entry {key!r} in Custom Diffusion weights")
         module, kind = _CD_SUFFIX[sub]
         _merge_param(layers, f"unet.{proc}.{module}", kind, LayerDelta(full=value, absolute=True))
-    tokens: dict[str, torch.Tensor] = {}
+    delta = Delta(layers=layers, source_format="diffusers-custom-diffusion", origin=str(path))
     for token_file in sorted(path.parent.glob("<*>.*")):
         if token_file.suffix in (".safetensors", ".bin"):
             state_t = _load_safetensors(token_file) if token_file.suffix == ".safetensors" else _load_pickle(token_file)
-            tokens.update(_token_file(state_t) if isinstance(state_t, dict) else {})
-    return Delta(layers=layers, tokens=tokens, source_format="diffusers-custom-diffusion", origin=str(path))
+            if isinstance(state_t, dict) and _is_sdxl_embedding(state_t):
+                tokens, tokens_2 = _sdxl_embedding(state_t, token_file)
+                delta.tokens.update(tokens)
+                delta.tokens_2.update(tokens_2)
+                delta.base_kind = SDXL
+            else:
+                delta.tokens.update(_token_file(state_t) if isinstance(state_t, dict) else {})
+    return delta
+
+
+def _is_sdxl_embedding(state: dict[str, Any]) -> bool:
+    """An SDXL embedding file: a token's rows for both text encoders, `clip_l` and `clip_g`."""
+    return set(state) == {"clip_l", "clip_g"} and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def _sdxl_embedding(state: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """{token: rows} for each encoder; the token is the file's name, as AUTOMATIC1111 reads it."""
+    return {path.stem: _as_rows(state["clip_l"])}, {path.stem: _as_rows(state["clip_g"])}
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -212,7 +233,8 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _token_file(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """{token: [n, dim]} from a token-embedding file, or {} when `state` is not one."""
+    """{token: [n, dim]} from a token-embedding file of a base with one text encoder, or {} when
+    `state` is not one."""
     if "string_to_param" in state and isinstance(state["string_to_param"], dict):  # A1111 embedding
         name = state.get("name")
         param = next(iter(state["string_to_param"].values()))

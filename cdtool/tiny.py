@@ -158,7 +158,7 @@ SD2_TEXT_CONFIG = dict(
 SD2_SCHEDULER_CONFIG = dict(SCHEDULER_CONFIG, prediction_type="v_prediction")
 
 
-def _vary_layer_norms(*encoders: torch.nn.Module) -> None:
+def vary_layer_norms(*encoders: torch.nn.Module) -> None:
     """Trained LayerNorms have non-trivial gains and biases (see build_tiny_pipeline)."""
     with torch.no_grad():
         for encoder in encoders:
@@ -181,7 +181,7 @@ def build_tiny_xl_pipeline():  # -> StableDiffusionXLPipeline
         vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=XL_VAE_SCALING)
         text_encoder = CLIPTextModel(CLIPTextConfig(**XL_TEXT_CONFIG))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**XL_TEXT_2_CONFIG))
-        _vary_layer_norms(text_encoder, text_encoder_2)
+        vary_layer_norms(text_encoder, text_encoder_2)
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval().requires_grad_(False)
     return StableDiffusionXLPipeline(
@@ -208,7 +208,7 @@ def build_tiny_sd2_pipeline():  # -> StableDiffusionPipeline
         unet = UNet2DConditionModel(**SD2_UNET_CONFIG)
         vae = AutoencoderKL(**VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD2_TEXT_CONFIG))
-        _vary_layer_norms(text_encoder)
+        vary_layer_norms(text_encoder)
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
     return StableDiffusionPipeline(

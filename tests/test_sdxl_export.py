@@ -123,3 +123,27 @@ def test_text_encoder_loras_of_both_encoders_load_in_diffusers(cli, tmp_path, ti
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in kohya
     assert "lora_te2_text_model_encoder_layers_1_self_attn_v_proj.alpha" in kohya
     assert not torch.allclose(b[0], build_tiny_xl_pipeline().encode_prompt("a cat", device="cpu")[0], atol=1e-3)
+
+
+def test_diffusers_custom_diffusion_and_official_exports_of_sdxl(cli, tmp_path, make_xl_delta, tiny_xl_pipe):
+    from cdtool.base import pipeline_params
+    from cdtool.importers import read_delta
+
+    d = make_xl_delta(scale=0.05)
+    write_cdtool(d, tmp_path / "xl.safetensors")
+    out = tmp_path / "cd"
+    cli("export", tmp_path / "xl.safetensors", "--to", "diffusers-custom-diffusion", "-o", out)
+    pipe = build_tiny_xl_pipeline()
+    pipe.unet.load_attn_procs(str(out), weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=pipe)
+    _load_embedding(pipe, out / "<new1>.safetensors")
+    assert torch.allclose(_unet_out(pipe), _ours(d), atol=1e-5)
+    base = {k: v.detach() for k, v in pipeline_params(tiny_xl_pipe).items()}
+    back = read_delta(out).relative_to(base)  # and cdtool reads both back, token pair included
+    assert back.kind == "sdxl" and torch.equal(back.tokens_2["<new1>"], d.tokens_2["<new1>"])
+    for name, layer in d.layers.items():
+        assert torch.allclose(back.layers[name].full, layer.full, atol=1e-6)
+    cli("export", tmp_path / "xl.safetensors", "--to", "official", "-o", tmp_path / "delta.bin")
+    official = torch.load(tmp_path / "delta.bin", weights_only=True)
+    assert [r.shape for r in official["modifier_token"]["<new1>"]] == [(32,), (48,)]
+    embedding = read_delta(out / "<new1>.safetensors")  # the two-encoder embedding alone
+    assert embedding.kind == "sdxl" and torch.equal(embedding.tokens["<new1>"], d.tokens["<new1>"])

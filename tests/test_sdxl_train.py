@@ -69,7 +69,7 @@ def test_the_unet_trains_on_the_pipelines_own_conditioning(tmp_path, concept_dir
                                                          (s, top, left) == (64, 0, 0))  # fmt: skip
 
 
-def test_time_ids_follow_the_size_augmentation(tiny_xl_pipe):
+def test_time_ids_follow_the_size_augmentation(tiny_xl_pipe, tiny_pipe):
     parts = trainer._parts(train_config_for_parts(), tiny_xl_pipe, torch.device("cpu"))
     zoomed = Augmented(torch.zeros(3, 64, 64), torch.ones(8, 8), "close up ", 80, (5, 11))
     shrunk = Augmented(torch.zeros(3, 64, 64), torch.ones(8, 8), "very small ", 30, (0, 0))
@@ -80,9 +80,8 @@ def test_time_ids_follow_the_size_augmentation(tiny_xl_pipe):
         [64, 64, 0, 0, 64, 64],  # class images: whole, as when sampling
         [64, 64, 0, 0, 64, 64],
     ]
-    sd1 = trainer._parts(train_config_for_parts(), build_tiny_xl_pipeline(), torch.device("cpu"))
-    sd1.text.tokenizers, sd1.text.encoders = sd1.text.tokenizers[:1], sd1.text.encoders[:1]
-    assert trainer._time_ids(sd1, [zoomed], 0, 64) is None
+    sd1 = trainer._parts(train_config_for_parts(), tiny_pipe, torch.device("cpu"))
+    assert trainer._time_ids(sd1, [zoomed], 0, 64) is None  # SD 1.x and 2.x have no time ids
 
 
 def train_config_for_parts():
