@@ -124,6 +124,7 @@ class Bench:
         doc = self.run(
             "train", *args, "-o", delta, "--model", self.s.model, "--steps", steps or self.s.steps,
             "--seed", self.s.seed, "--lr", self.s.lr * lr_factor, *(() if self.s.aug else ("--no-aug",)),
+            "--no-samples",  # the benchmark samples and judges on its own
         )  # fmt: skip
         self.results["training"][name] = {k: doc[k] for k in ("steps", "reason", "final_loss", "seconds")}
         return delta

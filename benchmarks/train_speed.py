@@ -127,6 +127,7 @@ def main() -> None:
             "-m",
             "cdtool",
             "train",
+            "--no-samples",  # the reference writes no sample grid: time the training alone
             str(inst),
             "--class-noun",
             "cat",

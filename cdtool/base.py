@@ -175,3 +175,31 @@ def _read_selected(folder: Path, names: list[str]) -> dict[str, torch.Tensor] | 
                     )
                 out[f"{comp}.{k}"] = f.get_tensor(k).float()
     return out
+
+
+def check_token_width(delta: Delta, params: Mapping[str, torch.Tensor], model: str) -> None:
+    """Every token's embedding is as wide as the base's token table(s) (in `params`, when read)."""
+    for name, rows in ((TOKEN_EMBEDDING, delta.tokens), (TOKEN_EMBEDDING_2, delta.tokens_2)):
+        table = params.get(name)
+        if table is None:
+            continue
+        for token, emb in rows.items():
+            if emb.shape[-1] != table.shape[1]:
+                raise CdtoolError(
+                    f"{delta.origin}: token {token} is {emb.shape[-1]} numbers wide; the token table of {model} "
+                    f"is {table.shape[1]}; is the file for another base model (or not a token embedding)?"
+                )
+
+
+def model_fingerprint(model: str, pipe: Any = None) -> str:
+    """What tells one base model from another: the fingerprint of its UNet's cross-attention key
+    weights, read from `pipe` (unmodified) when given, else from the model's files where it can."""
+    if pipe is None and model_kind(model) != "folder":
+        pipe = load_pipeline(model)
+    if pipe is not None:
+        params = pipeline_params(pipe)
+        names = sorted(n for n in params if n.endswith(".attn2.to_k.weight"))
+    else:
+        names = sorted(n for n in unet_param_names(model) if n.endswith(".attn2.to_k.weight"))
+        params = load_base_params(model, names)
+    return fingerprint(params, names)

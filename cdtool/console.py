@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -49,15 +50,22 @@ def result_json(doc: Any) -> None:
     sys.stdout.flush()
 
 
+def print_table(table: Any) -> None:
+    """A rich table on stderr, with the logs (silenced by --quiet)."""
+    if not _state["quiet"]:
+        _err.print(table)
+
+
 def interactive() -> bool:
     return not _state["quiet"] and _err.is_terminal
 
 
 @contextmanager
-def progress(description: str, total: int | None) -> Iterator[Any]:
-    """A rich progress bar on a terminal; a no-op advance() elsewhere."""
+def progress(description: str, total: int | None, plain: bool = False) -> Iterator[Any]:
+    """A rich progress bar on a terminal. Elsewhere nothing, or with `plain` a log line now and
+    then (about every twentieth of `total`, and at the end), as `train` prints its steps."""
     if not interactive():
-        yield _NoProgress()
+        yield _PlainProgress(description, total) if plain and total and not _state["quiet"] else _NoProgress()
         return
     from rich.progress import (
         BarColumn,
@@ -94,6 +102,23 @@ def progress(description: str, total: int | None) -> Iterator[Any]:
 class _NoProgress:
     def advance(self, n: int = 1, info: str = "") -> None:
         pass
+
+
+class _PlainProgress:
+    def __init__(self, description: str, total: int) -> None:
+        self.description, self.total, self.done = description, total, 0
+        self.every = max(1, total // 20)
+        self.start = time.perf_counter()
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        before, self.done = self.done, self.done + n
+        if self.done // self.every == before // self.every and self.done < self.total:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate else 0.0
+        log(f"{self.description} {self.done}/{self.total} {rate:.2f} it/s ETA {eta:.0f}s")
+        sys.stderr.flush()
 
 
 class _Bar:

@@ -187,10 +187,13 @@ def read_cdtool(path: Path) -> Delta:
         created_by=meta.get("created_by", ""),
         provenance=_json(meta, "provenance", {}, path),
     )
+    from cdtool.tokens import check_token_name  # token names are data from strangers
+
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if key.startswith(("token.", "token_2.")):
             family, _, token = key.partition(".")
+            check_token_name(token, path)
             rows = delta.tokens if family == "token" else delta.tokens_2
             rows[token] = tensor if tensor.dim() == 2 else tensor.reshape(1, -1)
             continue
@@ -261,10 +264,10 @@ def delta_metadata(delta: Delta) -> dict[str, str]:
     }
 
 
-def write_cdtool(delta: Delta, path: Path) -> None:
+def write_cdtool(delta: Delta, path: Path, *, replace: bool = True) -> None:
     """Write `delta` atomically as a cdtool `.safetensors` file."""
     from safetensors.torch import save_file
 
     tensors = delta_tensors(delta)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=replace) as tmp:
         save_file(tensors, str(tmp), metadata=delta_metadata(delta))

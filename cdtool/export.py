@@ -6,16 +6,17 @@ full ΔW is written as up = ΔW, down = I (exact; `cdtool compress` first for sm
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cdtool.atomic import atomic_dir
+from cdtool.atomic import inside
 from cdtool.delta import Delta, LayerDelta, base_param
 from cdtool.errors import CdtoolError
-from cdtool.export_xl import is_sdxl, kohya_sdxl_state, sdxl_embedding, sdxl_token_files
+from cdtool.export_xl import is_sdxl, kohya_sdxl_state, sdxl_embedding
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # diffusers' loader needs an entry for every attention processor, empty for the untouched ones,
@@ -93,19 +94,69 @@ def custom_diffusion_state(delta: Delta, base: Mapping[str, torch.Tensor]) -> di
     return out
 
 
+# The stems of the files an export writes itself: a token's file never takes one of these names.
+RESERVED_STEMS = (
+    "pytorch_lora_weights",
+    "pytorch_custom_diffusion_weights",
+    "lora",
+    "learned_embeds",
+    "README",
+    "samples",
+)
+SAMPLES_FILE = "samples.png"
+EMBEDDINGS = "embeddings"  # the A1111/ComfyUI embedding files' folder
+DIFFUSERS_TOKEN_TARGETS = ("diffusers-lora", "diffusers-custom-diffusion", "textual-inversion")
+A1111_TOKEN_TARGETS = ("kohya", "textual-inversion", "checkpoint")
+
+
+def token_file_stems(delta: Delta) -> dict[str, str]:
+    """token -> the stem of its files: Windows-safe, distinct, never one of RESERVED_STEMS."""
+    from cdtool.filenames import token_stems
+
+    return token_stems(delta.tokens, RESERVED_STEMS)
+
+
 def token_files(delta: Delta) -> dict[str, dict[str, torch.Tensor]]:
-    """`<token>.safetensors` -> {token: embedding}, as diffusers writes them for
-    `pipe.load_textual_inversion(folder, weight_name=...)` (SDXL: cdtool.export_xl's two-encoder files)."""
-    if is_sdxl(delta):
-        return sdxl_token_files(delta)
-    return {f"{t}.safetensors": {t: (e[0] if e.shape[0] == 1 else e).contiguous()} for t, e in delta.tokens.items()}
+    """`<stem>.safetensors` -> {token: embedding}, as diffusers writes them for
+    `pipe.load_textual_inversion(folder, weight_name=...)` (the token is the file's key)."""
+    stems = token_file_stems(delta)
+    if is_sdxl(delta):  # both encoders' rows, as cdtool.export_xl writes them
+        return {f"{stems[t]}.safetensors": sdxl_embedding(delta, t) for t in delta.tokens}
+    return {
+        f"{stems[t]}.safetensors": {t: (e[0] if e.shape[0] == 1 else e).contiguous()} for t, e in delta.tokens.items()
+    }
+
+
+def a1111_embeddings(delta: Delta) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """`<stem>.safetensors` -> (tensors, metadata) of AUTOMATIC1111's embedding file: `emb_params`
+    [n_vectors, dim]; the UI's prompt word is the file's stem, and the token stays in the metadata."""
+    stems = token_file_stems(delta)
+    if is_sdxl(delta):  # the UI reads SDXL embeddings as {clip_l, clip_g}
+        return {f"{stems[t]}.safetensors": (sdxl_embedding(delta, t), {"token": t}) for t in delta.tokens}
+    return {
+        f"{stems[t]}.safetensors": ({"emb_params": e.reshape(-1, e.shape[-1]).contiguous()}, {"token": t})
+        for t, e in delta.tokens.items()
+    }
 
 
 def export(
-    delta: Delta, target: str, path: Path, base: Mapping[str, torch.Tensor] | None, layers_per_block: int = 2
+    delta: Delta,
+    target: str,
+    path: Path,
+    base: Mapping[str, torch.Tensor] | None,
+    *,
+    name: str = "",
+    model: str | None = None,
+    dtype: str = "fp16",
+    samples: Path | None = None,
+    license: str | None = None,
+    layers_per_block: int = 2,
 ) -> list[Path]:
-    """Write `delta` as `target` at `path` (a folder, except for `official`); returns files written.
-    `layers_per_block` is the UNet config's (kohya's SDXL names count it)."""
+    """Write `delta` as `target` into the empty folder `path` (for `official`: the file `path`),
+    with its model card (README.md); returns the files written. Every file named after a token
+    stays inside `path`. `name` is the output folder's
+    name (the card's, and the checkpoint file's); `model` the base (`checkpoint` loads it whole);
+    `layers_per_block` the UNet config's (kohya's SDXL names count it)."""
     from safetensors.torch import save_file
 
     from cdtool.importers import write_official
@@ -115,37 +166,85 @@ def export(
             raise CdtoolError("the official layout stores fine-tuned weights: the base model is needed")
         write_official(delta, path, dict(base))
         return [path]
-    with atomic_dir(path) as tmp:
-        written = []
-        if target == "textual-inversion":
-            if not delta.tokens:
-                raise CdtoolError("the delta has no token embeddings to export as textual inversion")
-            if len(delta.tokens) == 1:  # diffusers' default file name
-                token, emb = next(iter(delta.tokens.items()))
-                state = sdxl_embedding(delta, token) if is_sdxl(delta) else {token: emb.contiguous()}
-                save_file(state, str(tmp / "learned_embeds.safetensors"))
-                written.append("learned_embeds.safetensors")
-        elif delta.layers:
-            if target == "diffusers-lora":
-                save_file(diffusers_lora_state(delta), str(tmp / LORA_FILE))
-                written.append(LORA_FILE)
-            elif target == "kohya":
-                state = kohya_sdxl_state(delta, layers_per_block) if is_sdxl(delta) else kohya_state(delta)
-                save_file(state, str(tmp / "lora.safetensors"), metadata={"ss_network_module": "networks.lora"})
-                written.append("lora.safetensors")
-            else:
-                if base is None:
-                    raise CdtoolError("Custom Diffusion weights are fine-tuned weights: the base model is needed")
-                torch.save(custom_diffusion_state(delta, base), str(tmp / CUSTOM_DIFFUSION_FILE))
-                written.append(CUSTOM_DIFFUSION_FILE)
-        for name, state in token_files(delta).items():
-            if target in ("kohya", "textual-inversion"):  # A1111 embeddings: the file name is the trigger word
-                (tmp / "embeddings").mkdir(exist_ok=True)
-                e = next(iter(state.values()))
-                a1111 = state if is_sdxl(delta) else {"emb_params": e.reshape(-1, e.shape[-1]).contiguous()}
-                save_file(a1111, str(tmp / "embeddings" / name))
-                written.append(f"embeddings/{name}")
-            if target != "kohya":
-                save_file(state, str(tmp / name))
-                written.append(name)
+    written = _write_weights(delta, target, path, base, name or path.name, model, dtype, layers_per_block)
+    if target in DIFFUSERS_TOKEN_TARGETS:
+        for file, state in token_files(delta).items():
+            save_file(state, str(inside(path, file)))  # token names are data from strangers
+            written.append(file)
+    if target in A1111_TOKEN_TARGETS and delta.tokens:
+        (path / EMBEDDINGS).mkdir(exist_ok=True)
+        for file, (state, meta) in a1111_embeddings(delta).items():
+            save_file(state, str(inside(path / EMBEDDINGS, file)), metadata=meta)
+            written.append(f"{EMBEDDINGS}/{file}")
+    if samples is not None:
+        shutil.copyfile(samples, path / SAMPLES_FILE)
+        written.append(SAMPLES_FILE)
+    written.append(_write_card(delta, target, path, name or path.name, written, samples is not None, license))
     return [path / w for w in written]
+
+
+def _write_weights(
+    delta: Delta,
+    target: str,
+    path: Path,
+    base: Mapping[str, torch.Tensor] | None,
+    name: str,
+    model: str | None,
+    dtype: str,
+    layers_per_block: int = 2,
+) -> list[str]:
+    """The target's own weight file(s), relative to `path`."""
+    from safetensors.torch import save_file
+
+    if target == "textual-inversion":
+        if not delta.tokens:
+            raise CdtoolError("the delta has no token embeddings to export as textual inversion")
+        if len(delta.tokens) == 1:  # diffusers' default file name
+            token, emb = next(iter(delta.tokens.items()))
+            state = sdxl_embedding(delta, token) if is_sdxl(delta) else {token: emb.contiguous()}
+            save_file(state, str(path / "learned_embeds.safetensors"))
+            return ["learned_embeds.safetensors"]
+        return []
+    if target == "checkpoint":
+        from cdtool.export_checkpoint import write_checkpoint
+        from cdtool.filenames import safe_stem
+
+        if model is None:
+            raise CdtoolError("a checkpoint holds the whole base model: the base model is needed")
+        file = f"{safe_stem(name)}.safetensors"
+        write_checkpoint(delta, model, path / file, dtype)
+        return [file]
+    if not delta.layers:
+        return []
+    if target == "diffusers-lora":
+        save_file(diffusers_lora_state(delta), str(path / LORA_FILE))
+        return [LORA_FILE]
+    if target == "kohya":
+        state = kohya_sdxl_state(delta, layers_per_block) if is_sdxl(delta) else kohya_state(delta)
+        save_file(state, str(path / "lora.safetensors"), metadata={"ss_network_module": "networks.lora"})
+        return ["lora.safetensors"]
+    if base is None:
+        raise CdtoolError("Custom Diffusion weights are fine-tuned weights: the base model is needed")
+    torch.save(custom_diffusion_state(delta, base), str(path / CUSTOM_DIFFUSION_FILE))
+    return [CUSTOM_DIFFUSION_FILE]
+
+
+def _write_card(
+    delta: Delta, target: str, path: Path, name: str, written: list[str], samples: bool, license: str | None
+) -> str:
+    from cdtool.model_card import CARD, CardInputs, TokenFile, model_card
+
+    stems = token_file_stems(delta)
+    where = f"{EMBEDDINGS}/" if target in A1111_TOKEN_TARGETS else ""
+    token_list = [TokenFile(t, f"{where}{stems[t]}.safetensors", stems[t]) for t in delta.tokens]
+    inputs = CardInputs(
+        delta=delta,
+        target=target,
+        folder_name=name,
+        files=[*written, CARD],
+        token_files=token_list if target in DIFFUSERS_TOKEN_TARGETS + A1111_TOKEN_TARGETS else [],
+        samples=SAMPLES_FILE if samples else None,
+        license=license,
+    )
+    (path / CARD).write_text(model_card(inputs), encoding="utf-8")
+    return CARD

@@ -37,11 +37,6 @@ def sdxl_embedding(delta: Delta, token: str) -> dict[str, torch.Tensor]:
     return {k: e.reshape(-1, e.shape[-1]).contiguous() for k, e in zip(SDXL_EMBEDDING_KEYS, rows, strict=True)}
 
 
-def sdxl_token_files(delta: Delta) -> dict[str, dict[str, torch.Tensor]]:
-    """`<token>.safetensors` -> its two-encoder embedding."""
-    return {f"{t}.safetensors": sdxl_embedding(delta, t) for t in delta.tokens}
-
-
 def kohya_sdxl_state(delta: Delta, layers_per_block: int = 2) -> dict[str, torch.Tensor]:
     """kohya's SDXL LoRA keys (`<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`); the UNet's
     names in the original layout, which counts `layers_per_block` (the UNet config's) per block."""

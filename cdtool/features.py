@@ -92,11 +92,11 @@ class Inception:
 def embed_files(extractor: Any, files: Sequence[Path], batch: int = 32, cache: bool = False) -> torch.Tensor:
     """Features of image files, in order; with `cache`, each file's features are stored on disk
     under (extractor, file sha256) so scoring many runs against one reference set is fast."""
-    from PIL import Image
     from safetensors.torch import load_file, save_file
 
     from cdtool.atomic import atomic_path
     from cdtool.console import progress
+    from cdtool.images import open_image
 
     folder = cache_dir() / "features" / hashlib.sha256(extractor.key.encode()).hexdigest()[:16]
     out: list[torch.Tensor | None] = [None] * len(files)
@@ -113,7 +113,7 @@ def embed_files(extractor: Any, files: Sequence[Path], batch: int = 32, cache: b
             idx = todo[start : start + batch]
             images = []
             for i in idx:
-                with Image.open(files[i]) as im:
+                with open_image(files[i]) as im:
                     images.append(im.convert("RGB"))
             for i, f in zip(idx, extractor(images), strict=True):
                 out[i] = f.contiguous()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdtool.errors import UsageError
+from cdtool.errors import CdtoolError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -25,6 +26,39 @@ def parse_colour(text: str) -> tuple[int, int, int]:
         raise UsageError(f"--background {text!r}: use a colour name, #rrggbb or r,g,b") from e
 
 
+class ImageError(CdtoolError):
+    """An image file that cannot be read; the message names it, `reason` says why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: not a readable image ({reason}); remove or replace it")
+        self.reason = reason
+
+
+def open_image(path: Path | str, data: bytes | None = None) -> Any:
+    """The decoded image (its first frame) at `path`, or from `data` named `path`. Every reader of
+    images goes through here, so a corrupt or truncated file, or one whose size makes it a
+    decompression bomb, is one ImageError naming the file."""
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data) if data is not None else path)
+    except Image.DecompressionBombError as e:
+        raise ImageError(str(path), f"refused as a possible decompression bomb: {e}") from e
+    except Exception as e:  # PIL raises many types for bad files
+        raise ImageError(str(path), _reason(e)) from e
+    try:
+        im.load()  # truncated files fail here, not later
+    except Exception as e:
+        im.close()
+        raise ImageError(str(path), _reason(e)) from e
+    return im
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return text or type(e).__name__
+
+
 @dataclass
 class Loaded:
     image: Any  # PIL RGB image
@@ -34,15 +68,13 @@ class Loaded:
 
 def open_rgb(path: Path, background: tuple[int, int, int]) -> Loaded:
     """Open any image as RGB: first frame, EXIF orientation applied, transparency flattened onto
-    `background`, grayscale/CMYK/16-bit converted. Raises OSError/ValueError when unreadable."""
+    `background`, grayscale/CMYK/16-bit converted. Raises ImageError when unreadable."""
     from PIL import Image, ImageOps
 
     notes: list[str] = []
-    with Image.open(path) as im:
+    with open_image(path) as im:
         if getattr(im, "n_frames", 1) > 1:
             notes.append(f"first of {im.n_frames} frames")
-            im.seek(0)
-        im.load()  # truncated files fail here, not later
         orientation = im.getexif().get(0x0112, 1)
         if orientation not in (1, None):
             notes.append(f"EXIF orientation {orientation} applied")

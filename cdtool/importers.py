@@ -10,6 +10,7 @@ with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,12 @@ from cdtool.delta import (
     check_token_pairs,
     is_cdtool_safetensors,
     read_cdtool,
+    safetensors_metadata,
     write_cdtool,
 )
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.naming import compvis_to_diffusers
+from cdtool.tokens import check_token_name
 
 DIFFUSERS_WEIGHTS = ("pytorch_custom_diffusion_weights.safetensors", "pytorch_custom_diffusion_weights.bin")
 OFFICIAL_DELTA = "delta.bin"
@@ -56,10 +59,17 @@ def read_delta(path: Path) -> Delta:
         return read_cdtool(path)
     kind = _sniff(path)
     if kind == "safetensors":
-        return _from_state(_load_safetensors(path), path)
+        return _checked(_from_state(_load_safetensors(path), path))
     if kind == "pickle":
-        return _from_state(_load_pickle(path), path)
+        return _checked(_from_state(load_pickle(path), path))
     raise CdtoolError(f"{path}: not a delta file (neither safetensors nor a PyTorch checkpoint); is it truncated?")
+
+
+def _checked(delta: Delta) -> Delta:
+    """Token names from a stranger's file are checked where they enter (they become file names)."""
+    for token in delta.tokens:
+        check_token_name(token, delta.origin)
+    return delta
 
 
 def _sniff(path: Path) -> str:
@@ -82,13 +92,17 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         raise CdtoolError(f"{path}: cannot read this safetensors file ({e}); is it truncated?") from e
 
 
-def _load_pickle(path: Path) -> Any:
+def load_pickle(path: Path) -> Any:
+    """A PyTorch pickle, opened only with `weights_only=True`; anything else is refused in one line
+    of cdtool's own (never torch's advice to allow arbitrary code)."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not for cdtool's users
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CdtoolError(
-            f"{path}: refused: the pickle holds more than tensors (possibly code); cdtool loads "
-            "pickles only with weights_only=True; convert it to safetensors where you trust it"
+            f"{path}: refused: the pickle holds more than tensors (possibly code), and cdtool opens "
+            "pickles only as plain tensors; convert it to safetensors where you trust it"
         ) from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CdtoolError(f"{path}: cannot read this PyTorch file ({e}); is it truncated?") from e
@@ -120,13 +134,29 @@ def _from_state(state: Any, path: Path) -> Delta:
         return Delta(
             tokens=tokens, tokens_2=tokens_2, base_kind=SDXL, source_format="token-embeddings", origin=str(path)
         )
-    tokens = _token_file(state)
+    tokens = _token_file(state, path)
     if tokens:
         return Delta(tokens=tokens, source_format="token-embeddings", origin=str(path))
     raise CdtoolError(
-        f"{path}: not a delta file: none of the cdtool, official Custom Diffusion or diffusers "
-        "layouts, and no token embeddings"
+        f"{path}: not a delta: {_looks_like(state)}, in none of the cdtool, official Custom Diffusion, "
+        "diffusers or token-embedding layouts"
     )
+
+
+def _looks_like(state: dict[str, Any]) -> str:
+    """What a file that is not a delta holds, in a few words."""
+    keys = sorted(state)
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "a whole Stable Diffusion checkpoint (`cdtool get-deltas FILE --base BASE` extracts its delta)"
+    if any(k.endswith((".lora_A.weight", ".lora_down.weight")) for k in keys):
+        return "a LoRA (cdtool reads Custom Diffusion deltas; `cdtool export` writes LoRAs)"
+
+    def one(k: str) -> str:
+        v = state[k]
+        return f"{k} {list(v.shape)}" if isinstance(v, torch.Tensor) else f"{k} ({type(v).__name__})"
+
+    more = f", and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return f"{len(keys)} entries ({', '.join(one(k) for k in keys[:3])}{more})"
 
 
 def _layer(value: Any, key: str, path: Path) -> LayerDelta:
@@ -205,45 +235,83 @@ def _from_diffusers(state: dict[str, Any], path: Path) -> Delta:
         module, kind = _CD_SUFFIX[sub]
         _merge_param(layers, f"unet.{proc}.{module}", kind, LayerDelta(full=value, absolute=True))
     delta = Delta(layers=layers, source_format="diffusers-custom-diffusion", origin=str(path))
-    for token_file in sorted(path.parent.glob("<*>.*")):
-        if token_file.suffix in (".safetensors", ".bin"):
-            state_t = _load_safetensors(token_file) if token_file.suffix == ".safetensors" else _load_pickle(token_file)
-            if isinstance(state_t, dict) and _is_sdxl_embedding(state_t):
-                tokens, tokens_2 = _sdxl_embedding(state_t, token_file)
-                delta.tokens.update(tokens)
-                delta.tokens_2.update(tokens_2)
-                delta.base_kind = SDXL
-            else:
-                delta.tokens.update(_token_file(state_t) if isinstance(state_t, dict) else {})
+    _add_tokens_beside(delta, path)
     return delta
+
+
+def _add_tokens_beside(delta: Delta, weights: Path) -> None:
+    """The token files in the folder of diffusers' Custom Diffusion weights, found by content: named
+    `<token>.safetensors` as diffusers writes them, or `new1.safetensors` as cdtool exports them;
+    an SDXL file's two encoders' rows (`clip_l`, `clip_g`) go to both token tables."""
+    for token_file in sorted(weights.parent.iterdir()):
+        if token_file.suffix not in (".safetensors", ".bin") or token_file.name in DIFFUSERS_WEIGHTS:
+            continue
+        state = _load_safetensors(token_file) if token_file.suffix == ".safetensors" else load_pickle(token_file)
+        if not isinstance(state, dict):
+            continue
+        if _is_sdxl_embedding(state):
+            tokens, tokens_2 = _sdxl_embedding(state, token_file)
+            delta.tokens.update(tokens)
+            delta.tokens_2.update(tokens_2)
+            delta.base_kind = SDXL
+        else:
+            delta.tokens.update(_token_file(state, token_file))
 
 
 def _is_sdxl_embedding(state: dict[str, Any]) -> bool:
     """An SDXL embedding file: a token's rows for both text encoders, `clip_l` and `clip_g`."""
-    return set(state) == {"clip_l", "clip_g"} and all(isinstance(v, torch.Tensor) for v in state.values())
+    return set(state) == {"clip_l", "clip_g"} and all(_is_embedding(v) for v in state.values())
 
 
 def _sdxl_embedding(state: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """{token: rows} for each encoder; the token is the file's name, as AUTOMATIC1111 reads it."""
-    return {path.stem: _as_rows(state["clip_l"])}, {path.stem: _as_rows(state["clip_g"])}
+    """{token: rows} for each encoder; the token is the metadata's `token` (as cdtool writes it), else
+    the file's name, as AUTOMATIC1111 reads it."""
+    meta = (safetensors_metadata(path) or {}) if path.suffix == ".safetensors" else {}
+    token = meta.get("token") or path.stem
+    return {token: _as_rows(state["clip_l"])}, {token: _as_rows(state["clip_g"])}
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return (t.reshape(1, -1) if t.dim() == 1 else t).float()
 
 
-def _token_file(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """{token: [n, dim]} from a token-embedding file of a base with one text encoder, or {} when
-    `state` is not one."""
-    if "string_to_param" in state and isinstance(state["string_to_param"], dict):  # A1111 embedding
+# A prompt holds at most 75 tokens between its start and end: no embedding has more vectors.
+MAX_TOKEN_VECTORS = 75
+_PARAMETER_NAMES = {"weight", "bias", "emb_params", "state_dict", "params"}
+
+
+def _token_file(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """{token: [n, dim]} from a token-embedding file, or {} when `state` is not one: A1111's
+    `string_to_param` (.pt) or `emb_params` (.safetensors; the token is the metadata's `token`, as
+    cdtool writes it, else the file's name, as the UI reads it), or diffusers' {token: embedding},
+    whose keys are token names (not parameter names) and whose values are floating-point vectors
+    of one width, at most MAX_TOKEN_VECTORS of them."""
+    if "string_to_param" in state and isinstance(state["string_to_param"], dict):  # A1111 .pt
         name = state.get("name")
-        param = next(iter(state["string_to_param"].values()))
-        return {str(name) if name else "*": _as_rows(param)} if isinstance(param, torch.Tensor) else {}
+        param = next(iter(state["string_to_param"].values()), None)
+        return {str(name) if name else path.stem: _as_rows(param)} if _is_embedding(param) else {}
+    if set(state) == {"emb_params"} and _is_embedding(state["emb_params"]):  # A1111 .safetensors
+        meta = (safetensors_metadata(path) or {}) if path.suffix == ".safetensors" else {}
+        return {meta.get("token") or path.stem: _as_rows(state["emb_params"])}
     if not state or len(state) > 64:
         return {}
-    if all(isinstance(v, torch.Tensor) and v.dim() in (1, 2) for v in state.values()):
-        return {k: _as_rows(v) for k, v in state.items()}
-    return {}
+    names_ok = all(isinstance(k, str) and "." not in k and k not in _PARAMETER_NAMES for k in state)
+    values = list(state.values())
+    if not names_ok or not all(_is_embedding(v) for v in values):
+        return {}
+    if len({v.shape[-1] for v in values}) != 1:
+        return {}
+    return {k: _as_rows(v) for k, v in state.items()}
+
+
+def _is_embedding(v: Any) -> bool:
+    return (
+        isinstance(v, torch.Tensor)
+        and v.is_floating_point()
+        and v.dim() in (1, 2)
+        and (v.dim() == 1 or 1 <= v.shape[0] <= MAX_TOKEN_VECTORS)
+        and v.shape[-1] > 1
+    )
 
 
 DELTA_SUFFIXES = (".safetensors", ".bin")
@@ -255,15 +323,16 @@ def check_delta_output(path: Path) -> None:
         raise UsageError(f"{path}: write a .safetensors (cdtool) or a .bin (official layout) file")
 
 
-def save_delta(delta: Delta, path: Path, base: dict[str, torch.Tensor] | None = None) -> None:
+def save_delta(delta: Delta, path: Path, base: dict[str, torch.Tensor] | None = None, *, replace: bool = True) -> None:
     """Write by extension: `.safetensors` is the cdtool format, `.bin` the official layout
-    (which stores fine-tuned weights, so it needs the base weights)."""
+    (which stores fine-tuned weights, so it needs the base weights). Without `replace`, an
+    existing `path` is a conflict (see cdtool.atomic)."""
     if path.suffix == ".safetensors":
-        write_cdtool(delta, path)
+        write_cdtool(delta, path, replace=replace)
     elif path.suffix == ".bin":
         if base is None:
             raise CdtoolError("writing the official .bin layout needs the base model's weights")
-        write_official(delta, path, base)
+        write_official(delta, path, base, replace=replace)
     else:
         check_delta_output(path)
 
@@ -300,8 +369,8 @@ def _official_rows(e: torch.Tensor) -> torch.Tensor:
     return (e[0] if e.shape[0] == 1 else e).clone()
 
 
-def write_official(delta: Delta, path: Path, base: dict[str, torch.Tensor]) -> None:
+def write_official(delta: Delta, path: Path, base: dict[str, torch.Tensor], *, replace: bool = True) -> None:
     """Write the official `.bin` layout atomically."""
     state = official_state(delta, base)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace=replace) as tmp:
         torch.save(state, str(tmp))

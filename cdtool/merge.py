@@ -14,6 +14,7 @@ from cdtool.choices import LAYER_SETS
 from cdtool.closed_form import prepare, report, solve_layer
 from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import CdtoolError
+from cdtool.tokens import check_token_name
 
 if TYPE_CHECKING:
     from cdtool.conditioning import TextSide
@@ -59,6 +60,8 @@ def rename_tokens(delta: Delta, mapping: Mapping[str, str]) -> Delta:
     """A copy of `delta` with tokens (and the prompts that mention them) renamed."""
     if not mapping:
         return delta
+    for new in mapping.values():
+        check_token_name(new, delta.origin or "merge")
     pattern = re.compile("|".join(re.escape(t) for t in sorted(mapping, key=len, reverse=True)))
 
     def sub(text: str) -> str:

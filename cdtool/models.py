@@ -34,15 +34,22 @@ _PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # the cla
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA when available, else the CPU."""
+    """The one rule for --device in every command: `auto` picks CUDA when available, else the
+    CPU; an unknown device, or one this machine does not have, is a usage error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as e:
-        raise UsageError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CdtoolError(f"--device {device}: CUDA is not available here; use --device cpu")
+        raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu (or auto)")
     return dev
 
 
@@ -183,6 +190,36 @@ def _offline_hint(model: str) -> str:
     return (
         f"download it where there is network (`hf download {model} --local-dir DIR`) and pass "
         "--model DIR, or pass a local diffusers folder or a .safetensors/.ckpt checkpoint"
+    )
+
+
+def check_available(model: str, source: str = "--model") -> None:
+    """Fail now, before a command makes any output, when `model` cannot be loaded from where it is
+    named: a local folder that is not a diffusers model, or a hub id that is neither in the local
+    Hugging Face cache nor downloadable (offline). `source` says where the name came from."""
+    kind = model_kind(model)
+    if kind == "folder" and not (local_path(model) / "model_index.json").is_file():
+        raise CdtoolError(
+            f"{model} ({source}) is not a diffusers model folder (no model_index.json); pass --model with a "
+            "diffusers folder, a .safetensors/.ckpt checkpoint, or a hub id"
+        )
+    if kind != "hub":
+        return
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return
+    if _hub_offline():
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            hf_hub_download(model, "model_index.json")
+            return
+        except Exception as e:  # offline, no such repository, no access
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CdtoolError(
+        f"the model {model} ({source}) is not on this machine and could not be downloaded ({reason}); "
+        f"{_offline_hint(model)} (`--model toy` is built in)"
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cdtool import console
@@ -18,12 +18,16 @@ def load_with_deltas(
     device: str = "auto",
     dtype: str = "auto",
     ignore_base_mismatch: bool = False,
+    on_base: Callable[[Any], None] | None = None,
 ) -> Any:
-    """Load `model`, apply the deltas in float32 on the CPU, then move to device/dtype."""
+    """Load `model`, apply the deltas in float32 on the CPU, then move to device/dtype.
+    `on_base` sees the base pipeline before any delta changes it."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     console.log(f"loading {model}")
     pipe = load_pipeline(model)
+    if on_base is not None:
+        on_base(pipe)
     if deltas:
         apply_deltas(pipe, deltas, ignore_base_mismatch=ignore_base_mismatch, warn=console.warn, model=model)
         for d, scale in deltas:

@@ -11,7 +11,7 @@ from typing import Any
 from cdtool.errors import CdtoolError
 from cdtool.hashing import file_sha256
 from cdtool.imagefolder import METADATA
-from cdtool.images import IMAGE_SUFFIXES, dhash, fit, near_duplicate, open_rgb, pixel_sha256, thumbnail
+from cdtool.images import IMAGE_SUFFIXES, ImageError, dhash, fit, near_duplicate, open_rgb, pixel_sha256, thumbnail
 
 
 @dataclass
@@ -83,10 +83,8 @@ def prepare(
         src = Source(path)
         try:
             loaded = open_rgb(path, background)
-        except Exception as e:  # PIL raises many types for bad files
-            report["unreadable"].append(
-                {"path": str(path), "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
-            )
+        except ImageError as e:
+            report["unreadable"].append({"path": str(path), "error": e.reason})
             continue
         src.sha256 = file_sha256(path)
         src.size = loaded.original_size
@@ -134,10 +132,3 @@ def write_folder(out: Path, kept: list[Source], concept: dict[str, Any]) -> None
         sources.append({"path": str(src.path), "sha256": src.sha256, "file_name": name, "size": list(src.size)})
     (out / METADATA).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (out / "concept.json").write_text(json.dumps(dict(concept, sources=sources), indent=1) + "\n", encoding="utf-8")
-
-
-def same_tree(a: Path, b: Path) -> bool:
-    """True when two folders hold the same files with the same bytes."""
-    fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    fb = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    return fa == fb and all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)

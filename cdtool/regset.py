@@ -4,8 +4,9 @@ the paper found to overfit less) from a local image-caption collection or a clip
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import os
+import shutil
 import tarfile
 import time
 import urllib.error
@@ -20,21 +21,25 @@ import torch
 from cdtool.atomic import atomic_path
 from cdtool.errors import CdtoolError
 from cdtool.imagefolder import METADATA
-from cdtool.images import IMAGE_SUFFIXES
+from cdtool.images import IMAGE_SUFFIXES, ImageError, open_image
 from cdtool.paths import cache_dir
 
 PROVENANCE = "regset.json"
 
 
-def is_valid_image(path: Path) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-        return True
-    except Exception:
+def keep_image(src: Path, dst: Path) -> bool:
+    """Carry a readable image of an earlier set into the new one (a hard link where possible)."""
+    if not src.is_file():
         return False
+    try:
+        open_image(src).close()
+    except ImageError:
+        return False
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return True
 
 
 def write_metadata(out: Path, rows: list[dict[str, Any]], provenance: dict[str, Any]) -> None:
@@ -56,18 +61,15 @@ class Item:
     member: str | None = None
 
     def open(self) -> Any:
-        from PIL import Image
-
+        """The image; ImageError (naming it) when it cannot be read."""
         if self.member is None:
-            im = Image.open(self.path)
-        else:
-            with tarfile.open(self.path) as tar:
-                f = tar.extractfile(self.member)
-                if f is None:
-                    raise OSError(f"{self.member} is not a file")
-                im = Image.open(io.BytesIO(f.read()))
-        im.load()
-        return im
+            return open_image(self.path)
+        name = f"{self.path}::{self.member}"
+        with tarfile.open(self.path) as tar:
+            f = tar.extractfile(self.member)
+            if f is None:
+                raise ImageError(name, "not a file in the shard")
+            return open_image(name, f.read())
 
 
 def scan_collection(root: Path) -> list[Item]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -83,10 +85,40 @@ def resolve_init_token(tokenizer: Any, text: str) -> int:
     raise CdtoolError(f"initialiser token {text!r} is {len(ids)} vocabulary pieces; choose a word that is one piece")
 
 
+MAX_TOKEN_LENGTH = 100
+
+
+def token_name_problem(token: str) -> str | None:
+    """What is wrong with `token` as a token name, or None. Token names are data from strangers
+    (delta files, concept.json) and become file names (`<new1>.safetensors`): one word of printable
+    characters, no path separator, not starting with a dot."""
+    if not token.strip():
+        return "is empty"
+    if len(token) > MAX_TOKEN_LENGTH:
+        return f"is longer than {MAX_TOKEN_LENGTH} characters"
+    if any(c.isspace() for c in token):
+        return "holds white space"
+    if any(unicodedata.category(c).startswith("C") for c in token):
+        return "holds control characters"
+    if "/" in token or "\\" in token:
+        return "holds a path separator"
+    if token.startswith("."):
+        return "starts with a dot"
+    return None
+
+
+def check_token_name(token: str, source: str | Path) -> None:
+    """Refuse a token name read from `source` (a file) that could not be a token (see token_name_problem)."""
+    problem = token_name_problem(token)
+    if problem:
+        raise CdtoolError(f"{source}: token name {token!r} {problem}; a token is one word such as <new1>")
+
+
 def check_new_token(tokenizer: Any, token: str) -> None:
-    """A modifier token must not already mean something."""
-    if not token.strip() or any(c.isspace() for c in token):
-        raise UsageError(f"token {token!r} must be one word without spaces, such as <new1>")
+    """A modifier token must be a valid name (token_name_problem) and not already mean something."""
+    problem = token_name_problem(token)
+    if problem:
+        raise UsageError(f"token {token!r} {problem}; use one word such as <new1>")
     if is_existing_word(tokenizer, token):
         raise CdtoolError(f"token {token!r} already exists in the vocabulary; use a new one such as <new1>")
 

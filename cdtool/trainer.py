@@ -14,13 +14,12 @@ of their mirror images) and the class prompts' text features are computed before
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from cdtool.conditioning import Encoded, TextSide, encode, time_ids, unet_inputs
 from cdtool.data import Example, load_image
 from cdtool.delta import Delta, LayerDelta, read_cdtool
 from cdtool.errors import CdtoolError
-from cdtool.importers import save_delta
+from cdtool.importers import load_pickle, save_delta
 from cdtool.losses import dvar
 from cdtool.methods import Method, method_for
 from cdtool.models import load_pipeline, pipeline_kind
@@ -169,8 +168,10 @@ def train(
     log: Callable[[str], None] = print,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     keep_pipeline: bool = False,
+    replace_output: bool = True,
 ) -> TrainResult:
-    """Train the concepts of `cfg`; writes the delta (main process) and the run folder."""
+    """Train the concepts of `cfg`; writes the delta (main process) and the run folder. Without
+    `replace_output`, a delta written at `cfg.output` meanwhile is a conflict (cdtool.atomic)."""
     started = time.perf_counter()
     method = method_for(cfg.method)
     accelerator = _accelerator(cfg)
@@ -238,7 +239,7 @@ def train(
     run |= {"processes": accelerator.num_processes, "final_loss": last_loss}
     delta = _build_delta(cfg, method, parts, layer_names, base, tokens, run)
     if main:
-        _write_outputs(cfg, delta, base, _read_log(run_dir) if resume else entries)
+        _write_outputs(cfg, delta, base, _read_log(run_dir) if resume else entries, replace_output)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     for h in hooks:
@@ -546,13 +547,7 @@ def _start_run(run_dir: Path, cfg: TrainConfig) -> None:
     """A new run folder: an empty log and the settings (what a resumed run must match)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LOG).write_text("")
-    cfg_doc = asdict(cfg)
-    for c in cfg_doc["concepts"]:
-        c["examples"] = [[str(e["path"]), e["caption"]] for e in c["examples"]]
-        c["reg_examples"] = len(c["reg_examples"])
-    (run_dir / CONFIG).write_text(
-        json.dumps({"config": cfg_doc, "resume_key": _resume_key(cfg), "cdtool": __version__}, indent=1)
-    )
+    (run_dir / CONFIG).write_text(json.dumps({"config": _settings(cfg), "cdtool": __version__}, indent=1))
 
 
 @dataclass
@@ -695,28 +690,69 @@ def _build_delta(
     return delta
 
 
-def _write_outputs(cfg: TrainConfig, delta: Delta, base: _Base, entries: list[dict[str, Any]]) -> None:
+def _write_outputs(
+    cfg: TrainConfig, delta: Delta, base: _Base, entries: list[dict[str, Any]], replace_output: bool
+) -> None:
     """The delta (with the base weights a .bin export needs), its copy in the run folder, the loss curve."""
     base_params = {f"{n}.weight": w for n, w in base.weights.items()} | {f"{n}.bias": b for n, b in base.biases.items()}
-    save_delta(delta, Path(cfg.output), base_params)
+    save_delta(delta, Path(cfg.output), base_params, replace=replace_output)
     save_delta(delta, Path(cfg.run_dir) / DELTA)
     _loss_curve(entries, Path(cfg.run_dir) / LOSS_CURVE)
 
 
-def _resume_key(cfg: TrainConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.fingerprint_fields(), sort_keys=True, default=str).encode()).hexdigest()
+# Resuming: the run folder's config.json holds every setting, so a run continues from it alone.
+# What may differ in a resumed run: how far it goes, how it checkpoints, where it runs and writes.
+RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "device", "output", "run_dir")
 
 
-def resume_config_matches(run_dir: Path, cfg: TrainConfig) -> None:
-    """A resumed run must use the settings of the run it continues (steps may grow)."""
+def _settings(cfg: TrainConfig) -> dict[str, Any]:
+    """`cfg` as config.json records it (examples as [path, caption] pairs)."""
+    doc = asdict(cfg)
+    for c in doc["concepts"]:
+        for key in ("examples", "reg_examples"):
+            c[key] = [[str(e["path"]), e["caption"]] for e in c[key]]
+    return json.loads(json.dumps(doc, default=str))
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The settings a run folder was trained with; refused when it cannot be resumed."""
     path = run_dir / CONFIG
     if not path.exists():
         raise CdtoolError(f"{run_dir} is not a cdtool training run (no {CONFIG})")
-    saved = json.loads(path.read_text())
-    if saved.get("resume_key") != _resume_key(cfg):
-        raise CdtoolError(f"{run_dir} was trained with other settings; resume with the same data, model and options")
+    try:
+        doc = dict(json.loads(path.read_text(encoding="utf-8"))["config"])
+        concepts = [
+            ConceptSpec(
+                token=c["token"],
+                class_noun=c["class_noun"],
+                init_token=c["init_token"],
+                examples=[Example(Path(p), t) for p, t in c["examples"]],
+                reg_examples=[Example(Path(p), t) for p, t in c["reg_examples"]],
+                data=c.get("data", ""),
+                reg=c.get("reg"),
+            )
+            for c in doc.pop("concepts")
+        ]
+        doc["lora_targets"] = tuple(doc["lora_targets"])
+        cfg = TrainConfig(concepts=concepts, **doc)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CdtoolError(f"{path} does not hold the settings of a run this cdtool can resume ({e})") from e
     if latest_checkpoint(run_dir) is None:
         raise CdtoolError(f"{run_dir} has no checkpoint to resume from; use --checkpoint-every N")
+    return cfg
+
+
+def resume_differences(saved: TrainConfig, asked: TrainConfig, given: set[str]) -> list[tuple[str, Any, Any]]:
+    """(setting, asked, saved) for each setting in `given` (TrainConfig field names) that a resumed
+    run may not change and `asked` changes."""
+    a, b = _settings(asked), _settings(saved)
+    return [(k, a[k], b[k]) for k in sorted(given) if k in a and k not in RESUMABLE and a[k] != b[k]]
+
+
+def resumed_config(saved: TrainConfig, asked: TrainConfig, given: set[str]) -> TrainConfig:
+    """The saved settings, with those a resumed run may change taken from `asked` where `given`."""
+    changes = {k: getattr(asked, k) for k in RESUMABLE if k in given}
+    return replace(saved, **changes, run_dir=asked.run_dir)
 
 
 def _save_checkpoint(
@@ -759,7 +795,7 @@ def _load_checkpoint(
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise CdtoolError(f"{run_dir} has no checkpoint to resume from")
-    state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+    state = load_pickle(folder / STATE)
     if set(state["params"]) != set(trainable):
         raise CdtoolError(f"{folder} holds other parameters than this run trains; resume with the same options")
     with torch.no_grad():
@@ -769,7 +805,7 @@ def _load_checkpoint(
     rng_path = rng_file(folder, accelerator.process_index)
     if not rng_path.exists():
         raise CdtoolError(f"{folder} was saved with fewer processes; resume with the same number")
-    rng.load(torch.load(rng_path, weights_only=True))
+    rng.load(load_pickle(rng_path))
     step = int(state["step"])
     if accelerator.is_main_process:  # the log continues from the checkpoint
         kept = [line for line in _read_log(run_dir) if line["step"] <= step]
@@ -828,7 +864,7 @@ def delta_from_run(path: Path) -> Delta:
         if ckpt is None:
             raise CdtoolError(f"{path} holds neither a finished delta nor a checkpoint")
     config = json.loads((run_dir / CONFIG).read_text())["config"]
-    state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+    state = load_pickle(ckpt / STATE)
     delta = Delta(
         base_model=config["model"],
         source_format="cdtool-checkpoint",

@@ -136,23 +136,33 @@ def test_compress_then_merge_and_sample(cli, tmp_path, make_delta):
     assert all(v["rank"] == 4 and v["stored"] == "factors" for v in doc["layers"].values())
     assert doc["size_after"] < doc["size_before"]
     small = read_cdtool(tmp_path / "a4.safetensors")
+    for name, v in doc["layers"].items():  # fp32 factors: 4 bytes per number of up [out, 4] and down [4, in]
+        out_dim, in_dim = v["shape"]
+        assert (
+            v["bytes"]
+            == 4 * 4 * (out_dim + in_dim)
+            == small.layers[name].up.numel() * 4 + small.layers[name].down.numel() * 4
+        )
+    assert doc["capped"] == []
     assert torch.equal(small.tokens["<new1>"], read_cdtool(a).tokens["<new1>"])
     cli("merge", tmp_path / "a4.safetensors", b, "-o", tmp_path / "m.safetensors")
     cli("compress", tmp_path / "m.safetensors", "-o", tmp_path / "m8.safetensors", "--fro", "0.99", "--dtype", "fp16")
     cli("sample", "a <new1> cat", "-d", tmp_path / "m8.safetensors", "-o", tmp_path / "s", "--n", "1", "--steps", "2")
-    assert (tmp_path / "s" / "000-a-new1-cat-s0.png").exists()
+    assert (tmp_path / "s" / "000-a-new1-cat-257ab73f-s0.png").exists()
 
 
 def test_compress_cap_and_exactness(cli, tmp_path, make_delta):
     (a,) = _write_concepts(tmp_path, make_delta, 1)
     r = cli("compress", a, "-o", tmp_path / "big.safetensors", "--rank", "500", "--json")
-    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
-    assert f"{name}: rank 500 exceeds the layer's size; kept all 32\n" in r.stderr
-    assert (
-        f"{name}: rank 32, energy 1.000, frobenius 1.000, stored dense (rank-32 factors would not be smaller)\n"
-        in r.stderr
+    doc = json.loads(r.stdout)
+    size_in, size_out = doc["size_before"], doc["size_after"]
+    assert r.stderr == (
+        "--rank 500 exceeds the size of 14 layers; they keep their full rank\n"
+        "14 layers: rank 32, energy kept 1.000, frobenius kept 1.000, 14 stored dense (factors would not be "
+        f"smaller); {size_in:,} -> {size_out:,} bytes ({size_out / size_in:.1%})\n"
     )
-    assert {v["stored"] for v in json.loads(r.stdout)["layers"].values()} == {"dense"}
+    assert {v["stored"] for v in doc["layers"].values()} == {"dense"}
+    assert len(doc["capped"]) == 14
     full = read_cdtool(tmp_path / "big.safetensors")
     orig = read_cdtool(a)
     for name, layer in orig.layers.items():
@@ -246,3 +256,26 @@ def test_merge_warns_when_the_merged_delta_blows_up(cli, tmp_path, make_delta):
         f"Warning: in {growth['layer']} the merged delta changes the keys/values of ordinary captions "
         f"{growth['ratio']:.0f}x as much as its largest input does" in r.stderr
     )
+
+
+def test_compress_table_on_a_terminal_summary_line_elsewhere(cli, tmp_path, make_delta, monkeypatch):
+    from rich.console import Console
+
+    from cdtool import console
+
+    (a,) = _write_concepts(tmp_path, make_delta, 1)
+    plain = cli("compress", a, "-o", tmp_path / "p.safetensors", "--rank", "2")
+    assert plain.stderr.count("\n") == 1 and plain.stderr.startswith("14 layers: rank 2, energy kept ")
+    monkeypatch.setattr(
+        console, "_err", Console(stderr=True, force_terminal=True, color_system=None, width=250, highlight=False)
+    )
+    shown = cli("compress", a, "-o", tmp_path / "t.safetensors", "--rank", "2").stderr
+    lines = shown.splitlines()
+    assert lines[0].strip() == "cdtool compress" and lines[-1] == plain.stderr.strip()
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if "attn2.to_" in line]
+    assert len(rows) == 14
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    row = next(r for r in rows if r[0] == name)
+    assert row[1:3] == ["32x32", "2"] and row[5:] == ["factors", f"{4 * 2 * (32 + 32):,}"]
+    quiet = cli("compress", a, "-o", tmp_path / "q.safetensors", "--rank", "2", "-q", "--force").stderr
+    assert quiet == ""

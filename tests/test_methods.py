@@ -75,11 +75,11 @@ def test_textual_inversion_export_loads_in_diffusers(cli, tmp_path, concept_dirs
     )
     files = cli("export", out, "--to", "textual-inversion", "-o", tmp_path / "ti").stdout.split()
     assert str(tmp_path / "ti" / "learned_embeds.safetensors") in files
-    assert str(tmp_path / "ti" / "embeddings" / "<new1>.safetensors") in files
+    assert str(tmp_path / "ti" / "embeddings" / "new1.safetensors") in files
     pipe = build_tiny_pipeline()
     pipe.load_textual_inversion(str(tmp_path / "ti" / "learned_embeds.safetensors"))
     a1111 = build_tiny_pipeline()
-    a1111.load_textual_inversion(str(tmp_path / "ti" / "embeddings" / "<new1>.safetensors"), token="<new1>")
+    a1111.load_textual_inversion(str(tmp_path / "ti" / "embeddings" / "new1.safetensors"), token="<new1>")
     ours = _ours(out, "a photo of a <new1>")
     assert torch.allclose(_unet_out(pipe, "a photo of a <new1>"), ours, atol=1e-5)
     assert torch.allclose(_unet_out(a1111, "a photo of a <new1>"), ours, atol=1e-5)

@@ -140,7 +140,8 @@ def test_train_consumes_regset(cli, tmp_path, collection, concept_dirs):
     # the prior term doubles the scaled rate (1e-5 x batch 1 x 2): the class images were used
     assert json.loads(r.stdout)["learning_rate"] == 2e-5
     run = json.loads((tmp_path / "c.run" / "config.json").read_text())["config"]
-    assert [(c["reg"], c["reg_examples"]) for c in run["concepts"]] == [(str(out), 3)]
+    assert [(c["reg"], len(c["reg_examples"])) for c in run["concepts"]] == [(str(out), 3)]
+    assert run["concepts"][0]["reg_examples"][0] == [str(out / "00000.png"), "a bowl of soup"]
     assert read_cdtool(delta).concepts[0]["reg"] == str(out)
 
 
@@ -214,3 +215,27 @@ def test_knn_service_down(cli, tmp_path):
         code=1,
     )
     assert "did not answer after 2 tries" in r.stderr
+
+
+def test_offline_without_a_model_fails_before_making_the_output(cli, tmp_path, monkeypatch):
+    from conftest import one_error
+
+    monkeypatch.delenv("CDTOOL_MODEL", raising=False)
+    out = tmp_path / "reg" / "cat"
+    default = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    r = cli("regset", "cat", "-o", out, "--n", "2", code=1)
+    assert one_error(r) == (
+        f"Error: the model {default} (the default: no --model given) is not on this machine and could not be "
+        f"downloaded (HF_HUB_OFFLINE is set); download it where there is network (`hf download {default} "
+        "--local-dir DIR`) and pass --model DIR, or pass a local diffusers folder or a .safetensors/.ckpt "
+        "checkpoint (`--model toy` is built in)"
+    )
+    assert not (tmp_path / "reg").exists()
+    monkeypatch.setenv("CDTOOL_MODEL", str(tmp_path / "not-a-model"))
+    (tmp_path / "not-a-model").mkdir()
+    r = cli("regset", "cat", "-o", out, "--n", "2", code=1)
+    assert one_error(r) == (
+        f"Error: {tmp_path / 'not-a-model'} ($CDTOOL_MODEL) is not a diffusers model folder (no model_index.json); "
+        "pass --model with a diffusers folder, a .safetensors/.ckpt checkpoint, or a hub id"
+    )
+    assert not (tmp_path / "reg").exists()

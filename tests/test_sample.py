@@ -23,16 +23,20 @@ def test_sample_with_and_without_delta(cli, tmp_path, make_delta):
     cli("sample", "a photo of a <new1> cat", "-o", tmp_path / "b", *args, "--delta", delta)
     cli("sample", "a photo of a cat", "-o", tmp_path / "c", *args)
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    assert _pngs(a) == ["000-a-photo-of-a-new1-cat-s7.png", "000-a-photo-of-a-new1-cat-s8.png", "grid.png"]
+    assert _pngs(a) == [
+        "000-a-photo-of-a-new1-cat-14e2062a-s7.png",
+        "000-a-photo-of-a-new1-cat-14e2062a-s8.png",
+        "grid.png",
+    ]
     for name in _pngs(b):
         assert (a / name).read_bytes() == (b / name).read_bytes()  # same seed: byte-identical
         with Image.open(a / name) as im:
             assert im.size == (64, 64) and im.mode == "RGB"
     with Image.open(a / "grid.png") as im:
         assert im.size == (128, 64)
-    first = "000-a-photo-of-a-new1-cat-s7.png"
-    assert (a / first).read_bytes() != (c / "000-a-photo-of-a-cat-s7.png").read_bytes()
-    assert (a / first).read_bytes() != (a / "000-a-photo-of-a-new1-cat-s8.png").read_bytes()
+    first = "000-a-photo-of-a-new1-cat-14e2062a-s7.png"
+    assert (a / first).read_bytes() != (c / "000-a-photo-of-a-cat-ba792b3f-s7.png").read_bytes()
+    assert (a / first).read_bytes() != (a / "000-a-photo-of-a-new1-cat-14e2062a-s8.png").read_bytes()
     prompts = json.loads((a / "prompts.json").read_text())
     assert prompts[first] == "a photo of a <new1> cat"
 
@@ -42,7 +46,7 @@ def test_rerun_skips_existing_and_force_regenerates(cli, tmp_path):
     cli("sample", "x", "-o", out, "--model", "tiny", "--n", "1", "--steps", "2")
     r = cli("sample", "x", "-o", out, "--model", "tiny", "--n", "2", "--steps", "2", "--json")
     doc = json.loads(r.stdout)
-    assert doc["skipped"] == ["000-x-s0.png"] and doc["generated"] == ["000-x-s1.png"]
+    assert doc["skipped"] == ["000-x-2d711642-s0.png"] and doc["generated"] == ["000-x-2d711642-s1.png"]
     r = cli("sample", "x", "-o", out, "--model", "tiny", "--n", "2", "--steps", "2", "--json", "--force")
     assert len(json.loads(r.stdout)["generated"]) == 2
 
@@ -69,7 +73,7 @@ def test_prompts_file_and_scale(cli, tmp_path, make_delta):
         "--scheduler",
         "euler-a",
     )
-    assert _pngs(out) == ["000-one-s0.png", "001-two-s0.png"]
+    assert _pngs(out) == ["000-one-7692c3ad-s0.png", "001-two-3fc4ccfe-s0.png"]
 
 
 def test_bad_inputs_write_nothing(cli, tmp_path, make_delta):

@@ -198,3 +198,66 @@ def test_oracle_metric_judges_toy_samples_against_their_prompts(cli, tmp_path):
     table = cli("score", folder, "--metrics", "oracle").stdout
     assert "concept" in table and "drift" in table
     cli("score", folder, "--metrics", "oracle,clip-i", code=2)
+
+
+def test_per_prompt_table_and_reports(cli, folders, tiny_dino, tmp_path):
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from conftest import one_error
+    from PIL import Image
+
+    ref, s1, _ = folders
+    args = ("score", s1, "--ref", ref, *MODELS, "--dino", tiny_dino, "--metrics", "clip-t,clip-i,dino")
+    doc = json.loads(cli(*args, "--json", "--per-image").stdout)
+    table = cli(*args).stdout
+    assert f"\nper prompt: {s1}\n" in table
+    for entry in doc["runs"][0]["per_prompt"]:
+        row = next(line for line in table.splitlines() if entry["prompt"] in line)
+        cells = [c.strip() for c in row.split("│")[1:-1]]
+        want = [str(entry["n"])] + [f"{entry[k]['mean']:.4f}" for k in ("clip_t", "clip_i", "dino")]
+        assert cells[1:] == want
+
+    page = tmp_path / "report.html"
+    r = cli(*args, "--report", page)
+    assert r.stdout == table and "wrote " + str(page) in r.stderr
+
+    class Images(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.found: list[tuple[str, str]] = []
+            self.captions: list[str] = []
+            self._in_caption = False
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "img":
+                self.found.append((a["src"], a["alt"]))
+            self._in_caption = tag == "figcaption"
+
+        def handle_data(self, data):
+            if self._in_caption:
+                self.captions.append(data)
+                self._in_caption = False
+
+    parser = Images()
+    parser.feed(page.read_text(encoding="utf-8"))
+    images = doc["runs"][0]["images"]
+    assert sorted(alt for _, alt in parser.found) == sorted(r["file"] for r in images)
+    for (src, alt), caption in zip(parser.found, parser.captions, strict=True):
+        head, _, data = src.partition(",")
+        assert head == "data:image/png;base64"  # 64 px samples: enlarged pixel for pixel, kept PNG
+        thumb = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert thumb.size == (128, 128)
+        row = next(r for r in images if r["file"] == alt)
+        assert caption == f"{alt}\nCLIP-T {row['clip_t']:.3f}  CLIP-I {row['clip_i']:.3f}\nDINO {row['dino']:.3f}"
+    assert (
+        one_error(cli(*args, "--report", page, code=1)) == f"Error: {page} already exists; pass --force to overwrite it"
+    )
+    picture = tmp_path / "report.png"
+    cli(*args, "--report", picture)
+    with Image.open(picture) as im:  # per prompt a label line, then its two 128 px images with two caption lines
+        assert im.size == (320, 2 * (14 + 128 + 2 * 14 + 4))
+    bad = cli(*args, "--report", tmp_path / "report.pdf", code=2)
+    assert one_error(bad) == f"Error: --report {tmp_path / 'report.pdf'}: give a .html or .png file"

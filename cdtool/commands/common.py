@@ -91,6 +91,26 @@ def pick_model(model: str | None, recorded: list[str] | None = None) -> str:
     return model_reference(os.environ.get("CDTOOL_MODEL", DEFAULT_MODEL))
 
 
+def model_source(model: str | None, recorded: list[str] | None = None) -> str:
+    """Where `pick_model` takes the base from, as an error message names it."""
+    if model:
+        return "--model"
+    if any(recorded or []):
+        return "the base the delta records"
+    if os.environ.get("CDTOOL_MODEL"):
+        return "$CDTOOL_MODEL"
+    return "the default: no --model given"
+
+
+def pick_available_model(model: str | None, recorded: list[str] | None = None) -> str:
+    """`pick_model`, checked to be loadable now (before the command makes any output)."""
+    from cdtool.models import check_available
+
+    model_id = pick_model(model, recorded)
+    check_available(model_id, model_source(model, recorded))
+    return model_id
+
+
 def pick_alias(value: Any, alias: Any, name: str, alias_name: str) -> Any:
     """An option given under its name or its other name (not both, with different values)."""
     if value is not None and alias is not None and value != alias:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from cdtool import __version__, console
-from cdtool.atomic import check_writable
+from cdtool.atomic import claim_output
 from cdtool.commands.common import (
     DeltaOutputOpt,
     Dtype,
@@ -21,7 +21,7 @@ from cdtool.commands.common import (
     examples,
     pick_model,
 )
-from cdtool.errors import UsageError
+from cdtool.errors import CdtoolError, UsageError
 from cdtool.hashing import file_sha256
 
 EXAMPLES = examples(
@@ -78,7 +78,7 @@ def compress(
     if not chosen:
         energy = 0.6
     check_delta_output(output)
-    check_writable(output, force)
+    claim = claim_output(output, "compress", force, inputs=[source])
     delta = read_delta(source)
     base = None
     if delta.needs_base or output.suffix == ".bin":
@@ -87,7 +87,7 @@ def compress(
         base = load_base_params(pick_model(model, [delta.base_model]), fingerprint_names(delta))
         delta = delta.relative_to(base) if delta.needs_base else delta
     if not delta.layers:
-        raise UsageError(f"{source} has no layers to compress (tokens only)")
+        raise CdtoolError(f"{source} has no layers to compress (tokens only)")
     out = Delta(
         tokens=delta.tokens,
         tokens_2=delta.tokens_2,
@@ -98,11 +98,12 @@ def compress(
         created_by=f"cdtool {__version__} compress",
     )
     rows: dict[str, dict[str, Any]] = {}
+    capped = []
     target = DTYPES[dtype.value]
     for name, layer in sorted(delta.layers.items()):
         t = truncate(layer.dense(), rank=rank, energy=energy, fro=fro, method=svd.value, seed=seed)
         if t.capped:
-            console.log(f"{name}: rank {rank} exceeds the layer's size; kept all {t.rank}")
+            capped.append(name)
         dense = factors_are_larger(layer.shape, t.rank)
         if dense:  # the whole ΔW where nothing was cut, else the rank-k approximation, as one matrix
             full = layer.dense() if t.rank == min(layer.shape) else t.up @ t.down
@@ -116,6 +117,7 @@ def compress(
             "shape": list(layer.shape),
             "was_rank": layer.rank,
             "stored": "dense" if dense else "factors",
+            "bytes": _stored_bytes(out.layers[name]),
         }
     out.provenance = dict(
         delta.provenance,
@@ -129,18 +131,78 @@ def compress(
             "svd": svd.value,
         },
     )
-    save_delta(out, output, base)
+    with claim.staged() as tmp:
+        save_delta(out, tmp, base)
     size_in = source.stat().st_size if source.is_file() else None
     size_out = output.stat().st_size
-    for name, r in rows.items():
-        how = f", stored dense (rank-{r['rank']} factors would not be smaller)" if r["stored"] == "dense" else ""
-        console.log(f"{name}: rank {r['rank']}, energy {r['energy']:.3f}, frobenius {r['fro']:.3f}{how}")
-    if size_in:
-        console.log(f"size: {size_in:,} -> {size_out:,} bytes ({size_out / size_in:.1%})")
+    if capped:
+        console.log(f"--rank {rank} exceeds the size of {_count(len(capped), 'layer')}; they keep their full rank")
+    _layer_table(rows)
+    console.log(compress_summary(rows, size_in, size_out))
     if json_out:
-        console.result_json({"output": str(output), "layers": rows, "size_before": size_in, "size_after": size_out})
+        console.result_json(
+            {
+                "output": str(output),
+                "layers": rows,
+                "capped": capped,
+                "size_before": size_in,
+                "size_after": size_out,
+            }
+        )
     else:
         console.result(str(output))
+
+
+def _stored_bytes(layer: Any) -> int:
+    """The bytes a layer's tensors take in the file (factors or the dense ΔW, and its bias)."""
+    tensors = [t for t in (layer.full, layer.up, layer.down, layer.bias) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _span(values: list[float], fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}-{hi:{fmt}}"
+
+
+def compress_summary(rows: dict[str, dict[str, Any]], size_in: int | None, size_out: int) -> str:
+    """One line for all layers: ranks, kept shares, how many are stored dense, the file sizes."""
+    ranks = [r["rank"] for r in rows.values()]
+    dense = sum(r["stored"] == "dense" for r in rows.values())
+    line = (
+        f"{_count(len(rows), 'layer')}: rank {_span(ranks, 'd')}, energy kept {_span([r['energy'] for r in rows.values()], '.3f')}, "
+        f"frobenius kept {_span([r['fro'] for r in rows.values()], '.3f')}"
+    )
+    if dense:
+        line += f", {dense} stored dense (factors would not be smaller)"
+    if size_in:
+        return f"{line}; {size_in:,} -> {size_out:,} bytes ({size_out / size_in:.1%})"
+    return f"{line}; {size_out:,} bytes"
+
+
+def _layer_table(rows: dict[str, dict[str, Any]]) -> None:
+    """Every layer in one table, on a terminal only (elsewhere the summary line stands for it)."""
+    if not console.interactive():
+        return
+    from rich.table import Table
+
+    table = Table(title="cdtool compress", title_justify="left")
+    for label in ("layer", "shape", "rank", "energy", "frobenius", "stored", "bytes"):
+        table.add_column(label, justify="left" if label in ("layer", "stored") else "right", no_wrap=label == "layer")
+    for name, r in rows.items():
+        table.add_row(
+            name,
+            "x".join(map(str, r["shape"])),
+            str(r["rank"]),
+            f"{r['energy']:.3f}",
+            f"{r['fro']:.3f}",
+            r["stored"],
+            f"{r['bytes']:,}",
+        )
+    console.print_table(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,9 +15,9 @@ from typing import Annotated, Any
 import typer
 
 from cdtool import console
+from cdtool.atomic import builds_folder
 from cdtool.choices import TOY
 from cdtool.commands.common import FolderOutputOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command, examples
-from cdtool.errors import CdtoolError
 from cdtool.inprocess import InProcess
 from cdtool.toy.photos import PERSONAL as CONCEPTS
 from cdtool.toy.photos import toy_captions, write_photos
@@ -31,6 +31,7 @@ PROMPTS = (
 )
 
 
+@builds_folder("demo")  # checks the folder first; replaces an earlier demo only when this one is complete
 def demo(
     output: FolderOutputOpt = Path("demo-out"),
     model: Annotated[
@@ -47,6 +48,14 @@ def demo(
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 4.0,
     rank: Annotated[int, typer.Option("--rank", min=1, help="Rank of the compressed merged deltas.")] = 4,
     seed: SeedOpt = 0,
+    photos_only: Annotated[
+        bool,
+        typer.Option(
+            "--photos-only",
+            help="Only render the toy concepts' photos (OUTPUT/new1-star, OUTPUT/new2-circle: JPEGs with "
+            "caption files), to run the commands on them yourself.",
+        ),
+    ] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -59,16 +68,19 @@ def demo(
     delta, the paper's closed-form merge, the least-squares merge; labelled in the picture) and
     OUTPUT/scores.json (concept fidelity, prompt fidelity and prior drift of each column).
     """
-    if output.exists() and any(output.iterdir()):
-        if not force:
-            raise CdtoolError(f"{output} exists and is not empty; pass --force to replace it")
-        import shutil
-
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     run = InProcess(quiet)
     rng = random.Random(seed)
+    if photos_only:
+        folders = [output / name for _, _, name in CONCEPTS]
+        for (token, _, _), folder in zip(CONCEPTS, folders, strict=True):
+            write_photos(folder, token, rng)
+        if json_out:
+            console.result_json({"photos": [str(f) for f in folders]})
+        else:
+            for folder in folders:
+                console.result(str(folder))
+        return
     deltas = _train_concepts(run, output, rng, model, steps, lr, reg_images, sample_steps, guidance, seed)
     merge_captions = output / "toy-captions.txt"
     merge_captions.write_text("\n".join(toy_captions(rng, None, 400)) + "\n")

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cdtool import console
-from cdtool.atomic import check_writable
-from cdtool.commands.common import ForceOpt, JsonOpt, ModelOpt, QuietOpt, cdtool_command, examples, pick_model
-from cdtool.errors import UsageError
+from cdtool.atomic import claim_output
+from cdtool.commands.common import (
+    ForceOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    cdtool_command,
+    examples,
+    pick_available_model,
+    pick_model,
+)
+from cdtool.errors import CdtoolError, UsageError
 
 
 class Target(str, Enum):
@@ -20,6 +29,13 @@ class Target(str, Enum):
     diffusers_custom_diffusion = "diffusers-custom-diffusion"
     official = "official"
     textual_inversion = "textual-inversion"
+    checkpoint = "checkpoint"
+
+
+class CheckpointDtype(str, Enum):
+    fp16 = "fp16"
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 def export(
@@ -27,20 +43,42 @@ def export(
     to: Annotated[Target, typer.Option("--to", help="Target layout.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (a .bin file for --to official).")],
     model: ModelOpt = None,
+    dtype: Annotated[
+        CheckpointDtype | None, typer.Option("--dtype", help="checkpoint: the weights' type.", show_default="fp16")
+    ] = None,
+    samples: Annotated[
+        Path | None,
+        typer.Option(
+            "--samples",
+            help="A picture for the model card (samples.png in the folder); default: the training run's samples.png.",
+        ),
+    ] = None,
+    license: Annotated[
+        str | None,
+        typer.Option(
+            "--license",
+            help="The model card's license (a Hub license id); default: the base's where known "
+            "(creativeml-openrail-m for Stable Diffusion 1.x), else other.",
+        ),
+    ] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Export a delta for other tools.
+    """Export a delta for other tools; every folder gets a model card (README.md, in the Hub's layout).
 
-    diffusers-lora: pytorch_lora_weights.safetensors (pipe.load_lora_weights) and <token>.safetensors
-    (pipe.load_textual_inversion). kohya: lora.safetensors with alphas, and A1111 embeddings.
-    diffusers-custom-diffusion: pytorch_custom_diffusion_weights.bin and <token>.safetensors, the
-    layout of diffusers' train_custom_diffusion.py; load with pipe.unet.load_attn_procs(DIR,
+    diffusers-lora: pytorch_lora_weights.safetensors (pipe.load_lora_weights) and a token file per
+    token (pipe.load_textual_inversion). kohya: lora.safetensors with alphas, and AUTOMATIC1111
+    embeddings/. diffusers-custom-diffusion: pytorch_custom_diffusion_weights.bin and the token
+    files, the layout of diffusers' train_custom_diffusion.py; load with pipe.unet.load_attn_procs(DIR,
     weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=pipe) (without _pipeline diffusers
     silently loads nothing) and pipe.load_textual_inversion. official: the official delta.bin.
-    textual-inversion: learned_embeds.safetensors / <token>.safetensors for pipe.load_textual_inversion
-    and A1111 embeddings/.
+    textual-inversion: learned_embeds.safetensors and the token files for pipe.load_textual_inversion,
+    and AUTOMATIC1111 embeddings/. checkpoint: the base model with the delta applied, one
+    FOLDER.safetensors in the original Stable Diffusion layout (AUTOMATIC1111, ComfyUI,
+    StableDiffusionPipeline.from_single_file), and the tokens as AUTOMATIC1111 embeddings/.
+    A token's file is named without < and > (Windows-safe): <new1> is new1.safetensors, and the token
+    is inside the file.
     An SDXL delta's token files hold both encoders' rows (clip_l, clip_g: the embedding AUTOMATIC1111
     and ComfyUI read; diffusers loads each with load_textual_inversion(..., text_encoder=, tokenizer=)),
     and its kohya LoRA the original UNet's names (lora_unet_input_blocks_..., lora_te1_, lora_te2_).
@@ -51,10 +89,18 @@ def export(
 
     if to is Target.official and output.suffix != ".bin":
         raise UsageError(f"{output}: --to official writes a .bin file")
-    check_writable(output, force)
+    if dtype is not None and to is not Target.checkpoint:
+        raise UsageError("--dtype is for --to checkpoint")
+    if to is Target.official and (samples is not None or license is not None):
+        raise UsageError("--samples and --license are for the model card of a folder export, not --to official")
+    if samples is not None and not samples.is_file():
+        raise CdtoolError(f"--samples {samples}: no such file")
+    out = claim_output(output, "export", force, folder=to is not Target.official, inputs=[source])
     delta = read_delta(source)
-    base = None
-    if delta.needs_base or to in (Target.official, Target.diffusers_custom_diffusion):
+    base, base_model = None, None
+    if to is Target.checkpoint:
+        base_model = pick_available_model(model, [delta.base_model])
+    elif delta.needs_base or to in (Target.official, Target.diffusers_custom_diffusion):
         from cdtool.base import fingerprint_names, load_base_params, unet_param_names
 
         base_model = pick_model(model, [delta.base_model])
@@ -69,8 +115,21 @@ def export(
     if to is Target.kohya and delta.kind == "sdxl":  # kohya's SDXL names count the UNet's layers per block
         from cdtool.models import unet_config
 
-        per_block = int(unet_config(pick_model(model, [delta.base_model])).get("layers_per_block", 2))
-    files = write_export(delta, to.value, output, base, per_block)
+        per_block = int(unet_config(base_model or pick_model(model, [delta.base_model])).get("layers_per_block", 2))
+    options: dict[str, Any] = {}
+    if to is not Target.official:
+        from cdtool.model_card import run_samples
+
+        options = dict(
+            name=output.name,
+            model=base_model,
+            dtype=(dtype or CheckpointDtype.fp16).value,
+            samples=samples or run_samples(delta, source),
+            license=license,
+            layers_per_block=per_block,
+        )
+    with out.staged() as stage:
+        files = [output / f.relative_to(stage) for f in write_export(delta, to.value, stage, base, **options)]
     console.log(f"wrote {len(files)} file(s) for {to.value}")
     if json_out:
         console.result_json({"output": str(output), "to": to.value, "files": [str(f) for f in files]})
@@ -80,8 +139,8 @@ def export(
 
 
 EXAMPLES = examples(
-    "cdtool export cat.safetensors --to diffusers-custom-diffusion -o cat-diffusers/",
     "cdtool export db.safetensors --to diffusers-lora -o db-lora/",
+    "cdtool export pets.safetensors --to checkpoint -o pets-sd15/",
     "cdtool export cat.safetensors --to official -o delta.bin",
 )
 

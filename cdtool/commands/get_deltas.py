@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cdtool import __version__, console
-from cdtool.atomic import check_writable
+from cdtool.atomic import claim_output
 from cdtool.commands.common import (
     BaseAliasOpt,
     DeltaOutputOpt,
@@ -72,7 +72,7 @@ def get_deltas(
     compressed), and diffusers' pytorch_custom_diffusion_weights + <token> files.
     """
     # the library loads here, not at the top, so that `cdtool get-deltas --help` starts without torch
-    from cdtool.base import fingerprint, fingerprint_names, load_base_params, pipeline_params
+    from cdtool.base import check_token_width, fingerprint, fingerprint_names, load_base_params, pipeline_params
     from cdtool.importers import check_delta_output, read_delta, save_delta
 
     model = pick_alias(model, base, "--model", "--base")
@@ -80,7 +80,7 @@ def get_deltas(
     if not source.exists():
         raise CdtoolError(f"{source}: no such file or folder")
     check_delta_output(output)
-    check_writable(output, force)
+    claim = claim_output(output, "get-deltas", force, inputs=[source])
     if _is_model(source):
         base_model = pick_model(model)
         from cdtool.base import check_kind
@@ -122,6 +122,7 @@ def get_deltas(
             if delta.tokens:
                 from cdtool.models import load_text_side
 
+                check_token_width(delta, params, base_model)
                 vocab = len(load_text_side(base_model).tokenizer)
         if delta.needs_base:
             assert params is not None
@@ -143,7 +144,8 @@ def get_deltas(
     )
     if not delta.concepts:
         delta.concepts = [{"token": t, "class_noun": None, "init_token": None, "prompts": []} for t in delta.tokens]
-    save_delta(delta, output, {k: v for k, v in (params or {}).items()} if output.suffix == ".bin" else None)
+    with claim.staged() as tmp:
+        save_delta(delta, tmp, {k: v for k, v in (params or {}).items()} if output.suffix == ".bin" else None)
     if json_out:
         console.result_json(
             {

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cdtool import __version__, console
-from cdtool.atomic import check_writable
+from cdtool.atomic import claim_output
 from cdtool.commands.common import (
     ForceOpt,
     JsonOpt,
@@ -112,7 +112,7 @@ def merge(
 
         check_delta_output(output)
         if not dry_run:
-            check_writable(output, force)
+            claim = claim_output(output, "merge", force, inputs=[p for p, _ in specs])
     nouns = classes.split("+") if classes else []
     if nouns and len(nouns) != len(specs):
         raise UsageError(f"--classes names {len(nouns)} classes for {len(specs)} inputs")
@@ -147,7 +147,8 @@ def merge(
             _print_analysis(doc)
         return
     assert output is not None
-    _write(merged, output, method, loaded, specs, reg_captions, doc)
+    with claim.staged() as tmp:
+        _write(merged, tmp, method, loaded, specs, reg_captions, doc)
     if json_out:
         console.result_json(dict(doc, output=str(output)))
     else:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cdtool import __version__, console
+from cdtool.atomic import claim_output
 from cdtool.commands.common import FolderOutputOpt, ForceOpt, JsonOpt, QuietOpt, cdtool_command, examples
 from cdtool.errors import CdtoolError
 
@@ -65,17 +64,20 @@ def prep(
     the same inputs changes nothing.
     """
     from cdtool.images import parse_colour
-    from cdtool.prep import expand_inputs, prepare, same_tree, write_folder
+    from cdtool.prep import expand_inputs, prepare, write_folder
 
     bg = parse_colour(background)
     files = expand_inputs(inputs)
     if not files:
         raise CdtoolError(f"no image files found in {', '.join(inputs)}")
+    out = None
     if not dry_run:
         from cdtool.clip_vocab import load_clip_tokenizer
         from cdtool.tokens import check_new_token
 
         check_new_token(load_clip_tokenizer(), token)
+        given = [Path(i) for i in inputs if Path(i).exists()]
+        out = claim_output(output, "prep", force, folder=True, inputs=[*given, *files], defer=True)
     kept, report = prepare(
         files,
         token=token,
@@ -101,7 +103,7 @@ def prep(
     if not kept:
         raise CdtoolError(f"none of the {len(files)} input files is a usable image")
     report.update(output=str(output), size=size, crop=crop.value, written=not dry_run, changed=False)
-    if not dry_run:
+    if out is not None:
         concept = {
             "token": token,
             "class_noun": class_noun,
@@ -112,22 +114,11 @@ def prep(
             "crop": crop.value,
             "created_by": f"cdtool {__version__} prep",
         }
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-        try:
-            write_folder(tmp, kept, concept)
-            if output.exists() and same_tree(tmp, output):
-                console.log(f"{output} is already up to date")
-            elif output.exists() and not force:
-                raise CdtoolError(f"{output} already exists with other contents; pass --force to replace it")
-            else:
-                if output.exists():
-                    shutil.rmtree(output) if output.is_dir() else output.unlink()
-                tmp.rename(output)
-                report["changed"] = True
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        with out.staged() as stage:
+            write_folder(stage, kept, concept)
+        report["changed"] = out.changed
+        if not out.changed:
+            console.log(f"{output} is already up to date")
         console.log(f"{len(kept)} of {len(files)} images written to {output}")
     if json_out:
         console.result_json(report)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from cdtool import __version__, console
+from cdtool.atomic import claim_output
 from cdtool.commands.common import (
     DeviceOpt,
     DtypeOpt,
@@ -23,9 +23,10 @@ from cdtool.commands.common import (
     SeedOpt,
     cdtool_command,
     examples,
-    pick_model,
+    pick_available_model,
 )
 from cdtool.errors import CdtoolError, UsageError
+from cdtool.images import ImageError, open_image
 
 
 def regset(
@@ -86,7 +87,7 @@ def regset(
     valid images already there are kept.
     """
     # the library loads here, not at the top, so that `cdtool regset --help` starts without torch
-    from cdtool.regset import PROVENANCE, write_metadata
+    from cdtool.regset import write_metadata
 
     text = prompt.replace("{class}", class_noun)
     texts = [text]
@@ -94,50 +95,64 @@ def regset(
         if source != "generate":
             raise UsageError("--prompts is for --from generate; retrieval ranks by --prompt")
         texts = _read_prompts(prompts, class_noun)
-    config = {"class": class_noun, "from": source, "prompt": texts[0] if len(texts) == 1 else texts, "n": n}
-    existing = output / PROVENANCE
-    if existing.exists() and not force:
-        old = json.loads(existing.read_text())
-        if {k: old.get(k) for k in ("class", "from", "prompt")} != {k: config[k] for k in ("class", "from", "prompt")}:
-            raise CdtoolError(
-                f"{output} holds another regularisation set ({old.get('class')!r} from {old.get('from')}); pass --force to replace it"
-            )
-    elif output.exists() and any(output.iterdir()) and not existing.exists() and not force:
-        raise CdtoolError(f"{output} exists and is not a regularisation set; pass --force to write into it")
-    if force and output.exists():
-        import shutil
-
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+    inputs = [prompts] if prompts is not None else []
+    model_id = pick_available_model(model) if source == "generate" else ""  # before any output exists
     if source == "generate":
-        doc = _generate(
-            class_noun,
-            texts,
-            output,
-            n,
-            steps,
-            guidance,
-            resolution,
-            batch_size,
-            scheduler.value,
-            seed,
-            pick_model(model),
-            device,
-            dtype,
-        )
-    elif source.startswith("knn:"):
-        doc = _knn(source[len("knn:") :], text, output, n, min_sim, knn_index, timeout, retries)
-    else:
-        path = Path(source)
-        if not path.is_dir():
+        from cdtool.models import resolve_device
+        from cdtool.sampling import check_size
+
+        resolve_device(device)
+        check_size(resolution, "--resolution")
+    elif not source.startswith("knn:"):
+        if not Path(source).is_dir():
             raise UsageError(f"--from {source!r}: give generate, knn:URL, or an existing collection folder")
-        doc = _retrieve(path, text, output, n, min_sim, clip_model, clip_pretrained)
-    doc.update(config, created_by=f"cdtool {__version__} regset", output=str(output))
-    write_metadata(output, doc.pop("rows"), doc)
+        inputs.append(Path(source))
+    config = {"class": class_noun, "from": source, "prompt": texts[0] if len(texts) == 1 else texts, "n": n}
+    old = _provenance(output)
+    same_set = old is not None and all(old.get(k) == config[k] for k in ("class", "from", "prompt"))
+    out = claim_output(output, "regset", force or same_set, folder=True, inputs=inputs, defer=True)
+    if out.existed and not (force or same_set):
+        what = f"{old.get('class')!r} from {old.get('from')}" if old else "another kind"
+        raise CdtoolError(f"{output} holds another regularisation set ({what}); pass --force to replace it")
+    with out.staged() as stage:
+        if source == "generate":
+            doc = _generate(
+                class_noun,
+                texts,
+                stage,
+                output if same_set and not force else None,
+                n,
+                steps,
+                guidance,
+                resolution,
+                batch_size,
+                scheduler.value,
+                seed,
+                model_id,
+                device,
+                dtype,
+            )
+        elif source.startswith("knn:"):
+            doc = _knn(source[len("knn:") :], text, stage, n, min_sim, knn_index, timeout, retries)
+        else:
+            doc = _retrieve(Path(source), text, stage, n, min_sim, clip_model, clip_pretrained)
+        doc.update(config, created_by=f"cdtool {__version__} regset", output=str(output))
+        write_metadata(stage, doc.pop("rows"), doc)
     if json_out:
         console.result_json(doc)
     else:
         console.result(str(output))
+
+
+def _provenance(folder: Path) -> dict[str, Any] | None:
+    """The regset.json of an earlier set in `folder`, if there is a readable one."""
+    from cdtool.regset import PROVENANCE
+
+    try:
+        doc = json.loads((folder / PROVENANCE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _read_prompts(path: Path, noun: str) -> list[str]:
@@ -157,6 +172,7 @@ def _generate(
     noun: str,
     texts: list[str],
     out: Path,
+    earlier: Path | None,
     n: int,
     steps: int,
     guidance: float,
@@ -168,11 +184,11 @@ def _generate(
     device: str,
     dtype: str,
 ) -> dict[str, Any]:
-    from cdtool.regset import is_valid_image
+    from cdtool.regset import keep_image
     from cdtool.sampling import Job, generate, save_png, set_scheduler
 
     jobs = [Job(texts[i % len(texts)], 0, seed + i, f"{i:05d}.png") for i in range(n)]
-    todo = [j for j in jobs if not ((out / j.file_name).exists() and is_valid_image(out / j.file_name))]
+    todo = [j for j in jobs if earlier is None or not keep_image(earlier / j.file_name, out / j.file_name)]
     if len(todo) < n:
         console.log(f"{n - len(todo)} of {n} images already there; generating {len(todo)}")
     if todo:
@@ -182,7 +198,7 @@ def _generate(
         set_scheduler(pipe, scheduler)
         size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         start = time.perf_counter()
-        with console.progress("generating", len(todo)) as bar:
+        with console.progress("generating", len(todo), plain=True) as bar:
             for k, (job, image) in enumerate(
                 generate(
                     pipe,
@@ -243,7 +259,8 @@ def _retrieve(
             break
         try:
             image = item.open()
-        except Exception:
+        except ImageError as e:
+            console.warn(f"skipped {e}")
             unreadable += 1
             continue
         name = f"{len(rows):05d}.png"
@@ -270,8 +287,6 @@ def _retrieve(
 def _knn(
     url: str, text: str, out: Path, n: int, min_sim: float, index: str, timeout: float, retries: int
 ) -> dict[str, Any]:
-    from PIL import Image
-
     from cdtool.regset import download, knn_query
 
     results = knn_query(url, text, n * 2, index, timeout, retries)
@@ -282,9 +297,8 @@ def _knn(
         if len(rows) == n:
             break
         try:
-            image = Image.open(io.BytesIO(download(r["url"], timeout, retries)))
-            image.load()
-        except Exception:
+            image = open_image(r["url"], download(r["url"], timeout, retries))
+        except (CdtoolError, ImageError):
             failed += 1
             continue
         name = f"{len(rows):05d}.png"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cdtool import console
-from cdtool.atomic import atomic_path
+from cdtool.atomic import atomic_path, probe_writable
 from cdtool.commands.common import (
     DeltaOpt,
     DeviceOpt,
@@ -25,9 +25,10 @@ from cdtool.commands.common import (
     cdtool_command,
     examples,
     parse_scaled,
-    pick_model,
+    pick_available_model,
 )
 from cdtool.errors import CdtoolError, UsageError
+from cdtool.hashing import path_sha256
 
 PROMPTS_FILE = "prompts.json"
 
@@ -84,13 +85,15 @@ def sample(
     """Generate images with the base model and any deltas applied.
 
     Image k of each prompt starts from noise seeded with seed+k and drawn on the CPU, so a seed
-    names the same images on any device (same seed and batch size: identical files). Existing
-    images are kept (not regenerated) unless --force.
+    names the same images on any device (same seed and batch size: identical files). An existing
+    image is kept when the request that made it (recorded in the PNG: model, deltas and their
+    scales, steps, guidance, size, scheduler, seed, negative prompt) is this one; another request
+    stops with an error, and --force regenerates.
     Writes PNGs and prompts.json (file name -> prompt) and prints the folder.
     """
     # the library loads here, not at the top, so that `cdtool sample --help` starts without torch
     from cdtool.importers import read_delta
-    from cdtool.sampling import generate, image_grid, plan_jobs, save_png
+    from cdtool.sampling import REQUEST_KEY, check_size, generate, image_grid, image_request, plan_jobs, save_png
 
     all_prompts = list(prompts or [])
     if prompts_file is not None:
@@ -108,57 +111,70 @@ def sample(
     if output.exists() and not output.is_dir():
         raise CdtoolError(f"{output} exists and is not a folder")
     for size, flag in ((height, "--height"), (width, "--width")):
-        if size is not None and size % 8:
-            raise UsageError(f"{flag} {size} is not a multiple of 8")
-    deltas = [(read_delta(p), s) for p, s in map(parse_scaled, delta or [])]
-    model_id = pick_model(model, [d.base_model for d, _ in deltas])
+        check_size(size, flag)
+    from cdtool.base import model_fingerprint
+    from cdtool.models import resolve_device, resolve_dtype
+
+    resolve_dtype(dtype, resolve_device(device))
+    specs = [parse_scaled(d) for d in delta or []]
+    deltas = [(read_delta(p), s) for p, s in specs]
+    model_id = pick_available_model(model, [d.base_model for d, _ in deltas])
+    probe_writable(output / PROMPTS_FILE)
+    request = {
+        "model": model_id,
+        "deltas": [{"sha256": path_sha256(p), "scale": s} for p, s in specs],
+        "steps": steps,
+        "guidance": guidance,
+        "scheduler": scheduler.value,
+        "height": height,
+        "width": width,
+        "negative_prompt": negative_prompt or "",
+    }
 
     jobs = plan_jobs(all_prompts, n, seed)
-    todo = [j for j in jobs if force or not (output / j.file_name).exists()]
-    skipped = [j.file_name for j in jobs if j not in todo]
-    if skipped:
-        console.log(
-            f"{len(skipped)} of {len(jobs)} images already exist in {output}; keeping them (--force regenerates)"
-        )
+    skipped = [] if force else _kept(output, jobs, request)
+    todo = [j for j in jobs if j.file_name not in skipped]
 
     images = {}
     if todo:
         from cdtool.pipeline import load_with_deltas
-
-        pipe = load_with_deltas(model_id, deltas, device=device, dtype=dtype, ignore_base_mismatch=ignore_base_mismatch)
-        h = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        w = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
         from cdtool.sampling import set_scheduler
 
+        def note_base(pipe: Any) -> None:
+            request.setdefault("base_fingerprint", model_fingerprint(model_id, pipe))
+
+        pipe = load_with_deltas(
+            model_id,
+            deltas,
+            device=device,
+            dtype=dtype,
+            ignore_base_mismatch=ignore_base_mismatch,
+            on_base=note_base,
+        )
+        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        for size, flag in ((height, "--height"), (width, "--width")):
+            check_size(size, flag, pipe.vae_scale_factor)
         set_scheduler(pipe, scheduler.value)
-        output.mkdir(parents=True, exist_ok=True)
-        params = {
-            "model": model_id,
-            "steps": steps,
-            "guidance": guidance,
-            "scheduler": scheduler.value,
-            "deltas": delta or [],
-        }
-        with console.progress("sampling", len(todo)) as bar:
+        with console.progress("sampling", len(todo), plain=True) as bar:
             for job, image in generate(
                 pipe,
                 todo,
                 steps=steps,
                 guidance=guidance,
-                height=h,
-                width=w,
+                height=height or default,
+                width=width or default,
                 batch_size=batch_size,
                 negative_prompt=negative_prompt,
             ):
-                meta = dict(params, prompt=job.prompt, seed=job.seed, negative_prompt=negative_prompt or "")
-                save_png(image, output / job.file_name, {"parameters": json.dumps(meta)})
+                meta = json.dumps(image_request(request, job), sort_keys=True)
+                save_png(image, output / job.file_name, {REQUEST_KEY: meta})
                 images[job.file_name] = image
                 bar.advance()
     _update_prompts(output, {j.file_name: j.prompt for j in jobs})
     if grid:
-        from PIL import Image
+        from cdtool.images import open_image
 
-        tiles = [images.get(j.file_name) or Image.open(output / j.file_name).convert("RGB") for j in jobs]
+        tiles = [images.get(j.file_name) or open_image(output / j.file_name).convert("RGB") for j in jobs]
         save_png(image_grid(tiles, n), output / "grid.png")
     if json_out:
         console.result_json(
@@ -172,6 +188,30 @@ def sample(
         )
     else:
         console.result(str(output))
+
+
+def _kept(output: Path, jobs: list[Any], request: dict[str, Any]) -> list[str]:
+    """The images of `jobs` already in `output`, kept because this request made them; one that
+    another request made is an error (it would be mislabelled)."""
+    from cdtool.base import model_fingerprint
+    from cdtool.sampling import image_request, request_differences
+
+    there = [j for j in jobs if (output / j.file_name).exists()]
+    if there:
+        request["base_fingerprint"] = model_fingerprint(request["model"])
+    for job in there:
+        differ = request_differences(output / job.file_name, image_request(request, job))
+        if differ:
+            raise CdtoolError(
+                f"{output / job.file_name} was made by another request ({', '.join(differ)} differ); pass "
+                "--force to regenerate it, or choose another --output"
+            )
+    if there:
+        console.log(
+            f"{len(there)} of {len(jobs)} images already exist in {output}, made by the same request; keeping "
+            "them (--force regenerates)"
+        )
+    return [j.file_name for j in there]
 
 
 def _update_prompts(folder: Path, mapping: dict[str, str]) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from cdtool import console
-from cdtool.commands.common import JsonOpt, QuietOpt, SeedOpt, cdtool_command, examples
+from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command, examples
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.images import IMAGE_SUFFIXES
 
@@ -65,6 +65,14 @@ def score(
     ] = 1000,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
     seed: SeedOpt = 0,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="Also write the samples beside their scores: FILE.html (one self-contained page) or FILE.png.",
+        ),
+    ] = None,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -82,6 +90,13 @@ def score(
         raise UsageError("--kid-features: inception, clip or dino")
     if ref is None and set(NEEDS_REF) & set(chosen):
         raise UsageError(f"--ref is needed for {', '.join(m for m in chosen if m in NEEDS_REF)}")
+    claim = None
+    if report is not None:
+        from cdtool.atomic import claim_output
+        from cdtool.report import check_report_path
+
+        check_report_path(report)
+        claim = claim_output(report, "score", force, inputs=list(samples))
     ref_files = image_files(ref) if ref is not None else []
     runs_in = []
     for folder in samples:
@@ -126,7 +141,7 @@ def score(
     )
     ref_kid = embed_files(kid_extractor, ref_files, batch_size, cache=True) if kid_extractor is not None else None
 
-    runs = []
+    runs, scored = [], []
     for folder, files, mapping in runs_in:
         console.log(f"scoring {len(files)} images in {folder}")
         rows: list[dict[str, Any]] = [{"file": f.name, "prompt": mapping.get(f.name)} for f in files]
@@ -187,6 +202,7 @@ def score(
         if per_image:
             run["images"] = rows
         runs.append(run)
+        scored.append((folder, rows))
     doc = {
         "schema": SCHEMA,
         "ref": {"path": str(ref), "n_images": len(ref_files)} if ref is not None else None,
@@ -199,16 +215,23 @@ def score(
         },
         "runs": runs,
     }
+    if report is not None:
+        from cdtool.report import write_report
+
+        assert claim is not None
+        with claim.staged() as tmp:
+            write_report(tmp, doc, scored)
+        console.log(f"wrote {report}")
     if json_out:
         console.result_json(doc)
     else:
         _table(doc)
+        _per_prompt_tables(doc)
 
 
 def _judge(rows: list[dict[str, Any]], files: list[Path], batch_size: int) -> None:
     """Adds the oracle's verdicts (`oracle`: aspect -> bool) to each row whose prompt is a toy-world one."""
-    from PIL import Image
-
+    from cdtool.images import open_image
     from cdtool.toy.judge import judge, parse_prompt
     from cdtool.toy.oracle import load_oracle, read
 
@@ -221,7 +244,7 @@ def _judge(rows: list[dict[str, Any]], files: list[Path], batch_size: int) -> No
         chunk = asked[start : start + batch_size]
         images = []
         for i, _ in chunk:
-            with Image.open(files[i]) as im:
+            with open_image(files[i]) as im:
                 images.append(im.convert("RGB"))
         seen = read(oracle, images)
         for (i, a), s in zip(chunk, seen, strict=True):
@@ -237,7 +260,6 @@ def _oracle_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _table(doc: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     ref = doc["ref"]
@@ -274,13 +296,46 @@ def _table(doc: dict[str, Any]) -> None:
             v = r["overall"].get("oracle", {}).get(k)
             cells.append("-" if v is None else f"{v:.3f}")
         table.add_row(*cells)
+    _print(table)
+
+
+def _per_prompt_tables(doc: dict[str, Any]) -> None:
+    """Per run, a row per prompt: its image count and means (and the oracle's shares)."""
+    from rich.table import Table
+
+    from cdtool.report import METRIC_LABELS, ORACLE_SHARES
+
+    for run in doc["runs"]:
+        entries = run["per_prompt"]
+        if not entries:
+            continue
+        table = Table()
+        table.add_column("prompt")
+        table.add_column("n", justify="right")
+        metrics = [(k, label) for k, label in METRIC_LABELS if any(k in e for e in entries)]
+        shares = [(k, label) for k, label in ORACLE_SHARES if any(k in e.get("oracle", {}) for e in entries)]
+        for _, label in metrics + shares:
+            table.add_column(label, justify="right")
+        for e in entries:
+            cells = [e["prompt"], str(e["n"])]
+            cells += [f"{e[k]['mean']:.4f}" if k in e else "-" for k, _ in metrics]
+            cells += [f"{e['oracle'][k]:.3f}" if k in e.get("oracle", {}) else "-" for k, _ in shares]
+            table.add_row(*cells)
+        _print(f"per prompt: {run['samples']}")
+        _print(table)
+
+
+def _print(item: Any) -> None:
     import sys
 
-    Console(width=None if sys.stdout.isatty() else 240).print(table)
+    from rich.console import Console
+
+    Console(width=None if sys.stdout.isatty() else 240, highlight=False).print(item, markup=False)
 
 
 EXAMPLES = examples(
     "cdtool score out/ --ref data/cat",
+    "cdtool score out/ --ref data/cat --report out.html",
     "cdtool score before/ after/ --ref data/cat --metrics clip-t,clip-i --json",
 )
 

@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cdtool import console
-from cdtool.atomic import check_writable
+from cdtool.atomic import claim_output
 from cdtool.commands.common import (
-    DeltaOutputOpt,
     ForceOpt,
     JsonOpt,
     Layers,
@@ -25,7 +24,7 @@ from cdtool.commands.common import (
     cdtool_command,
     examples,
     pick_alias,
-    pick_model,
+    pick_available_model,
 )
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.recipes import (
@@ -70,7 +69,16 @@ class EarlyStop(str, Enum):
 
 
 def train(
-    output: DeltaOutputOpt,
+    ctx: typer.Context,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The delta to write: .safetensors (cdtool's format), or .bin (the official layout). With --resume, "
+            "default: the run's.",
+        ),
+    ] = None,
     data: Annotated[
         Path | None,
         typer.Argument(
@@ -218,11 +226,24 @@ def train(
         typer.Option("--run-dir", help="Run folder: log, loss curve, checkpoints (default: beside the output)."),
     ] = None,
     resume: Annotated[
-        Path | None, typer.Option("--resume", help="Continue the run in this folder from its latest checkpoint.")
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue the run in this folder from its latest checkpoint, with its settings (--steps, "
+            "--checkpoint-every, --keep-checkpoints, --device and -o may change).",
+        ),
     ] = None,
     device: Annotated[
-        str, typer.Option("--device", help="auto or cpu (under accelerate launch the launcher decides).")
+        str, typer.Option("--device", help="auto, cpu or cuda (under accelerate launch the launcher decides).")
     ] = "auto",
+    samples: Annotated[
+        bool,
+        typer.Option(
+            "--samples/--no-samples",
+            help="At the end, sample the concepts' prompts with the trained delta (seeded, at the model's "
+            "resolution) into samples.png in the run folder, beside loss.png.",
+        ),
+    ] = True,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -238,7 +259,9 @@ def train(
     from cdtool.concepts import build_concepts, parse_concept, read_concepts_file
     from cdtool.importers import check_delta_output
     from cdtool.models import default_resolution
-    from cdtool.trainer import TrainConfig, resume_config_matches
+    from cdtool.trainer import TrainConfig, load_run_config, resumed_config
+
+    _check_device(device)
 
     raw: list[dict[str, str]] = []
     if data is not None:
@@ -260,12 +283,17 @@ def train(
     raw += [parse_concept(c) for c in concept or []]
     if concepts_file is not None:
         raw += read_concepts_file(concepts_file)
-    if not raw:
-        raise UsageError("give a data folder, --concept or --concepts FILE")
+    saved = load_run_config(resume) if resume is not None else None
+    if not raw and saved is None:
+        raise UsageError("give a data folder, --concept or --concepts FILE (or --resume RUN)")
+    if output is None:
+        if saved is None:
+            raise UsageError("give --output (the delta to write)")
+        output = Path(saved.output)
     check_delta_output(output)
-    model_id = pick_model(model)
-    res = resolution or default_resolution(model_id)
-    specs = build_concepts(raw, res, method.value)
+    model_id = saved.model if saved is not None and model is None else pick_available_model(model)
+    res = resolution or (saved.resolution if saved is not None else default_resolution(model_id))
+    specs = build_concepts(raw, res, method.value) if raw else saved.concepts  # type: ignore[union-attr]
     d = DEFAULTS[method.value]
     main = _rank() == 0  # under `accelerate launch` every process runs this command
     if not main:
@@ -310,27 +338,106 @@ def train(
         train_text_encoder=train_text_encoder,
         text_encoder_lr=text_encoder_lr,
     )
-    if resume is not None:
-        resume_config_matches(resume, cfg)
-    elif main:
-        check_writable(output, force)
-        if folder.exists() and any(folder.iterdir()) and not force:
-            raise CdtoolError(f"run folder {folder} already exists; pass --resume {folder} to continue it, or --force")
-    result = _run(cfg, resume is not None)
+    if saved is not None:
+        given = _given(ctx, bool(raw))
+        _check_resume(resume, saved, cfg, given)  # type: ignore[arg-type]
+        cfg = resumed_config(saved, cfg, given)
+    if main:
+        result = _claim_and_run(cfg, resume, force, [Path(s.data) for s in specs])
+    else:
+        result = _run(cfg, resume is not None, replace_output=True)
     if not main:
+        if samples:
+            console.summary(f"process {_rank()}: the sample grid is left to the main process")
         return
     console.log(f"stopped at step {result.steps}: {result.reason}")
+    grid = _sample_grid(cfg) if samples else None
     if json_out:
-        console.result_json({k: v for k, v in vars(result).items() if k != "pipeline"})
+        console.result_json({k: v for k, v in vars(result).items() if k != "pipeline"} | {"samples": grid})
     else:
         console.result(str(output))
+
+
+def _sample_grid(cfg: TrainConfig) -> str:
+    """The concepts' prompts sampled with the delta just written, a row per prompt (runs.SAMPLES)."""
+    from cdtool.preview import sample_preview
+    from cdtool.runs import DELTA, SAMPLES
+
+    path = Path(cfg.run_dir) / SAMPLES
+    console.log(f"sampling the concepts' prompts into {path}")
+    sample_preview(cfg.model, Path(cfg.run_dir) / DELTA, path, seed=cfg.seed, device=cfg.device)
+    return str(path)
+
+
+def _claim_and_run(cfg: TrainConfig, resume: Path | None, force: bool, inputs: list[Path]) -> TrainResult:
+    """Claim the delta and the run folder, then train: a stale run folder is never continued (with
+    --force it is replaced once the new run is complete, or has a checkpoint to resume from); on
+    resume the delta may be replaced without --force only when it is this run's own."""
+    from cdtool.runs import foreign_files, has_checkpoint, is_run_delta
+
+    output, folder = Path(cfg.output), Path(cfg.run_dir)
+    if resume is not None:
+        out = claim_output(output, "train", force or is_run_delta(output, resume), inputs=inputs)
+        return _run(cfg, True, replace_output=out.existed)
+    out = claim_output(output, "train", force, inputs=inputs)
+    if folder.exists() and any(folder.iterdir()) and not force:
+        raise CdtoolError(f"run folder {folder} already exists; pass --resume {folder} to continue it, or --force")
+    run = claim_output(folder, "train", force, folder=True, ownership=foreign_files)
+    with run.in_place(keep=has_checkpoint):
+        return _run(cfg, False, replace_output=out.existed)
+
+
+def _check_device(device: str) -> None:
+    """The --device rule of every command (cdtool.models.resolve_device); accelerate then picks the GPU."""
+    from cdtool.models import resolve_device
+
+    resolve_device(device)
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(
+            f"--device {device}: train runs on auto, cpu or cuda (choose the GPU with CUDA_VISIBLE_DEVICES)"
+        )
+
+
+# Options whose name is not the setting's (TrainConfig field) name; the concept options set `concepts`.
+_SETTING = {"layers": "train", "train_alias": "train", "prop": "property", "target": "lora_targets"}
+_CONCEPT_OPTIONS = ("data", "reg", "token", "class_noun", "init_token", "prompt", "concept", "concepts_file")
+
+
+def _given(ctx: typer.Context, concepts: bool) -> set[str]:
+    """The settings (TrainConfig field names) this command line gives, rather than leaves at their default."""
+    given = {"concepts"} if concepts else set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP") and name not in _CONCEPT_OPTIONS:
+            given.add(_SETTING.get(name, name))
+    return given
+
+
+def _option(setting: str) -> str:
+    """The command-line option of a setting (a TrainConfig field)."""
+    if setting == "concepts":
+        return "the data (DATA, --concept, --concepts)"
+    names = {"train": "--layers", "property": "--property", "lora_targets": "--target"}
+    return names.get(setting, "--" + setting.replace("_", "-"))
+
+
+def _check_resume(run_dir: Path, saved: TrainConfig, asked: TrainConfig, given: set[str]) -> None:
+    """A resumed run continues with its own settings: any given option that differs is named."""
+    from cdtool.trainer import resume_differences
+
+    differ = resume_differences(saved, asked, given)
+    if differ:
+        said = "; ".join(_option(k) if k == "concepts" else f"{_option(k)} {a} (the run: {b})" for k, a, b in differ)
+        raise CdtoolError(
+            f"{run_dir} was trained with other settings: {said}; leave them out to continue the run as it was"
+        )
 
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _run(cfg: TrainConfig, resume: bool) -> TrainResult:
+def _run(cfg: TrainConfig, resume: bool, replace_output: bool) -> TrainResult:
     from cdtool.trainer import train as run_training
 
     every = max(1, cfg.steps // 20)
@@ -341,7 +448,7 @@ def _run(cfg: TrainConfig, resume: bool) -> TrainResult:
                 ev = f" eval {e['eval_loss']:.4f}" if "eval_loss" in e else ""
                 bar.advance(1, f"loss {e['loss']:.4f}{ev} lr {e['lr']:.2e}")
 
-            return run_training(cfg, resume=resume, log=console.log, progress=update)
+            return run_training(cfg, resume=resume, log=console.log, progress=update, replace_output=replace_output)
     last = {"t": None}
 
     def plain(step: int, total: int, e: dict[str, Any]) -> None:
@@ -354,7 +461,7 @@ def _run(cfg: TrainConfig, resume: bool) -> TrainResult:
             last["t"] = now
         sys.stderr.flush()
 
-    return run_training(cfg, resume=resume, log=console.log, progress=plain)
+    return run_training(cfg, resume=resume, log=console.log, progress=plain, replace_output=replace_output)
 
 
 def register(app: typer.Typer) -> None:
