@@ -138,3 +138,25 @@ def test_the_official_sdxl_delta_bin_is_read_and_written(tmp_path, make_xl_delta
     state = official_state(conv, base)  # written back as the official script writes it
     rows = state["modifier_token"]["<new1>"]
     assert isinstance(rows, list) and [r.shape for r in rows] == [(32,), (48,)]
+
+
+def test_get_deltas_from_a_fine_tuned_sdxl_model(cli, tmp_path):
+    """A fully fine-tuned SDXL folder: the kv changes, and the added token's rows in both encoders."""
+    tuned = build_tiny_xl_pipeline()
+    for tok, enc in ((tuned.tokenizer, tuned.text_encoder), (tuned.tokenizer_2, tuned.text_encoder_2)):
+        tok.add_tokens(["<new1>"])
+        enc.resize_token_embeddings(len(tok), mean_resizing=False)
+        with torch.no_grad():
+            enc.get_input_embeddings().weight[49408] = torch.arange(enc.config.hidden_size, dtype=torch.float32)
+    layer = "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_v"
+    with torch.no_grad():
+        tuned.unet.get_submodule(layer).weight.add_(0.5)
+    tuned.save_pretrained(tmp_path / "tuned", safe_serialization=True)
+    out = tmp_path / "d.safetensors"
+    cli("get-deltas", tmp_path / "tuned", "--model", "tiny-xl", "-o", out)
+    d = read_cdtool(out)
+    assert list(d.layers) == [f"unet.{layer}"] and torch.allclose(
+        d.layers[f"unet.{layer}"].full, torch.full((64, 80), 0.5)
+    )
+    assert d.base_kind == "sdxl" and torch.equal(d.tokens_2["<new1>"][0], torch.arange(48, dtype=torch.float32))
+    assert torch.equal(d.tokens["<new1>"][0], torch.arange(32, dtype=torch.float32))
