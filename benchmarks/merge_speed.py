@@ -1,6 +1,7 @@
-"""Merge speed: `cdtool merge` against the official Custom Diffusion merge on an SD1.5-shaped model.
+"""Merge speed: `cdtool merge` against the official Custom Diffusion merge on an SD1.5-shaped model,
+and on an SDXL-shaped one.
 
-    python benchmarks/merge_speed.py [--workdir /tmp/cdtool-bench]
+    python benchmarks/merge_speed.py [--workdir /tmp/cdtool-bench] [--model sd15|sdxl|tiny-xl]
 
 Builds the SD1.5-shaped pipeline (real configs, random weights) once, two concept deltas on it,
 then measures in one run, each in a fresh process:
@@ -10,6 +11,13 @@ then measures in one run, each in a fresh process:
   the full pipeline loaded (VAE included), captions encoded one by one, a float32 LU and one solve
   per target row for every layer, with its 200 captions;
 - cdtool merge on the official's captions, whose result is compared with the official's.
+
+`--model sdxl` builds the SDXL-shaped pipeline instead (benchmarks/sdxl.py: the real UNet and both
+text-encoder configs, random float16 weights, about 7 GB on disk) with two concepts on all 140
+key/value layers, and measures cdtool's two merges, cold and warm; the official merge has no SDXL
+(its code reads one tokenizer and 768-wide features). The merge reads only the key/value weights
+and the token tables of the UNet's and the text encoders' files. `--model tiny-xl` runs the same
+on the built-in tiny SDXL model, in seconds, to check the benchmark itself.
 """
 
 from __future__ import annotations
@@ -29,8 +37,17 @@ from benchmarks.common import measure
 CONCEPTS = [("<new1>", "cat"), ("<new2>", "dog")]
 
 
-def make_deltas(folder: Path, out: Path) -> list[Path]:
-    from cdtool.base import TOKEN_EMBEDDING, fingerprint, fingerprint_names, load_base_params, unet_param_names
+def make_deltas(folder: Path, out: Path, xl: bool = False) -> list[Path]:
+    """Two concepts on every key/value layer, with their token's rows (in both text encoders for
+    SDXL), fingerprinted against the base; the official .bin beside each (SD1.5 only)."""
+    from cdtool.base import (
+        TOKEN_EMBEDDING,
+        TOKEN_EMBEDDING_2,
+        fingerprint,
+        fingerprint_names,
+        load_base_params,
+        unet_param_names,
+    )
     from cdtool.delta import Delta, LayerDelta, write_cdtool
     from cdtool.importers import write_official
 
@@ -39,7 +56,8 @@ def make_deltas(folder: Path, out: Path) -> list[Path]:
         for n in unet_param_names(str(folder))
         if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
     ]
-    base = load_base_params(str(folder), [f"{n}.weight" for n in kv] + [TOKEN_EMBEDDING])
+    tables = [TOKEN_EMBEDDING, TOKEN_EMBEDDING_2] if xl else [TOKEN_EMBEDDING]
+    base = load_base_params(str(folder), [f"{n}.weight" for n in kv] + tables)
     paths = []
     for i, (token, noun) in enumerate(CONCEPTS):
         g = torch.Generator().manual_seed(i)
@@ -48,10 +66,14 @@ def make_deltas(folder: Path, out: Path) -> list[Path]:
         )
         for n in kv:
             d.layers[n] = LayerDelta(full=2e-3 * torch.randn(base[f"{n}.weight"].shape, generator=g))
-        d.tokens[token] = base[TOKEN_EMBEDDING][42170 + i : 42171 + i].clone() + 0.01 * torch.randn(1, 768, generator=g)
+        for table, rows in zip(tables, (d.tokens, d.tokens_2), strict=False):
+            init = base[table][42170 + i : 42171 + i].clone()
+            rows[token] = init + 0.01 * torch.randn(init.shape, generator=g)
+        d.base_kind = "sdxl" if xl else ""
         d.base_fingerprint = fingerprint(base, fingerprint_names(d), 49408)
         write_cdtool(d, out / f"{noun}.safetensors")
-        write_official(d, out / f"{noun}.bin", base)
+        if not xl:
+            write_official(d, out / f"{noun}.bin", base)
         paths.append(out / f"{noun}.safetensors")
     return paths
 
@@ -110,7 +132,8 @@ def compare(work: Path, folder: Path) -> dict[str, dict[str, float]]:
     from cdtool.models import load_text_side
     from cdtool.text_features import feature_rows, gram
 
-    tok, enc = load_text_side(str(folder))
+    text = load_text_side(str(folder))
+    tok, enc = text.tokenizer, text.encoder
     caps = [line.strip() for line in (work / "captions200.txt").read_text().splitlines()]
     a_reg, _ = gram(feature_rows(tok, enc, caps))
     inputs = [read_cdtool(work / f"{noun}.safetensors") for _, noun in CONCEPTS]
@@ -149,11 +172,15 @@ def compare(work: Path, folder: Path) -> dict[str, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cdtool-bench")
+    ap.add_argument("--model", choices=("sd15", "sdxl", "tiny-xl"), default="sd15", help="the model's shape")
     ap.add_argument("--official-worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.official_worker:
         folder, bins, caps, out = args.official_worker
         official_worker(folder, bins.split(","), caps, out)
+        return
+    if args.model != "sd15":
+        sdxl_main(args.workdir, args.model)
         return
     from benchmarks.sd15 import build_sd15
     from cdtool.merge import default_reg_captions
@@ -204,6 +231,40 @@ def main() -> None:
     for name, q in quality.items():
         print(f"| {name} | {q['residual']:.2e} | {q['drift']:.6f} | {q['dw_norm']:.3f} |")
     print(json.dumps({k: vars(v) | {"stderr": None} for k, v in runs.items()}, default=str))
+
+
+def sdxl_main(work: Path, model: str) -> None:
+    """cdtool's closed form and least-squares merge of two concepts on an SDXL-shaped model (all 140
+    key/value layers of the real UNet; tiny-xl's 16), cold and warm cache, 1200 captions."""
+    from benchmarks.sdxl import build_sdxl, build_tiny_xl
+
+    work = work / model
+    work.mkdir(parents=True, exist_ok=True)
+    folder = build_sdxl(work / "model") if model == "sdxl" else build_tiny_xl(work / "model")
+    a, b = make_deltas(folder, work, xl=True)
+    cache = tempfile.mkdtemp(prefix="cdtool-bench-cache-")
+    cd = [sys.executable, "-m", "cdtool", "merge", f"{a}+{b}", "--model", str(folder), "--force", "-q"]
+    env = {"CDTOOL_CACHE": cache}
+    runs = {}
+    for method in ("closed-form", "least-squares"):
+        for state in ("cold", "warm"):
+            out = work / f"{method}.safetensors"
+            runs[f"cdtool merge --method {method}, {state} cache (1200 captions)"] = measure(
+                [*cd, "--method", method, "-o", str(out)], env
+            )
+    print(f"{model}: two concepts, {len(read_layers(a))} key/value layers")
+    print("| run | wall s | peak RSS MB |")
+    print("| --- | ---: | ---: |")
+    for name, r in runs.items():
+        print(f"| {name} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} |")
+    print(json.dumps({k: vars(v) | {"stderr": None} for k, v in runs.items()}, default=str))
+
+
+def read_layers(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return [k for k in f.keys() if k.endswith(".delta")]
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 
-from cdtool.base import fingerprint, fingerprint_names, pipeline_params
+from cdtool.base import check_kind, fingerprint, fingerprint_names, pipeline_params
+from cdtool.conditioning import TextSide
 from cdtool.delta import Delta
 from cdtool.errors import CdtoolError
-from cdtool.tokens import add_token_rows, plan_new_tokens
+from cdtool.models import pipeline_kind
+from cdtool.tokens import add_text_tokens, plan_text_tokens
 
 
 def check_base(
@@ -41,19 +43,25 @@ def apply_deltas(
     *,
     ignore_base_mismatch: bool = False,
     warn: Callable[[str], None] = lambda _m: None,
+    model: str = "",
 ) -> list[Delta]:
     """Apply (delta, scale) pairs to `pipe` in place; returns the deltas made relative to the base.
+    New tokens go into every tokenizer and text encoder the pipeline has (both, for SDXL). `model`
+    names the base in messages.
 
     All checks run before anything changes, so a failure leaves the pipeline as it was.
     """
     params = pipeline_params(pipe)
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    vocab_size = len(tokenizer)
+    text = TextSide.of(pipe)
+    vocab_size = len(text.tokenizer)
+    kind = pipeline_kind(pipe)
     base = {n: p.detach() for n, p in params.items()}
+    for d, _ in deltas:
+        check_kind(d, kind, model, ignore_base_mismatch, warn)
     relative = [d.relative_to(base) if d.needs_base else d for d, _ in deltas]
     for d in relative:
         check_base(d, params, vocab_size, ignore_base_mismatch, warn)
-    new_tokens = plan_new_tokens(tokenizer, encoder, relative)
+    new_tokens = plan_text_tokens(text, relative)
     for d in relative:
         for name, layer in d.layers.items():
             module = _linear(pipe, name)
@@ -62,7 +70,7 @@ def apply_deltas(
                     f"{d.origin or 'delta'}: layer {name} has shape {layer.shape}, the model's is "
                     f"{tuple(module.weight.shape)}; is the delta for another base model?"
                 )
-    add_token_rows(tokenizer, encoder, new_tokens)
+    add_text_tokens(text, new_tokens)
     with torch.no_grad():
         for d, (_, scale) in zip(relative, deltas, strict=True):
             for name, layer in d.layers.items():

@@ -26,6 +26,7 @@ class Augmented:
     mask: torch.Tensor  # [size // factor, size // factor], 1 where the loss counts
     prefix: str  # prepended to the prompt
     scale: int
+    crop: tuple[int, int] = (0, 0)  # (top, left) of the view in the scale x scale image, when it zooms in
 
 
 def draw_scale(size: int, g: torch.Generator) -> int:
@@ -48,18 +49,27 @@ def place(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize `image` ([3, H, W], [-1, 1]) to scale x scale, then crop (scale > size) or paste on a
     zero canvas at a random offset; returns (image [3, size, size], mask [size/f, size/f])."""
+    view, mask, _ = place_view(image, size, scale, factor, g)
+    return view, mask
+
+
+def place_view(
+    image: torch.Tensor, size: int, scale: int, factor: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """`place`, and where a zoomed-in view was cut: (top, left) in the scale x scale image ((0, 0)
+    for a pasted one), which SDXL's time ids carry."""
     resized = F.interpolate(image[None], size=(scale, scale), mode="bilinear", antialias=True, align_corners=False)[0]
     m = size // factor
     outer, inner = (scale, size) if scale > size else (size, scale)
     top = int(torch.randint(0, outer - inner + 1, (), generator=g))
     left = int(torch.randint(0, outer - inner + 1, (), generator=g))
     if scale > size:
-        return resized[:, top : top + size, left : left + size], torch.ones(m, m)
+        return resized[:, top : top + size, left : left + size], torch.ones(m, m), (top, left)
     canvas = image.new_zeros(3, size, size)
     canvas[:, top : top + scale, left : left + scale] = resized
     mask = torch.zeros(m, m)
     mask[top // factor + 1 : (top + scale) // factor - 1, left // factor + 1 : (left + scale) // factor - 1] = 1.0
-    return canvas, mask
+    return canvas, mask, (0, 0)
 
 
 def augment(
@@ -69,8 +79,8 @@ def augment(
     if hflip and float(torch.rand((), generator=g)) < 0.5:
         image = image.flip(-1)
     scale = draw_scale(size, g) if enabled else size
-    img, mask = place(image, size, scale, factor, g)
+    img, mask, crop = place_view(image, size, scale, factor, g)
     prefix = prompt_prefix(scale, size, g) if enabled else ""
     if not enabled:
         mask = torch.ones_like(mask)
-    return Augmented(img, mask, prefix, scale)
+    return Augmented(img, mask, prefix, scale, crop)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +13,22 @@ from cdtool.delta import Delta
 from cdtool.errors import CdtoolError
 from cdtool.models import load_pipeline, local_path, model_kind
 
-# Canonical name of the token embedding table (transformers 4 nests it under `text_model.`, 5 does not).
+# Canonical names of the token embedding tables (transformers 4 nests them under `text_model.`, 5
+# does not for CLIPTextModel): the text encoder's, and SDXL's second text encoder's.
 TOKEN_EMBEDDING = "text_encoder.token_embedding.weight"
+TOKEN_EMBEDDING_2 = "text_encoder_2.token_embedding.weight"
+TOKEN_TABLES = (TOKEN_EMBEDDING, TOKEN_EMBEDDING_2)
 _TOKEN_EMBEDDING_KEYS = ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight")
 _COMPONENT_FILES = {
     "unet": ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"),
     "text_encoder": ("text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"),
+    "text_encoder_2": ("text_encoder_2/model.safetensors", "text_encoder_2/model.fp16.safetensors"),
 }
 
 
 def fingerprint_names(delta: Delta) -> list[str]:
     """The base parameters a delta's fingerprint covers: the weights (and biases) of its layers,
-    and the token embedding table when it adds tokens."""
+    and the token embedding table when it adds tokens (both tables when it adds them to both)."""
     names = []
     for name, layer in delta.layers.items():
         names.append(f"{name}.weight")
@@ -32,6 +36,8 @@ def fingerprint_names(delta: Delta) -> list[str]:
             names.append(f"{name}.bias")
     if delta.tokens:
         names.append(TOKEN_EMBEDDING)
+    if delta.tokens_2:
+        names.append(TOKEN_EMBEDDING_2)
     return sorted(names)
 
 
@@ -43,7 +49,7 @@ def fingerprint(params: Mapping[str, torch.Tensor], names: Iterable[str], vocab_
         if name not in params:
             raise CdtoolError(f"the base model has no parameter {name}; is the delta for another base?")
         t = params[name].detach()
-        if name == TOKEN_EMBEDDING and vocab_size is not None:
+        if name in TOKEN_TABLES and vocab_size is not None:
             t = t[:vocab_size]  # rows added for new tokens are not part of the base
         t = t.to("cpu", torch.float16).contiguous()
         h.update(name.encode())
@@ -53,11 +59,32 @@ def fingerprint(params: Mapping[str, torch.Tensor], names: Iterable[str], vocab_
 
 
 def pipeline_params(pipe: Any) -> dict[str, torch.Tensor]:
-    """`unet.<name>` and `text_encoder.<name>` -> parameter tensor, without copies."""
+    """`unet.<name>`, `text_encoder.<name>` (and SDXL's `text_encoder_2.<name>`) -> parameter
+    tensor, without copies; the token tables under their canonical names too."""
     out = {f"unet.{n}": p for n, p in pipe.unet.named_parameters()}
-    out.update({f"text_encoder.{n}": p for n, p in pipe.text_encoder.named_parameters()})
-    out[TOKEN_EMBEDDING] = pipe.text_encoder.get_input_embeddings().weight
+    for component, table in (("text_encoder", TOKEN_EMBEDDING), ("text_encoder_2", TOKEN_EMBEDDING_2)):
+        encoder = getattr(pipe, component, None)
+        if encoder is not None:
+            out.update({f"{component}.{n}": p for n, p in encoder.named_parameters()})
+            out[table] = encoder.get_input_embeddings().weight
     return out
+
+
+def check_kind(
+    delta: Delta, base_kind: str, model: str, ignore: bool = False, warn: Callable[[str], None] | None = None
+) -> None:
+    """A delta made for one kind of base (SD 1.x, 2.x, XL) is refused on another, naming both."""
+    from cdtool.choices import KIND_NAMES
+
+    kind = delta.kind
+    if not kind or kind == base_kind:
+        return
+    base = f"the base model {model}" if model else "the base model"
+    msg = f"{delta.origin or 'the delta'} is a delta for {KIND_NAMES[kind]}, but {base} is {KIND_NAMES[base_kind]}"
+    if ignore and warn is not None:
+        warn(f"{msg}; applying anyway (--ignore-base-mismatch)")
+        return
+    raise CdtoolError(f"{msg}; pass --model with the {KIND_NAMES[kind]} base it was made for")
 
 
 def load_base_params(model: str, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -138,9 +165,9 @@ def _read_selected(folder: Path, names: list[str]) -> dict[str, torch.Tensor] | 
         with safe_open(str(files[0]), framework="pt") as f:
             available = set(f.keys())
             for k in keys:
-                if f"{comp}.{k}" == TOKEN_EMBEDDING:
-                    k = next((c for c in _TOKEN_EMBEDDING_KEYS if c in available), k)
-                    out[TOKEN_EMBEDDING] = f.get_tensor(k).float()
+                if f"{comp}.{k}" in TOKEN_TABLES:
+                    key = next((c for c in _TOKEN_EMBEDDING_KEYS if c in available), k)
+                    out[f"{comp}.{k}"] = f.get_tensor(key).float()
                     continue
                 if k not in available:
                     raise CdtoolError(
@@ -151,16 +178,17 @@ def _read_selected(folder: Path, names: list[str]) -> dict[str, torch.Tensor] | 
 
 
 def check_token_width(delta: Delta, params: Mapping[str, torch.Tensor], model: str) -> None:
-    """Every token's embedding is as wide as the base's token table (in `params`, when read)."""
-    table = params.get(TOKEN_EMBEDDING)
-    if table is None:
-        return
-    for token, emb in delta.tokens.items():
-        if emb.shape[-1] != table.shape[1]:
-            raise CdtoolError(
-                f"{delta.origin}: token {token} is {emb.shape[-1]} numbers wide; the token table of {model} "
-                f"is {table.shape[1]}; is the file for another base model (or not a token embedding)?"
-            )
+    """Every token's embedding is as wide as the base's token table(s) (in `params`, when read)."""
+    for name, rows in ((TOKEN_EMBEDDING, delta.tokens), (TOKEN_EMBEDDING_2, delta.tokens_2)):
+        table = params.get(name)
+        if table is None:
+            continue
+        for token, emb in rows.items():
+            if emb.shape[-1] != table.shape[1]:
+                raise CdtoolError(
+                    f"{delta.origin}: token {token} is {emb.shape[-1]} numbers wide; the token table of {model} "
+                    f"is {table.shape[1]}; is the file for another base model (or not a token embedding)?"
+                )
 
 
 def model_fingerprint(model: str, pipe: Any = None) -> str:

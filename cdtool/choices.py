@@ -5,9 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
-# the built-in bases: random weights for plumbing, and the model pretrained on the toy world
+# the built-in bases: random weights for plumbing (one per kind of base), and the model pretrained
+# on the toy world
 TINY = "tiny"
+TINY_XL = "tiny-xl"
+TINY_SD2 = "tiny-sd2"
+TINY_MODELS = (TINY, TINY_SD2, TINY_XL)
 TOY = "toy"
+BUILT_IN = (*TINY_MODELS, TOY)
+
+# the kinds of base model, read from the model itself (cdtool.models.base_kind), and their names
+SD1 = "sd1"
+SD2 = "sd2"
+SDXL = "sdxl"
+KIND_NAMES = {SD1: "Stable Diffusion 1.x", SD2: "Stable Diffusion 2.x", SDXL: "Stable Diffusion XL"}
 
 # sampler name -> (diffusers scheduler class, extra config)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -91,11 +91,14 @@ def clip_tokenizer_dir() -> Path:
     return out
 
 
-def load_clip_tokenizer():  # -> transformers.CLIPTokenizer
-    """The real CLIP tokenizer (49408 tokens, model_max_length 77), offline."""
+def load_clip_tokenizer(pad_token: str | None = None):  # -> transformers.CLIPTokenizer
+    """The real CLIP tokenizer (49408 tokens, model_max_length 77), offline. It pads with
+    end-of-text, as Stable Diffusion 1.x's; `pad_token="!"` pads as the OpenCLIP tokenizers of SD 2.x
+    and SDXL's second text encoder do (id 0)."""
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), model_max_length=MODEL_MAX_LENGTH)
+    extra = {} if pad_token is None else {"pad_token": pad_token}
+    tok = CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()), model_max_length=MODEL_MAX_LENGTH, **extra)
     if len(tok) != CLIP_VOCAB_SIZE:
         raise CdtoolError(f"CLIP tokenizer built with {len(tok)} tokens, expected {CLIP_VOCAB_SIZE}")
     return tok

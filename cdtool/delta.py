@@ -18,11 +18,15 @@ import torch
 
 from cdtool import __version__
 from cdtool.atomic import atomic_path
+from cdtool.choices import SD1, SDXL
 from cdtool.errors import CdtoolError
 
 FORMAT = "cdtool.delta"
 FORMAT_VERSION = "1"
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# the kind of base a file without `base_kind` metadata was made for: every Stable Diffusion 1.x
+# delta (whose files are as they were before there were kinds)
+DEFAULT_KIND = SD1
 
 
 @dataclass
@@ -71,6 +75,9 @@ class Delta:
 
     layers: dict[str, LayerDelta] = field(default_factory=dict)  # "unet.<module path>" -> change
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> [n_vectors, dim]
+    # SDXL: token -> its rows in the second text encoder [n_vectors, dim_2] (the same tokens as `tokens`)
+    tokens_2: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_kind: str = ""  # the kind of base (cdtool.choices: sd1, sd2, sdxl); "" where unknown (imports)
     base_model: str = ""
     base_fingerprint: str = ""
     concepts: list[dict[str, Any]] = field(default_factory=list)
@@ -101,6 +108,11 @@ class Delta:
                 layer = LayerDelta(full=w, bias=b)
             layers[name] = layer
         return replace(self, layers=layers)
+
+    @property
+    def kind(self) -> str:
+        """The kind of base, as recorded or as the content shows (rows for two encoders: SDXL)."""
+        return self.base_kind or (SDXL if self.tokens_2 else "")
 
     def concept_for(self, token: str) -> dict[str, Any] | None:
         for concept in self.concepts:
@@ -168,6 +180,7 @@ def read_cdtool(path: Path) -> Delta:
         )
     delta = Delta(
         origin=str(path),
+        base_kind=meta.get("base_kind", ""),
         base_model=meta.get("base_model", ""),
         base_fingerprint=meta.get("base_fingerprint", ""),
         concepts=_json(meta, "concepts", [], path),
@@ -178,9 +191,11 @@ def read_cdtool(path: Path) -> Delta:
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        if key.startswith("token."):
-            check_token_name(key[len("token.") :], path)
-            delta.tokens[key[len("token.") :]] = tensor if tensor.dim() == 2 else tensor.reshape(1, -1)
+        if key.startswith(("token.", "token_2.")):
+            family, _, token = key.partition(".")
+            check_token_name(token, path)
+            rows = delta.tokens if family == "token" else delta.tokens_2
+            rows[token] = tensor if tensor.dim() == 2 else tensor.reshape(1, -1)
             continue
         stem, _, kind = key.rpartition(".")
         if kind not in ("delta", "up", "down", "bias") or stem.split(".", 1)[0] not in COMPONENTS:
@@ -191,7 +206,18 @@ def read_cdtool(path: Path) -> Delta:
             delta.layers[stem] = LayerDelta(full=p.get("delta"), up=p.get("up"), down=p.get("down"), bias=p.get("bias"))
         except ValueError as e:
             raise CdtoolError(f"{path}: layer {stem} is incomplete ({e})") from e
+    check_token_pairs(delta, str(path))
+    delta.base_kind = delta.base_kind or (SDXL if delta.tokens_2 else DEFAULT_KIND)
     return delta
+
+
+def check_token_pairs(delta: Delta, where: str) -> None:
+    """A delta with second-encoder rows has them for every token, and only for its tokens."""
+    if delta.tokens_2 and set(delta.tokens_2) != set(delta.tokens):
+        odd = sorted(set(delta.tokens_2) ^ set(delta.tokens))[0]
+        raise CdtoolError(
+            f"{where}: token {odd} has rows for one of the two text encoders only (token.{odd} and token_2.{odd} go together)"
+        )
 
 
 def _json(meta: Mapping[str, str], key: str, default: Any, path: Path) -> Any:
@@ -216,16 +242,20 @@ def delta_tensors(delta: Delta) -> dict[str, torch.Tensor]:
             out[f"{name}.down"] = layer.down  # type: ignore[assignment]
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias
-    for token, emb in sorted(delta.tokens.items()):
-        out[f"token.{token}"] = emb if emb.dim() == 2 else emb.reshape(1, -1)
+    for family, rows in (("token", delta.tokens), ("token_2", delta.tokens_2)):
+        for token, emb in sorted(rows.items()):
+            out[f"{family}.{token}"] = emb if emb.dim() == 2 else emb.reshape(1, -1)
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
 def delta_metadata(delta: Delta) -> dict[str, str]:
-    """The string-to-string `__metadata__` of the cdtool file layout."""
+    """The string-to-string `__metadata__` of the cdtool file layout (`base_kind` for the bases
+    other than Stable Diffusion 1.x, whose files stay as they were)."""
+    kind = {} if delta.base_kind in ("", DEFAULT_KIND) else {"base_kind": delta.base_kind}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        **kind,
         "base_model": delta.base_model,
         "base_fingerprint": delta.base_fingerprint,
         "concepts": json.dumps(delta.concepts),

@@ -16,6 +16,7 @@ import torch
 from cdtool.atomic import inside
 from cdtool.delta import Delta, LayerDelta, base_param
 from cdtool.errors import CdtoolError
+from cdtool.export_xl import is_sdxl, kohya_sdxl_state, sdxl_embedding
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # diffusers' loader needs an entry for every attention processor, empty for the untouched ones,
@@ -119,6 +120,8 @@ def token_files(delta: Delta) -> dict[str, dict[str, torch.Tensor]]:
     """`<stem>.safetensors` -> {token: embedding}, as diffusers writes them for
     `pipe.load_textual_inversion(folder, weight_name=...)` (the token is the file's key)."""
     stems = token_file_stems(delta)
+    if is_sdxl(delta):  # both encoders' rows, as cdtool.export_xl writes them
+        return {f"{stems[t]}.safetensors": sdxl_embedding(delta, t) for t in delta.tokens}
     return {
         f"{stems[t]}.safetensors": {t: (e[0] if e.shape[0] == 1 else e).contiguous()} for t, e in delta.tokens.items()
     }
@@ -128,6 +131,8 @@ def a1111_embeddings(delta: Delta) -> dict[str, tuple[dict[str, torch.Tensor], d
     """`<stem>.safetensors` -> (tensors, metadata) of AUTOMATIC1111's embedding file: `emb_params`
     [n_vectors, dim]; the UI's prompt word is the file's stem, and the token stays in the metadata."""
     stems = token_file_stems(delta)
+    if is_sdxl(delta):  # the UI reads SDXL embeddings as {clip_l, clip_g}
+        return {f"{stems[t]}.safetensors": (sdxl_embedding(delta, t), {"token": t}) for t in delta.tokens}
     return {
         f"{stems[t]}.safetensors": ({"emb_params": e.reshape(-1, e.shape[-1]).contiguous()}, {"token": t})
         for t, e in delta.tokens.items()
@@ -145,11 +150,13 @@ def export(
     dtype: str = "fp16",
     samples: Path | None = None,
     license: str | None = None,
+    layers_per_block: int = 2,
 ) -> list[Path]:
     """Write `delta` as `target` into the empty folder `path` (for `official`: the file `path`),
     with its model card (README.md); returns the files written. Every file named after a token
     stays inside `path`. `name` is the output folder's
-    name (the card's, and the checkpoint file's); `model` the base (`checkpoint` loads it whole)."""
+    name (the card's, and the checkpoint file's); `model` the base (`checkpoint` loads it whole);
+    `layers_per_block` the UNet config's (kohya's SDXL names count it)."""
     from safetensors.torch import save_file
 
     from cdtool.importers import write_official
@@ -159,7 +166,7 @@ def export(
             raise CdtoolError("the official layout stores fine-tuned weights: the base model is needed")
         write_official(delta, path, dict(base))
         return [path]
-    written = _write_weights(delta, target, path, base, name or path.name, model, dtype)
+    written = _write_weights(delta, target, path, base, name or path.name, model, dtype, layers_per_block)
     if target in DIFFUSERS_TOKEN_TARGETS:
         for file, state in token_files(delta).items():
             save_file(state, str(inside(path, file)))  # token names are data from strangers
@@ -184,6 +191,7 @@ def _write_weights(
     name: str,
     model: str | None,
     dtype: str,
+    layers_per_block: int = 2,
 ) -> list[str]:
     """The target's own weight file(s), relative to `path`."""
     from safetensors.torch import save_file
@@ -193,7 +201,8 @@ def _write_weights(
             raise CdtoolError("the delta has no token embeddings to export as textual inversion")
         if len(delta.tokens) == 1:  # diffusers' default file name
             token, emb = next(iter(delta.tokens.items()))
-            save_file({token: emb.contiguous()}, str(path / "learned_embeds.safetensors"))
+            state = sdxl_embedding(delta, token) if is_sdxl(delta) else {token: emb.contiguous()}
+            save_file(state, str(path / "learned_embeds.safetensors"))
             return ["learned_embeds.safetensors"]
         return []
     if target == "checkpoint":
@@ -211,7 +220,8 @@ def _write_weights(
         save_file(diffusers_lora_state(delta), str(path / LORA_FILE))
         return [LORA_FILE]
     if target == "kohya":
-        save_file(kohya_state(delta), str(path / "lora.safetensors"), metadata={"ss_network_module": "networks.lora"})
+        state = kohya_sdxl_state(delta, layers_per_block) if is_sdxl(delta) else kohya_state(delta)
+        save_file(state, str(path / "lora.safetensors"), metadata={"ss_network_module": "networks.lora"})
         return ["lora.safetensors"]
     if base is None:
         raise CdtoolError("Custom Diffusion weights are fine-tuned weights: the base model is needed")

@@ -45,9 +45,16 @@ def extract_delta(tuned: Any, base: Any, layers: str = "kv") -> tuple[Delta, int
             db = t.bias.detach().float() - b.bias.detach().float()
         if torch.count_nonzero(dw) or db is not None:
             delta.layers[name] = LayerDelta(full=dw, bias=db)
+    from cdtool.models import pipeline_kind
+
+    delta.base_kind = pipeline_kind(base)
     base_vocab = base.tokenizer.get_vocab()
-    table = tuned.text_encoder.get_input_embeddings().weight.detach().float()
-    for token, idx in sorted(tuned.tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        if token not in base_vocab:
-            delta.tokens[token] = table[idx : idx + 1].clone()
+    tables = [(tuned.tokenizer, tuned.text_encoder, delta.tokens)]
+    if getattr(tuned, "text_encoder_2", None) is not None:  # SDXL: the rows of the second encoder too
+        tables.append((tuned.tokenizer_2, tuned.text_encoder_2, delta.tokens_2))
+    for tokenizer, encoder, rows in tables:
+        table = encoder.get_input_embeddings().weight.detach().float()
+        for token, idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+            if token not in base_vocab:
+                rows[token] = table[idx : idx + 1].clone()
     return delta, matched

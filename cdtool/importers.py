@@ -18,10 +18,12 @@ from typing import Any
 import torch
 
 from cdtool.atomic import atomic_path
+from cdtool.choices import SDXL
 from cdtool.delta import (
     Delta,
     LayerDelta,
     base_param,
+    check_token_pairs,
     is_cdtool_safetensors,
     read_cdtool,
     safetensors_metadata,
@@ -127,6 +129,11 @@ def _from_state(state: Any, path: Path) -> Delta:
         return _from_compvis(state["state_dict"], path)
     if any("_custom_diffusion" in k for k in state):
         return _from_diffusers(state, path)
+    if _is_sdxl_embedding(state):
+        tokens, tokens_2 = _sdxl_embedding(state, path)
+        return Delta(
+            tokens=tokens, tokens_2=tokens_2, base_kind=SDXL, source_format="token-embeddings", origin=str(path)
+        )
     tokens = _token_file(state, path)
     if tokens:
         return Delta(tokens=tokens, source_format="token-embeddings", origin=str(path))
@@ -177,8 +184,19 @@ def _from_official(state: dict[str, Any], path: Path) -> Delta:
         if kind not in ("weight", "bias"):
             raise CdtoolError(f"{path}: unexpected entry {key!r} under 'unet'")
         _merge_param(layers, f"unet.{stem}", kind, _layer(state["unet"][key], key, path))
-    tokens = {t: _as_rows(e) for t, e in (state.get("modifier_token") or {}).items()}
-    return Delta(layers=layers, tokens=tokens, source_format="official-diffusers", origin=str(path))
+    delta = Delta(layers=layers, source_format="official-diffusers", origin=str(path))
+    for token, rows in (state.get("modifier_token") or {}).items():
+        if isinstance(rows, (list, tuple)):  # the SDXL script's: [row in text_encoder, row in text_encoder_2]
+            if len(rows) != 2 or not all(isinstance(r, torch.Tensor) for r in rows):
+                raise CdtoolError(f"{path}: modifier_token {token!r} holds {len(rows)} entries, not a pair of rows")
+            delta.tokens[token], delta.tokens_2[token] = _as_rows(rows[0]), _as_rows(rows[1])
+            delta.base_kind = SDXL
+        elif isinstance(rows, torch.Tensor):
+            delta.tokens[token] = _as_rows(rows)
+        else:
+            raise CdtoolError(f"{path}: modifier_token {token!r} is neither a row nor a pair of rows")
+    check_token_pairs(delta, str(path))
+    return delta
 
 
 def _from_compvis(sd: dict[str, Any], path: Path) -> Delta:
@@ -216,21 +234,41 @@ def _from_diffusers(state: dict[str, Any], path: Path) -> Delta:
             raise CdtoolError(f"{path}: unexpected entry {key!r} in Custom Diffusion weights")
         module, kind = _CD_SUFFIX[sub]
         _merge_param(layers, f"unet.{proc}.{module}", kind, LayerDelta(full=value, absolute=True))
-    return Delta(
-        layers=layers, tokens=_tokens_beside(path), source_format="diffusers-custom-diffusion", origin=str(path)
-    )
+    delta = Delta(layers=layers, source_format="diffusers-custom-diffusion", origin=str(path))
+    _add_tokens_beside(delta, path)
+    return delta
 
 
-def _tokens_beside(weights: Path) -> dict[str, torch.Tensor]:
+def _add_tokens_beside(delta: Delta, weights: Path) -> None:
     """The token files in the folder of diffusers' Custom Diffusion weights, found by content: named
-    `<token>.safetensors` as diffusers writes them, or `new1.safetensors` as cdtool exports them."""
-    tokens: dict[str, torch.Tensor] = {}
+    `<token>.safetensors` as diffusers writes them, or `new1.safetensors` as cdtool exports them;
+    an SDXL file's two encoders' rows (`clip_l`, `clip_g`) go to both token tables."""
     for token_file in sorted(weights.parent.iterdir()):
         if token_file.suffix not in (".safetensors", ".bin") or token_file.name in DIFFUSERS_WEIGHTS:
             continue
         state = _load_safetensors(token_file) if token_file.suffix == ".safetensors" else load_pickle(token_file)
-        tokens.update(_token_file(state, token_file) if isinstance(state, dict) else {})
-    return tokens
+        if not isinstance(state, dict):
+            continue
+        if _is_sdxl_embedding(state):
+            tokens, tokens_2 = _sdxl_embedding(state, token_file)
+            delta.tokens.update(tokens)
+            delta.tokens_2.update(tokens_2)
+            delta.base_kind = SDXL
+        else:
+            delta.tokens.update(_token_file(state, token_file))
+
+
+def _is_sdxl_embedding(state: dict[str, Any]) -> bool:
+    """An SDXL embedding file: a token's rows for both text encoders, `clip_l` and `clip_g`."""
+    return set(state) == {"clip_l", "clip_g"} and all(_is_embedding(v) for v in state.values())
+
+
+def _sdxl_embedding(state: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """{token: rows} for each encoder; the token is the metadata's `token` (as cdtool writes it), else
+    the file's name, as AUTOMATIC1111 reads it."""
+    meta = (safetensors_metadata(path) or {}) if path.suffix == ".safetensors" else {}
+    token = meta.get("token") or path.stem
+    return {token: _as_rows(state["clip_l"])}, {token: _as_rows(state["clip_g"])}
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -300,7 +338,9 @@ def save_delta(delta: Delta, path: Path, base: dict[str, torch.Tensor] | None = 
 
 
 def official_state(delta: Delta, base: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The official diffusers-style `delta.bin` dict: fine-tuned weights, or u/v for low-rank.
+    """The official diffusers-style `delta.bin` dict: fine-tuned weights, or u/v for low-rank; for
+    SDXL each modifier token holds its pair of rows (text_encoder's, text_encoder_2's), as the
+    official SDXL script writes them.
 
     Deliberate difference: fine-tuned weights are stored in float64. W0 + ΔW of two float32 tensors
     is exact in float64, so cdtool -> .bin -> cdtool gives back ΔW bit for bit; the official
@@ -318,8 +358,15 @@ def official_state(delta: Delta, base: dict[str, torch.Tensor]) -> dict[str, Any
         if layer.bias is not None:
             b0 = base_param(base, f"{name}.bias", layer.bias.shape)
             unet[f"{stem}.bias"] = b0.double() + layer.bias.double()
-    tokens = {t: (e[0] if e.shape[0] == 1 else e).clone() for t, e in delta.tokens.items()}
+    tokens: dict[str, Any] = {t: _official_rows(e) for t, e in delta.tokens.items()}
+    for t, e in delta.tokens_2.items():  # the SDXL script's pair of rows
+        tokens[t] = [tokens[t], _official_rows(e)]
     return {"unet": unet, "modifier_token": tokens}
+
+
+def _official_rows(e: torch.Tensor) -> torch.Tensor:
+    """A token's rows as the official code stores them: one row as a vector."""
+    return (e[0] if e.shape[0] == 1 else e).clone()
 
 
 def write_official(delta: Delta, path: Path, base: dict[str, torch.Tensor], *, replace: bool = True) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from cdtool.closed_form import prepare, report, solve_layer
 from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import CdtoolError
 from cdtool.tokens import check_token_name
+
+if TYPE_CHECKING:
+    from cdtool.conditioning import TextSide
 
 # the projections a text-feature merge covers: those that read the text features (the kv layer set)
 KV_SUFFIXES = tuple(f".{s}" for s in LAYER_SETS["kv"])
@@ -71,17 +74,11 @@ def rename_tokens(delta: Delta, mapping: Mapping[str, str]) -> Delta:
             c["token"] = mapping[c["token"]]
         c["prompts"] = [sub(p) for p in c.get("prompts") or []]
         concepts.append(c)
-    tokens = {mapping.get(t, t): e for t, e in delta.tokens.items()}
-    return Delta(
-        layers=delta.layers,
-        tokens=tokens,
-        base_model=delta.base_model,
-        base_fingerprint=delta.base_fingerprint,
+    return replace(
+        delta,
+        tokens={mapping.get(t, t): e for t, e in delta.tokens.items()},
+        tokens_2={mapping.get(t, t): e for t, e in delta.tokens_2.items()},
         concepts=concepts,
-        created_by=delta.created_by,
-        provenance=delta.provenance,
-        source_format=delta.source_format,
-        origin=delta.origin,
     )
 
 
@@ -111,6 +108,7 @@ def sum_deltas(deltas: Sequence[Delta]) -> Delta:
                     bias = prev.bias if bias is None else prev.bias + bias
             out.layers[name] = LayerDelta(full=dense, bias=bias)
         out.tokens.update(d.tokens)
+        out.tokens_2.update(d.tokens_2)
         out.concepts.extend(d.concepts)
     return out
 
@@ -142,32 +140,33 @@ class MergeResult:
 def closed_form_merge(
     deltas: Sequence[Delta],
     base: Mapping[str, torch.Tensor],
-    tokenizer: Any,
-    encoder: Any,
+    text: TextSide,
     reg_gram: torch.Tensor,
     *,
     dry_run: bool = False,
 ) -> MergeResult:
-    """Merge relative, renamed deltas with the closed form. `tokenizer`/`encoder` are the base
-    text side (new tokens are added to them here); `base` maps `unet.<path>.weight` to W0."""
+    """Merge relative, renamed deltas with the closed form. `text` is the base's text side (new
+    tokens are added to it here); `base` maps `unet.<path>.weight` to W0."""
     check_closed_form_layers(deltas)
-    add_delta_tokens(tokenizer, encoder, deltas)
-    c, row_owner = paper_target_rows(deltas, tokenizer, encoder)
+    add_delta_tokens(text, deltas)
+    c, row_owner = paper_target_rows(deltas, text)
     return solve_merge(deltas, base, reg_gram, c, row_owner, dry_run=dry_run)
 
 
-def add_delta_tokens(tokenizer: Any, encoder: Any, deltas: Sequence[Delta]) -> None:
-    """Add the deltas' new tokens, with their learned rows, to the base text side."""
-    from cdtool.tokens import add_token_rows, plan_new_tokens
+def add_delta_tokens(text: TextSide, deltas: Sequence[Delta]) -> None:
+    """Add the deltas' new tokens, with their learned rows, to the base's text side."""
+    from cdtool.tokens import add_text_tokens, plan_text_tokens
 
-    add_token_rows(tokenizer, encoder, plan_new_tokens(tokenizer, encoder, deltas))
+    add_text_tokens(text, plan_text_tokens(text, deltas))
 
 
-def paper_target_rows(deltas: Sequence[Delta], tokenizer: Any, encoder: Any) -> tuple[torch.Tensor, list[int]]:
-    """The closed form's target rows C (float64, one text feature per row) and the input each came
-    from: the paper's prompts ("<new1> cat", "photo of a <new1> cat") from the subject to end-of-text."""
-    from cdtool.text_features import feature_rows
+def paper_target_rows(deltas: Sequence[Delta], text: TextSide) -> tuple[torch.Tensor, list[int]]:
+    """The closed form's target rows C (float64, one text feature per row: for SDXL both encoders'
+    rows at a position, concatenated) and the input each came from: the paper's prompts ("<new1>
+    cat", "photo of a <new1> cat") from the subject to end-of-text (cdtool.conditioning.text_rows)."""
+    from cdtool.conditioning import text_rows
 
+    tokenizer = text.tokenizer
     prompts, starts, owner = [], [], []
     for i, d in enumerate(deltas):
         for concept in d.concepts:
@@ -183,7 +182,7 @@ def paper_target_rows(deltas: Sequence[Delta], tokenizer: Any, encoder: Any) -> 
                 prompts.append(prefix + subject)
                 starts.append(1 + n_prefix)
                 owner.append(i)
-    rows = feature_rows(tokenizer, encoder, prompts, starts)
+    rows = text_rows(text, prompts, starts)
     return torch.cat(rows).double(), [o for o, r in zip(owner, rows, strict=True) for _ in range(r.shape[0])]
 
 
@@ -221,10 +220,16 @@ def solve_merge(
         rep = report(system, w0, w0 + dw.double(), values)  # of the float32 ΔW written, not the float64 solution
         result.layers[name] = {"constraint_residual": rep.constraint_residual, "reg_drift": rep.reg_drift}
         result.delta.layers[name] = LayerDelta(full=dw)
-    for d in deltas:
-        result.delta.tokens.update(d.tokens)
-        result.delta.concepts.extend(d.concepts)
+    keep_tokens(result.delta, deltas)
     return result
+
+
+def keep_tokens(merged: Delta, deltas: Sequence[Delta]) -> None:
+    """A merge keeps every input's tokens (both encoders' rows) and concepts."""
+    for d in deltas:
+        merged.tokens.update(d.tokens)
+        merged.tokens_2.update(d.tokens_2)
+        merged.concepts.extend(d.concepts)
 
 
 def _overlap(c: torch.Tensor, owner: Sequence[int]) -> float:
@@ -283,8 +288,7 @@ def concept_prompts(delta: Delta) -> list[str]:
 def least_squares_merge(
     deltas: Sequence[Delta],
     base: Mapping[str, torch.Tensor],
-    tokenizer: Any,
-    encoder: Any,
+    text: TextSide,
     reg_gram: torch.Tensor,
     weights: Sequence[float],
     base_weight: float,
@@ -294,14 +298,14 @@ def least_squares_merge(
     """Merge relative, renamed deltas by weighted least squares over every text row (see
     least_squares.py): input i's outputs on all rows of its prompts (weight `weights[i]`) and the
     base's on the regularisation captions' rows (`reg_gram`, their mean Gram matrix; weight
-    `base_weight`). `tokenizer`/`encoder` are the base text side (new tokens are added here)."""
+    `base_weight`). `text` is the base's text side (new tokens are added here)."""
+    from cdtool.conditioning import padded_rows
     from cdtool.least_squares import mean_gram, prepare_lsq, report_lsq, solve_lsq_layer
-    from cdtool.text_features import padded_rows
 
     check_closed_form_layers(deltas)
-    add_delta_tokens(tokenizer, encoder, deltas)
-    c, row_owner = paper_target_rows(deltas, tokenizer, encoder)
-    rows = [padded_rows(tokenizer, encoder, concept_prompts(d)) for d in deltas]
+    add_delta_tokens(text, deltas)
+    c, row_owner = paper_target_rows(deltas, text)
+    rows = [padded_rows(text, concept_prompts(d)) for d in deltas]
     system = prepare_lsq([mean_gram(x) for x in rows], weights, reg_gram, base_weight)
     result = MergeResult(
         delta=Delta(),
@@ -319,7 +323,5 @@ def least_squares_merge(
         rep = report_lsq(system, w0, dw, inputs)  # of the float32 ΔW written
         result.layers[name] = {"own_error": rep.own_error, "reg_drift": rep.reg_drift}
         result.delta.layers[name] = LayerDelta(full=dw)
-    for d in deltas:
-        result.delta.tokens.update(d.tokens)
-        result.delta.concepts.extend(d.concepts)
+    keep_tokens(result.delta, deltas)
     return result

@@ -4,14 +4,17 @@ tokens renamed apart, and the base's weights and text side the solvers need."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import CdtoolError
+
+if TYPE_CHECKING:
+    from cdtool.conditioning import TextSide
 
 
 @dataclass
@@ -20,13 +23,13 @@ class MergeInputs:
     deltas: list[Delta]  # relative to the base, renamed, scaled
     renames: list[dict[str, str]]  # per input: {old token: new token}
     base_model: str
-    base: dict[str, torch.Tensor]  # the touched base weights (and the token embedding table)
-    tokenizer: Any = None  # the base text side, when loaded
-    encoder: Any = None
+    base_kind: str  # sd1, sd2 or sdxl
+    base: dict[str, torch.Tensor]  # the touched base weights (and the token embedding tables)
+    text: TextSide | None = None  # the base's text side, when loaded
 
     @property
     def vocab(self) -> int | None:
-        return len(self.tokenizer) if self.tokenizer is not None else None
+        return len(self.text.tokenizer) if self.text is not None else None
 
 
 def with_classes(delta: Delta, noun: str | None) -> Delta:
@@ -50,16 +53,7 @@ def scaled(d: Delta, s: float) -> Delta:
         n: LayerDelta(full=s * layer.dense().float(), bias=None if layer.bias is None else s * layer.bias)
         for n, layer in d.layers.items()
     }
-    return Delta(
-        layers=layers,
-        tokens=d.tokens,
-        base_model=d.base_model,
-        base_fingerprint=d.base_fingerprint,
-        concepts=d.concepts,
-        provenance=d.provenance,
-        origin=d.origin,
-        source_format=d.source_format,
-    )
+    return replace(d, layers=layers, created_by="")
 
 
 def read_merge_inputs(paths: Sequence[Path], nouns: Sequence[str]) -> list[Delta]:
@@ -89,9 +83,21 @@ def prepare_merge_inputs(
 ) -> MergeInputs:
     """Rename tokens apart, load the base (and its text side when a solver needs it), make the
     inputs relative to it, check their fingerprints and scale them."""
-    from cdtool.base import TOKEN_EMBEDDING, fingerprint, fingerprint_names, load_base_params
+    from cdtool.base import (
+        TOKEN_EMBEDDING,
+        TOKEN_EMBEDDING_2,
+        check_kind,
+        fingerprint,
+        fingerprint_names,
+        load_base_params,
+    )
+    from cdtool.choices import SDXL
     from cdtool.merge import assign_tokens, check_closed_form_layers, rename_tokens
+    from cdtool.models import base_kind
 
+    kind = base_kind(base_model)
+    for d in deltas:
+        check_kind(d, kind, base_model)
     if text_side:
         check_closed_form_layers(deltas)
     renames = assign_tokens(deltas)
@@ -104,12 +110,13 @@ def prepare_merge_inputs(
         | {f"{n}.bias" for d in renamed for n, layer in d.layers.items() if layer.bias is not None}
     )
     log(f"reading {len(names)} base weights of {base_model}")
-    base = load_base_params(base_model, [*names, TOKEN_EMBEDDING])
-    loaded = MergeInputs(list(paths), renamed, renames, base_model, base)
+    tables = [TOKEN_EMBEDDING, TOKEN_EMBEDDING_2] if kind == SDXL else [TOKEN_EMBEDDING]
+    base = load_base_params(base_model, [*names, *tables])
+    loaded = MergeInputs(list(paths), renamed, renames, base_model, kind, base)
     if text_side or any(d.tokens and d.base_fingerprint for d in renamed):
         from cdtool.models import load_text_side
 
-        loaded.tokenizer, loaded.encoder = load_text_side(base_model)
+        loaded.text = load_text_side(base_model)
     relative = [d.relative_to(base) if d.needs_base else d for d in renamed]
     for d in relative:
         if d.base_fingerprint and fingerprint(base, fingerprint_names(d), loaded.vocab) != d.base_fingerprint:

@@ -4,6 +4,7 @@ runs the steps they share; the names and published defaults are in cdtool/recipe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -43,11 +44,12 @@ class Method:
         """Embedding rows per new token."""
         return 1
 
-    def layer_names(self, cfg: Any, unet: Any, encoder: Any) -> list[str]:
-        """`unet.<path>` / `text_encoder.<path>` of every Linear the method changes."""
+    def layer_names(self, cfg: Any, unet: Any, encoders: Mapping[str, Any]) -> list[str]:
+        """`unet.<path>` / `text_encoder.<path>` (SDXL: `text_encoder_2.<path>` too) of every Linear
+        the method changes; `encoders` are the text encoders by component name."""
         return []
 
-    def adapt(self, cfg: Any, unet: Any, encoder: Any, layer_names: list[str]) -> None:
+    def adapt(self, cfg: Any, unet: Any, encoders: Mapping[str, Any], layer_names: list[str]) -> None:
         """Make the chosen layers trainable (everything starts frozen)."""
 
     def caption(self, cfg: Any, concept: Any, example: Any, g: torch.Generator) -> str:
@@ -91,10 +93,10 @@ class CustomDiffusion(Method):
     name = CUSTOM_DIFFUSION
     trains_weights = True
 
-    def layer_names(self, cfg: Any, unet: Any, encoder: Any) -> list[str]:
+    def layer_names(self, cfg: Any, unet: Any, encoders: Mapping[str, Any]) -> list[str]:
         return trainable_layer_names(unet, cfg.train)
 
-    def adapt(self, cfg: Any, unet: Any, encoder: Any, layer_names: list[str]) -> None:
+    def adapt(self, cfg: Any, unet: Any, encoders: Mapping[str, Any], layer_names: list[str]) -> None:
         for n in layer_names:
             lin = unet.get_submodule(n[len("unet.") :])
             lin.weight.requires_grad_(True)
@@ -139,16 +141,17 @@ class DreamBoothLoRA(Method):
     name = DREAMBOOTH_LORA
     token_may_exist = True
 
-    def layer_names(self, cfg: Any, unet: Any, encoder: Any) -> list[str]:
+    def layer_names(self, cfg: Any, unet: Any, encoders: Mapping[str, Any]) -> list[str]:
         names = linear_names(unet, "unet", tuple(f".{t}" for t in cfg.lora_targets), within=(".attn1.", ".attn2."))
         if not names:
             raise CdtoolError(f"no UNet attention projection matches --target {','.join(cfg.lora_targets)}")
-        if cfg.train_text_encoder:
-            names += linear_names(encoder, "text_encoder", tuple(f".{t}" for t in TEXT_LORA_TARGETS))
+        if cfg.train_text_encoder:  # every text encoder's attention (both, on SDXL)
+            for component, encoder in encoders.items():
+                names += linear_names(encoder, component, tuple(f".{t}" for t in TEXT_LORA_TARGETS))
         return names
 
-    def adapt(self, cfg: Any, unet: Any, encoder: Any, layer_names: list[str]) -> None:
-        for component, model in (("unet", unet), ("text_encoder", encoder)):
+    def adapt(self, cfg: Any, unet: Any, encoders: Mapping[str, Any], layer_names: list[str]) -> None:
+        for component, model in (("unet", unet), *encoders.items()):
             targets = [n[len(component) + 1 :] for n in layer_names if n.startswith(f"{component}.")]
             if targets:
                 model.add_adapter(

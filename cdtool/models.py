@@ -1,6 +1,10 @@
-"""Loading a Stable Diffusion base: `tiny`, `toy`, a hub id, a local diffusers folder or one checkpoint file.
+"""Loading a Stable Diffusion base: a built-in one, a hub id, a local diffusers folder or one checkpoint file.
 
-`tiny` is built in code from configs (random weights: for tests of the plumbing); `toy` is a small
+The kind of base (Stable Diffusion 1.x, 2.x or XL) is read from the model itself, never from an
+option: the folder's model_index.json, or the checkpoint's keys; it decides the pipeline class.
+
+`tiny`, `tiny-sd2` and `tiny-xl` are built in code from configs (random weights: for tests of the
+plumbing, one per kind); `toy` is a small
 model pretrained on the toy world (cdtool/toy/world.py) by tools/pretrain_toy.py and shipped as a
 float16 diffusers folder inside the package: it follows captions, so quality can be measured on a CPU.
 
@@ -11,16 +15,22 @@ then moved to the requested device and dtype.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cdtool.choices import DTYPE_NAMES, TINY, TOY
+from cdtool.choices import BUILT_IN, DTYPE_NAMES, SD1, SD2, SDXL, TINY, TINY_MODELS, TINY_SD2, TINY_XL, TOY
 from cdtool.errors import CdtoolError, UsageError
+
+if TYPE_CHECKING:
+    from cdtool.conditioning import TextSide
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
+_TINY_KINDS = {TINY: SD1, TINY_SD2: SD2, TINY_XL: SDXL}
+_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # the classes cdtool loads
 
 
 def resolve_device(device: str) -> torch.device:
@@ -67,7 +77,7 @@ def local_path(model: str) -> Path:
 def model_reference(model: str) -> str:
     """How a delta records its base: a local folder or file by its absolute path (so that the delta
     finds it from any working folder), anything else (`tiny`, `toy`, a hub id) as given."""
-    if model in (TINY, TOY):
+    if model in BUILT_IN:
         return model
     path = Path(model).expanduser()
     return str(path.resolve()) if path.exists() else model
@@ -75,14 +85,15 @@ def model_reference(model: str) -> str:
 
 def is_missing_path(model: str) -> bool:
     """A model written as a local path (or a checkpoint file name) that is not there."""
-    if model in (TINY, TOY) or Path(model).expanduser().exists():
+    if model in BUILT_IN or Path(model).expanduser().exists():
         return False
     return Path(model).suffix in SINGLE_FILE_SUFFIXES or model.startswith((".", "/", "~"))
 
 
 def model_kind(model: str) -> str:
-    """'tiny', 'folder', 'file' or 'hub' (`toy` is a folder inside the package)."""
-    if model == TINY:
+    """'tiny', 'folder', 'file' or 'hub' (where the model lies; `toy` is a folder inside the package).
+    What kind of base it is (SD 1.x, 2.x, XL) is `base_kind`."""
+    if model in TINY_MODELS:
         return "tiny"
     if model == TOY:
         if not (toy_model_folder() / "model_index.json").is_file():
@@ -99,6 +110,80 @@ def model_kind(model: str) -> str:
     if is_missing_path(model):
         raise CdtoolError(f"model {model}: no such file or folder")
     return "hub"
+
+
+def base_kind(model: str) -> str:
+    """SD1, SD2 or SDXL (cdtool.choices), read from the model itself: a diffusers folder's or hub
+    repository's model_index.json (and UNet config), or a single checkpoint's keys."""
+    where = model_kind(model)
+    if where == "tiny":
+        return _TINY_KINDS[model]
+    if where == "file":
+        return _checkpoint_kind(local_path(model))
+    class_name = str(_config(model, where, "model_index.json").get("_class_name"))
+    if class_name not in _PIPELINES:
+        raise CdtoolError(
+            f"{model} is a {class_name}; cdtool works with StableDiffusionPipeline (Stable Diffusion 1.x, 2.x) "
+            "and StableDiffusionXLPipeline models"
+        )
+    unet = {} if class_name == _PIPELINES[1] else _config(model, where, "unet/config.json")
+    return kind_from_configs(class_name, unet)
+
+
+def kind_from_configs(class_name: str, unet_config: Mapping[str, Any]) -> str:
+    """The kind of base a pipeline class (one of _PIPELINES) and UNet config make: SD 2.x is told from
+    1.x by its linear projections (and 1024-wide text features)."""
+    if class_name == _PIPELINES[1]:
+        return SDXL
+    sd2 = bool(unet_config.get("use_linear_projection")) or unet_config.get("cross_attention_dim") == 1024
+    return SD2 if sd2 else SD1
+
+
+def pipeline_kind(pipe: Any) -> str:
+    """The kind of base of a loaded pipeline."""
+    return kind_from_configs(type(pipe).__name__, dict(pipe.unet.config))
+
+
+def _checkpoint_kind(path: Path) -> str:
+    """The kind of a single-file checkpoint, from its keys (as the original repositories name them)."""
+    keys = _checkpoint_keys(path)
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return SDXL
+    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP's text encoder
+        return SD2
+    return SD1
+
+
+def _checkpoint_keys(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as e:
+        raise CdtoolError(f"could not read the checkpoint {path} ({e}); is it truncated?") from e
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    return [str(k) for k in state]
+
+
+def _config(model: str, where: str, name: str) -> dict[str, Any]:
+    """A JSON config of a diffusers folder or hub repository (`model_index.json`, `unet/config.json`)."""
+    import json
+
+    try:
+        if where == "folder":
+            path = local_path(model) / name
+            if not path.is_file():
+                raise OSError(f"no {name}")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, name))
+        return dict(json.loads(path.read_text()))
+    except Exception as e:  # missing file, offline, unknown repository, not JSON
+        raise CdtoolError(_load_failure(model, where, e)) from e
 
 
 def _offline_hint(model: str) -> str:
@@ -148,70 +233,94 @@ def _no_loading_bars() -> None:
 
 
 def load_pipeline(model: str) -> Any:
-    """The full StableDiffusionPipeline (float32, CPU, no safety checker)."""
-    from diffusers import StableDiffusionPipeline
+    """The full pipeline, of the class the model's kind calls for: StableDiffusionPipeline (SD 1.x,
+    2.x) or StableDiffusionXLPipeline (float32, CPU, no safety checker or watermark)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     _no_loading_bars()
+    where = model_kind(model)
+    if where == "tiny":
+        from cdtool.tiny import build_tiny
 
-    kind = model_kind(model)
-    if kind == "tiny":
-        from cdtool.tiny import build_tiny_pipeline
-
-        return build_tiny_pipeline()
-    kwargs: dict[str, Any] = dict(safety_checker=None, requires_safety_checker=False)
+        return build_tiny(model)
+    xl = base_kind(model) == SDXL
+    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    kwargs: dict[str, Any] = (
+        dict(add_watermarker=False) if xl else dict(safety_checker=None, requires_safety_checker=False)
+    )
     try:
-        if kind == "file":
-            pipe = StableDiffusionPipeline.from_single_file(str(local_path(model)), **kwargs)
+        if where == "file":
+            pipe = cls.from_single_file(str(local_path(model)), **kwargs)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(local_path(model)) if kind == "folder" else model,
-                local_files_only=kind == "folder" or _hub_offline(),
+            pipe = cls.from_pretrained(
+                str(local_path(model)) if where == "folder" else model,
+                local_files_only=where == "folder" or _hub_offline(),
                 **kwargs,
             )
     except (OSError, ValueError) as e:
-        raise CdtoolError(_load_failure(model, kind, e)) from e
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
+        raise CdtoolError(_load_failure(model, where, e)) from e
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
     return pipe.to(torch.float32)
 
 
-def load_text_side(model: str) -> tuple[Any, Any]:
-    """(tokenizer, text encoder) without loading the UNet or VAE where the source allows it."""
-    kind = model_kind(model)
-    if kind in ("tiny", "file"):
-        pipe = load_pipeline(model)
-        return pipe.tokenizer, pipe.text_encoder
-    from transformers import CLIPTextModel, CLIPTokenizer
+def load_text_side(model: str) -> TextSide:
+    """The base's tokenizer(s) and text encoder(s), without loading the UNet or VAE where the
+    source allows it."""
+    from cdtool.conditioning import TextSide
+
+    where = model_kind(model)
+    if where in ("tiny", "file"):
+        return TextSide.of(load_pipeline(model))
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     _no_loading_bars()
-    source = str(local_path(model)) if kind == "folder" else model
-    local = kind == "folder" or _hub_offline()
+    parts = [("tokenizer", "text_encoder", CLIPTextModel)]
+    if base_kind(model) == SDXL:
+        parts.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
+    source = str(local_path(model)) if where == "folder" else model
+    local = where == "folder" or _hub_offline()
+    tokenizers, encoders = [], []
     try:
-        tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local)
-        enc = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=local)
+        for tok_dir, enc_dir, enc_cls in parts:
+            tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder=tok_dir, local_files_only=local))
+            enc = enc_cls.from_pretrained(source, subfolder=enc_dir, local_files_only=local)
+            encoders.append(enc.float().eval().requires_grad_(False))
     except (OSError, ValueError) as e:
-        raise CdtoolError(_load_failure(model, kind, e)) from e
-    return tok, enc.float().eval().requires_grad_(False)
+        raise CdtoolError(_load_failure(model, where, e)) from e
+    return TextSide(tokenizers, encoders)
+
+
+def unet_config(model: str) -> dict[str, Any]:
+    """The model's UNet config, read from its config file (a single checkpoint: loaded)."""
+    where = model_kind(model)
+    if where == "tiny":
+        from cdtool import tiny
+
+        return dict({TINY: tiny.UNET_CONFIG, TINY_SD2: tiny.SD2_UNET_CONFIG, TINY_XL: tiny.XL_UNET_CONFIG}[model])
+    if where in ("folder", "hub"):
+        return _config(model, where, "unet/config.json")
+    return dict(load_pipeline(model).unet.config)
 
 
 def default_resolution(model: str) -> int:
-    """The model's native image size: UNet sample size x VAE factor (read from configs where cheap)."""
-    import json
-
-    kind = model_kind(model)
-    if kind == "tiny":
+    """The model's native image size: UNet sample size x VAE factor, read from the configs where
+    there are configs (1024 for SDXL, 512 or 768 for SD 1.x/2.x); for a single checkpoint, 1024 for
+    SDXL and 512 otherwise."""
+    where = model_kind(model)
+    if where == "tiny":
         from cdtool.tiny import TINY_RESOLUTION
 
         return TINY_RESOLUTION
-    if kind == "folder":
-        folder = local_path(model)
-        try:
-            unet = json.loads((folder / "unet" / "config.json").read_text())
-            vae = json.loads((folder / "vae" / "config.json").read_text())
-            return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-        except (OSError, KeyError, ValueError):
-            pass
-    return 512
+    if where == "file":
+        return 1024 if base_kind(model) == SDXL else 512
+    try:
+        unet = _config(model, where, "unet/config.json")
+        vae = _config(model, where, "vae/config.json")
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (CdtoolError, KeyError, TypeError, ValueError):
+        return 1024 if base_kind(model) == SDXL else 512
 
 
 def _hub_offline() -> bool:

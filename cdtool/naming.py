@@ -1,4 +1,4 @@
-"""Layer names: CompVis (original Stable Diffusion) <-> diffusers, for SD1.x UNets."""
+"""Layer names: CompVis (original Stable Diffusion, SDXL's SGM) <-> diffusers."""
 
 from __future__ import annotations
 
@@ -37,6 +37,15 @@ def compvis_to_diffusers(key: str) -> str | None:
 
 def diffusers_to_compvis(name: str) -> str:
     """Inverse of `compvis_to_diffusers` for `unet.` layer names."""
+    return f"model.diffusion_model.{diffusers_to_sgm(name)}.weight"
+
+
+def diffusers_to_sgm(name: str, layers_per_block: int = 2) -> str:
+    """The original (CompVis/SGM) module path of a `unet.` layer inside an attention block, e.g.
+    `unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k` ->
+    `input_blocks.4.1.transformer_blocks.0.attn2.to_k`. Each down block holds `layers_per_block`
+    input blocks after the first (and a downsampler), each up block one more: 2 in Stable Diffusion
+    1.x, 2.x and XL alike."""
     m = re.match(r"^unet\.(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.(\d+)\.(.+)$", name)
     if m is None:
         raise ValueError(f"no CompVis name for {name}")
@@ -44,7 +53,7 @@ def diffusers_to_compvis(name: str) -> str:
     if block == "mid_block":
         head = "middle_block.1"
     elif block.startswith("down_blocks"):
-        head = f"input_blocks.{int(block.split('.')[1]) * 3 + a + 1}.1"
+        head = f"input_blocks.{int(block.split('.')[1]) * (layers_per_block + 1) + a + 1}.1"
     else:
-        head = f"output_blocks.{int(block.split('.')[1]) * 3 + a}.1"
-    return f"model.diffusion_model.{head}.{rest}.weight"
+        head = f"output_blocks.{int(block.split('.')[1]) * (layers_per_block + 1) + a}.1"
+    return f"{head}.{rest}"

@@ -29,7 +29,7 @@ def load_with_deltas(
     if on_base is not None:
         on_base(pipe)
     if deltas:
-        apply_deltas(pipe, deltas, ignore_base_mismatch=ignore_base_mismatch, warn=console.warn)
+        apply_deltas(pipe, deltas, ignore_base_mismatch=ignore_base_mismatch, warn=console.warn, model=model)
         for d, scale in deltas:
             console.log(
                 f"applied {d.origin} (scale {scale:g}): {len(d.layers)} layers, tokens {', '.join(d.tokens) or '-'}"

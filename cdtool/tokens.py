@@ -8,12 +8,15 @@ import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cdtool.delta import Delta
 from cdtool.errors import CdtoolError, UsageError
+
+if TYPE_CHECKING:
+    from cdtool.conditioning import TextSide
 
 # The default initialisers: rare pieces of the CLIP vocabulary, looked up as vocabulary entries (not
 # by tokenising the words: "ktn" as text becomes two pieces, and the diffusers script's
@@ -120,18 +123,22 @@ def check_new_token(tokenizer: Any, token: str) -> None:
         raise CdtoolError(f"token {token!r} already exists in the vocabulary; use a new one such as <new1>")
 
 
-def plan_new_tokens(tokenizer: Any, encoder: Any, deltas: Sequence[Delta]) -> dict[str, torch.Tensor]:
-    """The deltas' token entries and their embedding rows, refusing existing words, rows of another
-    width than the text encoder's and tokens two deltas define differently."""
+def plan_new_tokens(
+    tokenizer: Any, encoder: Any, deltas: Sequence[Delta], second: bool = False
+) -> dict[str, torch.Tensor]:
+    """The deltas' token entries and their embedding rows (with `second`, their rows for SDXL's
+    second text encoder), refusing existing words, rows of another width than the text encoder's
+    and tokens two deltas define differently."""
     dim = encoder.get_input_embeddings().weight.shape[1]
+    which = "second text encoder" if second else "text encoder"
     planned: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for d in deltas:
-        for token, emb in d.tokens.items():
+        for token, emb in (d.tokens_2 if second else d.tokens).items():
             if emb.shape[-1] != dim:
                 raise CdtoolError(
                     f"{d.origin or 'delta'}: token {token} has a {emb.shape[-1]}-dim embedding, the "
-                    f"model's text encoder uses {dim}; is the delta for another base model?"
+                    f"model's {which} uses {dim}; is the delta for another base model?"
                 )
             for entry, row in zip(token_names(token, emb.shape[0]), emb, strict=True):
                 if entry in planned:
@@ -149,6 +156,34 @@ def plan_new_tokens(tokenizer: Any, encoder: Any, deltas: Sequence[Delta]) -> di
                 planned[entry] = row.float()
                 origin[entry] = d.origin or "a delta"
     return planned
+
+
+def plan_text_tokens(text: TextSide, deltas: Sequence[Delta]) -> list[dict[str, torch.Tensor]]:
+    """Per text encoder, the entries and rows `add_text_tokens` adds. For SDXL every token needs its
+    rows in both encoders; a base with one encoder refuses second-encoder rows."""
+    pairs = enumerate(zip(text.tokenizers, text.encoders, strict=True))
+    plans = [plan_new_tokens(t, e, deltas, second=i == 1) for i, (t, e) in pairs]
+    for d in deltas:
+        if d.tokens and text.xl and set(d.tokens_2) != set(d.tokens):
+            token = sorted(set(d.tokens) - set(d.tokens_2))[0]
+            raise CdtoolError(
+                f"{d.origin or 'delta'}: token {token} has no rows for the model's second text encoder; "
+                "is the delta for a Stable Diffusion 1.x or 2.x base?"
+            )
+        if d.tokens_2 and not text.xl:
+            raise CdtoolError(
+                f"{d.origin or 'delta'} holds rows for a second text encoder, which the model has not; is it for SDXL?"
+            )
+    return plans
+
+
+def add_text_tokens(text: TextSide, plans: Sequence[Mapping[str, torch.Tensor]]) -> list[int]:
+    """Add the planned entries to every tokenizer and text encoder, at the same ids in each (the
+    pipeline tokenises a prompt once per tokenizer); returns the ids."""
+    ids = [add_token_rows(t, e, plan) for t, e, plan in zip(text.tokenizers, text.encoders, plans, strict=True)]
+    if any(i != ids[0] for i in ids):
+        raise CdtoolError("the model's tokenizers gave the new tokens different ids; their vocabularies differ")
+    return ids[0]
 
 
 def add_token_rows(tokenizer: Any, encoder: Any, rows: Mapping[str, torch.Tensor]) -> list[int]:

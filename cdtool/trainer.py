@@ -19,7 +19,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,16 @@ from PIL import Image, ImageDraw
 from cdtool import __version__
 from cdtool.atomic import atomic_path
 from cdtool.augment import augment
-from cdtool.base import fingerprint, fingerprint_names, pipeline_params
+from cdtool.base import TOKEN_EMBEDDING_2, fingerprint, fingerprint_names, pipeline_params
 from cdtool.concepts import ConceptSpec
+from cdtool.conditioning import Encoded, TextSide, encode, time_ids, unet_inputs
 from cdtool.data import Example, load_image
 from cdtool.delta import Delta, LayerDelta, read_cdtool
 from cdtool.errors import CdtoolError
 from cdtool.importers import load_pickle, save_delta
 from cdtool.losses import dvar
 from cdtool.methods import Method, method_for
-from cdtool.models import load_pipeline
+from cdtool.models import load_pipeline, pipeline_kind
 from cdtool.runs import (
     CONFIG,
     DELTA,
@@ -55,7 +56,7 @@ from cdtool.runs import (
 )
 from cdtool.tokens import (
     TokenRows,
-    add_token_rows,
+    add_text_tokens,
     attach_token_rows,
     check_new_token,
     is_existing_word,
@@ -138,13 +139,6 @@ class _Rng:
         self.noise.set_state(state["noise"])
 
 
-def _encode_prompts(tokenizer: Any, encoder: Any, prompts: list[str], device: torch.device) -> torch.Tensor:
-    ids = tokenizer(
-        prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids.to(device)
-    return encoder(ids)[0]
-
-
 def _compute_in_fp32(layers: list[torch.nn.Module], half: torch.dtype) -> list[Any]:
     """Trainable fp32 layers inside a model held in `half`: their input is cast up, their output down
     (as diffusers' Custom Diffusion processors do). Returns the hook handles."""
@@ -187,15 +181,16 @@ def train(
     pipe = load_pipeline(cfg.model)
     parts = _parts(cfg, pipe, accelerator.device)
 
-    tokens = _plan_tokens(cfg, method, parts.tokenizer)
-    layer_names = method.layer_names(cfg, parts.unet, parts.encoder)
+    tokens = _plan_tokens(cfg, method, parts.text)
+    layer_names = method.layer_names(cfg, parts.unet, parts.text.named())
     base = _record_base(method, pipe, layer_names, tokens)
     _add_tokens(tokens, parts)
     trainable = _freeze_and_adapt(cfg, method, parts, layer_names, tokens)
     lr = _learning_rate(cfg, accelerator.num_processes)
     optimizer = _optimizer(cfg, trainable, lr)
     hooks = _hold_in_half(cfg, method, parts, layer_names)
-    parts.unet_p, parts.encoder_p, optimizer = accelerator.prepare(parts.unet, parts.encoder, optimizer)
+    *prepared, optimizer = accelerator.prepare(parts.unet, *parts.text.encoders, optimizer)
+    parts.unet_p, parts.text_p = prepared[0], TextSide(parts.text.tokenizers, prepared[1:])
     if parts.unet_dtype != torch.float32:  # accelerate's autocast wrapper off the UNet's forward, in place (DDP stays)
         accelerator.unwrap_model(parts.unet_p, keep_fp32_wrapper=False)
     rng = _Rng(cfg.seed, accelerator.process_index)
@@ -212,7 +207,7 @@ def train(
     stop_reason, stat, last_loss = "", None, None
     while step < cfg.steps:
         for _ in range(cfg.grad_accum):
-            with accelerator.accumulate(parts.unet_p, parts.encoder_p):
+            with accelerator.accumulate(parts.unet_p, *parts.text_p.encoders):
                 loss = _loss(method, parts, _draw_batch(cfg, method, parts, data, tokens, rng), cfg.prior_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -282,8 +277,8 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
 class _Parts:
     """The pipeline's pieces as training uses them."""
 
-    tokenizer: Any
-    encoder: Any
+    kind: str  # the kind of base (sd1, sd2, sdxl)
+    text: TextSide  # the tokenizers and text encoders (two of each for SDXL)
     vae: Any
     unet: Any
     scheduler: Any  # DDPM, for adding noise
@@ -291,8 +286,8 @@ class _Parts:
     factor: int  # the VAE's downscaling
     scaling: float  # the VAE's latent scaling
     unet_dtype: torch.dtype = torch.float32  # the half type when the UNet is held in it
-    unet_p: Any = None  # the UNet and the text encoder as accelerate prepared them (DDP, autocast)
-    encoder_p: Any = None
+    unet_p: Any = None  # the UNet and the text encoders as accelerate prepared them (DDP, autocast)
+    text_p: TextSide | None = None
 
 
 def _parts(cfg: TrainConfig, pipe: Any, device: torch.device) -> _Parts:
@@ -300,8 +295,8 @@ def _parts(cfg: TrainConfig, pipe: Any, device: torch.device) -> _Parts:
     if cfg.resolution % factor:
         raise CdtoolError(f"--resolution {cfg.resolution} is not a multiple of the VAE's factor {factor}")
     return _Parts(
-        tokenizer=pipe.tokenizer,
-        encoder=pipe.text_encoder,
+        kind=pipeline_kind(pipe),
+        text=TextSide.of(pipe),
         vae=pipe.vae,
         unet=pipe.unet,
         scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
@@ -320,7 +315,7 @@ class _NewTokens:
     vectors: int
     init_ids: list[int]
     first_id: int  # the base vocabulary's size: the first new entry's id
-    rows: TokenRows | None = None  # the trainable rows, once added
+    rows: list[TokenRows] = field(default_factory=list)  # the trainable rows per text encoder, once added
 
     def expand(self, text: str) -> str:
         """Multi-vector tokens appear in prompts as their entries: "<t>" -> "<t> <t>_1 <t>_2"."""
@@ -330,18 +325,25 @@ class _NewTokens:
         return text
 
 
-def _plan_tokens(cfg: TrainConfig, method: Method, tokenizer: Any) -> _NewTokens:
-    """New tokens, initialised from their rare initialiser pieces. DreamBooth's identifier may be an
-    existing rare word ("sks"), which is then used as it is and not trained."""
+def _plan_tokens(cfg: TrainConfig, method: Method, text: TextSide) -> _NewTokens:
+    """New tokens, initialised from their rare initialiser pieces (in every text encoder, from the
+    same vocabulary entry). DreamBooth's identifier may be an existing rare word ("sks"), which is
+    then used as it is and not trained."""
+    tokenizer = text.tokenizer
     new = [c for c in cfg.concepts if not (method.token_may_exist and is_existing_word(tokenizer, c.token))]
     for c in new:
-        check_new_token(tokenizer, c.token)
+        for tok in text.tokenizers:
+            check_new_token(tok, c.token)
     vectors = method.vectors(cfg)
+    init_ids = [resolve_init_token(tokenizer, c.init_token) for c in new for _ in range(vectors)]
+    for tok in text.tokenizers[1:]:
+        if len(tok) != len(tokenizer) or [resolve_init_token(tok, c.init_token) for c in new] != init_ids[::vectors]:
+            raise CdtoolError("the model's two tokenizers have different vocabularies; cdtool needs them to agree")
     return _NewTokens(
         concepts=new,
         entries={c.token: token_names(c.token, vectors) for c in new},
         vectors=vectors,
-        init_ids=[resolve_init_token(tokenizer, c.init_token) for c in new for _ in range(vectors)],
+        init_ids=init_ids,
         first_id=len(tokenizer),
     )
 
@@ -368,6 +370,7 @@ def _record_base(method: Method, pipe: Any, layer_names: list[str], tokens: _New
             for n in layer_names
         },
         tokens={c.token: torch.zeros(1, 1) for c in tokens.concepts},
+        tokens_2={c.token: torch.zeros(1, 1) for c in tokens.concepts} if TOKEN_EMBEDDING_2 in params else {},
     )
     return _Base(
         fingerprint=fingerprint(params, fingerprint_names(touched), tokens.first_id),
@@ -377,31 +380,35 @@ def _record_base(method: Method, pipe: Any, layer_names: list[str], tokens: _New
 
 
 def _add_tokens(tokens: _NewTokens, parts: _Parts) -> None:
-    """The new entries into the tokenizer and embedding table, their trainable rows hooked in."""
+    """The new entries into the tokenizer(s) and embedding table(s), their trainable rows hooked in
+    (one TokenRows per text encoder: for SDXL both rows of a token train)."""
     if not tokens.concepts:
         return
-    init_rows = parts.encoder.get_input_embeddings().weight.detach()[tokens.init_ids].clone()
+    inits = [e.get_input_embeddings().weight.detach()[tokens.init_ids].clone() for e in parts.text.encoders]
     flat = [e for c in tokens.concepts for e in tokens.entries[c.token]]
-    ids = add_token_rows(parts.tokenizer, parts.encoder, dict(zip(flat, init_rows, strict=True)))
+    ids = add_text_tokens(parts.text, [dict(zip(flat, init, strict=True)) for init in inits])
     if ids != list(range(tokens.first_id, tokens.first_id + len(flat))):
         raise CdtoolError("internal: new tokens did not get consecutive ids")
-    tokens.rows = attach_token_rows(parts.encoder, init_rows, tokens.first_id)
+    tokens.rows = [
+        attach_token_rows(e, init, tokens.first_id) for e, init in zip(parts.text.encoders, inits, strict=True)
+    ]
 
 
 def _freeze_and_adapt(
     cfg: TrainConfig, method: Method, parts: _Parts, layer_names: list[str], tokens: _NewTokens
 ) -> dict[str, torch.nn.Parameter]:
     """Everything frozen except what the method trains; returns the trained parameters by name."""
-    for module in (parts.unet, parts.vae, parts.encoder):
+    for module in (parts.unet, parts.vae, *parts.text.encoders):
         module.requires_grad_(False)
-    method.adapt(cfg, parts.unet, parts.encoder, layer_names)
-    if tokens.rows is not None:
-        tokens.rows.weight.requires_grad_(True)
+    method.adapt(cfg, parts.unet, parts.text.named(), layer_names)
+    for rows in tokens.rows:
+        rows.weight.requires_grad_(True)
     if cfg.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
     parts.unet.train()
     trainable = {f"unet.{n}": p for n, p in parts.unet.named_parameters() if p.requires_grad}
-    trainable.update({f"text_encoder.{n}": p for n, p in parts.encoder.named_parameters() if p.requires_grad})
+    for component, encoder in parts.text.named().items():
+        trainable.update({f"{component}.{n}": p for n, p in encoder.named_parameters() if p.requires_grad})
     if not trainable:
         raise CdtoolError("nothing to train: textual inversion needs a new token")
     return trainable
@@ -420,7 +427,7 @@ def _optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter], lr: f
     """AdamW as the reference sets it; the text encoder's LoRA may have its own rate."""
 
     def is_te_lora(name: str) -> bool:
-        return name.startswith("text_encoder.") and "lora_" in name
+        return name.startswith(("text_encoder.", "text_encoder_2.")) and "lora_" in name
 
     groups: list[dict[str, Any]] = [{"params": [p for n, p in trainable.items() if not is_te_lora(n)]}]
     if any(is_te_lora(n) for n in trainable):
@@ -444,10 +451,13 @@ def _hold_in_half(cfg: TrainConfig, method: Method, parts: _Parts, layer_names: 
     fp32 weights. Returns the hooks that cast around the trained layers."""
     parts.vae.to(parts.device)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    parts.vae.to(dtype=weight_dtype)
+    # SDXL's VAE overflows in float16 (its config says force_upcast): it encodes in float32, as in
+    # diffusers' SDXL training scripts
+    upcast = parts.text.xl and bool(getattr(parts.vae.config, "force_upcast", False))
+    parts.vae.to(dtype=torch.float32 if upcast else weight_dtype)
     if weight_dtype == torch.float32 or parts.device.type != "cuda":
         return []
-    for module in (parts.unet, parts.encoder):
+    for module in (parts.unet, *parts.text.encoders):
         for p in module.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(weight_dtype)
@@ -466,7 +476,7 @@ class _Data:
     pixels: dict[Path, torch.Tensor]
     regs: list[Example]
     reg_dist: list[torch.Tensor]  # per class image: [views, 2C, h, w] (views: itself, and mirrored with --hflip)
-    reg_text: dict[str, torch.Tensor]  # class caption -> text features
+    reg_text: dict[str, Encoded]  # class caption -> its conditioning (one prompt's: [L, D], pooled [P])
 
 
 def _cache_data(cfg: TrainConfig, parts: _Parts) -> _Data:
@@ -487,9 +497,23 @@ def _cache_data(cfg: TrainConfig, parts: _Parts) -> _Data:
                 data.reg_dist.append(torch.stack([d[j] for d in dists]))
         captions = sorted({ex.caption for ex in data.regs})
         for i in range(0, len(captions), 16):
-            feats = _encode_prompts(parts.tokenizer, parts.encoder, captions[i : i + 16], parts.device)
-            data.reg_text.update(zip(captions[i : i + 16], feats.float().cpu(), strict=True))
+            enc = encode(parts.text, captions[i : i + 16], parts.device)
+            for j, caption in enumerate(captions[i : i + 16]):
+                pooled = None if enc.pooled is None else enc.pooled[j].float().cpu()
+                data.reg_text[caption] = Encoded(enc.hidden[j].float().cpu(), pooled)
     return data
+
+
+def _time_ids(parts: _Parts, views: list[Any], n_class: int, size: int) -> torch.Tensor | None:
+    """SDXL's time ids of a batch, [B, 6] (None for the other kinds). An instance view that the
+    augmentation zoomed into is a size x size crop at (top, left) of a scale x scale image; any
+    other view, and every class image, is a whole size x size image (original = target, crop 0, 0:
+    what the pipeline conditions on when sampling)."""
+    if not parts.text.xl:
+        return None
+    whole = time_ids((size, size), (0, 0), (size, size))
+    ids = [time_ids((v.scale, v.scale), v.crop, (size, size)) if v.scale > size else whole for v in views]
+    return torch.stack(ids + [whole] * n_class)
 
 
 @dataclass
@@ -500,6 +524,7 @@ class _EvalBatch:
     noise: torch.Tensor
     timesteps: torch.Tensor
     prompts: list[str]
+    time_ids: torch.Tensor | None = None  # SDXL: whole images at the resolution
 
 
 def _eval_batch(cfg: TrainConfig, method: Method, parts: _Parts, data: _Data) -> _EvalBatch:
@@ -514,6 +539,7 @@ def _eval_batch(cfg: TrainConfig, method: Method, parts: _Parts, data: _Data) ->
         noise=torch.randn(lat.shape, generator=g),
         timesteps=torch.randperm(parts.scheduler.config.num_train_timesteps, generator=g)[: cfg.eval_batch],
         prompts=[method.eval_prompt(cfg, cfg.concepts[c_i], ex) for c_i, ex in picks],
+        time_ids=_time_ids(parts, [], cfg.eval_batch, cfg.resolution),
     )
 
 
@@ -533,7 +559,8 @@ class _Batch:
     timesteps: torch.Tensor
     mask: torch.Tensor  # the instance views' loss masks
     prompts: list[str]  # the instance views' prompts
-    class_features: torch.Tensor | None  # the class images' text features
+    class_text: Encoded | None  # the class images' conditioning
+    time_ids: torch.Tensor | None  # SDXL: every image's size and crop conditioning, [B, 6]
 
 
 def _draw_batch(cfg: TrainConfig, method: Method, parts: _Parts, data: _Data, tokens: _NewTokens, rng: _Rng) -> _Batch:
@@ -557,7 +584,7 @@ def _draw_batch(cfg: TrainConfig, method: Method, parts: _Parts, data: _Data, to
     prompts = [tokens.expand(v.prefix + c) for v, c in zip(views, captions, strict=True)]
     with torch.no_grad():  # latents stay on the device: no wait for the VAE mid-step
         lat = _sample_latents(_latent_dist(parts.vae, torch.stack([v.image for v in views])), rng.noise, parts.scaling)
-    cls_feats = None
+    cls_text = None
     if data.regs:
         rp = [int(i) for i in torch.randint(0, len(data.regs), (cfg.batch_size,), generator=rng.data)]
         flips = [int(torch.randint(0, data.reg_dist[i].shape[0], (), generator=rng.data)) for i in rp]
@@ -565,34 +592,54 @@ def _draw_batch(cfg: TrainConfig, method: Method, parts: _Parts, data: _Data, to
             torch.stack([data.reg_dist[i][f] for i, f in zip(rp, flips, strict=True)]), rng.noise, parts.scaling
         )
         lat = torch.cat([lat, rlat.to(lat.device)])
-        cls_feats = torch.stack([data.reg_text[data.regs[i].caption] for i in rp])
+        cls_text = _stack([data.reg_text[data.regs[i].caption] for i in rp])
     noise = torch.randn(lat.shape, generator=rng.noise).to(lat.device)
     t = torch.randint(0, parts.scheduler.config.num_train_timesteps, (lat.shape[0],), generator=rng.noise)
-    return _Batch(lat, noise, t.to(lat.device), torch.stack([v.mask for v in views]), prompts, cls_feats)
+    ids = _time_ids(parts, views, lat.shape[0] - len(views), cfg.resolution)
+    return _Batch(lat, noise, t.to(lat.device), torch.stack([v.mask for v in views]), prompts, cls_text, ids)
+
+
+def _stack(items: list[Encoded]) -> Encoded:
+    pooled = None if items[0].pooled is None else torch.stack([e.pooled for e in items])  # type: ignore[misc]
+    return Encoded(torch.stack([e.hidden for e in items]), pooled)
+
+
+def _cat(a: Encoded, b: Encoded) -> Encoded:
+    """The instance views' conditioning, then the class images'."""
+    pooled = None if a.pooled is None else torch.cat([a.pooled, b.pooled.to(a.pooled.device, a.pooled.dtype)])  # type: ignore[union-attr]
+    return Encoded(torch.cat([a.hidden, b.hidden.to(a.hidden.device, a.hidden.dtype)]), pooled)
 
 
 def _loss(method: Method, parts: _Parts, batch: _Batch, prior_weight: float) -> torch.Tensor:
-    feats = _encode_prompts(parts.tokenizer, parts.encoder_p, batch.prompts, parts.device)
-    if batch.class_features is not None:
-        feats = torch.cat([feats, batch.class_features.to(parts.device, feats.dtype)])
-    pred, target = _predict(parts.unet_p, parts, batch.latents, batch.noise, batch.timesteps, feats)
+    assert parts.text_p is not None
+    text = encode(parts.text_p, batch.prompts, parts.device)
+    if batch.class_text is not None:
+        text = _cat(text, batch.class_text)
+    pred, target = _predict(parts.unet_p, parts, batch.latents, batch.noise, batch.timesteps, text, batch.time_ids)
     return method.loss(pred, target, batch.mask.to(parts.device), prior_weight)
 
 
 def _eval_loss(parts: _Parts, tokens: _NewTokens, ev: _EvalBatch) -> float:
     with torch.no_grad():
-        feats = _encode_prompts(parts.tokenizer, parts.encoder, [tokens.expand(p) for p in ev.prompts], parts.device)
-        pred, target = _predict(parts.unet, parts, ev.latents, ev.noise, ev.timesteps, feats)
+        text = encode(parts.text, [tokens.expand(p) for p in ev.prompts], parts.device)
+        pred, target = _predict(parts.unet, parts, ev.latents, ev.noise, ev.timesteps, text, ev.time_ids)
         return float(F.mse_loss(pred.float(), target.float()))
 
 
 def _predict(
-    unet: Any, parts: _Parts, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, feats: torch.Tensor
+    unet: Any,
+    parts: _Parts,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    text: Encoded,
+    ids: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The UNet's prediction for the latents noised to timesteps `t`, and what it should predict."""
+    """The UNet's prediction for the latents noised to timesteps `t` under the conditioning `text`
+    (and SDXL's time ids), and what it should predict."""
     noisy = parts.scheduler.add_noise(latents, noise, t)
     pred = unet(
-        noisy.to(parts.device, parts.unet_dtype), t.to(parts.device), encoder_hidden_states=feats.to(parts.unet_dtype)
+        noisy.to(parts.device, parts.unet_dtype), t.to(parts.device), **unet_inputs(text, ids, parts.unet_dtype)
     )
     return pred.sample, _target(parts.scheduler, latents, noise, t).to(parts.device)
 
@@ -620,17 +667,23 @@ def _build_delta(
 ) -> Delta:
     """ΔW of every trained layer, the learned rows, and what made them (`run`: how the run went)."""
     delta = Delta(
+        base_kind=parts.kind,
         base_model=cfg.model,
         base_fingerprint=base.fingerprint,
         created_by=f"cdtool {__version__} train ({method.name})",
     )
+    modules = {"unet": parts.unet, **parts.text.named()}
     for n in layer_names:
         component, _, path = n.partition(".")
-        module = (parts.unet if component == "unet" else parts.encoder).get_submodule(path)
-        delta.layers[n] = method.layer_delta(module, base.weights[n], base.biases.get(n))
-    learned = tokens.rows.weight.detach().float().cpu() if tokens.rows is not None else torch.empty(0)
+        delta.layers[n] = method.layer_delta(
+            modules[component].get_submodule(path), base.weights[n], base.biases.get(n)
+        )
+    learned = [r.weight.detach().float().cpu() for r in tokens.rows]
     for i, c in enumerate(tokens.concepts):
-        delta.tokens[c.token] = learned[i * tokens.vectors : (i + 1) * tokens.vectors].clone()
+        own = slice(i * tokens.vectors, (i + 1) * tokens.vectors)
+        delta.tokens[c.token] = learned[0][own].clone()
+        if len(learned) > 1:
+            delta.tokens_2[c.token] = learned[1][own].clone()
     delta.concepts = [method.concept_record(cfg, c, c in tokens.concepts) for c in cfg.concepts]
     config = {k: v for k, v in asdict(cfg).items() if k != "concepts"}
     delta.provenance = {"train": {"config": config, **run, "method": method.name}}
@@ -828,9 +881,12 @@ def delta_from_run(path: Path) -> Delta:
             stem = n[: -len(".weight")]
             delta.layers[stem] = LayerDelta(full=w.float(), bias=params.get(f"{stem}.bias"), absolute=True)
     rows = params.get("text_encoder.cdtool_token_rows.weight")
+    rows_2 = params.get("text_encoder_2.cdtool_token_rows.weight")  # SDXL's second encoder
     for i, c in enumerate(config["concepts"]):
         if rows is not None:
             delta.tokens[c["token"]] = rows[i : i + 1].float()
+        if rows_2 is not None:
+            delta.tokens_2[c["token"]] = rows_2[i : i + 1].float()
         delta.concepts.append(
             {
                 "token": c["token"],

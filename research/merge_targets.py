@@ -48,6 +48,7 @@ def principal_rows(tokenizer: Any, encoder: Any, prompts: list[str], k: int) -> 
 
 def main() -> None:
     from benchmarks.quality import Bench, Settings
+    from cdtool.conditioning import TextSide
     from cdtool.delta import write_cdtool
     from cdtool.importers import read_delta
     from cdtool.merge import add_delta_tokens, paper_target_rows, solve_merge
@@ -71,13 +72,14 @@ def main() -> None:
         kind, who, *k = variant.split(":")
         picked = [0, 1] if who == "both" else [int(who) - 1]
         pipe = load_pipeline(args.model)
-        tok, enc = pipe.tokenizer, pipe.text_encoder
+        text = TextSide.of(pipe)
+        tok, enc = text.tokenizer, text.encoder
         base = {f"unet.{n}": p.detach().float() for n, p in pipe.unet.named_parameters()}
         reg_gram, _ = gram(feature_rows(tok, enc, captions))
         deltas = [read_delta(args.bench / f"{DELTAS[i]}.safetensors") for i in picked]
-        add_delta_tokens(tok, enc, deltas)
+        add_delta_tokens(text, deltas)
         if kind == "paper":
-            c, owner = paper_target_rows(deltas, tok, enc)
+            c, owner = paper_target_rows(deltas, text)
         else:
             parts, owner = [], []
             for j, d in enumerate(deltas):

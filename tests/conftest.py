@@ -45,6 +45,30 @@ def tiny_folder(tmp_path_factory, tiny_pipe) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_xl_pipe():
+    """The built-in tiny SDXL pipeline; tests must not modify it."""
+    from cdtool.tiny import build_tiny_xl_pipeline
+
+    return build_tiny_xl_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_pipe():
+    """The built-in tiny SD 2.x pipeline; tests must not modify it."""
+    from cdtool.tiny import build_tiny_sd2_pipeline
+
+    return build_tiny_sd2_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_folder(tmp_path_factory, tiny_xl_pipe) -> Path:
+    """The tiny SDXL pipeline saved as a diffusers folder."""
+    path = tmp_path_factory.mktemp("models") / "tiny-xl"
+    tiny_xl_pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def random_delta(pipe, token: str = "<new1>", seed: int = 0, scale: float = 1e-2, layers: str = "kv") -> Delta:
     """A random kv delta with one token, fingerprinted against `pipe` (unmodified)."""
     g = torch.Generator().manual_seed(seed)
@@ -54,6 +78,9 @@ def random_delta(pipe, token: str = "<new1>", seed: int = 0, scale: float = 1e-2
         delta.layers[name] = LayerDelta(full=torch.randn(w.shape, generator=g) * scale)
     dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     delta.tokens[token] = torch.randn(1, dim, generator=g)
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the token's row in the second encoder
+        delta.tokens_2[token] = torch.randn(1, pipe.text_encoder_2.get_input_embeddings().weight.shape[1], generator=g)
+        delta.base_kind, delta.base_model = "sdxl", "tiny-xl"
     delta.concepts = [
         {"token": token, "class_noun": "cat", "init_token": "ktn", "prompts": [f"photo of a {token} cat"]}
     ]
@@ -65,6 +92,14 @@ def random_delta(pipe, token: str = "<new1>", seed: int = 0, scale: float = 1e-2
 def make_delta(tiny_pipe):
     def make(**kw) -> Delta:
         return random_delta(tiny_pipe, **kw)
+
+    return make
+
+
+@pytest.fixture
+def make_xl_delta(tiny_xl_pipe):
+    def make(**kw) -> Delta:
+        return random_delta(tiny_xl_pipe, **kw)
 
     return make
 
@@ -132,14 +167,14 @@ def one_error(result) -> str:
 
 
 def train_config(tmp_path: Path, raw: list[dict], method: str = "custom-diffusion", **kw):
-    """A TrainConfig on the tiny model at 64 px for the given concept dicts (as --concept parses)."""
+    """A TrainConfig on a tiny model (`model=`, default `tiny`) at 64 px for the given concept dicts
+    (as --concept parses)."""
     from cdtool.concepts import build_concepts
     from cdtool.trainer import TrainConfig
 
-    kw = {"resolution": 64, "batch_size": 2, **kw}
+    kw = {"resolution": 64, "batch_size": 2, "model": "tiny", **kw}
     return TrainConfig(
         concepts=build_concepts(raw, kw["resolution"], method),
-        model="tiny",
         method=method,
         output=str(tmp_path / "out.safetensors"),
         run_dir=str(tmp_path / "run"),

@@ -86,3 +86,69 @@ def test_initialiser_tokens_resolve_as_the_reference_and_as_words():
     assert resolve_init_token(tok, "gigan") == vocab["gigan"]
     with pytest.raises(CdtoolError, match="one piece"):
         resolve_init_token(tok, "sunflower field")
+
+
+def test_built_in_kinds_and_pipeline_classes(tiny_pipe, tiny_sd2_pipe, tiny_xl_pipe):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from cdtool.models import base_kind, pipeline_kind
+
+    assert [base_kind(m) for m in ("tiny", "tiny-sd2", "tiny-xl", "toy")] == ["sd1", "sd2", "sdxl", "sd1"]
+    assert [pipeline_kind(p) for p in (tiny_pipe, tiny_sd2_pipe, tiny_xl_pipe)] == ["sd1", "sd2", "sdxl"]
+    assert type(tiny_xl_pipe) is StableDiffusionXLPipeline and type(tiny_sd2_pipe) is StableDiffusionPipeline
+    assert tiny_sd2_pipe.scheduler.config.prediction_type == "v_prediction"
+    assert tiny_xl_pipe.unet.config.addition_embed_type == "text_time"
+    widths = [e.config.hidden_size for e in (tiny_xl_pipe.text_encoder, tiny_xl_pipe.text_encoder_2)]
+    assert widths == [32, 48] and tiny_xl_pipe.unet.config.cross_attention_dim == 80
+    assert type(tiny_xl_pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert len(tiny_xl_pipe.tokenizer) == len(tiny_xl_pipe.tokenizer_2) == 49408
+    assert tiny_xl_pipe.tokenizer_2.pad_token == "!" and tiny_xl_pipe.tokenizer_2.pad_token_id == 0
+
+
+def test_the_kind_is_read_from_a_folder(tiny_xl_folder, tiny_folder, tiny_xl_pipe):
+    from diffusers import StableDiffusionXLPipeline
+
+    from cdtool.models import base_kind, default_resolution, load_text_side
+
+    assert base_kind(str(tiny_xl_folder)) == "sdxl" and base_kind(str(tiny_folder)) == "sd1"
+    pipe = load_pipeline(str(tiny_xl_folder))
+    assert type(pipe) is StableDiffusionXLPipeline
+    theirs = dict(tiny_xl_pipe.text_encoder_2.named_parameters())
+    assert all(torch.equal(p, theirs[n]) for n, p in pipe.text_encoder_2.named_parameters())
+    text = load_text_side(str(tiny_xl_folder))
+    assert text.xl and text.width == 80 and text.tokenizers[1].pad_token == "!"
+    assert default_resolution(str(tiny_xl_folder)) == 64
+
+
+def test_the_kind_of_a_checkpoint_is_read_from_its_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    from cdtool.models import base_kind
+
+    keys = {
+        "sdxl": "conditioner.embedders.1.model.token_embedding.weight",
+        "sd2": "cond_stage_model.model.token_embedding.weight",
+        "sd1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+    }
+    for kind, key in keys.items():
+        path = tmp_path / f"{kind}.safetensors"
+        save_file({key: torch.zeros(2, 2), "model.diffusion_model.out.0.weight": torch.zeros(2)}, str(path))
+        assert base_kind(str(path)) == kind
+    ckpt = tmp_path / "xl.ckpt"
+    torch.save({"state_dict": {keys["sdxl"]: torch.zeros(1)}}, str(ckpt))
+    assert base_kind(str(ckpt)) == "sdxl"
+
+
+def test_other_pipelines_are_refused_by_name(tmp_path):
+    import json
+
+    from cdtool.models import base_kind
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(CdtoolError) as e:
+        base_kind(str(tmp_path / "m"))
+    assert str(e.value) == (
+        f"{tmp_path / 'm'} is a KandinskyPipeline; cdtool works with StableDiffusionPipeline "
+        "(Stable Diffusion 1.x, 2.x) and StableDiffusionXLPipeline models"
+    )

@@ -32,8 +32,9 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Base model: `tiny` or `toy` (built in), a hub id, a local diffusers folder or a .safetensors/.ckpt "
-        f"file. Default: the base a delta records, else $CDTOOL_MODEL, else {DEFAULT_MODEL}.",
+        help="Base model (Stable Diffusion 1.x, 2.x or XL, read from the model): `tiny`, `tiny-sd2`, `tiny-xl` or "
+        "`toy` (built in), a hub id, a local diffusers folder or a .safetensors/.ckpt file. Default: the base a "
+        f"delta records, else $CDTOOL_MODEL, else {DEFAULT_MODEL}.",
         show_default=False,
     ),
 ]

@@ -90,6 +90,8 @@ def compress(
         raise CdtoolError(f"{source} has no layers to compress (tokens only)")
     out = Delta(
         tokens=delta.tokens,
+        tokens_2=delta.tokens_2,
+        base_kind=delta.base_kind,
         base_model=delta.base_model,
         base_fingerprint=delta.base_fingerprint,
         concepts=delta.concepts,

@@ -79,6 +79,9 @@ def export(
     StableDiffusionPipeline.from_single_file), and the tokens as AUTOMATIC1111 embeddings/.
     A token's file is named without < and > (Windows-safe): <new1> is new1.safetensors, and the token
     is inside the file.
+    An SDXL delta's token files hold both encoders' rows (clip_l, clip_g: the embedding AUTOMATIC1111
+    and ComfyUI read; diffusers loads each with load_textual_inversion(..., text_encoder=, tokenizer=)),
+    and its kohya LoRA the original UNet's names (lora_unet_input_blocks_..., lora_te1_, lora_te2_).
     """
     # the library loads here, not at the top, so that `cdtool export --help` starts without torch
     from cdtool.export import export as write_export
@@ -108,6 +111,11 @@ def export(
         base = load_base_params(base_model, names)
         if delta.needs_base:
             delta = delta.relative_to(base)
+    per_block = 2
+    if to is Target.kohya and delta.kind == "sdxl":  # kohya's SDXL names count the UNet's layers per block
+        from cdtool.models import unet_config
+
+        per_block = int(unet_config(base_model or pick_model(model, [delta.base_model])).get("layers_per_block", 2))
     options: dict[str, Any] = {}
     if to is not Target.official:
         from cdtool.model_card import run_samples
@@ -118,6 +126,7 @@ def export(
             dtype=(dtype or CheckpointDtype.fp16).value,
             samples=samples or run_samples(delta, source),
             license=license,
+            layers_per_block=per_block,
         )
     with out.staged() as stage:
         files = [output / f.relative_to(stage) for f in write_export(delta, to.value, stage, base, **options)]

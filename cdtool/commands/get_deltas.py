@@ -83,11 +83,14 @@ def get_deltas(
     claim = claim_output(output, "get-deltas", force, inputs=[source])
     if _is_model(source):
         base_model = pick_model(model)
+        from cdtool.base import check_kind
+        from cdtool.delta import Delta
         from cdtool.extract import extract_delta
-        from cdtool.models import load_pipeline
+        from cdtool.models import load_pipeline, pipeline_kind
 
         console.log(f"loading {source} and its base {base_model}")
         tuned, base_pipe = load_pipeline(str(source)), load_pipeline(base_model)
+        check_kind(Delta(base_kind=pipeline_kind(tuned), origin=str(source)), pipeline_kind(base_pipe), base_model)
         delta, matched = extract_delta(tuned, base_pipe, layer_set)
         if matched == 0:
             raise CdtoolError(f"no {layer_set} layers of {source} match the base {base_model}; is it the right base?")
@@ -109,12 +112,18 @@ def get_deltas(
         params = None
         vocab = None
         if delta.needs_base or output.suffix == ".bin" or not delta.base_fingerprint:
+            from cdtool.base import check_kind
+            from cdtool.models import base_kind
+
+            kind = base_kind(base_model)
+            check_kind(delta, kind, base_model)
+            delta.base_kind = kind
             params = load_base_params(base_model, fingerprint_names(delta))
             if delta.tokens:
                 from cdtool.models import load_text_side
 
                 check_token_width(delta, params, base_model)
-                vocab = len(load_text_side(base_model)[0])
+                vocab = len(load_text_side(base_model).tokenizer)
         if delta.needs_base:
             assert params is not None
             delta = delta.relative_to(params)

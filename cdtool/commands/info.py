@@ -25,7 +25,8 @@ def describe(delta: Delta, path: Path) -> dict[str, Any]:
         "base_fingerprint": delta.base_fingerprint or None,
         "needs_base": delta.needs_base,
         "created_by": delta.created_by or None,
-        "tokens": {t: {"vectors": int(e.shape[0]), "dim": int(e.shape[1])} for t, e in delta.tokens.items()},
+        "base_kind": delta.kind or None,
+        "tokens": {t: _token_doc(delta, t) for t in delta.tokens},
         "concepts": delta.concepts,
         "layers": {
             name: {
@@ -43,13 +44,30 @@ def describe(delta: Delta, path: Path) -> dict[str, Any]:
     }
 
 
+def _token_doc(delta: Delta, token: str) -> dict[str, int]:
+    """A token's rows: how many, and their width (in each text encoder: `dim_2` for SDXL's second)."""
+    e = delta.tokens[token]
+    doc = {"vectors": int(e.shape[0]), "dim": int(e.shape[1])}
+    if token in delta.tokens_2:
+        doc["dim_2"] = int(delta.tokens_2[token].shape[1])
+    return doc
+
+
+def _rows_text(v: dict[str, int]) -> str:
+    rows = f"{v['vectors']}x{v['dim']}"
+    return f"{rows} + {v['vectors']}x{v['dim_2']}" if "dim_2" in v else rows
+
+
 def _print_text(doc: dict[str, Any]) -> None:
+    from cdtool.choices import KIND_NAMES
+
     out = console.result
     out(f"file:        {doc['path']} ({doc['size_bytes'] or 0:,} bytes)")
     out(f"format:      {doc['format']}")
-    out(f"base:        {doc['base_model'] or '-'} (fingerprint {(doc['base_fingerprint'] or '-')[:16]})")
+    kind = f"{KIND_NAMES[doc['base_kind']]}, " if doc["base_kind"] else ""
+    out(f"base:        {doc['base_model'] or '-'} ({kind}fingerprint {(doc['base_fingerprint'] or '-')[:16]})")
     out(f"created by:  {doc['created_by'] or '-'}")
-    toks = ", ".join(f"{t} ({v['vectors']}x{v['dim']})" for t, v in doc["tokens"].items())
+    toks = ", ".join(f"{t} ({_rows_text(v)})" for t, v in doc["tokens"].items())
     out(f"tokens:      {toks or '-'}")
     for c in doc["concepts"]:
         out(f"concept:     {c.get('token')} class={c.get('class_noun')} init={c.get('init_token')}")
@@ -73,7 +91,10 @@ def info(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Show a delta's format, tokens, concepts, layers, ranks, dtype, size, base and provenance."""
+    """Show a delta's format, tokens, concepts, layers, ranks, dtype, size, base and provenance.
+
+    An SDXL delta's tokens show their rows in both text encoders (`<new1> (1x768 + 1x1280)`).
+    """
     # the library loads here, not at the top, so that `cdtool info --help` starts without torch
     from cdtool.importers import read_delta
 

@@ -205,16 +205,16 @@ def _solve(
     from cdtool.text_features import cached_reg_gram
 
     padded = method is Method.least_squares
-    gram, rows, cached = cached_reg_gram(loaded.tokenizer, loaded.encoder, captions, padded=padded)
+    gram, rows, cached = cached_reg_gram(loaded.text, captions, padded=padded)
     console.log(f"regularisation features: {len(captions)} captions, {rows} rows{' (cached)' if cached else ''}")
     if padded:
         result = least_squares_merge(
-            loaded.deltas, loaded.base, loaded.tokenizer, loaded.encoder, gram / rows, weights, base_weight,
+            loaded.deltas, loaded.base, loaded.text, gram / rows, weights, base_weight,
             dry_run=dry_run,
         )  # fmt: skip
         doc.update(weights=weights, base_weight=base_weight, concept_rows=result.concept_rows)
     else:
-        result = closed_form_merge(loaded.deltas, loaded.base, loaded.tokenizer, loaded.encoder, gram, dry_run=dry_run)
+        result = closed_form_merge(loaded.deltas, loaded.base, loaded.text, gram, dry_run=dry_run)
         doc.update(target_rows_kept=result.target_rows_kept, ridge_targets=result.ridge_targets)
     doc.update(
         reg_captions=len(captions),
@@ -269,7 +269,7 @@ def _summarise(result: Any, loaded: MergeInputs, doc: dict[str, Any], padded: bo
 def _warn_parallel(loaded: MergeInputs, cosine: float) -> None:
     from cdtool.merge import closest_inputs, paper_target_rows
 
-    c, owner = paper_target_rows(loaded.deltas, loaded.tokenizer, loaded.encoder)
+    c, owner = paper_target_rows(loaded.deltas, loaded.text)
     _, pair = closest_inputs(c, owner)
     names = " and ".join(str(loaded.paths[i]) for i in pair) if pair else "two inputs"
     console.warn(
@@ -306,6 +306,7 @@ def _write(
     from cdtool.importers import save_delta
 
     merged.base_model = loaded.base_model
+    merged.base_kind = loaded.base_kind
     merged.base_fingerprint = fingerprint(loaded.base, fingerprint_names(merged), loaded.vocab)
     merged.created_by = f"cdtool {__version__} merge"
     solved = {
