@@ -168,8 +168,12 @@ def export(
         return [path]
     written = _write_weights(delta, target, path, base, name or path.name, model, dtype, layers_per_block)
     if target in DIFFUSERS_TOKEN_TARGETS:
+        token_of = {f"{stem}.safetensors": t for t, stem in token_file_stems(delta).items()}
         for file, state in token_files(delta).items():
-            save_file(state, str(inside(path, file)))  # token names are data from strangers
+            # token names are data from strangers; an SDXL file's keys are clip_l/clip_g, so its
+            # token is named in the metadata, as in the AUTOMATIC1111 files
+            meta = {"token": token_of[file]} if is_sdxl(delta) else None
+            save_file(state, str(inside(path, file)), metadata=meta)
             written.append(file)
     if target in A1111_TOKEN_TARGETS and delta.tokens:
         (path / EMBEDDINGS).mkdir(exist_ok=True)
@@ -202,7 +206,7 @@ def _write_weights(
         if len(delta.tokens) == 1:  # diffusers' default file name
             token, emb = next(iter(delta.tokens.items()))
             state = sdxl_embedding(delta, token) if is_sdxl(delta) else {token: emb.contiguous()}
-            save_file(state, str(path / "learned_embeds.safetensors"))
+            save_file(state, str(path / "learned_embeds.safetensors"), metadata={"token": token})
             return ["learned_embeds.safetensors"]
         return []
     if target == "checkpoint":

@@ -50,13 +50,14 @@ def test_diffusers_lora_and_embedding_load_into_the_sdxl_pipeline(cli, tmp_path,
     files = cli("export", tmp_path / "xl.safetensors", "--to", "diffusers-lora", "-o", tmp_path / "out").stdout.split()
     assert files == [
         str(tmp_path / "out" / "pytorch_lora_weights.safetensors"),
-        str(tmp_path / "out" / "<new1>.safetensors"),
+        str(tmp_path / "out" / "new1.safetensors"),
+        str(tmp_path / "out" / "README.md"),
     ]
-    emb = load_file(str(tmp_path / "out" / "<new1>.safetensors"))
+    emb = load_file(str(tmp_path / "out" / "new1.safetensors"))
     assert {k: v.shape for k, v in emb.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
     pipe = build_tiny_xl_pipeline()
     pipe.load_lora_weights(str(tmp_path / "out"))
-    _load_embedding(pipe, tmp_path / "out" / "<new1>.safetensors")
+    _load_embedding(pipe, tmp_path / "out" / "new1.safetensors")
     theirs, ours = _unet_out(pipe), _ours(d)
     assert torch.allclose(theirs, ours, atol=1e-5), (theirs - ours).abs().max()
     assert not torch.allclose(ours, _unet_out(build_tiny_xl_pipeline()), atol=1e-3)  # the delta does something
@@ -71,11 +72,11 @@ def test_kohya_sdxl_lora_loads_with_the_original_unets_names(cli, tmp_path, make
     assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k.lora_down.weight" in state
     assert "lora_unet_output_blocks_0_1_transformer_blocks_0_attn2_to_v.alpha" in state
     assert not any("down_blocks" in k or "up_blocks" in k for k in state)
-    emb = load_file(str(tmp_path / "k" / "embeddings" / "<new1>.safetensors"))
+    emb = load_file(str(tmp_path / "k" / "embeddings" / "new1.safetensors"))
     assert sorted(emb) == ["clip_g", "clip_l"]
     pipe = build_tiny_xl_pipeline()
     pipe.load_lora_weights(str(tmp_path / "k"), weight_name="lora.safetensors")
-    _load_embedding(pipe, tmp_path / "k" / "embeddings" / "<new1>.safetensors")
+    _load_embedding(pipe, tmp_path / "k" / "embeddings" / "new1.safetensors")
     assert torch.allclose(_unet_out(pipe), _ours(d), atol=1e-5)
 
 
@@ -85,7 +86,7 @@ def test_the_sdxl_embedding_loads_into_both_encoders(cli, tmp_path, make_xl_delt
                         base_fingerprint="", concepts=d.concepts)  # fmt: skip
     write_cdtool(tokens_only, tmp_path / "ti.safetensors")
     cli("export", tmp_path / "ti.safetensors", "--to", "textual-inversion", "-o", tmp_path / "ti")
-    for f in ("learned_embeds.safetensors", "<new1>.safetensors", "embeddings/<new1>.safetensors"):
+    for f in ("learned_embeds.safetensors", "new1.safetensors", "embeddings/new1.safetensors"):
         assert sorted(load_file(str(tmp_path / "ti" / f))) == ["clip_g", "clip_l"], f
     pipe = build_tiny_xl_pipeline()
     _load_embedding(pipe, tmp_path / "ti" / "learned_embeds.safetensors")
@@ -135,7 +136,7 @@ def test_diffusers_custom_diffusion_and_official_exports_of_sdxl(cli, tmp_path, 
     cli("export", tmp_path / "xl.safetensors", "--to", "diffusers-custom-diffusion", "-o", out)
     pipe = build_tiny_xl_pipeline()
     pipe.unet.load_attn_procs(str(out), weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=pipe)
-    _load_embedding(pipe, out / "<new1>.safetensors")
+    _load_embedding(pipe, out / "new1.safetensors")
     assert torch.allclose(_unet_out(pipe), _ours(d), atol=1e-5)
     base = {k: v.detach() for k, v in pipeline_params(tiny_xl_pipe).items()}
     back = read_delta(out).relative_to(base)  # and cdtool reads both back, token pair included
@@ -145,5 +146,5 @@ def test_diffusers_custom_diffusion_and_official_exports_of_sdxl(cli, tmp_path, 
     cli("export", tmp_path / "xl.safetensors", "--to", "official", "-o", tmp_path / "delta.bin")
     official = torch.load(tmp_path / "delta.bin", weights_only=True)
     assert [r.shape for r in official["modifier_token"]["<new1>"]] == [(32,), (48,)]
-    embedding = read_delta(out / "<new1>.safetensors")  # the two-encoder embedding alone
+    embedding = read_delta(out / "new1.safetensors")  # the two-encoder embedding alone
     assert embedding.kind == "sdxl" and torch.equal(embedding.tokens["<new1>"], d.tokens["<new1>"])

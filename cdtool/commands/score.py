@@ -3,7 +3,6 @@ the built-in toy model, the oracle's judgement of each sample against its prompt
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,21 +10,18 @@ import typer
 
 from cdtool import console
 from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command, examples
-from cdtool.errors import CdtoolError, UsageError
-from cdtool.images import IMAGE_SUFFIXES
-
-SCHEMA = "cdtool.score/1"
-METRICS = ("clip-t", "clip-i", "dino", "kid", "oracle")
-NEEDS_REF = ("clip-i", "dino", "kid")
-
-
-def image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise CdtoolError(f"{folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != "grid.png")
-    if not files:
-        raise CdtoolError(f"{folder} holds no images")
-    return files
+from cdtool.errors import UsageError
+from cdtool.scoring import (
+    KID_FEATURES,
+    METRICS,
+    NEEDS_REF,
+    ScoreSettings,
+    image_files,
+    load_scorers,
+    read_sample_folder,
+    score_document,
+    score_folder,
+)
 
 
 def score(
@@ -82,14 +78,17 @@ def score(
     scale 2.5·max(cos, 0)); CLIP-I and DINO: mean cosine over all (sample, reference) pairs; KID:
     unbiased MMD² with the cubic polynomial kernel over random subsets, mean and std, x10³.
     """
-    chosen = [m.strip() for m in metrics.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METRICS]
-    if unknown or not chosen:
-        raise UsageError(f"--metrics: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(METRICS)}")
-    if kid_features not in ("inception", "clip", "dino"):
-        raise UsageError("--kid-features: inception, clip or dino")
-    if ref is None and set(NEEDS_REF) & set(chosen):
-        raise UsageError(f"--ref is needed for {', '.join(m for m in chosen if m in NEEDS_REF)}")
+    settings = ScoreSettings(
+        metrics=_chosen_metrics(metrics, kid_features, ref),
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+        dino=dino,
+        kid_features=kid_features,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        batch_size=batch_size,
+        seed=seed,
+    )
     claim = None
     if report is not None:
         from cdtool.atomic import claim_output
@@ -98,129 +97,15 @@ def score(
         check_report_path(report)
         claim = claim_output(report, "score", force, inputs=list(samples))
     ref_files = image_files(ref) if ref is not None else []
-    runs_in = []
-    for folder in samples:
-        files = image_files(folder)
-        mapping: dict[str, str] = {}
-        source = prompts or folder / "prompts.json"
-        if source.exists():
-            try:
-                mapping = json.loads(source.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise CdtoolError(f"{source}: not valid JSON ({e})") from e
-        elif {"clip-t", "oracle"} & set(chosen):
-            raise CdtoolError(
-                f"{folder} has no prompts.json for {'CLIP-T' if 'clip-t' in chosen else 'the oracle'}; pass "
-                "--prompts or leave that metric out of --metrics"
-            )
-        runs_in.append((folder, files, mapping))
-
-    from cdtool.features import ClipImages, Dino, Inception, embed_files
-    from cdtool.metrics import clip_score, cosine_rows, kid, mean_cosine_per_row, strip_tokens, summary
-
-    clip = None
-    if {"clip-t", "clip-i"} & set(chosen) or ("kid" in chosen and kid_features == "clip"):
-        from cdtool.clip_models import load_clip
-
-        clip = load_clip(clip_model, clip_pretrained)
-    dino_model = Dino(dino) if "dino" in chosen or ("kid" in chosen and kid_features == "dino") else None
-    kid_extractor = None
-    if "kid" in chosen:
-        kid_extractor = {"clip": lambda: ClipImages(clip), "dino": lambda: dino_model, "inception": Inception}[
-            kid_features
-        ]()
-    ref_clip = (
-        embed_files(ClipImages(clip), ref_files, batch_size, cache=True)
-        if clip is not None and "clip-i" in chosen
-        else None
-    )
-    ref_dino = (
-        embed_files(dino_model, ref_files, batch_size, cache=True)
-        if dino_model is not None and "dino" in chosen
-        else None
-    )
-    ref_kid = embed_files(kid_extractor, ref_files, batch_size, cache=True) if kid_extractor is not None else None
-
-    runs, scored = [], []
-    for folder, files, mapping in runs_in:
-        console.log(f"scoring {len(files)} images in {folder}")
-        rows: list[dict[str, Any]] = [{"file": f.name, "prompt": mapping.get(f.name)} for f in files]
-        if "clip-t" in chosen:
-            with_prompt = [i for i, r in enumerate(rows) if r["prompt"]]
-            if len(with_prompt) < len(rows):
-                console.warn(f"{len(rows) - len(with_prompt)} images in {folder} have no prompt; CLIP-T skips them")
-            if with_prompt:
-                img = embed_files(ClipImages(clip), [files[i] for i in with_prompt], batch_size)
-                txt = clip.texts([strip_tokens(rows[i]["prompt"]) for i in with_prompt])  # type: ignore[union-attr]
-                cos = cosine_rows(img, txt)
-                for i, c, s in zip(with_prompt, cos.tolist(), clip_score(cos).tolist(), strict=True):
-                    rows[i]["clip_t"], rows[i]["clip_t_clipscore"] = c, s
-        for name, extractor, reference in (
-            ("clip_i", ClipImages(clip) if ref_clip is not None else None, ref_clip),
-            ("dino", dino_model if ref_dino is not None else None, ref_dino),
-        ):
-            if extractor is None or reference is None:
-                continue
-            feats = embed_files(extractor, files, batch_size)
-            for r, v in zip(rows, mean_cosine_per_row(feats, reference).tolist(), strict=True):
-                r[name] = v
-        if "oracle" in chosen:
-            _judge(rows, files, batch_size)
-        overall: dict[str, Any] = {}
-        for key in ("clip_t", "clip_t_clipscore", "clip_i", "dino"):
-            vals = [r[key] for r in rows if key in r]
-            if vals:
-                overall[key] = summary(vals)
-        if kid_extractor is not None and ref_kid is not None:
-            feats = embed_files(kid_extractor, files, batch_size)
-            if min(len(feats), len(ref_kid)) < 2:
-                console.warn("KID needs at least 2 images on each side; skipped")
-            else:
-                m, s = kid(feats, ref_kid, kid_subsets, kid_subset_size, seed)
-                overall["kid"] = {
-                    "mean": m * 1e3,
-                    "std": s * 1e3,
-                    "subsets": kid_subsets,
-                    "subset_size": min(kid_subset_size, len(feats), len(ref_kid)),
-                    "features": kid_features,
-                    "scale": 1000,
-                }
-        if "oracle" in chosen:
-            overall["oracle"] = _oracle_summary(rows)
-        per_prompt = []
-        for p in sorted({r["prompt"] for r in rows if r["prompt"]}):
-            group = [r for r in rows if r["prompt"] == p]
-            entry: dict[str, Any] = {"prompt": p, "n": len(group)}
-            for key in ("clip_t", "clip_t_clipscore", "clip_i", "dino"):
-                vals = [r[key] for r in group if key in r]
-                if vals:
-                    entry[key] = summary(vals)
-            if "oracle" in chosen:
-                entry["oracle"] = _oracle_summary(group)
-            per_prompt.append(entry)
-        run = {"samples": str(folder), "n_images": len(files), "overall": overall, "per_prompt": per_prompt}
-        if per_image:
-            run["images"] = rows
-        runs.append(run)
-        scored.append((folder, rows))
-    doc = {
-        "schema": SCHEMA,
-        "ref": {"path": str(ref), "n_images": len(ref_files)} if ref is not None else None,
-        "metrics": chosen,
-        "models": {
-            "clip": f"{clip_model}:{clip_pretrained}" if clip is not None else None,
-            "dino": dino if dino_model is not None else None,
-            "kid_features": kid_features if "kid" in chosen else None,
-            "oracle": "cdtool toy-world oracle" if "oracle" in chosen else None,
-        },
-        "runs": runs,
-    }
-    if report is not None:
+    folders = [read_sample_folder(folder, prompts, settings.metrics) for folder in samples]
+    scorers = load_scorers(settings, ref_files)
+    scored = [score_folder(f, scorers, settings, per_image) for f in folders]
+    doc = score_document(settings, ref, len(ref_files), scorers, [run for run, _ in scored])
+    if claim is not None:
         from cdtool.report import write_report
 
-        assert claim is not None
         with claim.staged() as tmp:
-            write_report(tmp, doc, scored)
+            write_report(tmp, doc, [(f.folder, rows) for f, (_, rows) in zip(folders, scored, strict=True)])
         console.log(f"wrote {report}")
     if json_out:
         console.result_json(doc)
@@ -229,34 +114,17 @@ def score(
         _per_prompt_tables(doc)
 
 
-def _judge(rows: list[dict[str, Any]], files: list[Path], batch_size: int) -> None:
-    """Adds the oracle's verdicts (`oracle`: aspect -> bool) to each row whose prompt is a toy-world one."""
-    from cdtool.images import open_image
-    from cdtool.toy.judge import judge, parse_prompt
-    from cdtool.toy.oracle import load_oracle, read
-
-    oracle = load_oracle()
-    asked = [(i, parse_prompt(r["prompt"])) for i, r in enumerate(rows) if r["prompt"]]
-    asked = [(i, a) for i, a in asked if a is not None]
-    if len(asked) < len(rows):
-        console.warn(f"{len(rows) - len(asked)} images have no toy-world prompt; the oracle skips them")
-    for start in range(0, len(asked), batch_size):
-        chunk = asked[start : start + batch_size]
-        images = []
-        for i, _ in chunk:
-            with open_image(files[i]) as im:
-                images.append(im.convert("RGB"))
-        seen = read(oracle, images)
-        for (i, a), s in zip(chunk, seen, strict=True):
-            rows[i]["oracle"] = judge(a, s)
-            rows[i]["oracle_read"] = s
-
-
-def _oracle_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from cdtool.toy.judge import summarise
-
-    judged = [r for r in rows if "oracle" in r]
-    return summarise([r["oracle"] for r in judged], ["concept" in r["oracle"] for r in judged])
+def _chosen_metrics(metrics: str, kid_features: str, ref: Path | None) -> list[str]:
+    """--metrics as a list, checked against the other options (usage errors, before any work)."""
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METRICS]
+    if unknown or not chosen:
+        raise UsageError(f"--metrics: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(METRICS)}")
+    if kid_features not in KID_FEATURES:
+        raise UsageError("--kid-features: inception, clip or dino")
+    if ref is None and set(NEEDS_REF) & set(chosen):
+        raise UsageError(f"--ref is needed for {', '.join(m for m in chosen if m in NEEDS_REF)}")
+    return chosen
 
 
 def _table(doc: dict[str, Any]) -> None:
