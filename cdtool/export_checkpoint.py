@@ -28,8 +28,15 @@ CHECKPOINT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch
 
 def architecture(pipe: Any) -> str:
     """The single-file layout a pipeline is written in: `sd1` for a UNet conditioned on one CLIP text encoder."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise CdtoolError("a checkpoint export of a model with two text encoders (SDXL) is not supported here")
+    from cdtool.choices import KIND_NAMES, SD1
+    from cdtool.models import pipeline_kind
+
+    kind = pipeline_kind(pipe)
+    if kind != SD1:  # SD 2.x's file names OpenCLIP's modules, SDXL's two `conditioner.` embedders
+        raise CdtoolError(
+            f"export --to checkpoint writes the Stable Diffusion 1.x single-file layout; the base is "
+            f"{KIND_NAMES[kind]}: export its delta --to diffusers-lora or kohya instead"
+        )
     if type(pipe.text_encoder).__name__ != "CLIPTextModel":
         raise CdtoolError(
             f"the base's text encoder is a {type(pipe.text_encoder).__name__}; the SD1.x single-file layout "

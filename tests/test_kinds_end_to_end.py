@@ -54,6 +54,13 @@ def test_train_merge_compress_sample_score(cli, tmp_path, model):
     overall = score["runs"][0]["overall"]
     assert overall["clip_i"]["n"] == 1 and overall["clip_t"]["n"] == 1
     assert png.name.startswith("000-a-new1-cat-and-a-new2-dog")
+    r = cli("export", small, "--to", "checkpoint", *m, "-o", tmp_path / "ckpt", code=1)  # SD 1.x's layout only
+    name = {"tiny-sd2": "Stable Diffusion 2.x", "tiny-xl": "Stable Diffusion XL"}[model]
+    assert r.stderr.strip().splitlines() == [
+        f"Error: export --to checkpoint writes the Stable Diffusion 1.x single-file layout; the base is {name}: "
+        "export its delta --to diffusers-lora or kohya instead"
+    ]
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_sd2_trains_on_the_velocity(tiny_sd2_pipe, tiny_pipe):
