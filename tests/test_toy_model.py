@@ -89,13 +89,15 @@ def test_demo_end_to_end(cli, tmp_path):
 
 
 def test_quality_ci(tmp_path):
-    """The CI-sized quality benchmark, end to end through the commands. Measured (RESULTS.md, the
-    shipped toy model, no size augmentation): split star 0.81 (0.44 on a star), checker circle
-    0.44 (base 0.00 both); split star drift 0.00 with the regularisation set and 0.25 without; its
-    delta at rank 4 0.88; `merge --method sum` 0.81. The thresholds sit below those and far above
-    what a broken step gives (0), so a change that breaks learning, prior preservation, compression
-    or applying merged deltas fails. The closed-form merge's retention is not asserted: on the toy
-    model it is not achieved (RESULTS.md says why)."""
+    """The CI-sized quality benchmark, end to end through the commands. Measured (`python
+    benchmarks/quality.py --ci`, the shipped toy model, no size augmentation, n = 16 a cell): split
+    star 0.81 (0.44 on a star), checker circle 0.31 (base 0.00 both); split star drift 0.00 with the
+    regularisation set and 0.25 without; its delta at rank 4 0.88; after `merge --method
+    least-squares` the split star 0.75 with plain prompts obeyed 1.00 / 1.00 (base 0.94 / 1.00), after
+    `sum` 0.75; after the paper's closed form 0.00, plain prompts 0.88 / 0.81. The thresholds sit
+    below those and far above what a broken step gives (0), so a change that breaks learning, prior
+    preservation, compression, the least-squares merge or applying merged deltas fails. The closed
+    form's retention is not asserted: on the toy model it is not achieved (RESULTS.md says why)."""
     from benchmarks.quality import CI, run
 
     res = run(tmp_path / "q", CI, quiet=True)
@@ -103,8 +105,19 @@ def test_quality_ci(tmp_path):
     star, checker = s["<new1>"], s["<new2>"]
     assert star["base"] <= 0.05 and checker["base"] <= 0.05, s
     assert star["drift_base"] <= 0.05 and checker["drift_base"] <= 0.05, s
-    assert star["single"] >= 0.5 and star["single_in_shape"] >= 0.2 and checker["single"] >= 0.25, s
+    assert star["single"] >= 0.5 and star["single_in_shape"] >= 0.2 and checker["single"] >= 0.18, s
     assert star["drift_with_reg"] <= 0.1 and star["drift_without_reg"] >= star["drift_with_reg"] + 0.15, s
     assert star["rank_fidelity"]["4"] >= 0.5, s
     assert star["sum"] >= 0.5, s
-    assert set(res["variants"]) >= {"base", "new1-star", "new1-star-noreg", "merged", "sum", "new2-circle-r4"}
+    assert star["least-squares"] >= 0.5 and checker["least-squares"] >= 0.12, s
+    assert star["least-squares_plain"] >= 0.75 and checker["least-squares_plain"] >= 0.75, s
+    assert star["merged_plain"] >= 0.6 and checker["merged_plain"] >= 0.6, s
+    assert set(res["variants"]) >= {
+        "base",
+        "new1-star",
+        "new1-star-noreg",
+        "merged",
+        "least-squares",
+        "sum",
+        "new2-circle-r4",
+    }
