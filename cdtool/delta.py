@@ -180,7 +180,7 @@ def read_cdtool(path: Path) -> Delta:
         )
     delta = Delta(
         origin=str(path),
-        base_kind=meta.get("base_kind", ""),
+        base_kind=_base_kind(meta, path),
         base_model=meta.get("base_model", ""),
         base_fingerprint=meta.get("base_fingerprint", ""),
         concepts=_json(meta, "concepts", [], path),
@@ -209,6 +209,19 @@ def read_cdtool(path: Path) -> Delta:
     check_token_pairs(delta, str(path))
     delta.base_kind = delta.base_kind or (SDXL if delta.tokens_2 else DEFAULT_KIND)
     return delta
+
+
+def _base_kind(meta: dict[str, str], path: Path) -> str:
+    """The recorded kind of base, one cdtool knows (a file for another is refused by name)."""
+    from cdtool.choices import KIND_NAMES
+
+    kind = meta.get("base_kind", "")
+    if kind and kind not in KIND_NAMES:
+        raise CdtoolError(
+            f"{path}: a delta for a base of kind {kind!r}; this cdtool reads {', '.join(KIND_NAMES)} "
+            "(a newer cdtool may have written it)"
+        )
+    return kind
 
 
 def check_token_pairs(delta: Delta, where: str) -> None:

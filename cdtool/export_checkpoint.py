@@ -26,17 +26,21 @@ LAYOUTS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {"sd1": sd1_state}
 CHECKPOINT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def architecture(pipe: Any) -> str:
-    """The single-file layout a pipeline is written in: `sd1` for a UNet conditioned on one CLIP text encoder."""
+def _check_kind(kind: str) -> None:
     from cdtool.choices import KIND_NAMES, SD1
-    from cdtool.models import pipeline_kind
 
-    kind = pipeline_kind(pipe)
     if kind != SD1:  # SD 2.x's file names OpenCLIP's modules, SDXL's two `conditioner.` embedders
         raise CdtoolError(
             f"export --to checkpoint writes the Stable Diffusion 1.x single-file layout; the base is "
             f"{KIND_NAMES[kind]}: export its delta --to diffusers-lora or kohya instead"
         )
+
+
+def architecture(pipe: Any) -> str:
+    """The single-file layout a pipeline is written in: `sd1` for a UNet conditioned on one CLIP text encoder."""
+    from cdtool.models import pipeline_kind
+
+    _check_kind(pipeline_kind(pipe))
     if type(pipe.text_encoder).__name__ != "CLIPTextModel":
         raise CdtoolError(
             f"the base's text encoder is a {type(pipe.text_encoder).__name__}; the SD1.x single-file layout "
@@ -75,7 +79,8 @@ def write_checkpoint(delta: Delta, model: str, path: Path, dtype: str = "fp16") 
     """Load `model`, apply `delta`, write the single-file checkpoint at `path`."""
     from safetensors.torch import save_file
 
-    from cdtool.models import load_pipeline
+    from cdtool.models import base_kind, load_pipeline
 
+    _check_kind(base_kind(model))  # from the model's configs or keys, before loading it whole
     state = checkpoint_state(load_pipeline(model), delta, dtype)
     save_file(state, str(path), metadata=checkpoint_metadata(delta, model, dtype))

@@ -236,6 +236,7 @@ def _from_diffusers(state: dict[str, Any], path: Path) -> Delta:
         _merge_param(layers, f"unet.{proc}.{module}", kind, LayerDelta(full=value, absolute=True))
     delta = Delta(layers=layers, source_format="diffusers-custom-diffusion", origin=str(path))
     _add_tokens_beside(delta, path)
+    check_token_pairs(delta, str(path))  # an SD 1.x token file beside an SDXL one
     return delta
 
 

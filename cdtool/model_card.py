@@ -147,14 +147,31 @@ def _tokens_section(inp: CardInputs) -> list[str]:
     return [*lines, ""]
 
 
+def _load_embedding(folder: str, token: str, name: str, xl: bool) -> str:
+    """The diffusers lines that load one token file: SDXL's holds a row per text encoder."""
+    if not xl:
+        return f'pipe.load_textual_inversion("{folder}", weight_name="{name}")\n'
+    return (
+        f'emb = load_file("{folder}/{name}")  # a local folder (huggingface_hub.snapshot_download for the Hub)\n'
+        f'pipe.load_textual_inversion(emb["clip_l"], token="{token}", text_encoder=pipe.text_encoder, '
+        "tokenizer=pipe.tokenizer)\n"
+        f'pipe.load_textual_inversion(emb["clip_g"], token="{token}", text_encoder=pipe.text_encoder_2, '
+        "tokenizer=pipe.tokenizer_2)\n"
+    )
+
+
 def _usage(inp: CardInputs) -> list[str]:
     base = hub_base(inp.delta.base_model) or "BASE_MODEL"
     folder = inp.folder_name
-    by_path = [t.path for t in inp.token_files]
-    ti = "".join(f'pipe.load_textual_inversion("{folder}", weight_name="{p}")\n' for p in by_path if "/" not in p)
+    xl = inp.delta.kind == "sdxl"
+    pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+    # the diffusers token files lie at the top of the folder (textual-inversion also has embeddings/)
+    names = [(t.token, t.path.rsplit("/", 1)[-1]) for t in inp.token_files]
+    ti = "".join(_load_embedding(folder, token, name, xl) for token, name in names)
     head = (
-        "```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
+        f"```python\nimport torch\nfrom diffusers import {pipeline}\n"
+        + ("from safetensors.torch import load_file\n" if xl and names else "")
+        + f'\npipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
     )
     prompt = (trigger_prompts(inp.delta) or ["photo of a cat"])[0]
     tail = f"image = pipe({json.dumps(prompt)}).images[0]\n```"

@@ -122,3 +122,29 @@ def test_run_samples_found_beside_the_delta(tmp_path, make_delta, monkeypatch):
     delta = read_delta(source)
     assert run_samples(delta, source) == tmp_path / "cat.run" / "samples.png"
     assert run_samples(delta) is None
+
+
+@pytest.mark.parametrize("target", ["diffusers-lora", "textual-inversion"])
+def test_the_cards_loading_lines_run_on_sdxl(cli, tmp_path, make_xl_delta, monkeypatch, target):
+    """The card's own diffusers lines load each SDXL token file into both text encoders."""
+    from cdtool.tiny import build_tiny_xl_pipeline
+
+    write_cdtool(make_xl_delta(), tmp_path / "xl.safetensors")
+    cli("export", tmp_path / "xl.safetensors", "--to", target, "-o", tmp_path / "xl-out")
+    text = (tmp_path / "xl-out" / "README.md").read_text()
+    assert "from diffusers import StableDiffusionXLPipeline" in text
+    lines = [ln for ln in text.splitlines() if ln.startswith(("emb = ", "pipe.load_textual_inversion"))]
+    assert len(lines) == 3, text
+    pipe = build_tiny_xl_pipeline()
+    monkeypatch.chdir(tmp_path)  # the card names the folder as it was written, relative
+    exec("from safetensors.torch import load_file\n" + "\n".join(lines), {"pipe": pipe})
+    assert pipe.tokenizer.convert_tokens_to_ids("<new1>") == pipe.tokenizer_2.convert_tokens_to_ids("<new1>") == 49408
+
+
+def test_the_textual_inversion_card_loads_its_embedding(cli, tmp_path, make_delta):
+    write_cdtool(make_delta(), tmp_path / "d.safetensors")
+    cli("export", tmp_path / "d.safetensors", "--to", "textual-inversion", "-o", tmp_path / "ti")
+    assert (
+        'pipe.load_textual_inversion("ti", weight_name="new1.safetensors")'
+        in (tmp_path / "ti" / "README.md").read_text()
+    )

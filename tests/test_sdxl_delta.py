@@ -160,3 +160,16 @@ def test_get_deltas_from_a_fine_tuned_sdxl_model(cli, tmp_path):
     )
     assert d.base_kind == "sdxl" and torch.equal(d.tokens_2["<new1>"][0], torch.arange(48, dtype=torch.float32))
     assert torch.equal(d.tokens["<new1>"][0], torch.arange(32, dtype=torch.float32))
+
+
+def test_a_kind_cdtool_does_not_know_is_one_error(cli, tmp_path, make_xl_delta):
+    from safetensors.torch import load_file, save_file
+
+    write_cdtool(make_xl_delta(), tmp_path / "xl.safetensors")
+    meta = safetensors_metadata(tmp_path / "xl.safetensors") | {"base_kind": "sd3"}
+    save_file(load_file(str(tmp_path / "xl.safetensors")), str(tmp_path / "sd3.safetensors"), metadata=meta)
+    r = cli("info", tmp_path / "sd3.safetensors", code=1)
+    assert one_error(r) == (
+        f"Error: {tmp_path / 'sd3.safetensors'}: a delta for a base of kind 'sd3'; this cdtool reads sd1, sd2, sdxl "
+        "(a newer cdtool may have written it)"
+    )

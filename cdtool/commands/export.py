@@ -112,10 +112,14 @@ def export(
         if delta.needs_base:
             delta = delta.relative_to(base)
     per_block = 2
-    if to is Target.kohya and delta.kind == "sdxl":  # kohya's SDXL names count the UNet's layers per block
-        from cdtool.models import unet_config
+    # kohya's SDXL names count the UNet's layers per block; an import records no kind, and where its
+    # base was read anyway (a Custom Diffusion folder's fine-tuned weights) the base says
+    if to is Target.kohya and (delta.kind == "sdxl" or (delta.kind == "" and base_model is not None)):
+        from cdtool.models import base_kind, unet_config
 
-        per_block = int(unet_config(base_model or pick_model(model, [delta.base_model])).get("layers_per_block", 2))
+        kohya_base = base_model or pick_model(model, [delta.base_model])
+        if delta.kind == "sdxl" or base_kind(kohya_base) == "sdxl":
+            per_block = int(unet_config(kohya_base).get("layers_per_block", 2))
     options: dict[str, Any] = {}
     if to is not Target.official:
         from cdtool.model_card import run_samples
