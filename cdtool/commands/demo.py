@@ -185,15 +185,23 @@ def _scores_doc(
 def _summary_line(doc: dict[str, Any]) -> str:
     each = ", ".join(f"{t} {v['concept_fidelity']:.2f}" for t, v in doc["alone"].items())
     merged = "; ".join(
-        f"{COLUMNS[name].removeprefix('merged: ')} {v['concept_fidelity']:.2f} (plain prompts {v['prompt_fidelity']:.2f})"
+        f"{COLUMNS[name].removeprefix('merged: ')} {v['concept_fidelity']:.2f} "
+        f"(plain prompts {_plain_share(doc['per_prompt'][name]):.2f})"
         for name, v in doc["merged"].items()
     )
     b = doc["before"]
     return (
         f"concept fidelity (share of samples showing the asked concept, by the toy oracle): base {b['concept_fidelity']:.2f}, "
-        f"each alone {each}; merged, {merged}; base plain prompts {b['prompt_fidelity']:.2f} "
+        f"each alone {each}; merged, {merged}; base plain prompts {_plain_share(doc['per_prompt']['before']):.2f} "
         f"({doc['seconds']['total']:.0f} s)"
     )
+
+
+def _plain_share(per_prompt: dict[str, dict[str, Any]]) -> float:
+    """The share of samples of the prompts without a new token that show what they ask."""
+    plain = [v for p, v in per_prompt.items() if "<" not in p]
+    n = sum(v["n"] for v in plain)
+    return sum(v["prompt_fidelity"] * v["n"] for v in plain) / n if n else float("nan")
 
 
 def _only_token(prompt: str) -> str | None:
