@@ -64,12 +64,18 @@ def kohya_state(delta: Delta) -> dict[str, torch.Tensor]:
     for name, layer in sorted(delta.layers.items()):
         component, _, path = name.partition(".")
         prefix = {"unet": "lora_unet", "text_encoder": "lora_te"}[component]
-        key = f"{prefix}_{path.replace('.', '_')}"
-        up, down = lora_factors(layer)
-        out[f"{key}.lora_down.weight"] = down.contiguous()
-        out[f"{key}.lora_up.weight"] = up.contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(up.shape[1]))
+        out |= kohya_entries(f"{prefix}_{path.replace('.', '_')}", layer)
     return out
+
+
+def kohya_entries(key: str, layer: LayerDelta) -> dict[str, torch.Tensor]:
+    """One layer in kohya's keys: its factors and an alpha equal to the rank (scale 1)."""
+    up, down = lora_factors(layer)
+    return {
+        f"{key}.lora_down.weight": down.contiguous(),
+        f"{key}.lora_up.weight": up.contiguous(),
+        f"{key}.alpha": torch.tensor(float(up.shape[1])),
+    }
 
 
 def custom_diffusion_state(delta: Delta, base: Mapping[str, torch.Tensor]) -> dict[str, Any]:

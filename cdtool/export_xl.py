@@ -40,7 +40,7 @@ def sdxl_embedding(delta: Delta, token: str) -> dict[str, torch.Tensor]:
 def kohya_sdxl_state(delta: Delta, layers_per_block: int = 2) -> dict[str, torch.Tensor]:
     """kohya's SDXL LoRA keys (`<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`); the UNet's
     names in the original layout, which counts `layers_per_block` (the UNet config's) per block."""
-    from cdtool.export import _check_lora, lora_factors
+    from cdtool.export import _check_lora, kohya_entries
 
     _check_lora(delta)
     out = {}
@@ -51,8 +51,5 @@ def kohya_sdxl_state(delta: Delta, layers_per_block: int = 2) -> dict[str, torch
         else:  # transformers 5 names CLIPTextModel's modules without its `text_model.`: kohya's have it
             path = path if path.startswith("text_model.") else f"text_model.{path}"
             key = f"{_KOHYA_TEXT[component]}_{path.replace('.', '_')}"
-        up, down = lora_factors(layer)
-        out[f"{key}.lora_down.weight"] = down.contiguous()
-        out[f"{key}.lora_up.weight"] = up.contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(up.shape[1]))
+        out |= kohya_entries(key, layer)
     return out
