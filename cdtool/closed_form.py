@@ -7,6 +7,9 @@ A = C_regᵀ C_reg and d = C A⁻¹ the solution is W = W0 + (Vᵀ - W0 Cᵀ)(d 
 
 A, d and d Cᵀ do not depend on the layer, so they are factorised once (in float64, by Cholesky;
 never an explicit inverse) and every layer costs two small matrix products and one triangular solve.
+The update is ΔW = Xᵀ d with X [m, out] the layer's coefficients, so its drift on the
+regularisation features, tr(ΔW A ΔWᵀ) = tr(Xᵀ (d A dᵀ) X), needs only the small d A dᵀ [m, m]: the
+per-layer [out, in] x [in, in] product a direct computation costs is left to the layer's base size.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class MergeSystem:
     ridge_gram: float  # ridge added to A (relative to its largest eigenvalue); 0 when none was needed
     ridge_targets: float  # likewise for d Cᵀ
     kept_rows: list[int]  # indices of the rows of the original C that were kept
+    drift_form: torch.Tensor  # d A dᵀ [m, m]: tr(Xᵀ (d A dᵀ) X) is the drift² of ΔW = Xᵀ d
 
 
 def cholesky_with_ridge(mat: torch.Tensor, max_cond: float) -> tuple[torch.Tensor, float]:
@@ -73,17 +77,27 @@ def prepare(reg_gram: torch.Tensor, targets: torch.Tensor) -> MergeSystem:
     m = d @ c.T
     m = (m + m.T) / 2
     m_chol, ridge_m = cholesky_with_ridge(m, MAX_COND_TARGETS)
-    return MergeSystem(a, c, d, m_chol, ridge_a, ridge_m, kept)
+    drift_form = d @ a @ d.T
+    return MergeSystem(a, c, d, m_chol, ridge_a, ridge_m, kept, (drift_form + drift_form.T) / 2)
+
+
+def coefficients(system: MergeSystem, w0: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """X [m, out] with the layer's update ΔW = Xᵀ d; `values` [m_original, out] are the concepts'
+    outputs on the original (not de-duplicated) target rows."""
+    v = values[system.kept_rows].double()
+    e = v.T - w0.double() @ system.targets.T  # [out, m]
+    return torch.cholesky_solve(e.T, system.m_chol)  # (d Cᵀ)⁻¹ Eᵀ
 
 
 def solve_layer(system: MergeSystem, w0: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """The merged weight W for one layer; `values` [m_original, out] are the concepts' outputs on
-    the original (not de-duplicated) target rows."""
-    v = values[system.kept_rows].double()
-    w0d = w0.double()
-    e = v.T - w0d @ system.targets.T  # [out, m]
-    x = torch.cholesky_solve(e.T, system.m_chol)  # (d Cᵀ)⁻¹ Eᵀ, [m, out]
-    return w0d + x.T @ system.d
+    """The merged weight W for one layer (see `coefficients` for `values`)."""
+    return w0.double() + coefficients(system, w0, values).T @ system.d
+
+
+def drift_squared(system: MergeSystem, x: torch.Tensor) -> float:
+    """tr(ΔW A ΔWᵀ) of the update ΔW = Xᵀ d, from the [m, m] form alone."""
+    xd = x.double()
+    return float(torch.einsum("ko,kl,lo->", xd, system.drift_form, xd).clamp_min(0))
 
 
 def closed_form(
@@ -94,18 +108,8 @@ def closed_form(
     return solve_layer(prepare(reg.T @ reg, targets), w0, values)
 
 
-@dataclass
-class LayerReport:
-    constraint_residual: float  # ||W Cᵀ - Vᵀ||_F / ||Vᵀ||_F over the kept target rows
-    reg_drift: float  # ||(W - W0) C_regᵀ||_F / ||W0 C_regᵀ||_F
-
-
-def report(system: MergeSystem, w0: torch.Tensor, w: torch.Tensor, values: torch.Tensor) -> LayerReport:
-    """Constraint residual and regularisation drift, computed from A (C_reg itself is not needed)."""
+def constraint_residual(system: MergeSystem, w: torch.Tensor, values: torch.Tensor) -> float:
+    """||W Cᵀ - Vᵀ||_F / ||Vᵀ||_F over the kept target rows."""
     v = values[system.kept_rows].double()
-    wd, w0d = w.double(), w0.double()
-    res = torch.linalg.norm(wd @ system.targets.T - v.T) / torch.linalg.norm(v).clamp_min(1e-30)
-    diff = wd - w0d
-    drift2 = torch.einsum("oi,ij,oj->", diff, system.gram, diff).clamp_min(0)
-    base2 = torch.einsum("oi,ij,oj->", w0d, system.gram, w0d).clamp_min(1e-30)
-    return LayerReport(float(res), float((drift2 / base2).sqrt()))
+    res = torch.linalg.norm(w.double() @ system.targets.T - v.T) / torch.linalg.norm(v).clamp_min(1e-30)
+    return float(res)

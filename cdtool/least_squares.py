@@ -19,7 +19,9 @@ gradient fusion (Gu et al. 2023) solves a similar problem iteratively. The paper
 limit where the target rows' weights grow without bound.
 
 H does not depend on the layer (every key/value projection reads the same text features), so it is
-factorised once (float64 Cholesky) and a layer costs a few [out, in] x [in, in] products.
+factorised once (float64 Cholesky). Each G_i is kept as a factor F_i [r_i, in] with F_iᵀ F_i = G_i
+(its rows scaled, r_i ≤ min(n_i, in)), and Q_i = α_i F_i H⁻¹ is solved once too; a layer then costs
+ΔW = Σ_i (ΔW_i F_iᵀ) Q_i, two [out, in] x [in, r_i] products per input instead of a solve with H.
 """
 
 from __future__ import annotations
@@ -34,43 +36,56 @@ from cdtool.closed_form import MAX_COND_GRAM, cholesky_with_ridge
 
 @dataclass
 class LsqSystem:
-    """The layer-independent part: the weighted Gram matrices and the factor of H."""
+    """The layer-independent part: each input's Gram factor and its solved weight, and G_reg."""
 
-    grams: list[torch.Tensor]  # α_i G_i [in, in], float64, per input
-    reg_gram: torch.Tensor  # λ G_reg [in, in], float64
-    chol: torch.Tensor  # Cholesky factor of H = Σ α_i G_i + λ G_reg
+    factors: list[torch.Tensor]  # F_i [r_i, in], F_iᵀ F_i = G_i, float64, per input
+    solved: list[torch.Tensor]  # Q_i = α_i F_i H⁻¹ [r_i, in], H = Σ α_i G_i + λ G_reg
+    reg_gram: torch.Tensor  # G_reg [in, in], float64 (unweighted)
     ridge: float  # relative ridge added to H (0 when none was needed)
 
 
+def gram_factor(rows: torch.Tensor) -> torch.Tensor:
+    """F (float64) with Fᵀ F = Xᵀ X / n for rows X [n, in]: the rows scaled when n ≤ in, else the
+    eigenvectors of the mean Gram matrix scaled by the roots of its positive eigenvalues."""
+    x = rows.double()
+    if x.shape[0] <= x.shape[1]:
+        return x / max(1, x.shape[0]) ** 0.5
+    eig, vec = torch.linalg.eigh(mean_gram(x))
+    keep = eig > eig[-1].clamp_min(0) * 1e-15
+    return (vec[:, keep] * eig[keep].sqrt()).T
+
+
 def prepare_lsq(
-    grams: Sequence[torch.Tensor], weights: Sequence[float], reg_gram: torch.Tensor, base_weight: float
+    factors: Sequence[torch.Tensor], weights: Sequence[float], reg_gram: torch.Tensor, base_weight: float
 ) -> LsqSystem:
-    """Weigh the mean Gram matrices (G_i by α_i, G_reg by λ) and factorise their sum H once."""
-    if len(grams) != len(weights):
-        raise ValueError(f"{len(grams)} Gram matrices for {len(weights)} weights")
+    """H = Σ α_i F_iᵀ F_i + λ G_reg, factorised once, and each input's α_i F_i H⁻¹."""
+    if len(factors) != len(weights):
+        raise ValueError(f"{len(factors)} Gram factors for {len(weights)} weights")
     if any(w < 0 for w in weights) or base_weight < 0:
         raise ValueError("weights must not be negative")
-    weighted = [float(w) * g.double() for w, g in zip(weights, grams, strict=True)]
-    reg = float(base_weight) * reg_gram.double()
-    h = reg + sum(weighted, torch.zeros_like(reg))
-    h = (h + h.T) / 2
-    chol, ridge = cholesky_with_ridge(h, MAX_COND_GRAM)
-    return LsqSystem(weighted, reg, chol, ridge)
+    fs = [f.double() for f in factors]
+    reg = reg_gram.double()
+    h = float(base_weight) * reg
+    for w, f in zip(weights, fs, strict=True):
+        h = h + float(w) * (f.T @ f)
+    chol, ridge = cholesky_with_ridge((h + h.T) / 2, MAX_COND_GRAM)
+    # Q_i = α_i F_i H⁻¹  <=>  H Q_iᵀ = α_i F_iᵀ (H symmetric)
+    solved = [torch.cholesky_solve(float(w) * f.T, chol).T for w, f in zip(weights, fs, strict=True)]
+    return LsqSystem(fs, solved, reg, ridge)
 
 
 def solve_lsq_layer(system: LsqSystem, deltas: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """ΔW [out, in] (float64) for one layer from each input's ΔW_i (None: the input leaves the layer
-    at the base, ΔW_i = 0)."""
-    rhs = None
-    for dw, g in zip(deltas, system.grams, strict=True):
+    at the base, ΔW_i = 0): ΔW = Σ_i ΔW_i α_i G_i H⁻¹ = Σ_i (ΔW_i F_iᵀ) Q_i."""
+    total = None
+    for dw, f, q in zip(deltas, system.factors, system.solved, strict=True):
         if dw is None:
             continue
-        term = dw.double() @ g
-        rhs = term if rhs is None else rhs + term
-    if rhs is None:
+        term = (dw.double() @ f.T) @ q
+        total = term if total is None else total + term
+    if total is None:
         raise ValueError("no input changes this layer")
-    # ΔW H = R  <=>  H ΔWᵀ = Rᵀ (H symmetric)
-    return torch.cholesky_solve(rhs.T, system.chol).T
+    return total
 
 
 def least_squares_merge(
@@ -82,8 +97,7 @@ def least_squares_merge(
     base_weight: float,
 ) -> torch.Tensor:
     """One-layer convenience: the merged W from W0, each input's W_i and rows X_i, and X_reg."""
-    grams = [mean_gram(x) for x in rows_i]
-    system = prepare_lsq(grams, alphas, mean_gram(reg_rows), base_weight)
+    system = prepare_lsq([gram_factor(x) for x in rows_i], alphas, mean_gram(reg_rows), base_weight)
     w0d = w0.double()
     return w0d + solve_lsq_layer(system, [w.double() - w0d for w in weights_i])
 
@@ -94,27 +108,15 @@ def mean_gram(rows: torch.Tensor) -> torch.Tensor:
     return x.T @ x / max(1, x.shape[0])
 
 
-@dataclass
-class LsqReport:
-    own_error: list[float]  # per input: ||(W - W_i) X_iᵀ|| / ||W_i X_iᵀ||, from G_i
-    reg_drift: float  # ||(W - W0) X_regᵀ|| / ||W0 X_regᵀ||, from G_reg
-
-
-def report_lsq(
+def own_errors(
     system: LsqSystem, w0: torch.Tensor, dw: torch.Tensor, deltas: Sequence[torch.Tensor | None]
-) -> LsqReport:
-    """How far the merged layer is from each input on that input's own rows, and from the base on the
-    regularisation rows (the weights cancel in each ratio)."""
+) -> list[float]:
+    """Per input, how far the merged layer is from that input on its own rows:
+    ||(W - W_i) X_iᵀ|| / ||W_i X_iᵀ||, from its Gram factor (the weights cancel in the ratio)."""
     w0d, dwd = w0.double(), dw.double()
     errors = []
-    for d_i, g in zip(deltas, system.grams, strict=True):
-        w_i = w0d if d_i is None else w0d + d_i.double()
-        errors.append(_ratio(dwd - (w_i - w0d), w_i, g))
-    return LsqReport(errors, _ratio(dwd, w0d, system.reg_gram))
-
-
-def _ratio(diff: torch.Tensor, ref: torch.Tensor, gram: torch.Tensor) -> float:
-    """sqrt(tr(D G Dᵀ) / tr(R G Rᵀ)): the relative size of D's outputs to R's on G's rows."""
-    num = torch.einsum("oi,ij,oj->", diff, gram, diff).clamp_min(0)
-    den = torch.einsum("oi,ij,oj->", ref, gram, ref).clamp_min(1e-30)
-    return float((num / den).sqrt())
+    for d_i, f in zip(deltas, system.factors, strict=True):
+        own = (w0d if d_i is None else w0d + d_i.double()) @ f.T
+        miss = (dwd if d_i is None else dwd - d_i.double()) @ f.T
+        errors.append(float(torch.linalg.norm(miss) / torch.linalg.norm(own).clamp_min(1e-30)))
+    return errors

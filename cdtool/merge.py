@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cdtool.choices import LAYER_SETS
-from cdtool.closed_form import prepare, report, solve_layer
+from cdtool.closed_form import coefficients, constraint_residual, drift_squared, prepare
 from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import CdtoolError
+from cdtool.gram_norms import LayerSizes, sizes_on
 from cdtool.tokens import check_token_name
 
 if TYPE_CHECKING:
@@ -134,23 +135,31 @@ class MergeResult:
     target_rows: int = 0
     target_rows_kept: int = 0
     overlap: float = 0.0  # largest |cosine| between target rows of different concepts
+    closest: tuple[int, int] | None = None  # the two inputs those rows belong to
     concept_rows: list[int] = field(default_factory=list)  # least squares: rows fitted per input
+    sizes: dict[str, LayerSizes] = field(default_factory=dict)  # on the regularisation rows, per layer
 
 
-def closed_form_merge(
-    deltas: Sequence[Delta],
-    base: Mapping[str, torch.Tensor],
-    text: TextSide,
-    reg_gram: torch.Tensor,
-    *,
-    dry_run: bool = False,
-) -> MergeResult:
-    """Merge relative, renamed deltas with the closed form. `text` is the base's text side (new
-    tokens are added to it here); `base` maps `unet.<path>.weight` to W0."""
+@dataclass
+class MergeTargets:
+    """What a solver reads of the text side: the paper's target rows C and the input each came
+    from; for least squares also every row of each input's prompts."""
+
+    c: torch.Tensor
+    owner: list[int]
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+
+def merge_targets(deltas: Sequence[Delta], text: TextSide, *, padded: bool = False) -> MergeTargets:
+    """Add the relative, renamed deltas' tokens to the base's text side and encode the target rows
+    (and with `padded`, the least-squares rows); the encoders are not needed after this."""
+    from cdtool.conditioning import padded_rows
+
     check_closed_form_layers(deltas)
     add_delta_tokens(text, deltas)
-    c, row_owner = paper_target_rows(deltas, text)
-    return solve_merge(deltas, base, reg_gram, c, row_owner, dry_run=dry_run)
+    c, owner = paper_target_rows(deltas, text)
+    rows = [padded_rows(text, concept_prompts(d)) for d in deltas] if padded else []
+    return MergeTargets(c, owner, rows)
 
 
 def add_delta_tokens(text: TextSide, deltas: Sequence[Delta]) -> None:
@@ -204,21 +213,28 @@ def solve_merge(
         ridge_targets=system.ridge_targets,
         target_rows=int(c.shape[0]),
         target_rows_kept=len(system.kept_rows),
-        overlap=_overlap(c, row_owner),
     )
-    layer_names = sorted({n for d in deltas for n in d.layers})
-    for name in layer_names:
+    result.overlap, result.closest = closest_inputs(c, row_owner)
+    gram32 = system.gram.float()
+    for name in sorted({n for d in deltas for n in d.layers}):
         w0 = base[f"{name}.weight"].double()
+        inputs = [d.layers[name].dense() if name in d.layers else None for d in deltas]
         values = torch.empty(c.shape[0], w0.shape[0], dtype=torch.float64)
-        for i, d in enumerate(deltas):
-            w_i = w0 + d.layers[name].dense().double() if name in d.layers else w0
+        for i, dw_i in enumerate(inputs):
+            w_i = w0 if dw_i is None else w0 + dw_i.double()
             idx = [r for r, o in enumerate(row_owner) if o == i]
             values[idx] = (w_i @ c[idx].T).T
         if dry_run:
             continue
-        dw = (solve_layer(system, w0, values) - w0).float()
-        rep = report(system, w0, w0 + dw.double(), values)  # of the float32 ΔW written, not the float64 solution
-        result.layers[name] = {"constraint_residual": rep.constraint_residual, "reg_drift": rep.reg_drift}
+        x = coefficients(system, w0, values)
+        dw = (x.T @ system.d).float()
+        base_size, *input_sizes = sizes_on(gram32, [w0, *(d for d in inputs if d is not None)])
+        drift = drift_squared(system, x) ** 0.5  # of the float64 solution; the residual of the float32 ΔW written
+        result.layers[name] = {
+            "constraint_residual": constraint_residual(system, w0 + dw.double(), values),
+            "reg_drift": drift / max(base_size, 1e-30),
+        }
+        result.sizes[name] = LayerSizes(drift, input_sizes)
         result.delta.layers[name] = LayerDelta(full=dw)
     keep_tokens(result.delta, deltas)
     return result
@@ -232,11 +248,6 @@ def keep_tokens(merged: Delta, deltas: Sequence[Delta]) -> None:
         merged.concepts.extend(d.concepts)
 
 
-def _overlap(c: torch.Tensor, owner: Sequence[int]) -> float:
-    """The largest |cosine| between target rows of different concepts (1 = indistinguishable)."""
-    return closest_inputs(c, owner)[0]
-
-
 def closest_inputs(c: torch.Tensor, owner: Sequence[int]) -> tuple[float, tuple[int, int] | None]:
     """The largest |cosine| between rows of different inputs, and which two inputs hold them."""
     n = torch.nn.functional.normalize(c.double(), dim=1)
@@ -247,27 +258,6 @@ def closest_inputs(c: torch.Tensor, owner: Sequence[int]) -> tuple[float, tuple[
         return 0.0, None
     i, j = divmod(int(cos.argmax()), cos.shape[1])
     return float(cos[i, j]), (int(o[i]), int(o[j]))
-
-
-def growth(merged: Delta, inputs: Sequence[Delta], gram: torch.Tensor) -> tuple[float, str | None]:
-    """The largest ratio, over layers, of how much the merged ΔW changes the outputs on the
-    regularisation rows (`gram`, their Gram matrix) to how much its largest input changes them,
-    and the layer: far above 1, the merge makes something new of ordinary prompts."""
-    g = gram.double()
-
-    def size(dw: torch.Tensor) -> float:
-        d = dw.double()
-        return float(torch.einsum("oi,ij,oj->", d, g, d).clamp_min(0).sqrt())
-
-    worst, where = 0.0, None
-    for name, layer in merged.layers.items():
-        sizes = [size(d.layers[name].dense()) for d in inputs if name in d.layers]
-        if not sizes or max(sizes) == 0:
-            continue
-        ratio = size(layer.dense()) / max(sizes)
-        if ratio > worst:
-            worst, where = ratio, name
-    return worst, where
 
 
 def concept_prompts(delta: Delta) -> list[str]:
@@ -285,10 +275,10 @@ def concept_prompts(delta: Delta) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
-def least_squares_merge(
+def solve_least_squares(
     deltas: Sequence[Delta],
     base: Mapping[str, torch.Tensor],
-    text: TextSide,
+    targets: MergeTargets,
     reg_gram: torch.Tensor,
     weights: Sequence[float],
     base_weight: float,
@@ -296,32 +286,32 @@ def least_squares_merge(
     dry_run: bool = False,
 ) -> MergeResult:
     """Merge relative, renamed deltas by weighted least squares over every text row (see
-    least_squares.py): input i's outputs on all rows of its prompts (weight `weights[i]`) and the
-    base's on the regularisation captions' rows (`reg_gram`, their mean Gram matrix; weight
-    `base_weight`). `text` is the base's text side (new tokens are added here)."""
-    from cdtool.conditioning import padded_rows
-    from cdtool.least_squares import mean_gram, prepare_lsq, report_lsq, solve_lsq_layer
+    least_squares.py): input i's outputs on all rows of its prompts (`targets.rows[i]`, weight
+    `weights[i]`) and the base's on the regularisation captions' rows (`reg_gram`, their mean Gram
+    matrix; weight `base_weight`)."""
+    from cdtool.least_squares import gram_factor, own_errors, prepare_lsq, solve_lsq_layer
 
-    check_closed_form_layers(deltas)
-    add_delta_tokens(text, deltas)
-    c, row_owner = paper_target_rows(deltas, text)
-    rows = [padded_rows(text, concept_prompts(d)) for d in deltas]
-    system = prepare_lsq([mean_gram(x) for x in rows], weights, reg_gram, base_weight)
+    system = prepare_lsq([gram_factor(x) for x in targets.rows], weights, reg_gram, base_weight)
     result = MergeResult(
         delta=Delta(),
         ridge_gram=system.ridge,
-        target_rows=int(c.shape[0]),
-        overlap=_overlap(c, row_owner),
-        concept_rows=[int(x.shape[0]) for x in rows],
+        target_rows=int(targets.c.shape[0]),
+        concept_rows=[int(x.shape[0]) for x in targets.rows],
     )
+    result.overlap, result.closest = closest_inputs(targets.c, targets.owner)
+    gram32 = system.reg_gram.float()
     for name in sorted({n for d in deltas for n in d.layers}):
         if dry_run:
             continue
-        w0 = base[f"{name}.weight"].double()
-        inputs = [d.layers[name].dense().double() if name in d.layers else None for d in deltas]
+        w0 = base[f"{name}.weight"]
+        inputs = [d.layers[name].dense() if name in d.layers else None for d in deltas]
         dw = solve_lsq_layer(system, inputs).float()
-        rep = report_lsq(system, w0, dw, inputs)  # of the float32 ΔW written
-        result.layers[name] = {"own_error": rep.own_error, "reg_drift": rep.reg_drift}
+        base_size, merged_size, *input_sizes = sizes_on(gram32, [w0, dw, *(d for d in inputs if d is not None)])
+        result.layers[name] = {  # of the float32 ΔW written
+            "own_error": own_errors(system, w0, dw, inputs),
+            "reg_drift": merged_size / max(base_size, 1e-30),
+        }
+        result.sizes[name] = LayerSizes(merged_size, input_sizes)
         result.delta.layers[name] = LayerDelta(full=dw)
     keep_tokens(result.delta, deltas)
     return result

@@ -25,11 +25,8 @@ class MergeInputs:
     base_model: str
     base_kind: str  # sd1, sd2 or sdxl
     base: dict[str, torch.Tensor]  # the touched base weights (and the token embedding tables)
-    text: TextSide | None = None  # the base's text side, when loaded
-
-    @property
-    def vocab(self) -> int | None:
-        return len(self.text.tokenizer) if self.text is not None else None
+    text: TextSide | None = None  # the base's text side, when loaded (dropped once encoded)
+    vocab: int | None = None  # the base tokenizer's size, with the text side
 
 
 def with_classes(delta: Delta, noun: str | None) -> Delta:
@@ -117,6 +114,7 @@ def prepare_merge_inputs(
         from cdtool.models import load_text_side
 
         loaded.text = load_text_side(base_model)
+        loaded.vocab = len(loaded.text.tokenizer)
     relative = [d.relative_to(base) if d.needs_base else d for d in renamed]
     for d in relative:
         if d.base_fingerprint and fingerprint(base, fingerprint_names(d), loaded.vocab) != d.base_fingerprint:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdtool.closed_form import closed_form, prepare, report, solve_layer
+from cdtool.closed_form import closed_form, coefficients, constraint_residual, drift_squared, prepare, solve_layer
+from cdtool.gram_norms import sizes_on
 
 
 def _problem(seed: int, out: int = 24, dim: int = 16, n_reg: int = 200, m: int = 6):
@@ -69,10 +70,23 @@ def test_duplicate_rows_are_removed_and_reported():
     assert system.kept_rows == [0, 1, 2] and system.ridge_targets == 0.0
     w = solve_layer(system, w0, v2)
     assert torch.allclose(w, closed_form(w0, reg, c, v), atol=1e-10)
-    r = report(system, w0, w, v2)
-    assert r.constraint_residual < 1e-8
-    direct_drift = torch.linalg.norm((w - w0) @ reg.T) / torch.linalg.norm(w0 @ reg.T)
-    assert abs(r.reg_drift - float(direct_drift)) < 1e-9
+    assert constraint_residual(system, w, v2) < 1e-8
+
+
+@pytest.mark.parametrize("ridge", [False, True])
+def test_drift_from_the_coefficients_equals_the_direct_one(ridge):
+    # the merge reports tr(ΔW A ΔWᵀ) from X [m, out] alone (ΔW = Xᵀ d); with or without a ridge on A
+    w0, reg, c, v = _problem(12, m=4)
+    reg = reg[:10] if ridge else reg  # 10 rows in 16 dimensions: A needs a ridge
+    system = prepare(reg.T @ reg, c)
+    assert (system.ridge_gram > 0) == ridge
+    x = coefficients(system, w0, v)
+    dw = solve_layer(system, w0, v) - w0
+    direct = torch.linalg.norm(dw @ reg.T) ** 2
+    assert drift_squared(system, x) == pytest.approx(float(direct), rel=1e-9)
+    # and the float32 sizes the merge divides it by
+    (base,) = sizes_on(system.gram, [w0])
+    assert base == pytest.approx(float(torch.linalg.norm(w0 @ reg.T)), rel=1e-5)
 
 
 def test_rank_deficient_regularisation_uses_a_reported_ridge():

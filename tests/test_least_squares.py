@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from cdtool.least_squares import least_squares_merge, mean_gram, prepare_lsq, report_lsq, solve_lsq_layer
+from cdtool.gram_norms import sizes_on
+from cdtool.least_squares import gram_factor, least_squares_merge, mean_gram, own_errors, prepare_lsq, solve_lsq_layer
 
 
 def _problem(seed: int, concepts: int = 2, out: int = 20, dim: int = 16, rows: int = 10, n_reg: int = 300):
@@ -91,21 +92,30 @@ def test_identical_concepts_merge_to_that_concept():
 def test_layer_solve_and_report_agree_with_the_objective():
     alphas, lam = (1.0, 2.0), 0.5
     w0, ws, xs, reg = _problem(8)
-    system = prepare_lsq([mean_gram(x) for x in xs], alphas, mean_gram(reg), lam)
+    system = prepare_lsq([gram_factor(x) for x in xs], alphas, mean_gram(reg), lam)
     deltas = [wi - w0 for wi in ws]
     dw = solve_lsq_layer(system, deltas)
     assert torch.allclose(w0 + dw, least_squares_merge(w0, ws, xs, reg, alphas, lam), atol=1e-10)
-    rep = report_lsq(system, w0, dw, deltas)
-    for err, wi, x in zip(rep.own_error, ws, xs, strict=True):
+    for err, wi, x in zip(own_errors(system, w0, dw, deltas), ws, xs, strict=True):
         direct = torch.linalg.norm((w0 + dw - wi) @ x.T) / torch.linalg.norm(wi @ x.T)
         assert err == pytest.approx(float(direct), rel=1e-9)
+    # the drift the merge reports, sized on G_reg in float32
+    merged, base = sizes_on(system.reg_gram, [dw, w0])
     drift = torch.linalg.norm(dw @ reg.T) / torch.linalg.norm(w0 @ reg.T)
-    assert rep.reg_drift == pytest.approx(float(drift), rel=1e-9)
+    assert merged / base == pytest.approx(float(drift), rel=1e-5)
+
+
+@pytest.mark.parametrize("rows", [5, 16, 40])
+def test_gram_factor_reproduces_the_mean_gram_matrix(rows):
+    x = torch.randn(rows, 16, generator=torch.Generator().manual_seed(rows), dtype=torch.float64)
+    f = gram_factor(x)
+    assert f.shape[0] <= min(rows, 16)
+    assert torch.allclose(f.T @ f, mean_gram(x), atol=1e-12)
 
 
 def test_an_input_that_leaves_a_layer_pulls_it_toward_the_base():
     w0, ws, xs, reg = _problem(9)
-    system = prepare_lsq([mean_gram(x) for x in xs], (1.0, 1.0), mean_gram(reg), 0.1)
+    system = prepare_lsq([gram_factor(x) for x in xs], (1.0, 1.0), mean_gram(reg), 0.1)
     both = solve_lsq_layer(system, [ws[0] - w0, ws[1] - w0])
     one = solve_lsq_layer(system, [ws[0] - w0, None])
     direct = least_squares_merge(w0, [ws[0], w0], xs, reg, (1.0, 1.0), 0.1) - w0
@@ -116,6 +126,6 @@ def test_an_input_that_leaves_a_layer_pulls_it_toward_the_base():
 def test_bad_weights_are_refused():
     _w0, _ws, xs, reg = _problem(10)
     with pytest.raises(ValueError, match="negative"):
-        prepare_lsq([mean_gram(x) for x in xs], (1.0, -1.0), mean_gram(reg), 0.1)
-    with pytest.raises(ValueError, match="2 Gram matrices for 1 weights"):
-        prepare_lsq([mean_gram(x) for x in xs], (1.0,), mean_gram(reg), 0.1)
+        prepare_lsq([gram_factor(x) for x in xs], (1.0, -1.0), mean_gram(reg), 0.1)
+    with pytest.raises(ValueError, match="2 Gram factors for 1 weights"):
+        prepare_lsq([gram_factor(x) for x in xs], (1.0,), mean_gram(reg), 0.1)

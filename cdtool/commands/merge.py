@@ -24,6 +24,7 @@ from cdtool.commands.common import (
 from cdtool.errors import CdtoolError, UsageError
 
 if TYPE_CHECKING:
+    from cdtool.merge import MergeResult
     from cdtool.merge_inputs import MergeInputs
 
 
@@ -136,9 +137,10 @@ def merge(
         assert captions is not None
         weights = [s for _, s in specs]
         lam = base_weight if base_weight is not None else _default_base_weight()
-        merged, gram = _solve(method, loaded, captions, weights, lam, dry_run, doc)
+        result = _solve(method, loaded, captions, weights, lam, dry_run, doc)
+        merged = result.delta
         if not dry_run:
-            _warn_growth(merged, loaded, gram, doc)
+            _warn_growth(result, doc)
     if dry_run:
         doc["dry_run"] = True
         if json_out:
@@ -198,23 +200,24 @@ def _solve(
     base_weight: float,
     dry_run: bool,
     doc: dict[str, Any],
-) -> tuple[Any, Any]:
-    """Run the closed form or the least-squares merge; fill `doc` with its analysis; warn. Returns
-    the merged delta and the regularisation rows' Gram matrix."""
-    from cdtool.merge import closed_form_merge, least_squares_merge
+) -> MergeResult:
+    """Run the closed form or the least-squares merge; fill `doc` with its analysis; warn."""
+    from cdtool.merge import merge_targets, solve_least_squares, solve_merge
     from cdtool.text_features import cached_reg_gram
 
     padded = method is Method.least_squares
+    assert loaded.text is not None
     gram, rows, cached = cached_reg_gram(loaded.text, captions, padded=padded)
     console.log(f"regularisation features: {len(captions)} captions, {rows} rows{' (cached)' if cached else ''}")
+    targets = merge_targets(loaded.deltas, loaded.text, padded=padded)
+    loaded.text = None  # the text encoders (3.3 GB in float32 on SDXL) are done with
     if padded:
-        result = least_squares_merge(
-            loaded.deltas, loaded.base, loaded.text, gram / rows, weights, base_weight,
-            dry_run=dry_run,
-        )  # fmt: skip
+        result = solve_least_squares(
+            loaded.deltas, loaded.base, targets, gram / rows, weights, base_weight, dry_run=dry_run
+        )
         doc.update(weights=weights, base_weight=base_weight, concept_rows=result.concept_rows)
     else:
-        result = closed_form_merge(loaded.deltas, loaded.base, loaded.text, gram, dry_run=dry_run)
+        result = solve_merge(loaded.deltas, loaded.base, gram, targets.c, targets.owner, dry_run=dry_run)
         doc.update(target_rows_kept=result.target_rows_kept, ridge_targets=result.ridge_targets)
     doc.update(
         reg_captions=len(captions),
@@ -226,10 +229,10 @@ def _solve(
     for n, rep in result.layers.items():
         doc["layers"][n].update(rep)
     _summarise(result, loaded, doc, padded, int(gram.shape[0]))
-    return result.delta, gram
+    return result
 
 
-def _summarise(result: Any, loaded: MergeInputs, doc: dict[str, Any], padded: bool, dim: int) -> None:
+def _summarise(result: MergeResult, loaded: MergeInputs, doc: dict[str, Any], padded: bool, dim: int) -> None:
     """The totals and the warnings a merge's analysis calls for."""
     from cdtool.merge import PARALLEL_COSINE
 
@@ -263,14 +266,10 @@ def _summarise(result: Any, loaded: MergeInputs, doc: dict[str, Any], padded: bo
         f"cosine {result.overlap:.4f} (1 would make them indistinguishable to the merge)"
     )
     if result.overlap > PARALLEL_COSINE:
-        _warn_parallel(loaded, result.overlap)
+        _warn_parallel(loaded, result.overlap, result.closest)
 
 
-def _warn_parallel(loaded: MergeInputs, cosine: float) -> None:
-    from cdtool.merge import closest_inputs, paper_target_rows
-
-    c, owner = paper_target_rows(loaded.deltas, loaded.text)
-    _, pair = closest_inputs(c, owner)
+def _warn_parallel(loaded: MergeInputs, cosine: float, pair: tuple[int, int] | None) -> None:
     names = " and ".join(str(loaded.paths[i]) for i in pair) if pair else "two inputs"
     console.warn(
         f"{names} have nearly parallel target rows (cosine {cosine:.6f}): the merge cannot keep both concepts "
@@ -279,10 +278,11 @@ def _warn_parallel(loaded: MergeInputs, cosine: float) -> None:
     )
 
 
-def _warn_growth(merged: Any, loaded: MergeInputs, gram: Any, doc: dict[str, Any]) -> None:
-    from cdtool.merge import BLOWUP_RATIO, growth
+def _warn_growth(result: MergeResult, doc: dict[str, Any]) -> None:
+    from cdtool.gram_norms import largest_growth
+    from cdtool.merge import BLOWUP_RATIO
 
-    ratio, layer = growth(merged, loaded.deltas, gram)
+    ratio, layer = largest_growth(result.sizes)
     doc["largest_growth"] = {"ratio": ratio, "layer": layer}
     if ratio > BLOWUP_RATIO:
         console.warn(
