@@ -14,7 +14,7 @@ from cdtool.choices import LAYER_SETS
 from cdtool.closed_form import coefficients, constraint_residual, drift_squared, prepare
 from cdtool.delta import Delta, LayerDelta
 from cdtool.errors import CdtoolError
-from cdtool.gram_norms import LayerSizes, sizes_on
+from cdtool.gram_norms import LayerSizes, SizeSketch, sizes_on
 from cdtool.tokens import check_token_name
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ def solve_merge(
         target_rows_kept=len(system.kept_rows),
     )
     result.overlap, result.closest = closest_inputs(c, row_owner)
-    gram32 = system.gram.float()
+    gram32, sketch = system.gram.float(), SizeSketch(system.gram)
     for name in sorted({n for d in deltas for n in d.layers}):
         w0 = base[f"{name}.weight"].double()
         inputs = [d.layers[name].dense() if name in d.layers else None for d in deltas]
@@ -228,13 +228,13 @@ def solve_merge(
             continue
         x = coefficients(system, w0, values)
         dw = (x.T @ system.d).float()
-        base_size, *input_sizes = sizes_on(gram32, [w0, *(d for d in inputs if d is not None)])
+        (base_size,) = sizes_on(gram32, [w0])
         drift = drift_squared(system, x) ** 0.5  # of the float64 solution; the residual of the float32 ΔW written
         result.layers[name] = {
             "constraint_residual": constraint_residual(system, w0 + dw.double(), values),
             "reg_drift": drift / max(base_size, 1e-30),
         }
-        result.sizes[name] = LayerSizes(drift, input_sizes)
+        result.sizes[name] = LayerSizes(drift, sketch.sizes([d for d in inputs if d is not None]))
         result.delta.layers[name] = LayerDelta(full=dw)
     keep_tokens(result.delta, deltas)
     return result
@@ -299,19 +299,19 @@ def solve_least_squares(
         concept_rows=[int(x.shape[0]) for x in targets.rows],
     )
     result.overlap, result.closest = closest_inputs(targets.c, targets.owner)
-    gram32 = system.reg_gram.float()
+    gram32, sketch = system.reg_gram.float(), SizeSketch(system.reg_gram)
     for name in sorted({n for d in deltas for n in d.layers}):
         if dry_run:
             continue
         w0 = base[f"{name}.weight"]
         inputs = [d.layers[name].dense() if name in d.layers else None for d in deltas]
         dw = solve_lsq_layer(system, inputs).float()
-        base_size, merged_size, *input_sizes = sizes_on(gram32, [w0, dw, *(d for d in inputs if d is not None)])
+        base_size, merged_size = sizes_on(gram32, [w0, dw])
         result.layers[name] = {  # of the float32 ΔW written
             "own_error": own_errors(system, w0, dw, inputs),
             "reg_drift": merged_size / max(base_size, 1e-30),
         }
-        result.sizes[name] = LayerSizes(merged_size, input_sizes)
+        result.sizes[name] = LayerSizes(merged_size, sketch.sizes([d for d in inputs if d is not None]))
         result.delta.layers[name] = LayerDelta(full=dw)
     keep_tokens(result.delta, deltas)
     return result

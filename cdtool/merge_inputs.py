@@ -84,8 +84,6 @@ def prepare_merge_inputs(
         TOKEN_EMBEDDING,
         TOKEN_EMBEDDING_2,
         check_kind,
-        fingerprint,
-        fingerprint_names,
         load_base_params,
     )
     from cdtool.choices import SDXL
@@ -116,10 +114,26 @@ def prepare_merge_inputs(
         loaded.text = load_text_side(base_model)
         loaded.vocab = len(loaded.text.tokenizer)
     relative = [d.relative_to(base) if d.needs_base else d for d in renamed]
-    for d in relative:
-        if d.base_fingerprint and fingerprint(base, fingerprint_names(d), loaded.vocab) != d.base_fingerprint:
+    check_fingerprints(relative, base, loaded.vocab, base_model)
+    loaded.deltas = [scaled(d, s) for d, s in zip(relative, scales, strict=True)]
+    return loaded
+
+
+def check_fingerprints(
+    deltas: Sequence[Delta], base: dict[str, torch.Tensor], vocab: int | None, base_model: str
+) -> None:
+    """Each input that records its base's fingerprint must match this base (inputs on the same
+    layers share one fingerprint of it)."""
+    from cdtool.base import fingerprint, fingerprint_names
+
+    prints: dict[tuple[str, ...], str] = {}
+    for d in deltas:
+        if not d.base_fingerprint:
+            continue
+        names = tuple(fingerprint_names(d))
+        if names not in prints:
+            prints[names] = fingerprint(base, names, vocab)
+        if prints[names] != d.base_fingerprint:
             raise CdtoolError(
                 f"{d.origin} was made for another base model than {base_model} (fingerprint mismatch); inputs with different bases are refused"
             )
-    loaded.deltas = [scaled(d, s) for d, s in zip(relative, scales, strict=True)]
-    return loaded
