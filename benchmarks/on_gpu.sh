@@ -2,6 +2,7 @@
 # The GPU checks, as one script to run on a CUDA machine from the repository root:
 #   bash benchmarks/on_gpu.sh tests                # tests/test_cuda.py and tests/test_sample.py
 #   bash benchmarks/on_gpu.sh speed fp16 300 [R]   # train_speed.py on the SD1.5-shaped model, S = 300, R pairs
+#   bash benchmarks/on_gpu.sh speed-xl bf16 50 [R]  # cdtool alone on the SDXL-shaped model at 1024 px
 # The machine's own python3 holds torch, transformers, peft and accelerate; the rest travels as
 # wheels in .whl/ and the reference trainer as .ref/train_custom_diffusion.py (both git-ignored):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -25,8 +26,12 @@ speed)
     python3 benchmarks/train_speed.py --reference .ref/train_custom_diffusion.py --model sd15 \
         --mixed-precision "${2:-bf16}" --steps "${3:-300}" --repeats "${4:-1}" --workdir /tmp/bench 2>&1 | tee "$out/speed-${2:-bf16}.log"
     ;;
+speed-xl)
+    python3 benchmarks/train_speed.py --model sdxl --mixed-precision "${2:-bf16}" --steps "${3:-50}" \
+        --repeats "${4:-1}" --workdir /tmp/bench 2>&1 | tee "$out/speed-xl-${2:-bf16}.log"
+    ;;
 *)
-    echo "usage: bash benchmarks/on_gpu.sh tests | speed PRECISION STEPS [REPEATS]" >&2
+    echo "usage: bash benchmarks/on_gpu.sh tests | speed PRECISION STEPS [REPEATS] | speed-xl PRECISION STEPS [REPEATS]" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,7 @@
 """Training speed: `cdtool train` against diffusers' examples/custom_diffusion/train_custom_diffusion.py.
 
     python benchmarks/train_speed.py --reference PATH/TO/train_custom_diffusion.py [--model tiny|sd15]
+    python benchmarks/train_speed.py --model sdxl --mixed-precision bf16 --steps 100   # cdtool alone
 
 Get the reference from the diffusers repository (examples/custom_diffusion/); it is not shipped
 with cdtool. Both run on the same model, images, prompts and settings (prior preservation,
@@ -11,6 +12,11 @@ t(S)) per pair cancels start-up, and the median pair is reported with the slowes
 RSS from the child's rusage and, on an NVIDIA GPU, peak GPU memory from nvidia-smi. Start-up varies
 by seconds between runs, so S steps must take far longer than that (on a GPU --steps 300 or more): a
 pair whose difference is within the noise is refused, and no ratio is printed from it.
+
+`--model sdxl` trains the SDXL-shaped model (benchmarks/sdxl.py: the real UNet and both text
+encoders, random weights) at 1024 px with cdtool alone: diffusers' example has no SDXL and the
+official SDXL script is pinned to diffusers 0.21, which current transformers and torch do not run;
+compare it with cdtool's own SD1.5 figure. `--model tiny-xl` checks the same path in seconds.
 
 The reference's initializer lookup (`tokenizer.encode([token])`) returns a nested list under
 transformers 5, which crashes for the default multi-piece "ktn"; both runs use "cat" here.
@@ -49,29 +55,41 @@ def make_data(work: Path, size: int) -> tuple[Path, Path]:
     return inst, reg
 
 
+def build_model(model: str, work: Path) -> tuple[Path, int]:
+    """The benchmark's model folder (built once in `work`) and its resolution."""
+    if model in ("tiny", "tiny-xl"):
+        from cdtool.tiny import TINY_RESOLUTION, build_tiny_pipeline, build_tiny_xl_pipeline
+
+        folder = work / model
+        if not (folder / "model_index.json").exists():
+            (build_tiny_xl_pipeline() if model == "tiny-xl" else build_tiny_pipeline()).save_pretrained(folder)
+        return folder, TINY_RESOLUTION
+    if model == "sdxl":
+        from benchmarks.sdxl import build_sdxl
+
+        return build_sdxl(work / "sdxl"), 1024
+    from benchmarks.sd15 import build_sd15
+
+    return build_sd15(work / "sd15"), 512
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reference", type=Path, required=True, help="path to diffusers' train_custom_diffusion.py")
-    ap.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    ap.add_argument("--reference", type=Path, help="path to diffusers' train_custom_diffusion.py (SD 1.x models)")
+    ap.add_argument("--model", choices=["tiny", "sd15", "tiny-xl", "sdxl"], default="tiny")
     ap.add_argument("--steps", type=int, default=40, help="S: each tool runs S and 2S steps")
     ap.add_argument("--repeats", type=int, default=3, help="(S, 2S) pairs per trainer")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--mixed-precision", default="no")
-    ap.add_argument("--resolution", type=int, default=None, help="default: the model's (64 tiny, 512 sd15)")
+    ap.add_argument("--resolution", type=int, default=None, help="default: the model's (sd15 512, sdxl 1024)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cdtool-train-bench")
     args = ap.parse_args()
+    xl = args.model in ("tiny-xl", "sdxl")
+    if not xl and args.reference is None:
+        ap.error("--reference is needed for the SD 1.x models")
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    if args.model == "tiny":
-        from cdtool.tiny import TINY_RESOLUTION, build_tiny_pipeline
-
-        folder, size = work / "tiny-sd", TINY_RESOLUTION
-        if not (folder / "model_index.json").exists():
-            build_tiny_pipeline().save_pretrained(folder)
-    else:
-        from benchmarks.sd15 import build_sd15
-
-        folder, size = build_sd15(work / "sd15"), 512
+    folder, size = build_model(args.model, work)
     size = args.resolution or size
     inst, reg = make_data(work, size)
     common = dict(steps=args.steps, bs=args.batch_size)
@@ -162,7 +180,9 @@ def main() -> None:
         print(f"{name}: {steps} steps in {run.seconds:.1f} s", file=sys.stderr, flush=True)  # kept if cut short
         return run
 
-    trainers = {"diffusers train_custom_diffusion.py": reference, "cdtool train": cdtool}
+    trainers = (
+        {"cdtool train": cdtool} if xl else {"diffusers train_custom_diffusion.py": reference, "cdtool train": cdtool}
+    )
     runs: dict[str, list[tuple[Run, Run]]] = {name: [] for name in trainers}
     for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits both
         for name, build in trainers.items():
@@ -191,7 +211,7 @@ def print_table(runs: dict[str, list[tuple[Run, Run]]], steps: int) -> None:
             rate, startup = f"not measured: {r.why}", "-"
         else:
             rate, startup = f"{r.median:.2f} ({r.low:.2f}-{r.high:.2f})", f"{r.startup_s:.1f}"
-        ratio = f"{r.median / ref.median:.2f}x" if r.median and ref.median else "-"
+        ratio = f"{r.median / ref.median:.2f}x" if r.median and ref.median and len(runs) > 1 else "-"
         print(f"| {name} | {rate} | {startup} | {delta:.1f} | {rss:.0f} | {gpu:.0f} | {ratio} |")
 
 

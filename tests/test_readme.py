@@ -47,10 +47,10 @@ def test_the_first_snippet_runs_as_written(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for line in lines:
         cli(*line)
-    merged = read_delta(tmp_path / "shapes.r4.safetensors")
+    merged = read_delta(tmp_path / "shapes.r16.safetensors")
     assert set(merged.tokens) == {"<new1>", "<new2>"} and merged.base_model == "toy"
     prompts = json.loads((tmp_path / "out" / "prompts.json").read_text())
-    assert set(prompts.values()) == {"a <new1> star and a <new2> circle on a white background"}
+    assert set(prompts.values()) == {"a <new1> star and a <new2> circle on a red background"}
     assert (tmp_path / "out" / "grid.png").is_file()
     assert (tmp_path / "star.run" / "loss.png").is_file() and (tmp_path / "star.run" / "samples.png").is_file()
     assert sorted(p.name for p in (tmp_path / "shapes-lora").iterdir()) == [

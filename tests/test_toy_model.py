@@ -56,30 +56,31 @@ def test_demo_end_to_end(cli, tmp_path):
     r = cli("demo", "-o", out, "--steps", "20", "--reg-images", "4", "--n", "1", "--sample-steps", "4", "--json")
     doc = json.loads(r.stdout)
     assert json.loads((out / "scores.json").read_text())["merged"] == doc["merged"]
-    assert set(doc["merged"]) == {"closed-form", "least-squares"}
+    assert set(doc["merged"]) == {"closed-form", "least-squares", "least-squares-compressed"}
     for scores in (doc["before"], *doc["merged"].values()):
         for key in ("concept_fidelity", "prompt_fidelity", "prior_drift"):
             assert 0.0 <= scores[key] <= 1.0
     prompts = {
-        "a small <new1> star on a blue background",
-        "a large <new2> circle on a yellow background",
-        "a <new1> star and a <new2> circle on a green background",
+        "a small <new1> star on an orange background",
+        "a small <new2> circle on a green background",
+        "a <new1> star and a <new2> circle on a red background",
         "a small white star on a red background",
         "a large orange circle on a purple background",
     }
     assert set(doc["per_prompt"]["before"]) == prompts
-    assert set(doc["per_prompt"]["closed-form"]) == prompts and set(doc["per_prompt"]["least-squares"]) == prompts
+    assert all(set(doc["per_prompt"][name]) == prompts for name in doc["merged"])
     assert set(doc["alone"]) == {"<new1>", "<new2>"}
     assert set(doc["per_prompt"]["alone"]) == {
-        "a small <new1> star on a blue background",
-        "a large <new2> circle on a yellow background",
+        "a small <new1> star on an orange background",
+        "a small <new2> circle on a green background",
     }
     from PIL import Image
 
-    with Image.open(out / "before-after.png") as im:  # four labelled columns of one 3x-scaled sample each
-        assert im.width > 4 * 3 * 32 and im.height >= 5 * 3 * 32
+    with Image.open(out / "before-after.png") as im:  # five labelled columns of one 3x-scaled sample each
+        assert im.width > 5 * 3 * 32 and im.height >= 5 * 3 * 32
     assert "$ cdtool train" in r.stderr and "--captions-from-files" in r.stderr
     assert "--method least-squares" in r.stderr and "--method closed-form" in r.stderr
+    assert "least-squares.r16.safetensors --rank 16" in r.stderr
     concept = json.loads((out / "data" / "new1-star" / "concept.json").read_text())
     assert concept["token"] == "<new1>" and concept["class_noun"] == "star"
     assert {"prep", "regset", "train", "merge", "compress", "sample", "score"} <= {k.split()[0] for k in doc["seconds"]}

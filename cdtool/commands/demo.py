@@ -22,10 +22,13 @@ from cdtool.inprocess import InProcess
 from cdtool.toy.photos import PERSONAL as CONCEPTS
 from cdtool.toy.photos import toy_captions, write_photos
 
+# The concepts' prompts put each on a background unlike its own colours: on blue the oracle seldom
+# finds the split star's cyan half, on black or white the checker's quadrants (measured on one
+# demo's star delta, n = 8 a background: 0.25 on blue, 0.00 on white, 0.69 over all eight).
 PROMPTS = (
-    "a small <new1> star on a blue background",
-    "a large <new2> circle on a yellow background",
-    "a <new1> star and a <new2> circle on a green background",
+    "a small <new1> star on an orange background",
+    "a small <new2> circle on a green background",
+    "a <new1> star and a <new2> circle on a red background",
     "a small white star on a red background",
     "a large orange circle on a purple background",
 )
@@ -42,11 +45,13 @@ def demo(
         float,
         typer.Option("--lr", help="Base learning rate (the toy model needs more than Stable Diffusion's 1e-5)."),
     ] = 3e-4,
-    reg_images: Annotated[int, typer.Option("--reg-images", min=1, help="Regularisation images per concept.")] = 64,
+    reg_images: Annotated[int, typer.Option("--reg-images", min=1, help="Regularisation images per concept.")] = 32,
     n: Annotated[int, typer.Option("--n", min=1, help="Samples per prompt and panel.")] = 8,
-    sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="Denoising steps.")] = 25,
+    sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="Denoising steps.")] = 15,
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 4.0,
-    rank: Annotated[int, typer.Option("--rank", min=1, help="Rank of the compressed merged deltas.")] = 4,
+    rank: Annotated[
+        int, typer.Option("--rank", min=1, help="Rank of the compressed least-squares merge (its own column).")
+    ] = 16,
     seed: SeedOpt = 0,
     photos_only: Annotated[
         bool,
@@ -62,11 +67,13 @@ def demo(
 ) -> None:
     """Run the main job on the built-in toy model: render five "photos" of each of two concepts, then
     prep, regset, train (one concept each, with prior preservation), merge them twice (the paper's
-    closed form, and cdtool's least-squares merge), compress both, sample and score with the oracle.
+    closed form, and cdtool's least-squares merge), compress the least-squares merge, sample and
+    score with the oracle.
 
     Writes OUTPUT/before-after.png (a row per prompt; columns: the base model, each concept's own
-    delta, the paper's closed-form merge, the least-squares merge; labelled in the picture) and
-    OUTPUT/scores.json (concept fidelity, prompt fidelity and prior drift of each column).
+    delta, the paper's closed-form merge, the least-squares merge, that merge compressed; labelled
+    in the picture) and OUTPUT/scores.json (concept fidelity, prompt fidelity and prior drift of
+    each column).
     """
     started = time.perf_counter()
     run = InProcess(quiet)
@@ -85,11 +92,14 @@ def demo(
     merge_captions = output / "toy-captions.txt"
     merge_captions.write_text("\n".join(toy_captions(rng, None, 400)) + "\n")
     merged = {}
-    for method, name in MERGES:
-        full, small = output / f"{name}.safetensors", output / f"{name}.r{rank}.safetensors"
-        run("merge", "+".join(map(str, deltas)), "-o", full, "--reg-captions", merge_captions, "--method", method)
-        run("compress", full, "-o", small, "--rank", rank)
-        merged[name] = small
+    for method in MERGES:
+        merged[method] = output / f"{method}.safetensors"
+        run("merge", "+".join(map(str, deltas)), "-o", merged[method], "--reg-captions", merge_captions,
+            "--method", method)  # fmt: skip
+    # a merge of two concepts needs more rank than one concept: at rank 4 (enough for either alone)
+    # the least-squares merge of the demo's deltas kept neither (README, "demo")
+    merged[COMPRESSED] = output / f"least-squares.r{rank}.safetensors"
+    run("compress", merged["least-squares"], "-o", merged[COMPRESSED], "--rank", rank)
     panels = _sample_panels(run, output, model, deltas, merged, n, sample_steps, guidance, seed)
     scores = run("score", *panels.values(), "--metrics", "oracle")
     grid = output / "before-after.png"
@@ -104,13 +114,15 @@ def demo(
     console.result(str(output / "scores.json"))
 
 
-# (merge --method, file and column name), in the picture's order
-MERGES = (("closed-form", "closed-form"), ("least-squares", "least-squares"))
+# the merges (`merge --method`, also their file and column names), in the picture's order
+MERGES = ("closed-form", "least-squares")
+COMPRESSED = "least-squares-compressed"
 COLUMNS = {
     "before": "base model",
     "alone": "each concept alone",
     "closed-form": "merged: paper's closed form",
     "least-squares": "merged: least squares",
+    COMPRESSED: "merged: least squares, compressed",
 }
 
 
