@@ -87,13 +87,15 @@ def check_kind(
     raise CdtoolError(f"{msg}; pass --model with the {KIND_NAMES[kind]} base it was made for")
 
 
-def load_base_params(model: str, names: Iterable[str]) -> dict[str, torch.Tensor]:
+def load_base_params(model: str, names: Iterable[str], *, as_stored: bool = False) -> dict[str, torch.Tensor]:
     """The named base parameters (float32), reading only those tensors where the model is a
-    diffusers folder with safetensors weights; otherwise the whole model is loaded."""
+    diffusers folder with safetensors weights; otherwise the whole model is loaded. `as_stored`
+    keeps a folder's tensors in the dtype of its files (half the memory of float16 files, for
+    callers that compute in float64 anyway)."""
     wanted = sorted(set(names))
     kind = model_kind(model)
     if kind == "folder":
-        got = _read_selected(local_path(model), wanted)
+        got = _read_selected(local_path(model), wanted, as_stored)
         if got is not None:
             return got
     if kind == "hub":
@@ -150,8 +152,12 @@ def _read_selected_from_hub(repo: str, names: list[str]) -> dict[str, torch.Tens
     return _read_selected(folder, names)
 
 
-def _read_selected(folder: Path, names: list[str]) -> dict[str, torch.Tensor] | None:
+def _read_selected(folder: Path, names: list[str], as_stored: bool = False) -> dict[str, torch.Tensor] | None:
     from safetensors import safe_open
+
+    def read(f: Any, key: str) -> torch.Tensor:
+        t = f.get_tensor(key)
+        return t if as_stored else t.float()
 
     out: dict[str, torch.Tensor] = {}
     by_component: dict[str, list[str]] = {}
@@ -167,13 +173,13 @@ def _read_selected(folder: Path, names: list[str]) -> dict[str, torch.Tensor] | 
             for k in keys:
                 if f"{comp}.{k}" in TOKEN_TABLES:
                     key = next((c for c in _TOKEN_EMBEDDING_KEYS if c in available), k)
-                    out[f"{comp}.{k}"] = f.get_tensor(key).float()
+                    out[f"{comp}.{k}"] = read(f, key)
                     continue
                 if k not in available:
                     raise CdtoolError(
                         f"the base model {folder} has no parameter {comp}.{k}; is the delta for another base?"
                     )
-                out[f"{comp}.{k}"] = f.get_tensor(k).float()
+                out[f"{comp}.{k}"] = read(f, k)
     return out
 
 

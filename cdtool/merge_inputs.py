@@ -106,7 +106,8 @@ def prepare_merge_inputs(
     )
     log(f"reading {len(names)} base weights of {base_model}")
     tables = [TOKEN_EMBEDDING, TOKEN_EMBEDDING_2] if kind == SDXL else [TOKEN_EMBEDDING]
-    base = load_base_params(base_model, [*names, *tables])
+    # as stored: every solver reads W0 in float64 (the SDXL key/value weights: 0.7 GB, not 1.4, in float16)
+    base = load_base_params(base_model, [*names, *tables], as_stored=True)
     loaded = MergeInputs(list(paths), renamed, renames, base_model, kind, base)
     if text_side or any(d.tokens and d.base_fingerprint for d in renamed):
         from cdtool.models import load_text_side

@@ -279,3 +279,28 @@ def test_compress_table_on_a_terminal_summary_line_elsewhere(cli, tmp_path, make
     assert row[1:3] == ["32x32", "2"] and row[5:] == ["factors", f"{4 * 2 * (32 + 32):,}"]
     quiet = cli("compress", a, "-o", tmp_path / "q.safetensors", "--rank", "2", "-q", "--force").stderr
     assert quiet == ""
+
+
+def test_a_half_precision_base_folder_is_read_as_stored_and_merges(cli, tmp_path, make_delta):
+    from cdtool.base import load_base_params
+
+    folder = tmp_path / "tiny-fp16"
+    half = build_tiny_pipeline().to(torch.float16)
+    half.save_pretrained(folder)
+    name = next(f"unet.{n}" for n, _ in half.unet.named_parameters() if n.endswith("attn2.to_k.weight"))
+    stored, widened = (
+        load_base_params(str(folder), [name], as_stored=True)[name],
+        load_base_params(str(folder), [name])[name],
+    )
+    assert stored.dtype == torch.float16 and widened.dtype == torch.float32 and torch.equal(stored.float(), widened)
+    paths = _write_concepts(tmp_path, make_delta, 2)  # fingerprints are taken in float16: they match this base
+    for method in ("closed-form", "least-squares"):
+        out = tmp_path / f"{method}.safetensors"
+        doc = json.loads(
+            cli("merge", *map(str, paths), "--model", folder, "--method", method, "-o", out, "--json").stdout
+        )
+        assert read_cdtool(out).layers and all(
+            layer.full.dtype == torch.float32 for layer in read_cdtool(out).layers.values()
+        )
+        if method == "closed-form":
+            assert doc["total"]["max_constraint_residual"] < 1e-5
