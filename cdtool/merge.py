@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -215,17 +215,17 @@ def solve_merge(
         target_rows_kept=len(system.kept_rows),
     )
     result.overlap, result.closest = closest_inputs(c, row_owner)
+    keep_tokens(result.delta, deltas)
+    if dry_run:
+        return result
     gram32, sketch = system.gram.float(), SizeSketch(system.gram)
-    for name in sorted({n for d in deltas for n in d.layers}):
+    for name, inputs in layer_inputs(deltas):
         w0 = base[f"{name}.weight"].double()
-        inputs = [d.layers[name].dense() if name in d.layers else None for d in deltas]
         values = torch.empty(c.shape[0], w0.shape[0], dtype=torch.float64)
         for i, dw_i in enumerate(inputs):
             w_i = w0 if dw_i is None else w0 + dw_i.double()
             idx = [r for r, o in enumerate(row_owner) if o == i]
             values[idx] = (w_i @ c[idx].T).T
-        if dry_run:
-            continue
         x = coefficients(system, w0, values)
         dw = (x.T @ system.d).float()
         (base_size,) = sizes_on(gram32, [w0])
@@ -236,8 +236,14 @@ def solve_merge(
         }
         result.sizes[name] = LayerSizes(drift, sketch.sizes([d for d in inputs if d is not None]))
         result.delta.layers[name] = LayerDelta(full=dw)
-    keep_tokens(result.delta, deltas)
     return result
+
+
+def layer_inputs(deltas: Sequence[Delta]) -> Iterator[tuple[str, list[torch.Tensor | None]]]:
+    """Each layer any input changes, in name order, with each input's dense ΔW (None where the
+    input leaves the layer at the base)."""
+    for name in sorted({n for d in deltas for n in d.layers}):
+        yield name, [d.layers[name].dense() if name in d.layers else None for d in deltas]
 
 
 def keep_tokens(merged: Delta, deltas: Sequence[Delta]) -> None:
@@ -299,12 +305,12 @@ def solve_least_squares(
         concept_rows=[int(x.shape[0]) for x in targets.rows],
     )
     result.overlap, result.closest = closest_inputs(targets.c, targets.owner)
+    keep_tokens(result.delta, deltas)
+    if dry_run:
+        return result
     gram32, sketch = system.reg_gram.float(), SizeSketch(system.reg_gram)
-    for name in sorted({n for d in deltas for n in d.layers}):
-        if dry_run:
-            continue
+    for name, inputs in layer_inputs(deltas):
         w0 = base[f"{name}.weight"]
-        inputs = [d.layers[name].dense() if name in d.layers else None for d in deltas]
         dw = solve_lsq_layer(system, inputs).float()
         base_size, merged_size = sizes_on(gram32, [w0, dw])
         result.layers[name] = {  # of the float32 ΔW written
@@ -313,5 +319,4 @@ def solve_least_squares(
         }
         result.sizes[name] = LayerSizes(merged_size, sketch.sizes([d for d in inputs if d is not None]))
         result.delta.layers[name] = LayerDelta(full=dw)
-    keep_tokens(result.delta, deltas)
     return result
