@@ -40,7 +40,7 @@ CONCEPTS = [("<new1>", "cat"), ("<new2>", "dog")]
 def make_deltas(folder: Path, out: Path, xl: bool = False) -> list[Path]:
     """Two concepts on every key/value layer, with their token's rows (in both text encoders for
     SDXL), fingerprinted against the base; the official .bin beside each (SD1.5 only)."""
-    from cdtool.base import (
+    from cdtool.delta.base import (
         TOKEN_EMBEDDING,
         TOKEN_EMBEDDING_2,
         fingerprint,
@@ -48,8 +48,8 @@ def make_deltas(folder: Path, out: Path, xl: bool = False) -> list[Path]:
         load_base_params,
         unet_param_names,
     )
-    from cdtool.delta import Delta, LayerDelta, write_cdtool
-    from cdtool.importers import write_official
+    from cdtool.delta.file import Delta, LayerDelta, write_cdtool
+    from cdtool.delta.importers import write_official
 
     kv = [
         n[: -len(".weight")]
@@ -127,10 +127,10 @@ def official_worker(folder: str, bins: list[str], captions_file: str, out: str) 
 
 def compare(work: Path, folder: Path) -> dict[str, dict[str, float]]:
     """Constraint residual, drift (the objective) and |ΔW| of cdtool's and the official result."""
-    from cdtool.base import load_base_params
-    from cdtool.delta import read_cdtool
-    from cdtool.models import load_text_side
-    from cdtool.text_features import feature_rows, gram
+    from cdtool.delta.base import load_base_params
+    from cdtool.delta.file import read_cdtool
+    from cdtool.merge.text_features import feature_rows, gram
+    from cdtool.models.loading import load_text_side
 
     text = load_text_side(str(folder))
     tok, enc = text.tokenizer, text.encoder
@@ -183,7 +183,7 @@ def main() -> None:
         sdxl_main(args.workdir, args.model)
         return
     from benchmarks.sd15 import build_sd15
-    from cdtool.merge import default_reg_captions
+    from cdtool.merge.deltas import default_reg_captions
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)

@@ -240,7 +240,7 @@ def dvar_variant(b: Bench, data: Path, reg: Path) -> None:
     """DVAR early stopping against the fixed schedule, and why: one fixed-schedule run that logs the
     eval loss (a window longer than the run never stops it) and keeps checkpoints, whose fidelity
     gives the curve that DVAR's stopping step is read against."""
-    from cdtool.losses import dvar
+    from cdtool.train.losses import dvar
 
     token, _, name = CONCEPTS[DVAR_CONCEPT]
     s = b.s

@@ -50,8 +50,8 @@ def build_sd15(folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from cdtool.clip_vocab import load_clip_tokenizer
-    from cdtool.tiny import SCHEDULER_CONFIG
+    from cdtool.models.clip_vocab import load_clip_tokenizer
+    from cdtool.models.tiny import SCHEDULER_CONFIG
 
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(

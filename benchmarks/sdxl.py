@@ -58,8 +58,8 @@ def build_sdxl(folder: Path) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from cdtool.clip_vocab import load_clip_tokenizer
-    from cdtool.tiny import XL_SCHEDULER_CONFIG, vary_layer_norms
+    from cdtool.models.clip_vocab import load_clip_tokenizer
+    from cdtool.models.tiny import XL_SCHEDULER_CONFIG, vary_layer_norms
 
     torch.manual_seed(0)
     with _default_dtype(torch.float16):
@@ -81,7 +81,7 @@ def build_sdxl(folder: Path) -> Path:
 def build_tiny_xl(folder: Path) -> Path:
     """The built-in tiny-xl saved as a folder: the same benchmark in seconds, to check it runs."""
     if not (folder / "model_index.json").exists():
-        from cdtool.tiny import build_tiny_xl_pipeline
+        from cdtool.models.tiny import build_tiny_xl_pipeline
 
         build_tiny_xl_pipeline().save_pretrained(folder, safe_serialization=True)
     return folder

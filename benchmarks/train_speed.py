@@ -58,7 +58,7 @@ def make_data(work: Path, size: int) -> tuple[Path, Path]:
 def build_model(model: str, work: Path) -> tuple[Path, int]:
     """The benchmark's model folder (built once in `work`) and its resolution."""
     if model in ("tiny", "tiny-xl"):
-        from cdtool.tiny import TINY_RESOLUTION, build_tiny_pipeline, build_tiny_xl_pipeline
+        from cdtool.models.tiny import TINY_RESOLUTION, build_tiny_pipeline, build_tiny_xl_pipeline
 
         folder = work / model
         if not (folder / "model_index.json").exists():

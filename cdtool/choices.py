@@ -14,7 +14,7 @@ TINY_MODELS = (TINY, TINY_SD2, TINY_XL)
 TOY = "toy"
 BUILT_IN = (*TINY_MODELS, TOY)
 
-# the kinds of base model, read from the model itself (cdtool.models.base_kind), and their names
+# the kinds of base model, read from the model itself (cdtool.models.loading.base_kind), and their names
 SD1 = "sd1"
 SD2 = "sd2"
 SDXL = "sdxl"
@@ -39,5 +39,5 @@ LAYER_SETS: dict[str, tuple[str, ...]] = {
     "attn2": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
 }
 
-# the storage and compute precisions, by name (cdtool.models.DTYPES maps them to torch dtypes)
+# the storage and compute precisions, by name (cdtool.models.loading.DTYPES maps them to torch dtypes)
 DTYPE_NAMES = ("fp32", "fp16", "bf16")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cdtool.delta import Delta
+from cdtool.delta.file import Delta
 
 PREVIEW = "samples.png"
 MIN_TILE = 96  # smaller images (the toy model's 32 px) are enlarged, pixel for pixel, to at least this
@@ -79,9 +79,9 @@ def sample_preview(
 ) -> list[str]:
     """Sample the delta's concept prompts at the model's resolution (image k of a prompt from
     seed + k, as `cdtool sample` draws it) into a grid at `out` with a row per prompt; returns the prompts."""
-    from cdtool.importers import read_delta
-    from cdtool.pipeline import load_with_deltas
-    from cdtool.sampling import generate, plan_jobs, save_png, set_scheduler
+    from cdtool.delta.importers import read_delta
+    from cdtool.models.pipeline import load_with_deltas
+    from cdtool.sampling.generate import generate, plan_jobs, save_png, set_scheduler
 
     delta = read_delta(delta_path)
     prompts = preview_prompts(delta)

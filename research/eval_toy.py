@@ -23,8 +23,8 @@ import torch
 
 
 def main() -> None:
-    from cdtool.models import load_pipeline
-    from cdtool.sampling import Job, generate
+    from cdtool.models.loading import load_pipeline
+    from cdtool.sampling.generate import Job, generate
     from cdtool.toy.judge import judge, parse_prompt
     from cdtool.toy.oracle import load_oracle, read
     from cdtool.toy.world import Sampler

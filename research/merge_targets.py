@@ -4,7 +4,7 @@
     python research/merge_targets.py bench-quality [--variants paper:1,paper:2,...] [--n 16] [--model toy]
 
 Merges the benchmark's single-concept deltas (new1-star, new2-circle) with cdtool's closed-form
-solver (cdtool.merge.solve_merge) under different target rows, samples and scores each result as
+solver (cdtool.merge.deltas.solve_merge) under different target rows, samples and scores each result as
 the benchmark does, and prints one table row per variant. A variant is TARGETS:WHO[:K], WHO being
 1 (`<new1>` alone), 2 (`<new2>` alone) or both:
 
@@ -48,12 +48,12 @@ def principal_rows(tokenizer: Any, encoder: Any, prompts: list[str], k: int) -> 
 
 def main() -> None:
     from benchmarks.quality import Bench, Settings
-    from cdtool.conditioning import TextSide
-    from cdtool.delta import write_cdtool
-    from cdtool.importers import read_delta
-    from cdtool.merge import add_delta_tokens, paper_target_rows, solve_merge
-    from cdtool.models import load_pipeline
-    from cdtool.text_features import feature_rows, gram
+    from cdtool.delta.file import write_cdtool
+    from cdtool.delta.importers import read_delta
+    from cdtool.merge.deltas import add_delta_tokens, paper_target_rows, solve_merge
+    from cdtool.merge.text_features import feature_rows, gram
+    from cdtool.models.conditioning import TextSide
+    from cdtool.models.loading import load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bench", type=Path, help="a quality benchmark's output folder")

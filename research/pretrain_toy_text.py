@@ -50,7 +50,7 @@ def pooled_rows(hidden: torch.Tensor, ids: torch.Tensor, eos_id: int, gen: torch
 def main() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from cdtool.clip_vocab import load_clip_tokenizer
+    from cdtool.models.clip_vocab import load_clip_tokenizer
     from cdtool.toy.oracle import load_oracle
     from cdtool.toy.world import Sampler
 

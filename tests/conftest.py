@@ -17,22 +17,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cdtool.base import fingerprint, fingerprint_names, pipeline_params
-from cdtool.delta import Delta, LayerDelta
-from cdtool.extract import trainable_layer_names
+from cdtool.delta.base import fingerprint, fingerprint_names, pipeline_params
+from cdtool.delta.extract import trainable_layer_names
+from cdtool.delta.file import Delta, LayerDelta
 
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The built-in tiny pipeline; tests must not modify it (use `fresh_tiny` for that)."""
-    from cdtool.tiny import build_tiny_pipeline
+    from cdtool.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline()
 
 
 @pytest.fixture
 def fresh_tiny():
-    from cdtool.tiny import build_tiny_pipeline
+    from cdtool.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline()
 
@@ -48,7 +48,7 @@ def tiny_folder(tmp_path_factory, tiny_pipe) -> Path:
 @pytest.fixture(scope="session")
 def tiny_xl_pipe():
     """The built-in tiny SDXL pipeline; tests must not modify it."""
-    from cdtool.tiny import build_tiny_xl_pipeline
+    from cdtool.models.tiny import build_tiny_xl_pipeline
 
     return build_tiny_xl_pipeline()
 
@@ -56,7 +56,7 @@ def tiny_xl_pipe():
 @pytest.fixture(scope="session")
 def tiny_sd2_pipe():
     """The built-in tiny SD 2.x pipeline; tests must not modify it."""
-    from cdtool.tiny import build_tiny_sd2_pipeline
+    from cdtool.models.tiny import build_tiny_sd2_pipeline
 
     return build_tiny_sd2_pipeline()
 
@@ -169,8 +169,8 @@ def one_error(result) -> str:
 def train_config(tmp_path: Path, raw: list[dict], method: str = "custom-diffusion", **kw):
     """A TrainConfig on a tiny model (`model=`, default `tiny`) at 64 px for the given concept dicts
     (as --concept parses)."""
-    from cdtool.concepts import build_concepts
-    from cdtool.trainer import TrainConfig
+    from cdtool.train.concepts import build_concepts
+    from cdtool.train.trainer import TrainConfig
 
     kw = {"resolution": 64, "batch_size": 2, "model": "tiny", **kw}
     return TrainConfig(

@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 
-from cdtool.apply import apply_deltas
-from cdtool.base import pipeline_params
+from cdtool.delta.base import pipeline_params
 from cdtool.errors import CdtoolError
+from cdtool.models.apply import apply_deltas
 
 
 def _unet_out(pipe, ids: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ def test_apply_matches_diffusers_custom_diffusion_processors(fresh_tiny, make_de
     reference = _unet_out(pipe, ids)
     pipe.unet.set_attn_processor(original)
     # cdtool: direct weight update on a fresh copy of the model
-    from cdtool.tiny import build_tiny_pipeline
+    from cdtool.models.tiny import build_tiny_pipeline
 
     ours = build_tiny_pipeline()
     apply_deltas(ours, [(d, 1.0)])

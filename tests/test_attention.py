@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cdtool.attention import use_detaching_cross_attention
+from cdtool.train.attention import use_detaching_cross_attention
 
 
 def test_same_forward_and_detached_start(fresh_tiny):

@@ -6,8 +6,8 @@ import statistics
 
 import torch
 
-from cdtool.augment import FAR, NEAR, augment, draw_scale, place
-from cdtool.losses import custom_diffusion_loss, dvar, masked_mse
+from cdtool.train.augment import FAR, NEAR, augment, draw_scale, place
+from cdtool.train.losses import custom_diffusion_loss, dvar, masked_mse
 
 
 def test_scale_distribution():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cdtool import __version__
-from cdtool.delta import write_cdtool
+from cdtool.delta.file import write_cdtool
 
 COMMANDS = [
     "demo",

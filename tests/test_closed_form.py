@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdtool.closed_form import closed_form, coefficients, constraint_residual, drift_squared, prepare, solve_layer
-from cdtool.gram_norms import sizes_on
+from cdtool.merge.closed_form import closed_form, coefficients, constraint_residual, drift_squared, prepare, solve_layer
+from cdtool.merge.gram_norms import sizes_on
 
 
 def _problem(seed: int, out: int = 24, dim: int = 16, n_reg: int = 200, m: int = 6):

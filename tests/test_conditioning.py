@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdtool.conditioning import TextSide, encode, padded_rows, text_rows, time_ids, unet_inputs
+from cdtool.models.conditioning import TextSide, encode, padded_rows, text_rows, time_ids, unet_inputs
 
 PROMPTS = ["a photo of a cat", "dog", "a watercolour painting of a red barn in the snow at dusk"]
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from cdtool.attention import use_detaching_cross_attention
+from cdtool.train.attention import use_detaching_cross_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,7 +36,7 @@ def test_detaching_attention_in_half_precision(fresh_tiny, dtype):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_training_on_cuda(cli, tmp_path, concept_dirs, precision):
-    from cdtool.delta import read_cdtool
+    from cdtool.delta.file import read_cdtool
 
     cat, reg = concept_dirs
     out = tmp_path / "cat.safetensors"
@@ -61,7 +61,7 @@ def test_mixed_precision_training_on_cuda(cli, tmp_path, concept_dirs, precision
 def test_mixed_precision_baselines_on_cuda(cli, tmp_path, concept_dirs, method):
     """The UNet runs in the half type without autocast: peft's LoRA layers (UNet and text encoder)
     and the new token rows must still train in fp32 and give finite deltas."""
-    from cdtool.delta import read_cdtool
+    from cdtool.delta.file import read_cdtool
 
     cat, _ = concept_dirs
     out = tmp_path / "cat.safetensors"

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cdtool.base import pipeline_params
-from cdtool.delta import FORMAT, Delta, LayerDelta, read_cdtool, safetensors_metadata, write_cdtool
+from cdtool.delta.base import pipeline_params
+from cdtool.delta.file import FORMAT, Delta, LayerDelta, read_cdtool, safetensors_metadata, write_cdtool
+from cdtool.delta.importers import official_state, read_delta, save_delta
+from cdtool.delta.naming import diffusers_to_compvis
 from cdtool.errors import CdtoolError
-from cdtool.importers import official_state, read_delta, save_delta
-from cdtool.naming import diffusers_to_compvis
 
 
 def _base(pipe) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdtool.delta import Delta, LayerDelta, delta_metadata, delta_tensors
+from cdtool.delta.file import Delta, LayerDelta, delta_metadata, delta_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [

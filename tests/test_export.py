@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import one_error
 
-from cdtool.apply import apply_deltas
-from cdtool.delta import read_cdtool, write_cdtool
-from cdtool.importers import read_delta
-from cdtool.tiny import build_tiny_pipeline
+from cdtool.delta.file import read_cdtool, write_cdtool
+from cdtool.delta.importers import read_delta
+from cdtool.models.apply import apply_deltas
+from cdtool.models.tiny import build_tiny_pipeline
 
 PROMPT = "photo of a <new1> cat"
 

@@ -6,14 +6,14 @@ import json
 
 import torch
 
-from cdtool.apply import apply_deltas
-from cdtool.base import pipeline_params
-from cdtool.delta import read_cdtool, write_cdtool
-from cdtool.importers import official_state
+from cdtool.delta.base import pipeline_params
+from cdtool.delta.file import read_cdtool, write_cdtool
+from cdtool.delta.importers import official_state
+from cdtool.models.apply import apply_deltas
 
 
 def test_from_fine_tuned_folder(cli, tmp_path, tiny_folder, make_delta):
-    from cdtool.tiny import build_tiny_pipeline
+    from cdtool.models.tiny import build_tiny_pipeline
 
     d = make_delta()
     tuned = build_tiny_pipeline()

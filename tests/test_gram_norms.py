@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdtool.gram_norms import LayerSizes, SizeSketch, gram_root, largest_growth, sizes_on
+from cdtool.merge.gram_norms import LayerSizes, SizeSketch, gram_root, largest_growth, sizes_on
 
 
 def test_sizes_equal_the_norms_of_the_outputs():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import write_concept_folder
 
-from cdtool.delta import read_cdtool
+from cdtool.delta.file import read_cdtool
 
 CLIP = ("--clip-model", "cdtool-tiny", "--clip-pretrained", "none")
 KIND = {"tiny-sd2": "sd2", "tiny-xl": "sdxl"}
@@ -65,7 +65,7 @@ def test_train_merge_compress_sample_score(cli, tmp_path, model):
 
 def test_sd2_trains_on_the_velocity(tiny_sd2_pipe, tiny_pipe):
     """v-prediction (SD 2.x at 768 px): the UNet learns v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0."""
-    from cdtool.trainer import TrainConfig, _parts, _target
+    from cdtool.train.trainer import TrainConfig, _parts, _target
 
     g = torch.Generator().manual_seed(0)
     x0, noise, t = (

@@ -7,8 +7,15 @@ import itertools
 import pytest
 import torch
 
-from cdtool.gram_norms import sizes_on
-from cdtool.least_squares import gram_factor, least_squares_merge, mean_gram, own_errors, prepare_lsq, solve_lsq_layer
+from cdtool.merge.gram_norms import sizes_on
+from cdtool.merge.least_squares import (
+    gram_factor,
+    least_squares_merge,
+    mean_gram,
+    own_errors,
+    prepare_lsq,
+    solve_lsq_layer,
+)
 
 
 def _problem(seed: int, concepts: int = 2, out: int = 20, dim: int = 16, rows: int = 10, n_reg: int = 300):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdtool.lowrank import factors_are_larger, rank_for_energy, rank_for_fro, truncate
+from cdtool.delta.lowrank import factors_are_larger, rank_for_energy, rank_for_fro, truncate
 
 
 def _matrix(seed=0, out=40, inp=24):

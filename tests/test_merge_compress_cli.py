@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from cdtool.apply import apply_deltas
-from cdtool.delta import LayerDelta, read_cdtool, write_cdtool
-from cdtool.merge import target_prompts
-from cdtool.text_features import feature_rows
-from cdtool.tiny import build_tiny_pipeline
+from cdtool.delta.file import LayerDelta, read_cdtool, write_cdtool
+from cdtool.merge.deltas import target_prompts
+from cdtool.merge.text_features import feature_rows
+from cdtool.models.apply import apply_deltas
+from cdtool.models.tiny import build_tiny_pipeline
 
 NOUNS = ["cat", "dog", "car", "tree", "cup", "house", "chair", "bird", "lamp", "boat"]
 
@@ -188,9 +188,9 @@ def test_hub_base_offline_is_one_clear_error(cli, tmp_path, make_delta):
 
 
 def test_least_squares_merge_is_the_fit_over_every_row_the_unet_reads(cli, tmp_path, make_delta):
-    from cdtool.least_squares import least_squares_merge
-    from cdtool.merge import concept_prompts
-    from cdtool.text_features import padded_rows
+    from cdtool.merge.deltas import concept_prompts
+    from cdtool.merge.least_squares import least_squares_merge
+    from cdtool.merge.text_features import padded_rows
 
     a, b = _write_concepts(tmp_path, make_delta, 2)
     captions = tmp_path / "captions.txt"
@@ -282,7 +282,7 @@ def test_compress_table_on_a_terminal_summary_line_elsewhere(cli, tmp_path, make
 
 
 def test_a_half_precision_base_folder_is_read_as_stored_and_merges(cli, tmp_path, make_delta):
-    from cdtool.base import load_base_params
+    from cdtool.delta.base import load_base_params
 
     folder = tmp_path / "tiny-fp16"
     half = build_tiny_pipeline().to(torch.float16)

@@ -7,11 +7,11 @@ import json
 import torch
 from conftest import train_config
 
-from cdtool.apply import apply_deltas
-from cdtool.delta import read_cdtool
-from cdtool.importers import read_delta
-from cdtool.tiny import build_tiny_pipeline
-from cdtool.trainer import train
+from cdtool.delta.file import read_cdtool
+from cdtool.delta.importers import read_delta
+from cdtool.models.apply import apply_deltas
+from cdtool.models.tiny import build_tiny_pipeline
+from cdtool.train.trainer import train
 
 
 def _unet_out(pipe, prompt: str) -> torch.Tensor:

@@ -6,7 +6,14 @@ import itertools
 
 import torch
 
-from cdtool.metrics import clip_score, kid, mean_cosine_per_row, mmd2_unbiased, pairwise_mean_cosine, strip_tokens
+from cdtool.scoring.metrics import (
+    clip_score,
+    kid,
+    mean_cosine_per_row,
+    mmd2_unbiased,
+    pairwise_mean_cosine,
+    strip_tokens,
+)
 
 
 def test_strip_tokens():

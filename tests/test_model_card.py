@@ -7,7 +7,7 @@ import pytest
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from cdtool.delta import write_cdtool
+from cdtool.delta.file import write_cdtool
 from cdtool.filenames import safe_stem, token_stems
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -110,8 +110,8 @@ def test_stems_are_distinct_and_deterministic():
 
 
 def test_run_samples_found_beside_the_delta(tmp_path, make_delta, monkeypatch):
-    from cdtool.importers import read_delta
-    from cdtool.model_card import run_samples
+    from cdtool.delta.importers import read_delta
+    from cdtool.export.model_card import run_samples
 
     (tmp_path / "cat.run").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "cat.run" / "samples.png")
@@ -127,7 +127,7 @@ def test_run_samples_found_beside_the_delta(tmp_path, make_delta, monkeypatch):
 @pytest.mark.parametrize("target", ["diffusers-lora", "textual-inversion"])
 def test_the_cards_loading_lines_run_on_sdxl(cli, tmp_path, make_xl_delta, monkeypatch, target):
     """The card's own diffusers lines load each SDXL token file into both text encoders."""
-    from cdtool.tiny import build_tiny_xl_pipeline
+    from cdtool.models.tiny import build_tiny_xl_pipeline
 
     write_cdtool(make_xl_delta(), tmp_path / "xl.safetensors")
     cli("export", tmp_path / "xl.safetensors", "--to", target, "-o", tmp_path / "xl-out")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdtool.clip_vocab import load_clip_tokenizer
 from cdtool.errors import CdtoolError, UsageError
-from cdtool.models import load_pipeline, resolve_device, resolve_dtype
+from cdtool.models.clip_vocab import load_clip_tokenizer
+from cdtool.models.loading import load_pipeline, resolve_device, resolve_dtype
 
 
 def test_tokenizer_is_real_clip():
@@ -27,7 +27,7 @@ def test_tokenizer_is_real_clip():
 
 
 def test_tiny_is_deterministic(tiny_pipe):
-    from cdtool.tiny import build_tiny_pipeline
+    from cdtool.models.tiny import build_tiny_pipeline
 
     other = build_tiny_pipeline()
     for (n, a), (_, b) in zip(tiny_pipe.unet.named_parameters(), other.unet.named_parameters(), strict=True):
@@ -73,7 +73,7 @@ def test_single_file_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_initialiser_tokens_resolve_as_the_reference_and_as_words():
-    from cdtool.tokens import DEFAULT_INIT, resolve_init_token
+    from cdtool.models.tokens import DEFAULT_INIT, resolve_init_token
 
     tok = load_clip_tokenizer()
     vocab = tok.get_vocab()
@@ -91,7 +91,7 @@ def test_initialiser_tokens_resolve_as_the_reference_and_as_words():
 def test_built_in_kinds_and_pipeline_classes(tiny_pipe, tiny_sd2_pipe, tiny_xl_pipe):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from cdtool.models import base_kind, pipeline_kind
+    from cdtool.models.loading import base_kind, pipeline_kind
 
     assert [base_kind(m) for m in ("tiny", "tiny-sd2", "tiny-xl", "toy")] == ["sd1", "sd2", "sdxl", "sd1"]
     assert [pipeline_kind(p) for p in (tiny_pipe, tiny_sd2_pipe, tiny_xl_pipe)] == ["sd1", "sd2", "sdxl"]
@@ -108,7 +108,7 @@ def test_built_in_kinds_and_pipeline_classes(tiny_pipe, tiny_sd2_pipe, tiny_xl_p
 def test_the_kind_is_read_from_a_folder(tiny_xl_folder, tiny_folder, tiny_xl_pipe):
     from diffusers import StableDiffusionXLPipeline
 
-    from cdtool.models import base_kind, default_resolution, load_text_side
+    from cdtool.models.loading import base_kind, default_resolution, load_text_side
 
     assert base_kind(str(tiny_xl_folder)) == "sdxl" and base_kind(str(tiny_folder)) == "sd1"
     pipe = load_pipeline(str(tiny_xl_folder))
@@ -123,7 +123,7 @@ def test_the_kind_is_read_from_a_folder(tiny_xl_folder, tiny_folder, tiny_xl_pip
 def test_the_kind_of_a_checkpoint_is_read_from_its_keys(tmp_path):
     from safetensors.torch import save_file
 
-    from cdtool.models import base_kind
+    from cdtool.models.loading import base_kind
 
     keys = {
         "sdxl": "conditioner.embedders.1.model.token_embedding.weight",
@@ -142,7 +142,7 @@ def test_the_kind_of_a_checkpoint_is_read_from_its_keys(tmp_path):
 def test_other_pipelines_are_refused_by_name(tmp_path):
     import json
 
-    from cdtool.models import base_kind
+    from cdtool.models.loading import base_kind
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))

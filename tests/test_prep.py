@@ -173,7 +173,7 @@ def test_train_reads_prep_output(cli, tmp_path, photos):
     out = tmp_path / "data"
     cli("prep", photos, "-o", out, "--class-noun", "cat", "--size", "64", "--dedupe")
     cli("train", out, "-o", tmp_path / "c.safetensors", "--model", "tiny", "--steps", "1", "--batch-size", "1", "-q")
-    from cdtool.delta import read_cdtool
+    from cdtool.delta.file import read_cdtool
 
     assert read_cdtool(tmp_path / "c.safetensors").concepts[0]["class_noun"] == "cat"
 

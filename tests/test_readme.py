@@ -14,7 +14,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from cdtool.importers import read_delta
+from cdtool.delta.importers import read_delta
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 RECORD = 'n=0\ncdtool() { n=$((n + 1)); printf "%s\\0" "$@" > "$CDTOOL_RECORD/$(printf %03d $n)"; }\n'

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cdtool.delta import read_cdtool
+from cdtool.delta.file import read_cdtool
 
 CLIP = ("--clip-model", "cdtool-tiny", "--clip-pretrained", "none")
 
@@ -95,7 +95,7 @@ def collection(tmp_path):
 def test_retrieval_ranking_matches_independent_similarities(cli, tmp_path, collection):
     import open_clip
 
-    from cdtool.clip_models import load_clip
+    from cdtool.scoring.clip_models import load_clip
 
     root, captions = collection
     clip = load_clip("cdtool-tiny", "none")

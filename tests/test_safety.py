@@ -16,7 +16,7 @@ from conftest import one_error, write_concept_folder
 from PIL import Image
 from safetensors.torch import save_file
 
-from cdtool.delta import write_cdtool
+from cdtool.delta.file import write_cdtool
 from cdtool.errors import CdtoolError
 
 
@@ -155,13 +155,13 @@ def test_crafted_token_names_are_refused_where_they_enter(cli, tmp_path, make_de
 
 
 def _tensors(delta):
-    from cdtool.delta import delta_tensors
+    from cdtool.delta.file import delta_tensors
 
     return delta_tensors(delta)
 
 
 def test_export_keeps_every_file_inside_the_output_whatever_the_name(tmp_path, make_delta):
-    from cdtool.export import export
+    from cdtool.export.folder import export
 
     d = make_delta()
     d.tokens = {"../escape": d.tokens["<new1>"]}
@@ -428,7 +428,7 @@ def test_outputs_respect_the_umask(cli, tmp_path, make_delta):
 
 
 def test_an_output_written_meanwhile_is_a_conflict(cli, tmp_path, make_delta, monkeypatch):
-    from cdtool import merge as merge_lib
+    from cdtool.merge import deltas as merge_lib
 
     a, b, out = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "m.safetensors"
     write_cdtool(make_delta(seed=1), a)

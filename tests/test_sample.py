@@ -7,7 +7,7 @@ import json
 from conftest import one_error
 from PIL import Image
 
-from cdtool.delta import write_cdtool
+from cdtool.delta.file import write_cdtool
 
 
 def _pngs(folder):

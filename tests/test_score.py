@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cdtool.metrics import pairwise_mean_cosine
+from cdtool.scoring.metrics import pairwise_mean_cosine
 
 MODELS = ("--clip-model", "cdtool-tiny", "--clip-pretrained", "none")
 
@@ -87,7 +87,7 @@ def test_score_json(cli, folders, tiny_dino):
     # CLIP-I equals the all-pairs mean computed independently
     from PIL import Image
 
-    from cdtool.clip_models import load_clip
+    from cdtool.scoring.clip_models import load_clip
 
     clip = load_clip("cdtool-tiny", "none")
     samples = clip.images([Image.open(s1 / row["file"]) for row in run["images"]])
@@ -108,7 +108,7 @@ def test_self_similarity_and_table(cli, folders, tiny_dino):
     )
     from PIL import Image
 
-    from cdtool.clip_models import load_clip
+    from cdtool.scoring.clip_models import load_clip
 
     emb = load_clip("cdtool-tiny", "none").images([Image.open(p) for p in sorted(ref.glob("*.png"))])
     assert abs(doc["runs"][0]["overall"]["clip_i"]["mean"] - pairwise_mean_cosine(emb, emb)) < 1e-5
@@ -152,7 +152,7 @@ prompt_list = [
 
 
 def test_dreambench(cli, tmp_path):
-    from cdtool.dreambench import parse
+    from cdtool.sampling.dreambench import parse
 
     path = tmp_path / "prompts_and_classes.txt"
     path.write_text(BENCH)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import one_error
 
-from cdtool.apply import apply_deltas
-from cdtool.base import fingerprint, fingerprint_names, pipeline_params
-from cdtool.delta import read_cdtool, safetensors_metadata, write_cdtool
+from cdtool.delta.base import fingerprint, fingerprint_names, pipeline_params
+from cdtool.delta.file import read_cdtool, safetensors_metadata, write_cdtool
+from cdtool.delta.importers import official_state, read_delta
 from cdtool.errors import CdtoolError
-from cdtool.importers import official_state, read_delta
-from cdtool.tiny import build_tiny_xl_pipeline
+from cdtool.models.apply import apply_deltas
+from cdtool.models.tiny import build_tiny_xl_pipeline
 
 SD1_METADATA = ["format", "format_version", "base_model", "base_fingerprint", "concepts", "created_by", "provenance"]
 
@@ -57,7 +57,7 @@ def test_sdxl_delta_keeps_both_encoders_rows(tmp_path, make_xl_delta, cli):
 def test_a_token_needs_both_encoders_rows(tmp_path, make_xl_delta):
     from safetensors.torch import save_file
 
-    from cdtool.delta import delta_metadata, delta_tensors
+    from cdtool.delta.file import delta_metadata, delta_tensors
 
     d = make_xl_delta()
     tensors = delta_tensors(d)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from cdtool.apply import apply_deltas
-from cdtool.delta import Delta, LayerDelta, write_cdtool
-from cdtool.recipes import TEXT_LORA_TARGETS
-from cdtool.tiny import build_tiny_xl_pipeline
+from cdtool.delta.file import Delta, LayerDelta, write_cdtool
+from cdtool.models.apply import apply_deltas
+from cdtool.models.tiny import build_tiny_xl_pipeline
+from cdtool.train.recipes import TEXT_LORA_TARGETS
 
 PROMPT = "a photo of a <new1> cat"
 
@@ -127,8 +127,8 @@ def test_text_encoder_loras_of_both_encoders_load_in_diffusers(cli, tmp_path, ti
 
 
 def test_diffusers_custom_diffusion_and_official_exports_of_sdxl(cli, tmp_path, make_xl_delta, tiny_xl_pipe):
-    from cdtool.base import pipeline_params
-    from cdtool.importers import read_delta
+    from cdtool.delta.base import pipeline_params
+    from cdtool.delta.importers import read_delta
 
     d = make_xl_delta(scale=0.05)
     write_cdtool(d, tmp_path / "xl.safetensors")

@@ -9,11 +9,11 @@ import json
 
 import torch
 
-from cdtool.apply import apply_deltas
-from cdtool.conditioning import TextSide
-from cdtool.delta import Delta, read_cdtool, write_cdtool
-from cdtool.merge import concept_prompts, target_prompts
-from cdtool.tiny import build_tiny_xl_pipeline
+from cdtool.delta.file import Delta, read_cdtool, write_cdtool
+from cdtool.merge.deltas import concept_prompts, target_prompts
+from cdtool.models.apply import apply_deltas
+from cdtool.models.conditioning import TextSide
+from cdtool.models.tiny import build_tiny_xl_pipeline
 
 NOUNS = ["cat", "dog"]
 
@@ -73,7 +73,7 @@ def test_closed_form_keeps_each_concept_on_the_features_the_unet_receives(cli, t
 
 
 def test_least_squares_is_the_fit_over_the_pipelines_padded_features(cli, tmp_path, make_xl_delta):
-    from cdtool.least_squares import least_squares_merge
+    from cdtool.merge.least_squares import least_squares_merge
 
     a, b = _write_concepts(tmp_path, make_xl_delta)
     captions = tmp_path / "captions.txt"
@@ -96,8 +96,8 @@ def test_least_squares_is_the_fit_over_the_pipelines_padded_features(cli, tmp_pa
 
 
 def test_the_gram_cache_is_keyed_by_both_encoders(tiny_xl_pipe):
-    from cdtool.conditioning import text_rows
-    from cdtool.text_features import cached_reg_gram, gram
+    from cdtool.merge.text_features import cached_reg_gram, gram
+    from cdtool.models.conditioning import text_rows
 
     captions = ["a cat on a mat", "two dogs in the snow", "a house by the sea"]
     text = TextSide.of(tiny_xl_pipe)

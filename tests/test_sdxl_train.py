@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import train_config
 
-from cdtool import trainer
-from cdtool.apply import apply_deltas
-from cdtool.augment import Augmented
-from cdtool.delta import read_cdtool
-from cdtool.tiny import build_tiny_xl_pipeline
-from cdtool.trainer import train
+from cdtool.delta.file import read_cdtool
+from cdtool.models.apply import apply_deltas
+from cdtool.models.tiny import build_tiny_xl_pipeline
+from cdtool.train import trainer
+from cdtool.train.augment import Augmented
+from cdtool.train.trainer import train
 
 XL = ("--model", "tiny-xl", "--batch-size", "1", "-q")
 
@@ -33,7 +33,7 @@ def test_the_unet_trains_on_the_pipelines_own_conditioning(tmp_path, concept_dir
 
     def spy(text, prompts, device=None):
         out = real_encode(text, prompts, device)
-        # the token's rows as they are at this call: the trained rows (cdtool.tokens.TokenRows)
+        # the token's rows as they are at this call: the trained rows (cdtool.models.tokens.TokenRows)
         rows = [getattr(e, "module", e).cdtool_token_rows.weight.detach()[0].clone() for e in text.encoders]
         calls.append((list(prompts), out.hidden.detach().clone(), out.pooled.detach().clone(), rows))
         return out
@@ -85,7 +85,7 @@ def test_time_ids_follow_the_size_augmentation(tiny_xl_pipe, tiny_pipe):
 
 
 def train_config_for_parts():
-    from cdtool.trainer import TrainConfig
+    from cdtool.train.trainer import TrainConfig
 
     return TrainConfig(concepts=[], model="tiny-xl", output="x", run_dir="x", resolution=64)
 
@@ -139,7 +139,7 @@ def test_dreambooth_lora_on_both_text_encoders_applies_as_it_trained(tmp_path, c
     assert {n.split(".")[0] for n in d.layers} == {"unet", "text_encoder", "text_encoder_2"} and not d.tokens
     ours = build_tiny_xl_pipeline()
     apply_deltas(ours, [(d, 1.0)])
-    from cdtool.conditioning import TextSide, encode, time_ids, unet_inputs
+    from cdtool.models.conditioning import TextSide, encode, time_ids, unet_inputs
 
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ids = time_ids((64, 64), (0, 0), (64, 64))[None]
@@ -167,7 +167,7 @@ def test_resume_on_sdxl_gives_the_same_delta(cli, tmp_path, concept_dirs):
 
 
 def test_default_resolution_is_the_models(tmp_path):
-    from cdtool.models import default_resolution
+    from cdtool.models.loading import default_resolution
 
     folder = tmp_path / "sdxl"
     (folder / "unet").mkdir(parents=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cdtool.delta.naming import compvis_to_diffusers
 from cdtool.errors import CdtoolError
-from cdtool.naming import compvis_to_diffusers
-from cdtool.single_file import rename, sd1_state, unet_to_original, vae_to_original
+from cdtool.export.single_file import rename, sd1_state, unet_to_original, vae_to_original
 
 # Stable Diffusion 1.5's UNet and VAE configs (stable-diffusion-v1-5/stable-diffusion-v1-5).
 SD15_UNET = dict(
@@ -87,7 +87,7 @@ def test_from_single_file_reads_it_back(model, tmp_path, tiny_folder):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from cdtool.models import load_pipeline, toy_model_folder
+    from cdtool.models.loading import load_pipeline, toy_model_folder
 
     pipe = load_pipeline(model)
     state = sd1_state(pipe)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import write_concept_folder
 
-from cdtool.clip_vocab import load_clip_tokenizer
 from cdtool.errors import UsageError
-from cdtool.tokens import DEFAULT_INIT, default_init_tokens, resolve_init_token
+from cdtool.models.clip_vocab import load_clip_tokenizer
+from cdtool.models.tokens import DEFAULT_INIT, default_init_tokens, resolve_init_token
 
 
 def test_new_k_starts_from_the_kth_initialiser_whatever_the_run():
@@ -40,7 +40,7 @@ def test_every_default_initialiser_is_one_distinct_vocabulary_entry():
 
 
 def test_separately_trained_concepts_record_distinct_initialisers(cli, tmp_path):
-    from cdtool.delta import read_cdtool
+    from cdtool.delta.file import read_cdtool
 
     inits = []
     for i, token in enumerate(["<new1>", "<new2>"]):

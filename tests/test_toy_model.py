@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from cdtool.models import default_resolution, load_pipeline, model_kind
+from cdtool.models.loading import default_resolution, load_pipeline, model_kind
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def toy_pipe():
 
 
 def test_toy_model_is_packaged_and_small(toy_pipe):
-    from cdtool.models import toy_model_folder
+    from cdtool.models.loading import toy_model_folder
 
     folder = toy_model_folder()
     size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
@@ -34,7 +34,7 @@ def test_toy_model_is_packaged_and_small(toy_pipe):
 def test_toy_model_follows_captions(toy_pipe):
     """Single-object captions: the oracle must read the asked background and colour far above chance
     (1/8 each); RESULTS.md has the full measurement."""
-    from cdtool.sampling import Job, generate
+    from cdtool.sampling.generate import Job, generate
     from cdtool.toy.judge import judge, parse_prompt
     from cdtool.toy.oracle import load_oracle, read
     from cdtool.toy.world import Sampler

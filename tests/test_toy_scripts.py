@@ -22,7 +22,7 @@ def test_frozen_text_encoder_then_unet_rereads_it(tmp_path):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from cdtool.models import toy_model_folder
+    from cdtool.models.loading import toy_model_folder
 
     text = tmp_path / "text"
     _script("research/pretrain_toy_text.py", "--width", 32, "--steps", 2, "--batch", 8, "--threads", 1, "--out", text)

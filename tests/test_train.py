@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import one_error, train_config, write_concept_folder
 
-from cdtool.apply import check_base
-from cdtool.base import pipeline_params
-from cdtool.delta import read_cdtool
-from cdtool.tiny import build_tiny_pipeline
-from cdtool.trainer import train
+from cdtool.delta.base import pipeline_params
+from cdtool.delta.file import read_cdtool
+from cdtool.models.apply import check_base
+from cdtool.models.tiny import build_tiny_pipeline
+from cdtool.train.trainer import train
 
 FAST = ("--model", "tiny", "--batch-size", "2", "-q")
 
@@ -390,7 +390,7 @@ def test_get_deltas_from_run_and_checkpoint(cli, tmp_path, concept_dirs):
 def test_trained_layers_compute_in_fp32_inside_a_half_model():
     """Under mixed precision on CUDA the frozen UNet runs in the half type and the trained
     projections stay fp32: their input is cast up, their output down, and gradients reach them."""
-    from cdtool.trainer import _compute_in_fp32
+    from cdtool.train.trainer import _compute_in_fp32
 
     torch.manual_seed(0)
     frozen = torch.nn.Linear(8, 8).to(torch.bfloat16).requires_grad_(False)

@@ -79,7 +79,7 @@ def view(rng: random.Random) -> tuple[float, str]:
     """(zoom, caption prefix) of one training scene: a sixth shrunk and a sixth zoomed in, worded with
     the size augmentation's own prompt words, so that fine-tuning's augmented views (cdtool.augment)
     ask for something the model knows instead of teaching it that the concept comes small and repeated."""
-    from cdtool.augment import FAR, NEAR
+    from cdtool.train.augment import FAR, NEAR
 
     u = rng.random()
     if u < 1 / 6:
@@ -246,8 +246,8 @@ def main_stage(args, sampler, t0: float, vae, unet, text, done: int) -> None:
     --minutes; `done` UNet steps came before."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    from cdtool.clip_vocab import load_clip_tokenizer
-    from cdtool.tiny import SCHEDULER_CONFIG
+    from cdtool.models.clip_vocab import load_clip_tokenizer
+    from cdtool.models.tiny import SCHEDULER_CONFIG
 
     scaling = vae.config.scaling_factor
     tokenizer = load_clip_tokenizer()
@@ -304,7 +304,7 @@ def save(vae, averaged, tokenizer, out: Path, step: int) -> None:
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from cdtool.tiny import SCHEDULER_CONFIG
+    from cdtool.models.tiny import SCHEDULER_CONFIG
 
     pipe = StableDiffusionPipeline(
         vae=copy.deepcopy(vae),

@@ -47,7 +47,7 @@ def vae_round_trips(x: torch.Tensor, seed: int, latent_noise: float = 0.4) -> to
     `latent_noise` (uniform per image) added in the latent's scaled units."""
     from diffusers import AutoencoderKL
 
-    from cdtool.models import toy_model_folder
+    from cdtool.models.loading import toy_model_folder
 
     vae = AutoencoderKL.from_pretrained(toy_model_folder() / "vae", torch_dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed)

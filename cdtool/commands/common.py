@@ -77,7 +77,7 @@ IgnoreBaseOpt = Annotated[
 def pick_model(model: str | None, recorded: list[str] | None = None) -> str:
     """--model if given, else the base the deltas recorded, else $CDTOOL_MODEL or the default;
     local paths made absolute, as deltas record them."""
-    from cdtool.models import is_missing_path, model_reference  # at run time: --help stays light
+    from cdtool.models.loading import is_missing_path, model_reference  # at run time: --help stays light
 
     if model:
         return model_reference(model)
@@ -104,7 +104,7 @@ def model_source(model: str | None, recorded: list[str] | None = None) -> str:
 
 def pick_available_model(model: str | None, recorded: list[str] | None = None) -> str:
     """`pick_model`, checked to be loadable now (before the command makes any output)."""
-    from cdtool.models import check_available
+    from cdtool.models.loading import check_available
 
     model_id = pick_model(model, recorded)
     check_available(model_id, model_source(model, recorded))

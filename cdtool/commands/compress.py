@@ -67,10 +67,10 @@ def compress(
     model is read only for files that store fine-tuned weights, and for a .bin output.
     """
     # the library loads here, not at the top, so that `cdtool compress --help` starts without torch
-    from cdtool.delta import Delta, LayerDelta
-    from cdtool.importers import check_delta_output, read_delta, save_delta
-    from cdtool.lowrank import factors_are_larger, truncate
-    from cdtool.models import DTYPES
+    from cdtool.delta.file import Delta, LayerDelta
+    from cdtool.delta.importers import check_delta_output, read_delta, save_delta
+    from cdtool.delta.lowrank import factors_are_larger, truncate
+    from cdtool.models.loading import DTYPES
 
     chosen = [x for x in (rank, energy, fro) if x is not None]
     if len(chosen) > 1:
@@ -82,7 +82,7 @@ def compress(
     delta = read_delta(source)
     base = None
     if delta.needs_base or output.suffix == ".bin":
-        from cdtool.base import fingerprint_names, load_base_params
+        from cdtool.delta.base import fingerprint_names, load_base_params
 
         base = load_base_params(pick_model(model, [delta.base_model]), fingerprint_names(delta))
         delta = delta.relative_to(base) if delta.needs_base else delta

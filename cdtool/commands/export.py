@@ -84,8 +84,8 @@ def export(
     and its kohya LoRA the original UNet's names (lora_unet_input_blocks_..., lora_te1_, lora_te2_).
     """
     # the library loads here, not at the top, so that `cdtool export --help` starts without torch
-    from cdtool.export import export as write_export
-    from cdtool.importers import read_delta
+    from cdtool.delta.importers import read_delta
+    from cdtool.export.folder import export as write_export
 
     if to is Target.official and output.suffix != ".bin":
         raise UsageError(f"{output}: --to official writes a .bin file")
@@ -101,7 +101,7 @@ def export(
     if to is Target.checkpoint:
         base_model = pick_available_model(model, [delta.base_model])
     elif delta.needs_base or to in (Target.official, Target.diffusers_custom_diffusion):
-        from cdtool.base import fingerprint_names, load_base_params, unet_param_names
+        from cdtool.delta.base import fingerprint_names, load_base_params, unet_param_names
 
         base_model = pick_model(model, [delta.base_model])
         names = fingerprint_names(delta)
@@ -115,14 +115,14 @@ def export(
     # kohya's SDXL names count the UNet's layers per block; an import records no kind, and where its
     # base was read anyway (a Custom Diffusion folder's fine-tuned weights) the base says
     if to is Target.kohya and (delta.kind == "sdxl" or (delta.kind == "" and base_model is not None)):
-        from cdtool.models import base_kind, unet_config
+        from cdtool.models.loading import base_kind, unet_config
 
         kohya_base = base_model or pick_model(model, [delta.base_model])
         if delta.kind == "sdxl" or base_kind(kohya_base) == "sdxl":
             per_block = int(unet_config(kohya_base).get("layers_per_block", 2))
     options: dict[str, Any] = {}
     if to is not Target.official:
-        from cdtool.model_card import run_samples
+        from cdtool.export.model_card import run_samples
 
         options = dict(
             name=output.name,

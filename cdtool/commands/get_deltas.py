@@ -25,7 +25,7 @@ from cdtool.commands.common import (
 )
 from cdtool.errors import CdtoolError
 from cdtool.hashing import file_sha256
-from cdtool.runs import is_run_folder
+from cdtool.train.runs import is_run_folder
 
 EXAMPLES = examples(
     "cdtool get-deltas finetuned-sd15/ --model stable-diffusion-v1-5/stable-diffusion-v1-5 -o cat.safetensors",
@@ -72,8 +72,8 @@ def get_deltas(
     compressed), and diffusers' pytorch_custom_diffusion_weights + <token> files.
     """
     # the library loads here, not at the top, so that `cdtool get-deltas --help` starts without torch
-    from cdtool.base import check_token_width, fingerprint, fingerprint_names, load_base_params, pipeline_params
-    from cdtool.importers import check_delta_output, read_delta, save_delta
+    from cdtool.delta.base import check_token_width, fingerprint, fingerprint_names, load_base_params, pipeline_params
+    from cdtool.delta.importers import check_delta_output, read_delta, save_delta
 
     model = pick_alias(model, base, "--model", "--base")
     layer_set = (layers or Layers.kv).value
@@ -83,10 +83,10 @@ def get_deltas(
     claim = claim_output(output, "get-deltas", force, inputs=[source])
     if _is_model(source):
         base_model = pick_model(model)
-        from cdtool.base import check_kind
-        from cdtool.delta import Delta
-        from cdtool.extract import extract_delta
-        from cdtool.models import load_pipeline, pipeline_kind
+        from cdtool.delta.base import check_kind
+        from cdtool.delta.extract import extract_delta
+        from cdtool.delta.file import Delta
+        from cdtool.models.loading import load_pipeline, pipeline_kind
 
         console.log(f"loading {source} and its base {base_model}")
         tuned, base_pipe = load_pipeline(str(source)), load_pipeline(base_model)
@@ -102,7 +102,7 @@ def get_deltas(
         source_format = "fine-tuned-model"
     else:
         if is_run_folder(source):
-            from cdtool.trainer import delta_from_run
+            from cdtool.train.trainer import delta_from_run
 
             delta = delta_from_run(source)
         else:
@@ -112,15 +112,15 @@ def get_deltas(
         params = None
         vocab = None
         if delta.needs_base or output.suffix == ".bin" or not delta.base_fingerprint:
-            from cdtool.base import check_kind
-            from cdtool.models import base_kind
+            from cdtool.delta.base import check_kind
+            from cdtool.models.loading import base_kind
 
             kind = base_kind(base_model)
             check_kind(delta, kind, base_model)
             delta.base_kind = kind
             params = load_base_params(base_model, fingerprint_names(delta))
             if delta.tokens:
-                from cdtool.models import load_text_side
+                from cdtool.models.loading import load_text_side
 
                 check_token_width(delta, params, base_model)
                 vocab = len(load_text_side(base_model).tokenizer)

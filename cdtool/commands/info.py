@@ -11,7 +11,7 @@ from cdtool import console
 from cdtool.commands.common import JsonOpt, QuietOpt, cdtool_command, examples
 
 if TYPE_CHECKING:
-    from cdtool.delta import Delta
+    from cdtool.delta.file import Delta
 
 
 def describe(delta: Delta, path: Path) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def info(
     An SDXL delta's tokens show their rows in both text encoders (`<new1> (1x768 + 1x1280)`).
     """
     # the library loads here, not at the top, so that `cdtool info --help` starts without torch
-    from cdtool.importers import read_delta
+    from cdtool.delta.importers import read_delta
 
     doc = describe(read_delta(file), file)
     if json_out:

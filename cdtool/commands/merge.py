@@ -24,8 +24,8 @@ from cdtool.commands.common import (
 from cdtool.errors import CdtoolError, UsageError
 
 if TYPE_CHECKING:
-    from cdtool.merge import MergeResult
-    from cdtool.merge_inputs import MergeInputs
+    from cdtool.merge.deltas import MergeResult
+    from cdtool.merge.inputs import MergeInputs
 
 
 class Method(str, Enum):
@@ -109,7 +109,7 @@ def merge(
     if base_weight is not None and method is not Method.least_squares:
         raise UsageError("--base-weight belongs to --method least-squares")
     if output is not None:
-        from cdtool.importers import check_delta_output
+        from cdtool.delta.importers import check_delta_output
 
         check_delta_output(output)
         if not dry_run:
@@ -120,7 +120,7 @@ def merge(
     captions = None if method is Method.sum else _read_captions(reg_captions)
     # least-squares reads `file:x` as the input's weight in the fit; the others scale its ΔW
     scales = [1.0 if method is Method.least_squares else s for _, s in specs]
-    from cdtool.merge_inputs import prepare_merge_inputs, read_merge_inputs, recorded_bases
+    from cdtool.merge.inputs import prepare_merge_inputs, read_merge_inputs, recorded_bases
 
     paths = [p for p, _ in specs]
     deltas = read_merge_inputs(paths, nouns)
@@ -131,7 +131,7 @@ def merge(
     del deltas  # loaded.deltas holds them now, relative to the base
     doc = _inputs_doc(method, loaded, specs)
     if method is Method.sum:
-        from cdtool.merge import sum_deltas
+        from cdtool.merge.deltas import sum_deltas
 
         merged = sum_deltas(loaded.deltas)
     else:
@@ -160,13 +160,13 @@ def merge(
 
 
 def _default_base_weight() -> float:
-    from cdtool.merge import DEFAULT_BASE_WEIGHT
+    from cdtool.merge.deltas import DEFAULT_BASE_WEIGHT
 
     return DEFAULT_BASE_WEIGHT
 
 
 def _read_captions(path: Path | None) -> list[str]:
-    from cdtool.merge import default_reg_captions
+    from cdtool.merge.deltas import default_reg_captions
 
     if path is None:
         return default_reg_captions()
@@ -204,8 +204,8 @@ def _solve(
     doc: dict[str, Any],
 ) -> MergeResult:
     """Run the closed form or the least-squares merge; fill `doc` with its analysis; warn."""
-    from cdtool.merge import merge_targets, solve_least_squares, solve_merge
-    from cdtool.text_features import cached_reg_gram
+    from cdtool.merge.deltas import merge_targets, solve_least_squares, solve_merge
+    from cdtool.merge.text_features import cached_reg_gram
 
     padded = method is Method.least_squares
     assert loaded.text is not None
@@ -236,7 +236,7 @@ def _solve(
 
 def _summarise(result: MergeResult, loaded: MergeInputs, doc: dict[str, Any], padded: bool, dim: int) -> None:
     """The totals and the warnings a merge's analysis calls for."""
-    from cdtool.merge import PARALLEL_COSINE
+    from cdtool.merge.deltas import PARALLEL_COSINE
 
     if not padded and result.target_rows_kept > dim:
         console.warn(
@@ -281,8 +281,8 @@ def _warn_parallel(loaded: MergeInputs, cosine: float, pair: tuple[int, int] | N
 
 
 def _warn_growth(result: MergeResult, doc: dict[str, Any]) -> None:
-    from cdtool.gram_norms import largest_growth
-    from cdtool.merge import BLOWUP_RATIO
+    from cdtool.merge.deltas import BLOWUP_RATIO
+    from cdtool.merge.gram_norms import largest_growth
 
     ratio, layer = largest_growth(result.sizes)
     doc["largest_growth"] = {"ratio": ratio, "layer": layer}
@@ -303,9 +303,9 @@ def _write(
     reg_captions: Path | None,
     doc: dict[str, Any],
 ) -> None:
-    from cdtool.base import fingerprint, fingerprint_names
+    from cdtool.delta.base import fingerprint, fingerprint_names
+    from cdtool.delta.importers import save_delta
     from cdtool.hashing import file_sha256
-    from cdtool.importers import save_delta
 
     merged.base_model = loaded.base_model
     merged.base_kind = loaded.base_kind

@@ -63,8 +63,8 @@ def prep(
     DIR/concept.json (token, class noun, caption template, sources and their sha256). Re-running with
     the same inputs changes nothing.
     """
-    from cdtool.images import parse_colour
-    from cdtool.prep import expand_inputs, prepare, write_folder
+    from cdtool.dataset.images import parse_colour
+    from cdtool.dataset.prep import expand_inputs, prepare, write_folder
 
     bg = parse_colour(background)
     files = expand_inputs(inputs)
@@ -72,8 +72,8 @@ def prep(
         raise CdtoolError(f"no image files found in {', '.join(inputs)}")
     out = None
     if not dry_run:
-        from cdtool.clip_vocab import load_clip_tokenizer
-        from cdtool.tokens import check_new_token
+        from cdtool.models.clip_vocab import load_clip_tokenizer
+        from cdtool.models.tokens import check_new_token
 
         check_new_token(load_clip_tokenizer(), token)
         given = [Path(i) for i in inputs if Path(i).exists()]

@@ -25,8 +25,8 @@ from cdtool.commands.common import (
     examples,
     pick_available_model,
 )
+from cdtool.dataset.images import ImageError, open_image
 from cdtool.errors import CdtoolError, UsageError
-from cdtool.images import ImageError, open_image
 
 
 def regset(
@@ -87,7 +87,7 @@ def regset(
     valid images already there are kept.
     """
     # the library loads here, not at the top, so that `cdtool regset --help` starts without torch
-    from cdtool.regset import write_metadata
+    from cdtool.dataset.regset import write_metadata
 
     text = prompt.replace("{class}", class_noun)
     texts = [text]
@@ -98,8 +98,8 @@ def regset(
     inputs = [prompts] if prompts is not None else []
     model_id = pick_available_model(model) if source == "generate" else ""  # before any output exists
     if source == "generate":
-        from cdtool.models import resolve_device
-        from cdtool.sampling import check_size
+        from cdtool.models.loading import resolve_device
+        from cdtool.sampling.generate import check_size
 
         resolve_device(device)
         check_size(resolution, "--resolution")
@@ -146,7 +146,7 @@ def regset(
 
 def _provenance(folder: Path) -> dict[str, Any] | None:
     """The regset.json of an earlier set in `folder`, if there is a readable one."""
-    from cdtool.regset import PROVENANCE
+    from cdtool.dataset.regset import PROVENANCE
 
     try:
         doc = json.loads((folder / PROVENANCE).read_text(encoding="utf-8"))
@@ -184,15 +184,15 @@ def _generate(
     device: str,
     dtype: str,
 ) -> dict[str, Any]:
-    from cdtool.regset import keep_image
-    from cdtool.sampling import Job, generate, save_png, set_scheduler
+    from cdtool.dataset.regset import keep_image
+    from cdtool.sampling.generate import Job, generate, save_png, set_scheduler
 
     jobs = [Job(texts[i % len(texts)], 0, seed + i, f"{i:05d}.png") for i in range(n)]
     todo = [j for j in jobs if earlier is None or not keep_image(earlier / j.file_name, out / j.file_name)]
     if len(todo) < n:
         console.log(f"{n - len(todo)} of {n} images already there; generating {len(todo)}")
     if todo:
-        from cdtool.pipeline import load_with_deltas
+        from cdtool.models.pipeline import load_with_deltas
 
         pipe = load_with_deltas(model, [], device=device, dtype=dtype)
         set_scheduler(pipe, scheduler)
@@ -228,7 +228,7 @@ def _generate(
 
 
 def _save(image: Any, path: Path) -> None:
-    from cdtool.sampling import save_png
+    from cdtool.sampling.generate import save_png
 
     save_png(image.convert("RGB"), path)
 
@@ -236,8 +236,8 @@ def _save(image: Any, path: Path) -> None:
 def _retrieve(
     collection: Path, text: str, out: Path, n: int, min_sim: float, clip_model: str, clip_pretrained: str
 ) -> dict[str, Any]:
-    from cdtool.clip_models import load_clip
-    from cdtool.regset import rank, scan_collection
+    from cdtool.dataset.regset import rank, scan_collection
+    from cdtool.scoring.clip_models import load_clip
 
     items = scan_collection(collection)
     if not items:
@@ -287,7 +287,7 @@ def _retrieve(
 def _knn(
     url: str, text: str, out: Path, n: int, min_sim: float, index: str, timeout: float, retries: int
 ) -> dict[str, Any]:
-    from cdtool.regset import download, knn_query
+    from cdtool.dataset.regset import download, knn_query
 
     results = knn_query(url, text, n * 2, index, timeout, retries)
     qualified = [r for r in results if float(r.get("similarity", 1.0)) >= min_sim]

@@ -92,8 +92,16 @@ def sample(
     Writes PNGs and prompts.json (file name -> prompt) and prints the folder.
     """
     # the library loads here, not at the top, so that `cdtool sample --help` starts without torch
-    from cdtool.importers import read_delta
-    from cdtool.sampling import REQUEST_KEY, check_size, generate, image_grid, image_request, plan_jobs, save_png
+    from cdtool.delta.importers import read_delta
+    from cdtool.sampling.generate import (
+        REQUEST_KEY,
+        check_size,
+        generate,
+        image_grid,
+        image_request,
+        plan_jobs,
+        save_png,
+    )
 
     all_prompts = list(prompts or [])
     if prompts_file is not None:
@@ -101,7 +109,7 @@ def sample(
     if (dreambench is None) != (subject is None):
         raise UsageError("--dreambench and --subject go together")
     if dreambench is not None and subject is not None:
-        from cdtool.dreambench import parse
+        from cdtool.sampling.dreambench import parse
 
         noun, bench = parse(dreambench).prompts(subject, token)
         console.log(f"DreamBench: {len(bench)} prompts for {subject} ({noun})")
@@ -112,8 +120,8 @@ def sample(
         raise CdtoolError(f"{output} exists and is not a folder")
     for size, flag in ((height, "--height"), (width, "--width")):
         check_size(size, flag)
-    from cdtool.base import model_fingerprint
-    from cdtool.models import resolve_device, resolve_dtype
+    from cdtool.delta.base import model_fingerprint
+    from cdtool.models.loading import resolve_device, resolve_dtype
 
     resolve_dtype(dtype, resolve_device(device))
     specs = [parse_scaled(d) for d in delta or []]
@@ -137,8 +145,8 @@ def sample(
 
     images = {}
     if todo:
-        from cdtool.pipeline import load_with_deltas
-        from cdtool.sampling import set_scheduler
+        from cdtool.models.pipeline import load_with_deltas
+        from cdtool.sampling.generate import set_scheduler
 
         def note_base(pipe: Any) -> None:
             request.setdefault("base_fingerprint", model_fingerprint(model_id, pipe))
@@ -172,7 +180,7 @@ def sample(
                 bar.advance()
     _update_prompts(output, {j.file_name: j.prompt for j in jobs})
     if grid:
-        from cdtool.images import open_image
+        from cdtool.dataset.images import open_image
 
         tiles = [images.get(j.file_name) or open_image(output / j.file_name).convert("RGB") for j in jobs]
         save_png(image_grid(tiles, n), output / "grid.png")
@@ -193,8 +201,8 @@ def sample(
 def _kept(output: Path, jobs: list[Any], request: dict[str, Any]) -> list[str]:
     """The images of `jobs` already in `output`, kept because this request made them; one that
     another request made is an error (it would be mislabelled)."""
-    from cdtool.base import model_fingerprint
-    from cdtool.sampling import image_request, request_differences
+    from cdtool.delta.base import model_fingerprint
+    from cdtool.sampling.generate import image_request, request_differences
 
     there = [j for j in jobs if (output / j.file_name).exists()]
     if there:

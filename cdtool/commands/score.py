@@ -11,7 +11,7 @@ import typer
 from cdtool import console
 from cdtool.commands.common import ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command, examples
 from cdtool.errors import UsageError
-from cdtool.scoring import (
+from cdtool.scoring.score import (
     KID_FEATURES,
     METRICS,
     NEEDS_REF,
@@ -92,7 +92,7 @@ def score(
     claim = None
     if report is not None:
         from cdtool.atomic import claim_output
-        from cdtool.report import check_report_path
+        from cdtool.scoring.report import check_report_path
 
         check_report_path(report)
         claim = claim_output(report, "score", force, inputs=list(samples))
@@ -102,7 +102,7 @@ def score(
     scored = [score_folder(f, scorers, settings, per_image) for f in folders]
     doc = score_document(settings, ref, len(ref_files), scorers, [run for run, _ in scored])
     if claim is not None:
-        from cdtool.report import write_report
+        from cdtool.scoring.report import write_report
 
         with claim.staged() as tmp:
             write_report(tmp, doc, [(f.folder, rows) for f, (_, rows) in zip(folders, scored, strict=True)])
@@ -171,7 +171,7 @@ def _per_prompt_tables(doc: dict[str, Any]) -> None:
     """Per run, a row per prompt: its image count and means (and the oracle's shares)."""
     from rich.table import Table
 
-    from cdtool.report import METRIC_LABELS, ORACLE_SHARES
+    from cdtool.scoring.report import METRIC_LABELS, ORACLE_SHARES
 
     for run in doc["runs"]:
         entries = run["per_prompt"]

@@ -27,7 +27,7 @@ from cdtool.commands.common import (
     pick_available_model,
 )
 from cdtool.errors import CdtoolError, UsageError
-from cdtool.recipes import (
+from cdtool.train.recipes import (
     CUSTOM_DIFFUSION,
     DEFAULTS,
     DREAMBOOTH_LORA,
@@ -36,7 +36,7 @@ from cdtool.recipes import (
 )
 
 if TYPE_CHECKING:
-    from cdtool.trainer import TrainConfig, TrainResult
+    from cdtool.train.trainer import TrainConfig, TrainResult
 
 
 EXAMPLES = examples(
@@ -256,10 +256,10 @@ def train(
     CPU-only machine too: cdtool then runs accelerate's multi-CPU mode).
     """
     # the library loads here, not at the top, so that `cdtool train --help` starts without torch
-    from cdtool.concepts import build_concepts, parse_concept, read_concepts_file
-    from cdtool.importers import check_delta_output
-    from cdtool.models import default_resolution
-    from cdtool.trainer import TrainConfig, load_run_config, resumed_config
+    from cdtool.delta.importers import check_delta_output
+    from cdtool.models.loading import default_resolution
+    from cdtool.train.concepts import build_concepts, parse_concept, read_concepts_file
+    from cdtool.train.trainer import TrainConfig, load_run_config, resumed_config
 
     _check_device(device)
 
@@ -361,7 +361,7 @@ def train(
 def _sample_grid(cfg: TrainConfig) -> str:
     """The concepts' prompts sampled with the delta just written, a row per prompt (runs.SAMPLES)."""
     from cdtool.preview import sample_preview
-    from cdtool.runs import DELTA, SAMPLES
+    from cdtool.train.runs import DELTA, SAMPLES
 
     path = Path(cfg.run_dir) / SAMPLES
     console.log(f"sampling the concepts' prompts into {path}")
@@ -373,7 +373,7 @@ def _claim_and_run(cfg: TrainConfig, resume: Path | None, force: bool, inputs: l
     """Claim the delta and the run folder, then train: a stale run folder is never continued (with
     --force it is replaced once the new run is complete, or has a checkpoint to resume from); on
     resume the delta may be replaced without --force only when it is this run's own."""
-    from cdtool.runs import foreign_files, has_checkpoint, is_run_delta
+    from cdtool.train.runs import foreign_files, has_checkpoint, is_run_delta
 
     output, folder = Path(cfg.output), Path(cfg.run_dir)
     if resume is not None:
@@ -388,8 +388,8 @@ def _claim_and_run(cfg: TrainConfig, resume: Path | None, force: bool, inputs: l
 
 
 def _check_device(device: str) -> None:
-    """The --device rule of every command (cdtool.models.resolve_device); accelerate then picks the GPU."""
-    from cdtool.models import resolve_device
+    """The --device rule of every command (cdtool.models.loading.resolve_device); accelerate then picks the GPU."""
+    from cdtool.models.loading import resolve_device
 
     resolve_device(device)
     if device not in ("auto", "cpu", "cuda"):
@@ -423,7 +423,7 @@ def _option(setting: str) -> str:
 
 def _check_resume(run_dir: Path, saved: TrainConfig, asked: TrainConfig, given: set[str]) -> None:
     """A resumed run continues with its own settings: any given option that differs is named."""
-    from cdtool.trainer import resume_differences
+    from cdtool.train.trainer import resume_differences
 
     differ = resume_differences(saved, asked, given)
     if differ:
@@ -438,7 +438,7 @@ def _rank() -> int:
 
 
 def _run(cfg: TrainConfig, resume: bool, replace_output: bool) -> TrainResult:
-    from cdtool.trainer import train as run_training
+    from cdtool.train.trainer import train as run_training
 
     every = max(1, cfg.steps // 20)
     if console.interactive():

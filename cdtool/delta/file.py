@@ -1,0 +1,286 @@
+"""The delta file: what every cdtool command reads and writes (every key: docs/design.md).
+
+In memory a `Delta` holds, per trained Linear, either a full difference ΔW or a low-rank pair
+(up, down) with ΔW = up @ down, plus the learned embeddings of modifier tokens and the metadata.
+Files imported from other tools may hold fine-tuned weights instead of differences; such layers are
+marked `absolute` until `Delta.relative_to(base)` subtracts the base weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdtool import __version__
+from cdtool.atomic import atomic_path
+from cdtool.choices import SD1, SDXL
+from cdtool.errors import CdtoolError
+
+FORMAT = "cdtool.delta"
+FORMAT_VERSION = "1"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# the kind of base a file without `base_kind` metadata was made for: every Stable Diffusion 1.x
+# delta (whose files are as they were before there were kinds)
+DEFAULT_KIND = SD1
+
+
+@dataclass
+class LayerDelta:
+    """One Linear's change: `full` ([out, in]) or `up` [out, r] @ `down` [r, in], and maybe a bias."""
+
+    full: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # change of the bias, where one was trained ([out])
+    absolute: bool = False  # `full` and `bias` hold fine-tuned weights, not differences
+
+    def __post_init__(self) -> None:
+        if (self.full is None) == (self.up is None or self.down is None):
+            raise ValueError("a layer delta is either full or an up/down pair")
+
+    def dense(self) -> torch.Tensor:
+        """ΔW as one [out, in] matrix."""
+        if self.absolute:
+            raise ValueError("absolute weights: call Delta.relative_to(base) first")
+        if self.full is not None:
+            return self.full
+        assert self.up is not None and self.down is not None
+        return self.up.float() @ self.down.float()
+
+    @property
+    def rank(self) -> int | None:
+        """The factor rank, or None for a full matrix."""
+        return None if self.up is None else int(self.up.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.full is not None:
+            return (int(self.full.shape[0]), int(self.full.shape[1]))
+        assert self.up is not None and self.down is not None
+        return (int(self.up.shape[0]), int(self.down.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.full if self.full is not None else self.up).dtype  # type: ignore[union-attr]
+
+
+@dataclass
+class Delta:
+    """Everything one delta file holds."""
+
+    layers: dict[str, LayerDelta] = field(default_factory=dict)  # "unet.<module path>" -> change
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> [n_vectors, dim]
+    # SDXL: token -> its rows in the second text encoder [n_vectors, dim_2] (the same tokens as `tokens`)
+    tokens_2: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_kind: str = ""  # the kind of base (cdtool.choices: sd1, sd2, sdxl); "" where unknown (imports)
+    base_model: str = ""
+    base_fingerprint: str = ""
+    concepts: list[dict[str, Any]] = field(default_factory=list)
+    created_by: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    source_format: str = FORMAT
+    origin: str = ""  # the path it was read from, for messages
+
+    @property
+    def needs_base(self) -> bool:
+        """True while some layer still holds absolute weights."""
+        return any(layer.absolute for layer in self.layers.values())
+
+    def relative_to(self, base: Mapping[str, torch.Tensor]) -> Delta:
+        """Turn absolute (fine-tuned) weights into differences against `base`
+        (parameter name such as `unet.<path>.weight` -> tensor)."""
+        layers = {}
+        for name, layer in self.layers.items():
+            if layer.absolute:
+                assert layer.full is not None
+                # in float64, so W - W0 is exact before the one rounding to float32
+                w0 = base_param(base, f"{name}.weight", layer.full.shape)
+                w = (layer.full.double() - w0.double()).float()
+                b = None
+                if layer.bias is not None:
+                    b0 = base_param(base, f"{name}.bias", layer.bias.shape)
+                    b = (layer.bias.double() - b0.double()).float()
+                layer = LayerDelta(full=w, bias=b)
+            layers[name] = layer
+        return replace(self, layers=layers)
+
+    @property
+    def kind(self) -> str:
+        """The kind of base, as recorded or as the content shows (rows for two encoders: SDXL)."""
+        return self.base_kind or (SDXL if self.tokens_2 else "")
+
+    def concept_for(self, token: str) -> dict[str, Any] | None:
+        for concept in self.concepts:
+            if concept.get("token") == token:
+                return concept
+        return None
+
+
+def base_param(base: Mapping[str, torch.Tensor], name: str, shape: torch.Size) -> torch.Tensor:
+    """`base[name]`, checked against the shape the delta expects."""
+    if name not in base:
+        raise CdtoolError(f"{name} of the delta does not exist in the base model; is it for another base?")
+    w0 = base[name]
+    if tuple(w0.shape) != tuple(shape):
+        raise CdtoolError(
+            f"{name}: the delta's shape {tuple(shape)} does not fit the base model's "
+            f"{tuple(w0.shape)}; is this delta for another base model?"
+        )
+    return w0
+
+
+def is_cdtool_safetensors(path: Path) -> bool:
+    """True when `path` is a safetensors file whose metadata says it is a cdtool delta."""
+    meta = safetensors_metadata(path)
+    return meta is not None and meta.get("format") == FORMAT
+
+
+def safetensors_metadata(path: Path) -> dict[str, str] | None:
+    """The `__metadata__` of a safetensors file, or None when it is not one."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            n = int.from_bytes(head, "little")
+            if n <= 1 or n > 100_000_000:
+                return None
+            header = f.read(n)
+        if len(header) < n or not header.lstrip().startswith(b"{"):
+            return None
+        parsed = json.loads(header)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    return dict(parsed.get("__metadata__") or {})
+
+
+def read_cdtool(path: Path) -> Delta:
+    """Read a cdtool-format `.safetensors` delta."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CdtoolError(f"{path}: cannot read this safetensors file ({e}); is it truncated?") from e
+    if meta.get("format") != FORMAT:
+        raise CdtoolError(f"{path}: not a cdtool delta (no format={FORMAT} metadata)")
+    if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise CdtoolError(
+            f"{path}: delta format version {meta.get('format_version')} is not supported by cdtool "
+            f"{__version__} (expects {FORMAT_VERSION}); upgrade cdtool"
+        )
+    delta = Delta(
+        origin=str(path),
+        base_kind=_base_kind(meta, path),
+        base_model=meta.get("base_model", ""),
+        base_fingerprint=meta.get("base_fingerprint", ""),
+        concepts=_json(meta, "concepts", [], path),
+        created_by=meta.get("created_by", ""),
+        provenance=_json(meta, "provenance", {}, path),
+    )
+    from cdtool.models.tokens import check_token_name  # token names are data from strangers
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(("token.", "token_2.")):
+            family, _, token = key.partition(".")
+            check_token_name(token, path)
+            rows = delta.tokens if family == "token" else delta.tokens_2
+            rows[token] = tensor if tensor.dim() == 2 else tensor.reshape(1, -1)
+            continue
+        stem, _, kind = key.rpartition(".")
+        if kind not in ("delta", "up", "down", "bias") or stem.split(".", 1)[0] not in COMPONENTS:
+            raise CdtoolError(f"{path}: unexpected tensor {key!r} in a cdtool delta")
+        parts.setdefault(stem, {})[kind] = tensor
+    for stem, p in sorted(parts.items()):
+        try:
+            delta.layers[stem] = LayerDelta(full=p.get("delta"), up=p.get("up"), down=p.get("down"), bias=p.get("bias"))
+        except ValueError as e:
+            raise CdtoolError(f"{path}: layer {stem} is incomplete ({e})") from e
+    check_token_pairs(delta, str(path))
+    delta.base_kind = delta.base_kind or (SDXL if delta.tokens_2 else DEFAULT_KIND)
+    return delta
+
+
+def _base_kind(meta: dict[str, str], path: Path) -> str:
+    """The recorded kind of base, one cdtool knows (a file for another is refused by name)."""
+    from cdtool.choices import KIND_NAMES
+
+    kind = meta.get("base_kind", "")
+    if kind and kind not in KIND_NAMES:
+        raise CdtoolError(
+            f"{path}: a delta for a base of kind {kind!r}; this cdtool reads {', '.join(KIND_NAMES)} "
+            "(a newer cdtool may have written it)"
+        )
+    return kind
+
+
+def check_token_pairs(delta: Delta, where: str) -> None:
+    """A delta with second-encoder rows has them for every token, and only for its tokens."""
+    if delta.tokens_2 and set(delta.tokens_2) != set(delta.tokens):
+        odd = sorted(set(delta.tokens_2) ^ set(delta.tokens))[0]
+        raise CdtoolError(
+            f"{where}: token {odd} has rows for one of the two text encoders only (token.{odd} and token_2.{odd} go together)"
+        )
+
+
+def _json(meta: Mapping[str, str], key: str, default: Any, path: Path) -> Any:
+    if key not in meta:
+        return default
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise CdtoolError(f"{path}: metadata {key!r} is not valid JSON") from e
+
+
+def delta_tensors(delta: Delta) -> dict[str, torch.Tensor]:
+    """The tensors of the cdtool file layout."""
+    if delta.needs_base:
+        raise CdtoolError("internal: absolute weights must be made relative before writing")
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in sorted(delta.layers.items()):
+        if layer.full is not None:
+            out[f"{name}.delta"] = layer.full
+        else:
+            out[f"{name}.up"] = layer.up  # type: ignore[assignment]
+            out[f"{name}.down"] = layer.down  # type: ignore[assignment]
+        if layer.bias is not None:
+            out[f"{name}.bias"] = layer.bias
+    for family, rows in (("token", delta.tokens), ("token_2", delta.tokens_2)):
+        for token, emb in sorted(rows.items()):
+            out[f"{family}.{token}"] = emb if emb.dim() == 2 else emb.reshape(1, -1)
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def delta_metadata(delta: Delta) -> dict[str, str]:
+    """The string-to-string `__metadata__` of the cdtool file layout (`base_kind` for the bases
+    other than Stable Diffusion 1.x, whose files stay as they were)."""
+    kind = {} if delta.base_kind in ("", DEFAULT_KIND) else {"base_kind": delta.base_kind}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **kind,
+        "base_model": delta.base_model,
+        "base_fingerprint": delta.base_fingerprint,
+        "concepts": json.dumps(delta.concepts),
+        "created_by": delta.created_by or f"cdtool {__version__}",
+        "provenance": json.dumps(delta.provenance, default=str),
+    }
+
+
+def write_cdtool(delta: Delta, path: Path, *, replace: bool = True) -> None:
+    """Write `delta` atomically as a cdtool `.safetensors` file."""
+    from safetensors.torch import save_file
+
+    tensors = delta_tensors(delta)
+    with atomic_path(path, replace=replace) as tmp:
+        save_file(tensors, str(tmp), metadata=delta_metadata(delta))

@@ -1,0 +1,899 @@
+"""Training on HF accelerate: Custom Diffusion (Kumari et al. 2023), and the baselines it is compared
+against (textual inversion, DreamBooth with LoRA). `train` runs the steps every method shares, in
+order; what differs per method (layers, adapting, captions, loss, the delta) is in cdtool/train/methods.py.
+
+What Custom Diffusion trains: the UNet's cross-attention key/value projections (or all cross-attention
+projections, the reference's `crossattn` mode) and the new tokens' embedding rows; everything else is
+frozen. Prior preservation with a regularisation set, the size augmentation with its prompt words and
+loss mask, AdamW and the learning-rate scaling follow the reference code. DVAR early stopping (Voronov
+et al. 2023) is optional.
+
+Work done once rather than every step: the regularisation images' latent distributions (and those
+of their mirror images) and the class prompts' text features are computed before the first step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from diffusers import DDPMScheduler
+from PIL import Image, ImageDraw
+
+from cdtool import __version__
+from cdtool.atomic import atomic_path
+from cdtool.dataset.folders import Example, load_image
+from cdtool.delta.base import TOKEN_EMBEDDING_2, fingerprint, fingerprint_names, pipeline_params
+from cdtool.delta.file import Delta, LayerDelta, read_cdtool
+from cdtool.delta.importers import load_pickle, save_delta
+from cdtool.errors import CdtoolError
+from cdtool.models.conditioning import Encoded, TextSide, encode, time_ids, unet_inputs
+from cdtool.models.loading import load_pipeline, pipeline_kind
+from cdtool.models.tokens import (
+    TokenRows,
+    add_text_tokens,
+    attach_token_rows,
+    check_new_token,
+    is_existing_word,
+    resolve_init_token,
+    token_names,
+)
+from cdtool.train.augment import augment
+from cdtool.train.concepts import ConceptSpec
+from cdtool.train.losses import dvar
+from cdtool.train.methods import Method, method_for
+from cdtool.train.runs import (
+    CONFIG,
+    DELTA,
+    LOG,
+    LOSS_CURVE,
+    STATE,
+    checkpoint_folder,
+    checkpoints,
+    latest_checkpoint,
+    rng_file,
+)
+
+
+@dataclass
+class TrainConfig:
+    concepts: list[ConceptSpec]
+    model: str
+    output: str
+    run_dir: str
+    method: str = "custom-diffusion"
+    train: str = "kv"  # custom diffusion: kv = attn2.to_k/to_v; attn2 = all cross-attention projections
+    resolution: int = 512
+    steps: int = 250
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-5
+    scale_lr: bool = True
+    prior_weight: float = 1.0
+    aug: bool = True
+    hflip: bool = False
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    early_stop: str = "none"
+    dvar_window: int = 180
+    dvar_eps: float = 0.15
+    eval_batch: int = 4
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    num_vectors: int = 1  # textual inversion: embedding rows per token
+    property: str = "object"  # textual inversion: object or style caption templates
+    rank: int = 4  # dreambooth-lora
+    lora_alpha: float | None = None  # default: the rank (scale 1)
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        d = asdict(self)
+        for k in ("steps", "checkpoint_every", "keep_checkpoints", "device", "output", "run_dir"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    stopped_early: bool
+    reason: str
+    final_loss: float | None
+    dvar: float | None
+    learning_rate: float
+    seconds: float
+    output: str
+    run_dir: str
+    pipeline: Any = None  # the trained pipeline, when asked for (tests)
+
+
+class _Rng:
+    """Every random draw of the trainer comes from these CPU generators, so a seed means the same
+    on any device and a resumed run continues the same stream."""
+
+    def __init__(self, seed: int, rank: int) -> None:
+        self.data = torch.Generator().manual_seed(seed * 1000 + 17 + rank)
+        self.noise = torch.Generator().manual_seed(seed * 1000 + 29 + rank)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"data": self.data.get_state(), "noise": self.noise.get_state()}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.data.set_state(state["data"])
+        self.noise.set_state(state["noise"])
+
+
+def _compute_in_fp32(layers: list[torch.nn.Module], half: torch.dtype) -> list[Any]:
+    """Trainable fp32 layers inside a model held in `half`: their input is cast up, their output down
+    (as diffusers' Custom Diffusion processors do). Returns the hook handles."""
+    handles = []
+    for layer in layers:
+        handles.append(layer.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:])))
+        handles.append(layer.register_forward_hook(lambda m, args, out: out.to(half)))
+    return handles
+
+
+def _latent_dist(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    """[B, 2C, h, w]: mean and log-variance of the VAE posterior."""
+    return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.parameters.float()
+
+
+def _sample_latents(params: torch.Tensor, g: torch.Generator, scaling: float) -> torch.Tensor:
+    mean, logvar = params.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    eps = torch.randn(mean.shape, generator=g).to(mean.device)
+    return (mean + std * eps) * scaling
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    keep_pipeline: bool = False,
+    replace_output: bool = True,
+) -> TrainResult:
+    """Train the concepts of `cfg`; writes the delta (main process) and the run folder. Without
+    `replace_output`, a delta written at `cfg.output` meanwhile is a conflict (cdtool.atomic)."""
+    started = time.perf_counter()
+    method = method_for(cfg.method)
+    accelerator = _accelerator(cfg)
+    main, run_dir = accelerator.is_main_process, Path(cfg.run_dir)
+    torch.manual_seed(cfg.seed)  # module initialisation only; training draws from _Rng
+    random.seed(cfg.seed)
+    pipe = load_pipeline(cfg.model)
+    parts = _parts(cfg, pipe, accelerator.device)
+
+    tokens = _plan_tokens(cfg, method, parts.text)
+    layer_names = method.layer_names(cfg, parts.unet, parts.text.named())
+    base = _record_base(method, pipe, layer_names, tokens)
+    _add_tokens(tokens, parts)
+    trainable = _freeze_and_adapt(cfg, method, parts, layer_names, tokens)
+    lr = _learning_rate(cfg, accelerator.num_processes)
+    optimizer = _optimizer(cfg, trainable, lr)
+    hooks = _hold_in_half(cfg, method, parts, layer_names)
+    *prepared, optimizer = accelerator.prepare(parts.unet, *parts.text.encoders, optimizer)
+    parts.unet_p, parts.text_p = prepared[0], TextSide(parts.text.tokenizers, prepared[1:])
+    if parts.unet_dtype != torch.float32:  # accelerate's autocast wrapper off the UNet's forward, in place (DDP stays)
+        accelerator.unwrap_model(parts.unet_p, keep_fp32_wrapper=False)
+    rng = _Rng(cfg.seed, accelerator.process_index)
+    data = _cache_data(cfg, parts)
+    eval_batch = _eval_batch(cfg, method, parts, data) if cfg.early_stop == "dvar" else None
+
+    step, history, entries = 0, [], []
+    if resume:
+        step, history = _load_checkpoint(run_dir, accelerator, trainable, optimizer, rng)
+        if main:
+            log(f"resumed {run_dir} at step {step}")
+    elif main:
+        _start_run(run_dir, cfg)
+    stop_reason, stat, last_loss = "", None, None
+    while step < cfg.steps:
+        for _ in range(cfg.grad_accum):
+            with accelerator.accumulate(parts.unet_p, *parts.text_p.encoders):
+                loss = _loss(method, parts, _draw_batch(cfg, method, parts, data, tokens, rng), cfg.prior_weight)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(list(trainable.values()), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+        entry: dict[str, Any] = {"step": step, "loss": last_loss, "lr": lr}
+        if eval_batch is not None:
+            history.append(_eval_loss(parts, tokens, eval_batch))
+            stat = dvar(history, cfg.dvar_window)
+            entry.update(eval_loss=history[-1], dvar=stat)
+        entries.append(entry)
+        if main:
+            _log_step(run_dir, entry)
+            if progress is not None:
+                progress(step, cfg.steps, entry)
+        if stat is not None and stat < cfg.dvar_eps:
+            stop_reason = f"DVAR {stat:.4f} < {cfg.dvar_eps} over the last {cfg.dvar_window} evaluations"
+            break
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            _save_checkpoint(run_dir, accelerator, trainable, optimizer, rng, step, history, cfg.keep_checkpoints)
+    if cfg.checkpoint_every and step % cfg.checkpoint_every:  # the last step too, so a run can be extended
+        _save_checkpoint(run_dir, accelerator, trainable, optimizer, rng, step, history, cfg.keep_checkpoints)
+
+    accelerator.wait_for_everyone()
+    run = {"steps_run": step, "stopped_early": bool(stop_reason), "stop_reason": stop_reason, "learning_rate": lr}
+    run |= {"processes": accelerator.num_processes, "final_loss": last_loss}
+    delta = _build_delta(cfg, method, parts, layer_names, base, tokens, run)
+    if main:
+        _write_outputs(cfg, delta, base, _read_log(run_dir) if resume else entries, replace_output)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    for h in hooks:
+        h.remove()
+    return TrainResult(
+        steps=step,
+        stopped_early=bool(stop_reason),
+        reason=stop_reason or f"reached {cfg.steps} steps",
+        final_loss=last_loss,
+        dvar=stat,
+        learning_rate=lr,
+        seconds=time.perf_counter() - started,
+        output=cfg.output,
+        run_dir=str(run_dir),
+        pipeline=pipe if keep_pipeline else None,
+    )
+
+
+# The steps of a run, in the order `train` takes them.
+
+
+def _accelerator(cfg: TrainConfig) -> Accelerator:
+    # Without CUDA, cpu=True is what makes accelerate run several CPU processes (MULTI_CPU) under
+    # `accelerate launch --multi_gpu --num_processes N` (its `--cpu` flag starts one process without MPI).
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    # accelerate keeps its state (device, mixed precision) in process-wide singletons that a later
+    # Accelerator silently keeps (an earlier CUDA run wins over --device cpu) or may not change (mixed
+    # precision); one process may train several times (cdtool demo, notebooks, tests). Under
+    # `accelerate launch` nothing is set up before the first run, so this resets nothing there.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, cpu=on_cpu)
+
+
+@dataclass
+class _Parts:
+    """The pipeline's pieces as training uses them."""
+
+    kind: str  # the kind of base (sd1, sd2, sdxl)
+    text: TextSide  # the tokenizers and text encoders (two of each for SDXL)
+    vae: Any
+    unet: Any
+    scheduler: Any  # DDPM, for adding noise
+    device: torch.device
+    factor: int  # the VAE's downscaling
+    scaling: float  # the VAE's latent scaling
+    unet_dtype: torch.dtype = torch.float32  # the half type when the UNet is held in it
+    unet_p: Any = None  # the UNet and the text encoders as accelerate prepared them (DDP, autocast)
+    text_p: TextSide | None = None
+
+
+def _parts(cfg: TrainConfig, pipe: Any, device: torch.device) -> _Parts:
+    factor = pipe.vae_scale_factor
+    if cfg.resolution % factor:
+        raise CdtoolError(f"--resolution {cfg.resolution} is not a multiple of the VAE's factor {factor}")
+    return _Parts(
+        kind=pipeline_kind(pipe),
+        text=TextSide.of(pipe),
+        vae=pipe.vae,
+        unet=pipe.unet,
+        scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        device=device,
+        factor=factor,
+        scaling=float(getattr(pipe.vae.config, "scaling_factor", 0.18215)),
+    )
+
+
+@dataclass
+class _NewTokens:
+    """The concepts whose token is new, its tokenizer entries, and the rows they start from."""
+
+    concepts: list[ConceptSpec]
+    entries: dict[str, list[str]]  # token -> its entries ("<t>", "<t>_1", ... for several vectors)
+    vectors: int
+    init_ids: list[int]
+    first_id: int  # the base vocabulary's size: the first new entry's id
+    rows: list[TokenRows] = field(default_factory=list)  # the trainable rows per text encoder, once added
+
+    def expand(self, text: str) -> str:
+        """Multi-vector tokens appear in prompts as their entries: "<t>" -> "<t> <t>_1 <t>_2"."""
+        for token, names in self.entries.items():
+            if len(names) > 1:
+                text = text.replace(token, " ".join(names))
+        return text
+
+
+def _plan_tokens(cfg: TrainConfig, method: Method, text: TextSide) -> _NewTokens:
+    """New tokens, initialised from their rare initialiser pieces (in every text encoder, from the
+    same vocabulary entry). DreamBooth's identifier may be an existing rare word ("sks"), which is
+    then used as it is and not trained."""
+    tokenizer = text.tokenizer
+    new = [c for c in cfg.concepts if not (method.token_may_exist and is_existing_word(tokenizer, c.token))]
+    for c in new:
+        for tok in text.tokenizers:
+            check_new_token(tok, c.token)
+    vectors = method.vectors(cfg)
+    init_ids = [resolve_init_token(tokenizer, c.init_token) for c in new for _ in range(vectors)]
+    for tok in text.tokenizers[1:]:
+        if len(tok) != len(tokenizer) or [resolve_init_token(tok, c.init_token) for c in new] != init_ids[::vectors]:
+            raise CdtoolError("the model's two tokenizers have different vocabularies; cdtool needs them to agree")
+    return _NewTokens(
+        concepts=new,
+        entries={c.token: token_names(c.token, vectors) for c in new},
+        vectors=vectors,
+        init_ids=init_ids,
+        first_id=len(tokenizer),
+    )
+
+
+@dataclass
+class _Base:
+    """What the delta is measured against: the base's fingerprint and the trained layers' weights."""
+
+    fingerprint: str
+    weights: dict[str, torch.Tensor]
+    biases: dict[str, torch.Tensor]
+
+
+def _record_base(method: Method, pipe: Any, layer_names: list[str], tokens: _NewTokens) -> _Base:
+    params = pipeline_params(pipe)
+    # the fingerprint covers what the written delta will name: layers trained as themselves carry
+    # their bias's change too (to_out.0 under --train attn2), LoRA factors do not
+    touched = Delta(
+        layers={
+            n: LayerDelta(
+                full=torch.zeros(1, 1),
+                bias=torch.zeros(1) if method.trains_weights and f"{n}.bias" in params else None,
+            )
+            for n in layer_names
+        },
+        tokens={c.token: torch.zeros(1, 1) for c in tokens.concepts},
+        tokens_2={c.token: torch.zeros(1, 1) for c in tokens.concepts} if TOKEN_EMBEDDING_2 in params else {},
+    )
+    return _Base(
+        fingerprint=fingerprint(params, fingerprint_names(touched), tokens.first_id),
+        weights={n: params[f"{n}.weight"].detach().clone() for n in layer_names},
+        biases={n: params[f"{n}.bias"].detach().clone() for n in layer_names if f"{n}.bias" in params},
+    )
+
+
+def _add_tokens(tokens: _NewTokens, parts: _Parts) -> None:
+    """The new entries into the tokenizer(s) and embedding table(s), their trainable rows hooked in
+    (one TokenRows per text encoder: for SDXL both rows of a token train)."""
+    if not tokens.concepts:
+        return
+    inits = [e.get_input_embeddings().weight.detach()[tokens.init_ids].clone() for e in parts.text.encoders]
+    flat = [e for c in tokens.concepts for e in tokens.entries[c.token]]
+    ids = add_text_tokens(parts.text, [dict(zip(flat, init, strict=True)) for init in inits])
+    if ids != list(range(tokens.first_id, tokens.first_id + len(flat))):
+        raise CdtoolError("internal: new tokens did not get consecutive ids")
+    tokens.rows = [
+        attach_token_rows(e, init, tokens.first_id) for e, init in zip(parts.text.encoders, inits, strict=True)
+    ]
+
+
+def _freeze_and_adapt(
+    cfg: TrainConfig, method: Method, parts: _Parts, layer_names: list[str], tokens: _NewTokens
+) -> dict[str, torch.nn.Parameter]:
+    """Everything frozen except what the method trains; returns the trained parameters by name."""
+    for module in (parts.unet, parts.vae, *parts.text.encoders):
+        module.requires_grad_(False)
+    method.adapt(cfg, parts.unet, parts.text.named(), layer_names)
+    for rows in tokens.rows:
+        rows.weight.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+    parts.unet.train()
+    trainable = {f"unet.{n}": p for n, p in parts.unet.named_parameters() if p.requires_grad}
+    for component, encoder in parts.text.named().items():
+        trainable.update({f"{component}.{n}": p for n, p in encoder.named_parameters() if p.requires_grad})
+    if not trainable:
+        raise CdtoolError("nothing to train: textual inversion needs a new token")
+    return trainable
+
+
+def _learning_rate(cfg: TrainConfig, processes: int) -> float:
+    """As the reference: x batch x accumulation x processes, x2 with prior (when scale_lr)."""
+    prior = any(c.reg_examples for c in cfg.concepts)
+    lr = cfg.lr
+    if cfg.scale_lr:
+        lr *= cfg.batch_size * cfg.grad_accum * processes * (2 if prior else 1)
+    return lr
+
+
+def _optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter], lr: float) -> Any:
+    """AdamW as the reference sets it; the text encoder's LoRA may have its own rate."""
+
+    def is_te_lora(name: str) -> bool:
+        return name.startswith(("text_encoder.", "text_encoder_2.")) and "lora_" in name
+
+    groups: list[dict[str, Any]] = [{"params": [p for n, p in trainable.items() if not is_te_lora(n)]}]
+    if any(is_te_lora(n) for n in trainable):
+        groups.append({"params": [p for n, p in trainable.items() if is_te_lora(n)], "lr": cfg.text_encoder_lr or lr})
+    if not cfg.use_8bit_adam:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    try:
+        import bitsandbytes as bnb  # optional: only --use-8bit-adam needs it
+    except ImportError as e:
+        raise CdtoolError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from e
+    return bnb.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+
+def _hold_in_half(cfg: TrainConfig, method: Method, parts: _Parts, layer_names: list[str]) -> list[Any]:
+    """The VAE on the device in the run's precision. On CUDA with mixed precision the frozen weights
+    are held in the half type (as the reference holds them), halving their memory, and the UNet runs
+    wholly in it without autocast's per-op casts, as the reference runs it: on an H100 a step was
+    CPU-bound (profiled: ~66 ms of GPU work in a ~170 ms step at 512 px, batch 2+2). What trains
+    stays fp32, the optimiser's master copy, and computes in fp32. The text encoder (its new rows
+    train) keeps autocast, and so does the CPU, whose autocast keeps group norm in fp32 and so needs
+    fp32 weights. Returns the hooks that cast around the trained layers."""
+    parts.vae.to(parts.device)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    # SDXL's VAE overflows in float16 (its config says force_upcast): it encodes in float32, as in
+    # diffusers' SDXL training scripts
+    upcast = parts.text.xl and bool(getattr(parts.vae.config, "force_upcast", False))
+    parts.vae.to(dtype=torch.float32 if upcast else weight_dtype)
+    if weight_dtype == torch.float32 or parts.device.type != "cuda":
+        return []
+    for module in (parts.unet, *parts.text.encoders):
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(weight_dtype)
+    parts.unet_dtype = weight_dtype
+    if not method.trains_weights:  # peft's LoRA layers cast for themselves
+        return []
+    return _compute_in_fp32([parts.unet.get_submodule(n[len("unet.") :]) for n in layer_names], weight_dtype)
+
+
+@dataclass
+class _Data:
+    """Instance images held in memory at up to 1.4x the resolution (the augmentation's largest
+    scale); the regularisation images' latent distributions and class text features, computed once."""
+
+    instances: list[tuple[int, Example]]  # (concept index, example)
+    pixels: dict[Path, torch.Tensor]
+    regs: list[Example]
+    reg_dist: list[torch.Tensor]  # per class image: [views, 2C, h, w] (views: itself, and mirrored with --hflip)
+    reg_text: dict[str, Encoded]  # class caption -> its conditioning (one prompt's: [L, D], pooled [P])
+
+
+def _cache_data(cfg: TrainConfig, parts: _Parts) -> _Data:
+    size = cfg.resolution
+    instances = [(c_i, ex) for c_i, c in enumerate(cfg.concepts) for ex in c.examples]
+    hold = int(1.4 * size) if cfg.aug else size
+    pixels: dict[Path, torch.Tensor] = {}
+    for _, ex in instances:
+        if ex.path not in pixels:
+            pixels[ex.path] = load_image(ex.path, hold)
+    data = _Data(instances, pixels, [ex for c in cfg.concepts for ex in c.reg_examples], [], {})
+    with torch.no_grad():
+        for i in range(0, len(data.regs), 8):
+            chunk = torch.stack([load_image(ex.path, size) for ex in data.regs[i : i + 8]])
+            views = [chunk, chunk.flip(-1)] if cfg.hflip else [chunk]
+            dists = [_latent_dist(parts.vae, v).cpu() for v in views]
+            for j in range(chunk.shape[0]):
+                data.reg_dist.append(torch.stack([d[j] for d in dists]))
+        captions = sorted({ex.caption for ex in data.regs})
+        for i in range(0, len(captions), 16):
+            enc = encode(parts.text, captions[i : i + 16], parts.device)
+            for j, caption in enumerate(captions[i : i + 16]):
+                pooled = None if enc.pooled is None else enc.pooled[j].float().cpu()
+                data.reg_text[caption] = Encoded(enc.hidden[j].float().cpu(), pooled)
+    return data
+
+
+def _time_ids(parts: _Parts, views: list[Any], n_class: int, size: int) -> torch.Tensor | None:
+    """SDXL's time ids of a batch, [B, 6] (None for the other kinds). An instance view that the
+    augmentation zoomed into is a size x size crop at (top, left) of a scale x scale image; any
+    other view, and every class image, is a whole size x size image (original = target, crop 0, 0:
+    what the pipeline conditions on when sampling)."""
+    if not parts.text.xl:
+        return None
+    whole = time_ids((size, size), (0, 0), (size, size))
+    ids = [time_ids((v.scale, v.scale), v.crop, (size, size)) if v.scale > size else whole for v in views]
+    return torch.stack(ids + [whole] * n_class)
+
+
+@dataclass
+class _EvalBatch:
+    """DVAR's fixed evaluation batch: the same latents, noise and timesteps at every step."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    prompts: list[str]
+    time_ids: torch.Tensor | None = None  # SDXL: whole images at the resolution
+
+
+def _eval_batch(cfg: TrainConfig, method: Method, parts: _Parts, data: _Data) -> _EvalBatch:
+    """Drawn once, from its own generator (training's draws untouched)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + 3)
+    picks = [data.instances[int(i)] for i in torch.randint(0, len(data.instances), (cfg.eval_batch,), generator=g)]
+    with torch.no_grad():
+        imgs = torch.stack([load_image(ex.path, cfg.resolution) for _, ex in picks])
+        lat = _sample_latents(_latent_dist(parts.vae, imgs).cpu(), g, parts.scaling)
+    return _EvalBatch(
+        latents=lat,
+        noise=torch.randn(lat.shape, generator=g),
+        timesteps=torch.randperm(parts.scheduler.config.num_train_timesteps, generator=g)[: cfg.eval_batch],
+        prompts=[method.eval_prompt(cfg, cfg.concepts[c_i], ex) for c_i, ex in picks],
+        time_ids=_time_ids(parts, [], cfg.eval_batch, cfg.resolution),
+    )
+
+
+def _start_run(run_dir: Path, cfg: TrainConfig) -> None:
+    """A new run folder: an empty log and the settings (what a resumed run must match)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOG).write_text("")
+    (run_dir / CONFIG).write_text(json.dumps({"config": _settings(cfg), "cdtool": __version__}, indent=1))
+
+
+@dataclass
+class _Batch:
+    """One step's instance views (first) and class images (after them, with --reg)."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    mask: torch.Tensor  # the instance views' loss masks
+    prompts: list[str]  # the instance views' prompts
+    class_text: Encoded | None  # the class images' conditioning
+    time_ids: torch.Tensor | None  # SDXL: every image's size and crop conditioning, [B, 6]
+
+
+def _draw_batch(cfg: TrainConfig, method: Method, parts: _Parts, data: _Data, tokens: _NewTokens, rng: _Rng) -> _Batch:
+    picks = [
+        data.instances[int(i)] for i in torch.randint(0, len(data.instances), (cfg.batch_size,), generator=rng.data)
+    ]
+    # augmented on the device: on a GPU the CPU's antialiased resize of a 512 px view took 8 ms,
+    # more than the copy; the random draws stay on the CPU generators
+    views = [
+        augment(
+            data.pixels[ex.path].to(parts.device),
+            cfg.resolution,
+            parts.factor,
+            rng.data,
+            enabled=cfg.aug,
+            hflip=cfg.hflip,
+        )
+        for _, ex in picks
+    ]
+    captions = [method.caption(cfg, cfg.concepts[c_i], ex, rng.data) for c_i, ex in picks]
+    prompts = [tokens.expand(v.prefix + c) for v, c in zip(views, captions, strict=True)]
+    with torch.no_grad():  # latents stay on the device: no wait for the VAE mid-step
+        lat = _sample_latents(_latent_dist(parts.vae, torch.stack([v.image for v in views])), rng.noise, parts.scaling)
+    cls_text = None
+    if data.regs:
+        rp = [int(i) for i in torch.randint(0, len(data.regs), (cfg.batch_size,), generator=rng.data)]
+        flips = [int(torch.randint(0, data.reg_dist[i].shape[0], (), generator=rng.data)) for i in rp]
+        rlat = _sample_latents(
+            torch.stack([data.reg_dist[i][f] for i, f in zip(rp, flips, strict=True)]), rng.noise, parts.scaling
+        )
+        lat = torch.cat([lat, rlat.to(lat.device)])
+        cls_text = _stack([data.reg_text[data.regs[i].caption] for i in rp])
+    noise = torch.randn(lat.shape, generator=rng.noise).to(lat.device)
+    t = torch.randint(0, parts.scheduler.config.num_train_timesteps, (lat.shape[0],), generator=rng.noise)
+    ids = _time_ids(parts, views, lat.shape[0] - len(views), cfg.resolution)
+    return _Batch(lat, noise, t.to(lat.device), torch.stack([v.mask for v in views]), prompts, cls_text, ids)
+
+
+def _stack(items: list[Encoded]) -> Encoded:
+    pooled = None if items[0].pooled is None else torch.stack([e.pooled for e in items])  # type: ignore[misc]
+    return Encoded(torch.stack([e.hidden for e in items]), pooled)
+
+
+def _cat(a: Encoded, b: Encoded) -> Encoded:
+    """The instance views' conditioning, then the class images'."""
+    pooled = None if a.pooled is None else torch.cat([a.pooled, b.pooled.to(a.pooled.device, a.pooled.dtype)])  # type: ignore[union-attr]
+    return Encoded(torch.cat([a.hidden, b.hidden.to(a.hidden.device, a.hidden.dtype)]), pooled)
+
+
+def _loss(method: Method, parts: _Parts, batch: _Batch, prior_weight: float) -> torch.Tensor:
+    assert parts.text_p is not None
+    text = encode(parts.text_p, batch.prompts, parts.device)
+    if batch.class_text is not None:
+        text = _cat(text, batch.class_text)
+    pred, target = _predict(parts.unet_p, parts, batch.latents, batch.noise, batch.timesteps, text, batch.time_ids)
+    return method.loss(pred, target, batch.mask.to(parts.device), prior_weight)
+
+
+def _eval_loss(parts: _Parts, tokens: _NewTokens, ev: _EvalBatch) -> float:
+    with torch.no_grad():
+        text = encode(parts.text, [tokens.expand(p) for p in ev.prompts], parts.device)
+        pred, target = _predict(parts.unet, parts, ev.latents, ev.noise, ev.timesteps, text, ev.time_ids)
+        return float(F.mse_loss(pred.float(), target.float()))
+
+
+def _predict(
+    unet: Any,
+    parts: _Parts,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    text: Encoded,
+    ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction for the latents noised to timesteps `t` under the conditioning `text`
+    (and SDXL's time ids), and what it should predict."""
+    noisy = parts.scheduler.add_noise(latents, noise, t)
+    pred = unet(
+        noisy.to(parts.device, parts.unet_dtype), t.to(parts.device), **unet_inputs(text, ids, parts.unet_dtype)
+    )
+    return pred.sample, _target(parts.scheduler, latents, noise, t).to(parts.device)
+
+
+def _target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts: the noise, or the velocity for v-prediction models."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    return noise
+
+
+def _log_step(run_dir: Path, entry: dict[str, Any]) -> None:
+    with (run_dir / LOG).open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def _build_delta(
+    cfg: TrainConfig,
+    method: Method,
+    parts: _Parts,
+    layer_names: list[str],
+    base: _Base,
+    tokens: _NewTokens,
+    run: dict[str, Any],
+) -> Delta:
+    """ΔW of every trained layer, the learned rows, and what made them (`run`: how the run went)."""
+    delta = Delta(
+        base_kind=parts.kind,
+        base_model=cfg.model,
+        base_fingerprint=base.fingerprint,
+        created_by=f"cdtool {__version__} train ({method.name})",
+    )
+    modules = {"unet": parts.unet, **parts.text.named()}
+    for n in layer_names:
+        component, _, path = n.partition(".")
+        delta.layers[n] = method.layer_delta(
+            modules[component].get_submodule(path), base.weights[n], base.biases.get(n)
+        )
+    learned = [r.weight.detach().float().cpu() for r in tokens.rows]
+    for i, c in enumerate(tokens.concepts):
+        own = slice(i * tokens.vectors, (i + 1) * tokens.vectors)
+        delta.tokens[c.token] = learned[0][own].clone()
+        if len(learned) > 1:
+            delta.tokens_2[c.token] = learned[1][own].clone()
+    delta.concepts = [method.concept_record(cfg, c, c in tokens.concepts) for c in cfg.concepts]
+    config = {k: v for k, v in asdict(cfg).items() if k != "concepts"}
+    delta.provenance = {"train": {"config": config, **run, "method": method.name}}
+    return delta
+
+
+def _write_outputs(
+    cfg: TrainConfig, delta: Delta, base: _Base, entries: list[dict[str, Any]], replace_output: bool
+) -> None:
+    """The delta (with the base weights a .bin export needs), its copy in the run folder, the loss curve."""
+    base_params = {f"{n}.weight": w for n, w in base.weights.items()} | {f"{n}.bias": b for n, b in base.biases.items()}
+    save_delta(delta, Path(cfg.output), base_params, replace=replace_output)
+    save_delta(delta, Path(cfg.run_dir) / DELTA)
+    _loss_curve(entries, Path(cfg.run_dir) / LOSS_CURVE)
+
+
+# Resuming: the run folder's config.json holds every setting, so a run continues from it alone.
+# What may differ in a resumed run: how far it goes, how it checkpoints, where it runs and writes.
+RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "device", "output", "run_dir")
+
+
+def _settings(cfg: TrainConfig) -> dict[str, Any]:
+    """`cfg` as config.json records it (examples as [path, caption] pairs)."""
+    doc = asdict(cfg)
+    for c in doc["concepts"]:
+        for key in ("examples", "reg_examples"):
+            c[key] = [[str(e["path"]), e["caption"]] for e in c[key]]
+    return json.loads(json.dumps(doc, default=str))
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The settings a run folder was trained with; refused when it cannot be resumed."""
+    path = run_dir / CONFIG
+    if not path.exists():
+        raise CdtoolError(f"{run_dir} is not a cdtool training run (no {CONFIG})")
+    try:
+        doc = dict(json.loads(path.read_text(encoding="utf-8"))["config"])
+        concepts = [
+            ConceptSpec(
+                token=c["token"],
+                class_noun=c["class_noun"],
+                init_token=c["init_token"],
+                examples=[Example(Path(p), t) for p, t in c["examples"]],
+                reg_examples=[Example(Path(p), t) for p, t in c["reg_examples"]],
+                data=c.get("data", ""),
+                reg=c.get("reg"),
+            )
+            for c in doc.pop("concepts")
+        ]
+        doc["lora_targets"] = tuple(doc["lora_targets"])
+        cfg = TrainConfig(concepts=concepts, **doc)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CdtoolError(f"{path} does not hold the settings of a run this cdtool can resume ({e})") from e
+    if latest_checkpoint(run_dir) is None:
+        raise CdtoolError(f"{run_dir} has no checkpoint to resume from; use --checkpoint-every N")
+    return cfg
+
+
+def resume_differences(saved: TrainConfig, asked: TrainConfig, given: set[str]) -> list[tuple[str, Any, Any]]:
+    """(setting, asked, saved) for each setting in `given` (TrainConfig field names) that a resumed
+    run may not change and `asked` changes."""
+    a, b = _settings(asked), _settings(saved)
+    return [(k, a[k], b[k]) for k in sorted(given) if k in a and k not in RESUMABLE and a[k] != b[k]]
+
+
+def resumed_config(saved: TrainConfig, asked: TrainConfig, given: set[str]) -> TrainConfig:
+    """The saved settings, with those a resumed run may change taken from `asked` where `given`."""
+    changes = {k: getattr(asked, k) for k in RESUMABLE if k in given}
+    return replace(saved, **changes, run_dir=asked.run_dir)
+
+
+def _save_checkpoint(
+    run_dir: Path,
+    accelerator: Any,
+    trainable: dict[str, Any],
+    optimizer: Any,
+    rng: _Rng,
+    step: int,
+    history: list[float],
+    keep: int,
+) -> None:
+    folder = checkpoint_folder(run_dir, step)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if accelerator.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng.state(), rng_file(tmp, accelerator.process_index))
+    if accelerator.is_main_process:
+        state = {
+            "step": step,
+            "history": history,
+            "params": {n: p.detach().cpu().clone() for n, p in trainable.items()},
+            "optimizer": optimizer.state_dict(),
+        }
+        torch.save(state, tmp / STATE)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(
+    run_dir: Path, accelerator: Any, trainable: dict[str, Any], optimizer: Any, rng: _Rng
+) -> tuple[int, list[float]]:
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise CdtoolError(f"{run_dir} has no checkpoint to resume from")
+    state = load_pickle(folder / STATE)
+    if set(state["params"]) != set(trainable):
+        raise CdtoolError(f"{folder} holds other parameters than this run trains; resume with the same options")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(state["params"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    rng_path = rng_file(folder, accelerator.process_index)
+    if not rng_path.exists():
+        raise CdtoolError(f"{folder} was saved with fewer processes; resume with the same number")
+    rng.load(load_pickle(rng_path))
+    step = int(state["step"])
+    if accelerator.is_main_process:  # the log continues from the checkpoint
+        kept = [line for line in _read_log(run_dir) if line["step"] <= step]
+        (run_dir / LOG).write_text("".join(json.dumps(e) + "\n" for e in kept))
+    return step, list(state["history"])
+
+
+def _read_log(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / LOG
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _loss_curve(entries: list[dict[str, Any]], path: Path) -> None:
+    """A small PNG of the training (and evaluation) loss per step, drawn with PIL."""
+    w, h, pad = 640, 320, 36
+    im = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([pad, pad // 2, w - pad // 2, h - pad], outline="black")
+    series = [("loss", (31, 119, 180)), ("eval_loss", (214, 39, 40))]
+    values = [e[k] for e in entries for k, _ in series if e.get(k) is not None]
+    if len(entries) >= 2 and values:
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        steps = [e["step"] for e in entries]
+        s0, s1 = min(steps), max(steps)
+        for key, colour in series:
+            pts = [
+                (
+                    pad + (e["step"] - s0) / max(1, s1 - s0) * (w - 1.5 * pad),
+                    h - pad - (e[key] - lo) / span * (h - 1.5 * pad),
+                )
+                for e in entries
+                if e.get(key) is not None
+            ]
+            if len(pts) >= 2:
+                draw.line(pts, fill=colour, width=2)
+        draw.text(
+            (pad, h - pad + 6), f"step {s0}..{s1}   loss {lo:.4g}..{hi:.4g}   blue: train  red: eval", fill="black"
+        )
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
+
+
+def delta_from_run(path: Path) -> Delta:
+    """The delta of a training run folder (its final delta, else its latest checkpoint) or of one
+    checkpoint folder; checkpoint weights are absolute, so the base is subtracted by the caller."""
+    if (path / STATE).exists():
+        ckpt, run_dir = path, path.parent.parent
+    else:
+        run_dir = path
+        if (path / DELTA).exists():
+            return read_cdtool(path / DELTA)
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise CdtoolError(f"{path} holds neither a finished delta nor a checkpoint")
+    config = json.loads((run_dir / CONFIG).read_text())["config"]
+    state = load_pickle(ckpt / STATE)
+    delta = Delta(
+        base_model=config["model"],
+        source_format="cdtool-checkpoint",
+        origin=str(ckpt),
+        created_by=f"cdtool {__version__} train (checkpoint step {state['step']})",
+    )
+    if config.get("method", "custom-diffusion") != "custom-diffusion":
+        raise CdtoolError(
+            f"{ckpt}: deltas are read from checkpoints of Custom Diffusion runs; use the run's final delta"
+        )
+    params = state["params"]
+    for n, w in params.items():
+        if n.startswith("unet.") and n.endswith(".weight"):
+            stem = n[: -len(".weight")]
+            delta.layers[stem] = LayerDelta(full=w.float(), bias=params.get(f"{stem}.bias"), absolute=True)
+    rows = params.get("text_encoder.cdtool_token_rows.weight")
+    rows_2 = params.get("text_encoder_2.cdtool_token_rows.weight")  # SDXL's second encoder
+    for i, c in enumerate(config["concepts"]):
+        if rows is not None:
+            delta.tokens[c["token"]] = rows[i : i + 1].float()
+        if rows_2 is not None:
+            delta.tokens_2[c["token"]] = rows_2[i : i + 1].float()
+        delta.concepts.append(
+            {
+                "token": c["token"],
+                "class_noun": c["class_noun"],
+                "init_token": c["init_token"],
+                "prompts": sorted({e[1] for e in c["examples"]})[:20],
+            }
+        )
+    delta.provenance = {"train": {"checkpoint": str(ckpt), "step": int(state["step"])}}
+    return delta
