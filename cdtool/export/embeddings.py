@@ -1,15 +1,11 @@
-"""What an SDXL delta's exports hold beyond a Stable Diffusion 1.x one's (cdtool/export/folder.py).
+"""The token files of an export: diffusers' `{token: embedding}` files and AUTOMATIC1111's embeddings,
+named by the token's Windows-safe stem (cdtool/filenames.py).
 
-- Token files: an SDXL embedding holds a token's rows in both text encoders, `clip_l` (the
-  text_encoder's, 768 wide on the real model) and `clip_g` (text_encoder_2's, 1280 wide): the file
-  AUTOMATIC1111 and ComfyUI read. diffusers loads it a part at a time:
-  `pipe.load_textual_inversion(f["clip_l"], token=..., text_encoder=pipe.text_encoder,
-  tokenizer=pipe.tokenizer)`, and `f["clip_g"]` with `pipe.text_encoder_2, pipe.tokenizer_2`.
-- kohya: the module names of kohya's SDXL networks, the original (SGM) UNet's
-  (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k`), and `lora_te1_`/`lora_te2_` for
-  the two text encoders; diffusers' `load_lora_weights`, AUTOMATIC1111 and ComfyUI read them.
-- The diffusers LoRA needs nothing new: its keys name the component (`unet.`, `text_encoder.`,
-  `text_encoder_2.`), as StableDiffusionXLPipeline.load_lora_weights reads them.
+An SDXL embedding holds a token's rows in both text encoders, `clip_l` (the text_encoder's, 768
+wide on the real model) and `clip_g` (text_encoder_2's, 1280 wide): the file AUTOMATIC1111 and
+ComfyUI read. diffusers loads it a part at a time:
+`pipe.load_textual_inversion(f["clip_l"], token=..., text_encoder=pipe.text_encoder,
+tokenizer=pipe.tokenizer)`, and `f["clip_g"]` with `pipe.text_encoder_2, pipe.tokenizer_2`.
 """
 
 from __future__ import annotations
@@ -18,11 +14,18 @@ import torch
 
 from cdtool.choices import SDXL
 from cdtool.delta.file import Delta
-from cdtool.delta.naming import diffusers_to_sgm
 from cdtool.errors import CdtoolError
 
 SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # text_encoder's rows, text_encoder_2's
-_KOHYA_TEXT = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+# The stems of the files an export writes itself: a token's file never takes one of these names.
+RESERVED_STEMS = (
+    "pytorch_lora_weights",
+    "pytorch_custom_diffusion_weights",
+    "lora",
+    "learned_embeds",
+    "README",
+    "samples",
+)
 
 
 def is_sdxl(delta: Delta) -> bool:
@@ -37,19 +40,31 @@ def sdxl_embedding(delta: Delta, token: str) -> dict[str, torch.Tensor]:
     return {k: e.reshape(-1, e.shape[-1]).contiguous() for k, e in zip(SDXL_EMBEDDING_KEYS, rows, strict=True)}
 
 
-def kohya_sdxl_state(delta: Delta, layers_per_block: int = 2) -> dict[str, torch.Tensor]:
-    """kohya's SDXL LoRA keys (`<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`); the UNet's
-    names in the original layout, which counts `layers_per_block` (the UNet config's) per block."""
-    from cdtool.export.folder import _check_lora, kohya_entries
+def token_file_stems(delta: Delta) -> dict[str, str]:
+    """token -> the stem of its files: Windows-safe, distinct, never one of RESERVED_STEMS."""
+    from cdtool.filenames import token_stems
 
-    _check_lora(delta)
-    out = {}
-    for name, layer in sorted(delta.layers.items()):
-        component, _, path = name.partition(".")
-        if component == "unet":
-            key = "lora_unet_" + diffusers_to_sgm(name, layers_per_block).replace(".", "_")
-        else:  # transformers 5 names CLIPTextModel's modules without its `text_model.`: kohya's have it
-            path = path if path.startswith("text_model.") else f"text_model.{path}"
-            key = f"{_KOHYA_TEXT[component]}_{path.replace('.', '_')}"
-        out |= kohya_entries(key, layer)
-    return out
+    return token_stems(delta.tokens, RESERVED_STEMS)
+
+
+def token_files(delta: Delta) -> dict[str, dict[str, torch.Tensor]]:
+    """`<stem>.safetensors` -> {token: embedding}, as diffusers writes them for
+    `pipe.load_textual_inversion(folder, weight_name=...)` (the token is the file's key)."""
+    stems = token_file_stems(delta)
+    if is_sdxl(delta):  # both encoders' rows
+        return {f"{stems[t]}.safetensors": sdxl_embedding(delta, t) for t in delta.tokens}
+    return {
+        f"{stems[t]}.safetensors": {t: (e[0] if e.shape[0] == 1 else e).contiguous()} for t, e in delta.tokens.items()
+    }
+
+
+def a1111_embeddings(delta: Delta) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """`<stem>.safetensors` -> (tensors, metadata) of AUTOMATIC1111's embedding file: `emb_params`
+    [n_vectors, dim]; the UI's prompt word is the file's stem, and the token stays in the metadata."""
+    stems = token_file_stems(delta)
+    if is_sdxl(delta):  # the UI reads SDXL embeddings as {clip_l, clip_g}
+        return {f"{stems[t]}.safetensors": (sdxl_embedding(delta, t), {"token": t}) for t in delta.tokens}
+    return {
+        f"{stems[t]}.safetensors": ({"emb_params": e.reshape(-1, e.shape[-1]).contiguous()}, {"token": t})
+        for t, e in delta.tokens.items()
+    }
