@@ -18,8 +18,8 @@ import torch
 from typer.testing import CliRunner
 
 from cdtool.delta.base import fingerprint, fingerprint_names, pipeline_params
-from cdtool.delta.extract import trainable_layer_names
 from cdtool.delta.file import Delta, LayerDelta
+from cdtool.models.layers import trainable_layer_names
 
 
 @pytest.fixture(scope="session")
@@ -170,7 +170,7 @@ def train_config(tmp_path: Path, raw: list[dict], method: str = "custom-diffusio
     """A TrainConfig on a tiny model (`model=`, default `tiny`) at 64 px for the given concept dicts
     (as --concept parses)."""
     from cdtool.train.concepts import build_concepts
-    from cdtool.train.trainer import TrainConfig
+    from cdtool.train.config import TrainConfig
 
     kw = {"resolution": 64, "batch_size": 2, "model": "tiny", **kw}
     return TrainConfig(

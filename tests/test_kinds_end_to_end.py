@@ -65,7 +65,8 @@ def test_train_merge_compress_sample_score(cli, tmp_path, model):
 
 def test_sd2_trains_on_the_velocity(tiny_sd2_pipe, tiny_pipe):
     """v-prediction (SD 2.x at 768 px): the UNet learns v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0."""
-    from cdtool.train.trainer import TrainConfig, _parts, _target
+    from cdtool.train.config import TrainConfig
+    from cdtool.train.trainer import _parts, _target
 
     g = torch.Generator().manual_seed(0)
     x0, noise, t = (

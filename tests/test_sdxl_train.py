@@ -85,7 +85,7 @@ def test_time_ids_follow_the_size_augmentation(tiny_xl_pipe, tiny_pipe):
 
 
 def train_config_for_parts():
-    from cdtool.train.trainer import TrainConfig
+    from cdtool.train.config import TrainConfig
 
     return TrainConfig(concepts=[], model="tiny-xl", output="x", run_dir="x", resolution=64)
 

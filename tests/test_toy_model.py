@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from cdtool.models.loading import default_resolution, load_pipeline, model_kind
+from cdtool.models.loading import default_resolution, load_pipeline, model_location
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_toy_model_is_packaged_and_small(toy_pipe):
 
     folder = toy_model_folder()
     size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
-    assert model_kind("toy") == "folder" and size <= 15 * 2**20
+    assert model_location("toy") == "folder" and size <= 15 * 2**20
     assert default_resolution("toy") == 32 and toy_pipe.unet.dtype == torch.float32
     assert json.loads((folder / "pretraining.json").read_text())["unet_steps"] > 0
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from cdtool.merge.inputs import MergeInputs
 
 
-class Method(str, Enum):
+class MergeMethodOption(str, Enum):
     closed_form = "closed-form"
     least_squares = "least-squares"
     sum = "sum"
@@ -58,14 +58,14 @@ def merge(
         typer.Option("--output", "-o", help="Merged delta (.safetensors, or .bin for the official layout)."),
     ] = None,
     method: Annotated[
-        Method,
+        MergeMethodOption,
         typer.Option(
             "--method",
             help="closed-form: the paper's (each concept exact on its two target prompts); least-squares: each "
             "concept's outputs on every row of its prompts, padding included, and the base's on the "
             "regularisation captions, fitted together; sum: the weighted sum of the ΔW.",
         ),
-    ] = Method.closed_form,
+    ] = MergeMethodOption.closed_form,
     model: ModelOpt = None,
     reg_captions: Annotated[
         Path | None,
@@ -106,7 +106,7 @@ def merge(
         raise UsageError("give at least two deltas to merge")
     if output is None and not dry_run:
         raise UsageError("give --output (or --dry-run)")
-    if base_weight is not None and method is not Method.least_squares:
+    if base_weight is not None and method is not MergeMethodOption.least_squares:
         raise UsageError("--base-weight belongs to --method least-squares")
     if output is not None:
         from cdtool.delta.importers import check_delta_output
@@ -117,20 +117,26 @@ def merge(
     nouns = classes.split("+") if classes else []
     if nouns and len(nouns) != len(specs):
         raise UsageError(f"--classes names {len(nouns)} classes for {len(specs)} inputs")
-    captions = None if method is Method.sum else _read_captions(reg_captions)
+    captions = None if method is MergeMethodOption.sum else _read_captions(reg_captions)
     # least-squares reads `file:x` as the input's weight in the fit; the others scale its ΔW
-    scales = [1.0 if method is Method.least_squares else s for _, s in specs]
+    scales = [1.0 if method is MergeMethodOption.least_squares else s for _, s in specs]
     from cdtool.merge.inputs import prepare_merge_inputs, read_merge_inputs, recorded_bases
 
     paths = [p for p, _ in specs]
     deltas = read_merge_inputs(paths, nouns)
     base_model = pick_model(model, recorded_bases(deltas, model))
     loaded = prepare_merge_inputs(
-        paths, deltas, scales, base_model, text_side=method is not Method.sum, warn=console.warn, log=console.log
+        paths,
+        deltas,
+        scales,
+        base_model,
+        text_side=method is not MergeMethodOption.sum,
+        warn=console.warn,
+        log=console.log,
     )
     del deltas  # loaded.deltas holds them now, relative to the base
     doc = _inputs_doc(method, loaded, specs)
-    if method is Method.sum:
+    if method is MergeMethodOption.sum:
         from cdtool.merge.deltas import sum_deltas
 
         merged = sum_deltas(loaded.deltas)
@@ -178,7 +184,7 @@ def _read_captions(path: Path | None) -> list[str]:
     return captions
 
 
-def _inputs_doc(method: Method, loaded: MergeInputs, specs: list[tuple[Path, float]]) -> dict[str, Any]:
+def _inputs_doc(method: MergeMethodOption, loaded: MergeInputs, specs: list[tuple[Path, float]]) -> dict[str, Any]:
     deltas = loaded.deltas
     return {
         "method": method.value,
@@ -195,7 +201,7 @@ def _inputs_doc(method: Method, loaded: MergeInputs, specs: list[tuple[Path, flo
 
 
 def _solve(
-    method: Method,
+    method: MergeMethodOption,
     loaded: MergeInputs,
     captions: list[str],
     weights: list[float],
@@ -207,13 +213,13 @@ def _solve(
     from cdtool.merge.deltas import merge_targets, solve_least_squares, solve_merge
     from cdtool.merge.text_features import cached_reg_gram
 
-    padded = method is Method.least_squares
+    least_squares = method is MergeMethodOption.least_squares  # which solves on every padded row
     assert loaded.text is not None
-    gram, rows, cached = cached_reg_gram(loaded.text, captions, padded=padded)
+    gram, rows, cached = cached_reg_gram(loaded.text, captions, padded=least_squares)
     console.log(f"regularisation features: {len(captions)} captions, {rows} rows{' (cached)' if cached else ''}")
-    targets = merge_targets(loaded.deltas, loaded.text, padded=padded)
+    targets = merge_targets(loaded.deltas, loaded.text, padded=least_squares)
     loaded.text = None  # the text encoders (3.3 GB in float32 on SDXL) are done with
-    if padded:
+    if least_squares:
         result = solve_least_squares(
             loaded.deltas, loaded.base, targets, gram / rows, weights, base_weight, dry_run=dry_run
         )
@@ -226,19 +232,19 @@ def _solve(
         reg_rows=rows,
         target_rows=result.target_rows,
         target_overlap=result.overlap,
-        ridge={"gram": result.ridge_gram, **({} if padded else {"targets": result.ridge_targets})},
+        ridge={"gram": result.ridge_gram, **({} if least_squares else {"targets": result.ridge_targets})},
     )
     for n, rep in result.layers.items():
         doc["layers"][n].update(rep)
-    _summarise(result, loaded, doc, padded, int(gram.shape[0]))
+    _summarise(result, loaded, doc, least_squares, int(gram.shape[0]))
     return result
 
 
-def _summarise(result: MergeResult, loaded: MergeInputs, doc: dict[str, Any], padded: bool, dim: int) -> None:
+def _summarise(result: MergeResult, loaded: MergeInputs, doc: dict[str, Any], least_squares: bool, dim: int) -> None:
     """The totals and the warnings a merge's analysis calls for."""
     from cdtool.merge.deltas import PARALLEL_COSINE
 
-    if not padded and result.target_rows_kept > dim:
+    if not least_squares and result.target_rows_kept > dim:
         console.warn(
             f"{result.target_rows_kept} target rows exceed the text feature size {dim}: the constraints cannot all hold; see the residuals"
         )
@@ -247,7 +253,7 @@ def _summarise(result: MergeResult, loaded: MergeInputs, doc: dict[str, Any], pa
             f"the system was ill-conditioned; a relative ridge of {max(result.ridge_gram, result.ridge_targets):g} was added"
         )
     layers = result.layers.values()
-    if result.layers and padded:
+    if result.layers and least_squares:
         worst = [max(r["own_error"][i] for r in layers) for i in range(len(loaded.deltas))]
         mean_drift = sum(r["reg_drift"] for r in layers) / len(result.layers)
         doc["total"] = {"max_own_error": worst, "mean_reg_drift": mean_drift}
@@ -297,7 +303,7 @@ def _warn_growth(result: MergeResult, doc: dict[str, Any]) -> None:
 def _write(
     merged: Any,
     output: Path,
-    method: Method,
+    method: MergeMethodOption,
     loaded: MergeInputs,
     specs: list[tuple[Path, float]],
     reg_captions: Path | None,
@@ -317,7 +323,7 @@ def _write(
         "ridge": doc.get("ridge"),
         "total": doc.get("total"),
     }
-    if method is Method.least_squares:
+    if method is MergeMethodOption.least_squares:
         solved["base_weight"] = doc["base_weight"]
     merged.provenance = {
         "merge": {
@@ -326,12 +332,12 @@ def _write(
                 {
                     "path": str(p),
                     "sha256": file_sha256(p) if p.is_file() else None,
-                    ("weight" if method is Method.least_squares else "scale"): s,
+                    ("weight" if method is MergeMethodOption.least_squares else "scale"): s,
                 }
                 for p, s in specs
             ],
             "renamed": doc["renamed"],
-            **({} if method is Method.sum else solved),
+            **({} if method is MergeMethodOption.sum else solved),
         }
     }
     save_delta(merged, output, loaded.base if output.suffix == ".bin" else None)

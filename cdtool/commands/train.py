@@ -36,7 +36,8 @@ from cdtool.train.recipes import (
 )
 
 if TYPE_CHECKING:
-    from cdtool.train.trainer import TrainConfig, TrainResult
+    from cdtool.train.config import TrainConfig
+    from cdtool.train.trainer import TrainResult
 
 
 EXAMPLES = examples(
@@ -46,7 +47,7 @@ EXAMPLES = examples(
 )
 
 
-class Method(str, Enum):
+class TrainMethodOption(str, Enum):
     custom_diffusion = CUSTOM_DIFFUSION
     textual_inversion = TEXTUAL_INVERSION
     dreambooth_lora = DREAMBOOTH_LORA
@@ -121,12 +122,12 @@ def train(
     ] = None,
     model: ModelOpt = None,
     method: Annotated[
-        Method,
+        TrainMethodOption,
         typer.Option(
             "--method",
             help="custom-diffusion (the paper), or the baselines it compares against: textual-inversion, dreambooth-lora.",
         ),
-    ] = Method.custom_diffusion,
+    ] = TrainMethodOption.custom_diffusion,
     num_vectors: Annotated[
         int, typer.Option("--num-vectors", min=1, help="Textual inversion: embedding vectors per token.")
     ] = 1,
@@ -259,7 +260,8 @@ def train(
     from cdtool.delta.importers import check_delta_output
     from cdtool.models.loading import default_resolution
     from cdtool.train.concepts import build_concepts, parse_concept, read_concepts_file
-    from cdtool.train.trainer import TrainConfig, load_run_config, resumed_config
+    from cdtool.train.config import TrainConfig
+    from cdtool.train.trainer import load_run_config, resumed_config
 
     _check_device(device)
 
@@ -298,7 +300,7 @@ def train(
     main = _rank() == 0  # under `accelerate launch` every process runs this command
     if not main:
         console.set_quiet(True)
-    if not any(s.reg_examples for s in specs) and main and method is not Method.textual_inversion:
+    if not any(s.reg_examples for s in specs) and main and method is not TrainMethodOption.textual_inversion:
         console.warn(
             "no --reg folder: training without prior preservation; the class may drift (make one with `cdtool regset`)"
         )
@@ -311,7 +313,7 @@ def train(
         method=method.value,
         train=(pick_alias(layers, train_alias, "--layers", "--train") or Layers.kv).value,
         resolution=res,
-        steps=steps or d.steps_per_concept * (len(specs) if method is Method.custom_diffusion else 1),
+        steps=steps or d.steps_per_concept * (len(specs) if method is TrainMethodOption.custom_diffusion else 1),
         batch_size=batch_size,
         grad_accum=grad_accum,
         lr=d.lr if lr is None else lr,

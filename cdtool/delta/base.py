@@ -11,7 +11,7 @@ import torch
 
 from cdtool.delta.file import Delta
 from cdtool.errors import CdtoolError
-from cdtool.models.loading import load_pipeline, local_path, model_kind
+from cdtool.models.loading import load_pipeline, local_path, model_location
 
 # Canonical names of the token embedding tables (transformers 4 nests them under `text_model.`, 5
 # does not for CLIPTextModel): the text encoder's, and SDXL's second text encoder's.
@@ -93,12 +93,12 @@ def load_base_params(model: str, names: Iterable[str], *, as_stored: bool = Fals
     keeps a folder's tensors in the dtype of its files (half the memory of float16 files, for
     callers that compute in float64 anyway)."""
     wanted = sorted(set(names))
-    kind = model_kind(model)
-    if kind == "folder":
+    where = model_location(model)
+    if where == "folder":
         got = _read_selected(local_path(model), wanted, as_stored)
         if got is not None:
             return got
-    if kind == "hub":
+    if where == "hub":
         got = _read_selected_from_hub(model, wanted)
         if got is not None:
             return got
@@ -111,7 +111,7 @@ def load_base_params(model: str, names: Iterable[str], *, as_stored: bool = Fals
 
 def unet_param_names(model: str) -> list[str]:
     """`unet.<name>` of every UNet parameter, from the file's index where possible."""
-    if model_kind(model) == "folder":
+    if model_location(model) == "folder":
         from safetensors import safe_open
 
         folder = local_path(model)
@@ -200,7 +200,7 @@ def check_token_width(delta: Delta, params: Mapping[str, torch.Tensor], model: s
 def model_fingerprint(model: str, pipe: Any = None) -> str:
     """What tells one base model from another: the fingerprint of its UNet's cross-attention key
     weights, read from `pipe` (unmodified) when given, else from the model's files where it can."""
-    if pipe is None and model_kind(model) != "folder":
+    if pipe is None and model_location(model) != "folder":
         pipe = load_pipeline(model)
     if pipe is not None:
         params = pipeline_params(pipe)

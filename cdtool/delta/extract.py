@@ -7,23 +7,8 @@ from typing import Any
 
 import torch
 
-from cdtool.choices import LAYER_SETS
 from cdtool.delta.file import Delta, LayerDelta
-
-
-def linear_names(model: Any, component: str, suffixes: tuple[str, ...], within: tuple[str, ...] = ("",)) -> list[str]:
-    """`<component>.<path>` of every Linear of `model` whose path ends in one of `suffixes` and
-    contains one of `within`."""
-    return [
-        f"{component}.{name}"
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.endswith(suffixes) and any(w in name for w in within)
-    ]
-
-
-def trainable_layer_names(unet: Any, layers: str = "kv") -> list[str]:
-    """`unet.<path>` of every Linear Custom Diffusion trains in this mode."""
-    return linear_names(unet, "unet", LAYER_SETS[layers])
+from cdtool.models.layers import trainable_layer_names
 
 
 def extract_delta(tuned: Any, base: Any, layers: str = "kv") -> tuple[Delta, int]:

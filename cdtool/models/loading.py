@@ -90,7 +90,7 @@ def is_missing_path(model: str) -> bool:
     return Path(model).suffix in SINGLE_FILE_SUFFIXES or model.startswith((".", "/", "~"))
 
 
-def model_kind(model: str) -> str:
+def model_location(model: str) -> str:
     """'tiny', 'folder', 'file' or 'hub' (where the model lies; `toy` is a folder inside the package).
     What kind of base it is (SD 1.x, 2.x, XL) is `base_kind`."""
     if model in TINY_MODELS:
@@ -115,7 +115,7 @@ def model_kind(model: str) -> str:
 def base_kind(model: str) -> str:
     """SD1, SD2 or SDXL (cdtool.choices), read from the model itself: a diffusers folder's or hub
     repository's model_index.json (and UNet config), or a single checkpoint's keys."""
-    where = model_kind(model)
+    where = model_location(model)
     if where == "tiny":
         return _TINY_KINDS[model]
     if where == "file":
@@ -197,13 +197,13 @@ def check_available(model: str, source: str = "--model") -> None:
     """Fail now, before a command makes any output, when `model` cannot be loaded from where it is
     named: a local folder that is not a diffusers model, or a hub id that is neither in the local
     Hugging Face cache nor downloadable (offline). `source` says where the name came from."""
-    kind = model_kind(model)
-    if kind == "folder" and not (local_path(model) / "model_index.json").is_file():
+    where = model_location(model)
+    if where == "folder" and not (local_path(model) / "model_index.json").is_file():
         raise CdtoolError(
             f"{model} ({source}) is not a diffusers model folder (no model_index.json); pass --model with a "
             "diffusers folder, a .safetensors/.ckpt checkpoint, or a hub id"
         )
-    if kind != "hub":
+    if where != "hub":
         return
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
@@ -238,7 +238,7 @@ def load_pipeline(model: str) -> Any:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     _no_loading_bars()
-    where = model_kind(model)
+    where = model_location(model)
     if where == "tiny":
         from cdtool.models.tiny import build_tiny
 
@@ -270,7 +270,7 @@ def load_text_side(model: str) -> TextSide:
     source allows it."""
     from cdtool.models.conditioning import TextSide
 
-    where = model_kind(model)
+    where = model_location(model)
     if where in ("tiny", "file"):
         return TextSide.of(load_pipeline(model))
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -295,7 +295,7 @@ def load_text_side(model: str) -> TextSide:
 
 def unet_config(model: str) -> dict[str, Any]:
     """The model's UNet config, read from its config file (a single checkpoint: loaded)."""
-    where = model_kind(model)
+    where = model_location(model)
     if where == "tiny":
         from cdtool.models import tiny
 
@@ -309,7 +309,7 @@ def default_resolution(model: str) -> int:
     """The model's native image size: UNet sample size x VAE factor, read from the configs where
     there are configs (1024 for SDXL, 512 or 768 for SD 1.x/2.x); for a single checkpoint, 1024 for
     SDXL and 512 otherwise."""
-    where = model_kind(model)
+    where = model_location(model)
     if where == "tiny":
         from cdtool.models.tiny import TINY_RESOLUTION
 
@@ -328,11 +328,11 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def _load_failure(model: str, kind: str, e: Exception) -> str:
+def _load_failure(model: str, where: str, e: Exception) -> str:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if kind == "folder":
+    if where == "folder":
         return f"could not load the diffusers folder {model} ({reason}); it needs model_index.json and unet/, vae/, text_encoder/, tokenizer/"
-    if kind == "file":
+    if where == "file":
         return (
             f"could not load the checkpoint {model} ({reason}); single-file loading also fetches the "
             "model's config from the hub: run once with network, or convert it to a diffusers folder"

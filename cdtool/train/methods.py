@@ -5,15 +5,15 @@ runs the steps they share; the names and published defaults are in cdtool/train/
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 
-from cdtool.delta.extract import linear_names, trainable_layer_names
 from cdtool.delta.file import LayerDelta
 from cdtool.errors import CdtoolError
+from cdtool.models.layers import linear_names, trainable_layer_names
 from cdtool.train.attention import use_detaching_cross_attention
 from cdtool.train.losses import custom_diffusion_loss
 from cdtool.train.recipes import (
@@ -25,13 +25,18 @@ from cdtool.train.recipes import (
     TEXTUAL_INVERSION,
 )
 
+if TYPE_CHECKING:
+    from cdtool.dataset.folders import Example
+    from cdtool.train.concepts import ConceptSpec
+    from cdtool.train.config import TrainConfig
 
-def caption_templates(cfg: Any) -> tuple[str, ...]:
+
+def caption_templates(cfg: TrainConfig) -> tuple[str, ...]:
     """Textual inversion's caption templates for the run's --property."""
     return STYLE_TEMPLATES if cfg.property == "style" else OBJECT_TEMPLATES
 
 
-class Method:
+class TrainingMethod:
     """What a method trains and how; the defaults are Custom Diffusion's where the methods agree."""
 
     name = ""
@@ -40,23 +45,27 @@ class Method:
     # a concept's token may be a word the vocabulary already has (DreamBooth's rare identifier)
     token_may_exist = False
 
-    def vectors(self, cfg: Any) -> int:
+    def vectors(self, cfg: TrainConfig) -> int:
         """Embedding rows per new token."""
         return 1
 
-    def layer_names(self, cfg: Any, unet: Any, encoders: Mapping[str, Any]) -> list[str]:
+    def layer_names(
+        self, cfg: TrainConfig, unet: torch.nn.Module, encoders: Mapping[str, torch.nn.Module]
+    ) -> list[str]:
         """`unet.<path>` / `text_encoder.<path>` (SDXL: `text_encoder_2.<path>` too) of every Linear
         the method changes; `encoders` are the text encoders by component name."""
         return []
 
-    def adapt(self, cfg: Any, unet: Any, encoders: Mapping[str, Any], layer_names: list[str]) -> None:
+    def adapt(
+        self, cfg: TrainConfig, unet: torch.nn.Module, encoders: Mapping[str, torch.nn.Module], layer_names: list[str]
+    ) -> None:
         """Make the chosen layers trainable (everything starts frozen)."""
 
-    def caption(self, cfg: Any, concept: Any, example: Any, g: torch.Generator) -> str:
+    def caption(self, cfg: TrainConfig, concept: ConceptSpec, example: Example, g: torch.Generator) -> str:
         """The caption of one training view (before the augmentation's prefix)."""
         return example.caption
 
-    def eval_prompt(self, cfg: Any, concept: Any, example: Any) -> str:
+    def eval_prompt(self, cfg: TrainConfig, concept: ConceptSpec, example: Example) -> str:
         """The caption of one image of DVAR's fixed evaluation batch."""
         return example.caption
 
@@ -69,11 +78,13 @@ class Method:
             loss = loss + prior_weight * F.mse_loss(pred[n:].float(), target[n:].float())
         return loss
 
-    def layer_delta(self, module: Any, base_weight: torch.Tensor, base_bias: torch.Tensor | None) -> LayerDelta:
+    def layer_delta(
+        self, module: torch.nn.Module, base_weight: torch.Tensor, base_bias: torch.Tensor | None
+    ) -> LayerDelta:
         """The trained change of one layer."""
         raise NotImplementedError(f"{self.name} trains no layers")
 
-    def concept_record(self, cfg: Any, concept: Any, new_token: bool) -> dict[str, Any]:
+    def concept_record(self, cfg: TrainConfig, concept: ConceptSpec, new_token: bool) -> dict[str, Any]:
         """What the delta's metadata says about one concept."""
         return {
             "token": concept.token,
@@ -86,17 +97,21 @@ class Method:
         }
 
 
-class CustomDiffusion(Method):
+class CustomDiffusion(TrainingMethod):
     """Kumari et al. 2023: the cross-attention key/value projections (or all of cross-attention)
     and a new token per concept; the masked loss of the size augmentation."""
 
     name = CUSTOM_DIFFUSION
     trains_weights = True
 
-    def layer_names(self, cfg: Any, unet: Any, encoders: Mapping[str, Any]) -> list[str]:
+    def layer_names(
+        self, cfg: TrainConfig, unet: torch.nn.Module, encoders: Mapping[str, torch.nn.Module]
+    ) -> list[str]:
         return trainable_layer_names(unet, cfg.train)
 
-    def adapt(self, cfg: Any, unet: Any, encoders: Mapping[str, Any], layer_names: list[str]) -> None:
+    def adapt(
+        self, cfg: TrainConfig, unet: torch.nn.Module, encoders: Mapping[str, torch.nn.Module], layer_names: list[str]
+    ) -> None:
         for n in layer_names:
             lin = unet.get_submodule(n[len("unet.") :])
             lin.weight.requires_grad_(True)
@@ -108,40 +123,44 @@ class CustomDiffusion(Method):
         # the prior weighed as the paper's code does (see cdtool.train.losses)
         return custom_diffusion_loss(pred, target, mask, prior_weight)
 
-    def layer_delta(self, module: Any, base_weight: torch.Tensor, base_bias: torch.Tensor | None) -> LayerDelta:
+    def layer_delta(
+        self, module: torch.nn.Module, base_weight: torch.Tensor, base_bias: torch.Tensor | None
+    ) -> LayerDelta:
         bias = None if base_bias is None else module.bias.detach().float().cpu() - base_bias.float()
         return LayerDelta(full=module.weight.detach().float().cpu() - base_weight.float(), bias=bias)
 
 
-class TextualInversion(Method):
+class TextualInversion(TrainingMethod):
     """Gal et al. 2022: only the new tokens' embedding rows, on captions drawn from templates."""
 
     name = TEXTUAL_INVERSION
 
-    def vectors(self, cfg: Any) -> int:
+    def vectors(self, cfg: TrainConfig) -> int:
         return cfg.num_vectors
 
-    def caption(self, cfg: Any, concept: Any, example: Any, g: torch.Generator) -> str:
+    def caption(self, cfg: TrainConfig, concept: ConceptSpec, example: Example, g: torch.Generator) -> str:
         templates = caption_templates(cfg)
         return templates[int(torch.randint(0, len(templates), (), generator=g))].format(concept.token)
 
-    def eval_prompt(self, cfg: Any, concept: Any, example: Any) -> str:
+    def eval_prompt(self, cfg: TrainConfig, concept: ConceptSpec, example: Example) -> str:
         return caption_templates(cfg)[0].format(concept.token)
 
-    def concept_record(self, cfg: Any, concept: Any, new_token: bool) -> dict[str, Any]:
+    def concept_record(self, cfg: TrainConfig, concept: ConceptSpec, new_token: bool) -> dict[str, Any]:
         record = super().concept_record(cfg, concept, new_token)
         record["prompts"] = list(caption_templates(cfg)[:3])
         return record | ({"kind": "style"} if cfg.property == "style" else {})
 
 
-class DreamBoothLoRA(Method):
+class DreamBoothLoRA(TrainingMethod):
     """DreamBooth with LoRA on the UNet's attention (and optionally the text encoder's), as DVAR
     evaluates it; the identifier may be an existing rare word ("sks"), used as it is."""
 
     name = DREAMBOOTH_LORA
     token_may_exist = True
 
-    def layer_names(self, cfg: Any, unet: Any, encoders: Mapping[str, Any]) -> list[str]:
+    def layer_names(
+        self, cfg: TrainConfig, unet: torch.nn.Module, encoders: Mapping[str, torch.nn.Module]
+    ) -> list[str]:
         names = linear_names(unet, "unet", tuple(f".{t}" for t in cfg.lora_targets), within=(".attn1.", ".attn2."))
         if not names:
             raise CdtoolError(f"no UNet attention projection matches --target {','.join(cfg.lora_targets)}")
@@ -150,7 +169,9 @@ class DreamBoothLoRA(Method):
                 names += linear_names(encoder, component, tuple(f".{t}" for t in TEXT_LORA_TARGETS))
         return names
 
-    def adapt(self, cfg: Any, unet: Any, encoders: Mapping[str, Any], layer_names: list[str]) -> None:
+    def adapt(
+        self, cfg: TrainConfig, unet: torch.nn.Module, encoders: Mapping[str, torch.nn.Module], layer_names: list[str]
+    ) -> None:
         for component, model in (("unet", unet), *encoders.items()):
             targets = [n[len(component) + 1 :] for n in layer_names if n.startswith(f"{component}.")]
             if targets:
@@ -163,7 +184,9 @@ class DreamBoothLoRA(Method):
                     )
                 )
 
-    def layer_delta(self, module: Any, base_weight: torch.Tensor, base_bias: torch.Tensor | None) -> LayerDelta:
+    def layer_delta(
+        self, module: torch.nn.Module, base_weight: torch.Tensor, base_bias: torch.Tensor | None
+    ) -> LayerDelta:
         # a peft LoRA layer: ΔW = scaling · B @ A
         up = module.lora_B["default"].weight.detach().float().cpu() * float(module.scaling["default"])
         return LayerDelta(up=up, down=module.lora_A["default"].weight.detach().float().cpu())
@@ -172,7 +195,7 @@ class DreamBoothLoRA(Method):
 _METHODS = {m.name: m for m in (CustomDiffusion(), TextualInversion(), DreamBoothLoRA())}
 
 
-def method_for(name: str) -> Method:
+def method_for(name: str) -> TrainingMethod:
     """The method object of a `--method` name."""
     if name not in _METHODS:
         raise CdtoolError(f"unknown method {name!r}: use {', '.join(_METHODS)}")

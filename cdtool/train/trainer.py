@@ -50,8 +50,9 @@ from cdtool.models.tokens import (
 )
 from cdtool.train.augment import augment
 from cdtool.train.concepts import ConceptSpec
+from cdtool.train.config import TrainConfig
 from cdtool.train.losses import dvar
-from cdtool.train.methods import Method, method_for
+from cdtool.train.methods import TrainingMethod, method_for
 from cdtool.train.runs import (
     CONFIG,
     DELTA,
@@ -63,50 +64,6 @@ from cdtool.train.runs import (
     latest_checkpoint,
     rng_file,
 )
-
-
-@dataclass
-class TrainConfig:
-    concepts: list[ConceptSpec]
-    model: str
-    output: str
-    run_dir: str
-    method: str = "custom-diffusion"
-    train: str = "kv"  # custom diffusion: kv = attn2.to_k/to_v; attn2 = all cross-attention projections
-    resolution: int = 512
-    steps: int = 250
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-5
-    scale_lr: bool = True
-    prior_weight: float = 1.0
-    aug: bool = True
-    hflip: bool = False
-    seed: int = 0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    use_8bit_adam: bool = False
-    early_stop: str = "none"
-    dvar_window: int = 180
-    dvar_eps: float = 0.15
-    eval_batch: int = 4
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    device: str = "auto"
-    num_vectors: int = 1  # textual inversion: embedding rows per token
-    property: str = "object"  # textual inversion: object or style caption templates
-    rank: int = 4  # dreambooth-lora
-    lora_alpha: float | None = None  # default: the rank (scale 1)
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    train_text_encoder: bool = False
-    text_encoder_lr: float | None = None
-
-    def fingerprint_fields(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
-        d = asdict(self)
-        for k in ("steps", "checkpoint_every", "keep_checkpoints", "device", "output", "run_dir"):
-            d.pop(k)
-        return d
 
 
 @dataclass
@@ -325,7 +282,7 @@ class _NewTokens:
         return text
 
 
-def _plan_tokens(cfg: TrainConfig, method: Method, text: TextSide) -> _NewTokens:
+def _plan_tokens(cfg: TrainConfig, method: TrainingMethod, text: TextSide) -> _NewTokens:
     """New tokens, initialised from their rare initialiser pieces (in every text encoder, from the
     same vocabulary entry). DreamBooth's identifier may be an existing rare word ("sks"), which is
     then used as it is and not trained."""
@@ -357,7 +314,7 @@ class _Base:
     biases: dict[str, torch.Tensor]
 
 
-def _record_base(method: Method, pipe: Any, layer_names: list[str], tokens: _NewTokens) -> _Base:
+def _record_base(method: TrainingMethod, pipe: Any, layer_names: list[str], tokens: _NewTokens) -> _Base:
     params = pipeline_params(pipe)
     # the fingerprint covers what the written delta will name: layers trained as themselves carry
     # their bias's change too (to_out.0 under --train attn2), LoRA factors do not
@@ -395,7 +352,7 @@ def _add_tokens(tokens: _NewTokens, parts: _Parts) -> None:
 
 
 def _freeze_and_adapt(
-    cfg: TrainConfig, method: Method, parts: _Parts, layer_names: list[str], tokens: _NewTokens
+    cfg: TrainConfig, method: TrainingMethod, parts: _Parts, layer_names: list[str], tokens: _NewTokens
 ) -> dict[str, torch.nn.Parameter]:
     """Everything frozen except what the method trains; returns the trained parameters by name."""
     for module in (parts.unet, parts.vae, *parts.text.encoders):
@@ -441,7 +398,7 @@ def _optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter], lr: f
     return bnb.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
 
-def _hold_in_half(cfg: TrainConfig, method: Method, parts: _Parts, layer_names: list[str]) -> list[Any]:
+def _hold_in_half(cfg: TrainConfig, method: TrainingMethod, parts: _Parts, layer_names: list[str]) -> list[Any]:
     """The VAE on the device in the run's precision. On CUDA with mixed precision the frozen weights
     are held in the half type (as the reference holds them), halving their memory, and the UNet runs
     wholly in it without autocast's per-op casts, as the reference runs it: on an H100 a step was
@@ -527,7 +484,7 @@ class _EvalBatch:
     time_ids: torch.Tensor | None = None  # SDXL: whole images at the resolution
 
 
-def _eval_batch(cfg: TrainConfig, method: Method, parts: _Parts, data: _Data) -> _EvalBatch:
+def _eval_batch(cfg: TrainConfig, method: TrainingMethod, parts: _Parts, data: _Data) -> _EvalBatch:
     """Drawn once, from its own generator (training's draws untouched)."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 3)
     picks = [data.instances[int(i)] for i in torch.randint(0, len(data.instances), (cfg.eval_batch,), generator=g)]
@@ -563,7 +520,9 @@ class _Batch:
     time_ids: torch.Tensor | None  # SDXL: every image's size and crop conditioning, [B, 6]
 
 
-def _draw_batch(cfg: TrainConfig, method: Method, parts: _Parts, data: _Data, tokens: _NewTokens, rng: _Rng) -> _Batch:
+def _draw_batch(
+    cfg: TrainConfig, method: TrainingMethod, parts: _Parts, data: _Data, tokens: _NewTokens, rng: _Rng
+) -> _Batch:
     picks = [
         data.instances[int(i)] for i in torch.randint(0, len(data.instances), (cfg.batch_size,), generator=rng.data)
     ]
@@ -610,7 +569,7 @@ def _cat(a: Encoded, b: Encoded) -> Encoded:
     return Encoded(torch.cat([a.hidden, b.hidden.to(a.hidden.device, a.hidden.dtype)]), pooled)
 
 
-def _loss(method: Method, parts: _Parts, batch: _Batch, prior_weight: float) -> torch.Tensor:
+def _loss(method: TrainingMethod, parts: _Parts, batch: _Batch, prior_weight: float) -> torch.Tensor:
     assert parts.text_p is not None
     text = encode(parts.text_p, batch.prompts, parts.device)
     if batch.class_text is not None:
@@ -658,7 +617,7 @@ def _log_step(run_dir: Path, entry: dict[str, Any]) -> None:
 
 def _build_delta(
     cfg: TrainConfig,
-    method: Method,
+    method: TrainingMethod,
     parts: _Parts,
     layer_names: list[str],
     base: _Base,
