@@ -85,6 +85,37 @@ def test_design_doc_lists_every_key_of_the_delta_file():
     assert missing == []
 
 
+def test_design_doc_layers_match_the_package_tree():
+    """docs/design.md's Layers section names every sub-package of the library and each of its
+    modules; at most 15 modules sit directly in cdtool/, and the sub-packages' __init__.py files hold
+    no code (so that importing one imports nothing else)."""
+    import ast
+
+    text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    start = text.index("## Layers")
+    layers = text[start : text.index("\n## ", start)]
+    package = ROOT / "cdtool"
+    top = sorted(p.name for p in package.glob("*.py"))
+    assert len(top) <= 15, top
+    unnamed = [m for m in top if m not in ("__init__.py", "__main__.py") and not re.search(rf"`(cdtool/)?{m}`", layers)]
+    subpackages = sorted(p for p in package.iterdir() if (p / "__init__.py").is_file())
+    for sub in subpackages:
+        body = ast.parse((sub / "__init__.py").read_text(encoding="utf-8")).body
+        assert all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body), sub
+        if sub.name in ("commands", "toy"):  # named as folders: one module per command, the toy world
+            assert f"`cdtool/{sub.name}/" in layers, sub.name
+            continue
+        head = f"- `cdtool/{sub.name}/`:"
+        assert head in layers, f"{sub.name}/ is not in the Layers section"
+        block = layers[layers.index(head) :].split("\n  - ", 1)[0]
+        unnamed += [
+            f"{sub.name}/{m.name}"
+            for m in sorted(sub.glob("*.py"))
+            if m.name != "__init__.py" and f"`{m.name}`" not in block
+        ]
+    assert unnamed == [], "modules the Layers section of docs/design.md does not name"
+
+
 def product_files() -> list[Path]:
     files = [*DOCS, ROOT / "Makefile", ROOT / "pyproject.toml"]
     for folder in ("cdtool", "tests", "benchmarks", "scripts", "tools", "research", ".ci"):
