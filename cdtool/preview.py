@@ -1,5 +1,6 @@
 """Pictures that explain themselves: rows of images under the prompt they were made from, each
-image with its caption lines (the sample grid at the end of `train`; `score --report`'s picture)."""
+image with its caption lines (the sample grid at the end of `train`; `score --report`'s picture),
+and a training run's loss curve."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cdtool.atomic import atomic_path
 from cdtool.delta.file import Delta
 
 PREVIEW = "samples.png"
@@ -107,3 +109,36 @@ def sample_preview(
         captioned_rows(rows), out, {"parameters": json.dumps(params | {"guidance": guidance, "scheduler": "ddim"})}
     )
     return prompts
+
+
+def loss_curve(entries: list[dict[str, Any]], path: Path) -> None:
+    """A small PNG of the training (and evaluation) loss per step, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 640, 320, 36
+    im = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([pad, pad // 2, w - pad // 2, h - pad], outline="black")
+    series = [("loss", (31, 119, 180)), ("eval_loss", (214, 39, 40))]
+    values = [e[k] for e in entries for k, _ in series if e.get(k) is not None]
+    if len(entries) >= 2 and values:
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        steps = [e["step"] for e in entries]
+        s0, s1 = min(steps), max(steps)
+        for key, colour in series:
+            pts = [
+                (
+                    pad + (e["step"] - s0) / max(1, s1 - s0) * (w - 1.5 * pad),
+                    h - pad - (e[key] - lo) / span * (h - 1.5 * pad),
+                )
+                for e in entries
+                if e.get(key) is not None
+            ]
+            if len(pts) >= 2:
+                draw.line(pts, fill=colour, width=2)
+        draw.text(
+            (pad, h - pad + 6), f"step {s0}..{s1}   loss {lo:.4g}..{hi:.4g}   blue: train  red: eval", fill="black"
+        )
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")

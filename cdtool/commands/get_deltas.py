@@ -102,7 +102,7 @@ def get_deltas(
         source_format = "fine-tuned-model"
     else:
         if is_run_folder(source):
-            from cdtool.train.trainer import delta_from_run
+            from cdtool.train.runs import delta_from_run
 
             delta = delta_from_run(source)
         else:

@@ -261,7 +261,7 @@ def train(
     from cdtool.models.loading import default_resolution
     from cdtool.train.concepts import build_concepts, parse_concept, read_concepts_file
     from cdtool.train.config import TrainConfig
-    from cdtool.train.trainer import load_run_config, resumed_config
+    from cdtool.train.runs import load_run_config, resumed_config
 
     _check_device(device)
 
@@ -425,7 +425,7 @@ def _option(setting: str) -> str:
 
 def _check_resume(run_dir: Path, saved: TrainConfig, asked: TrainConfig, given: set[str]) -> None:
     """A resumed run continues with its own settings: any given option that differs is named."""
-    from cdtool.train.trainer import resume_differences
+    from cdtool.train.runs import resume_differences
 
     differ = resume_differences(saved, asked, given)
     if differ:

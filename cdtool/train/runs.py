@@ -7,12 +7,30 @@
     RUN/samples.png                   the concepts' prompts sampled with the final delta (train --samples)
     RUN/delta.safetensors             the final delta
     RUN/checkpoints/step-NNNNNN/      state.pt (step, trained tensors, optimiser) and rng-<process>.pt
+
+and what reads and writes one: the settings (config.json, and what a resumed run may change), the
+step log, the checkpoints, and the delta of a run or of one of its checkpoints. The trainer
+(cdtool/train/trainer.py) runs the steps; the loss curve is drawn by cdtool/preview.py. Importing
+this module loads no torch (`get-deltas --help` asks it what a run folder is).
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cdtool import __version__
+from cdtool.errors import CdtoolError
+from cdtool.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from cdtool.delta.file import Delta
 
 CONFIG = "config.json"
 LOG = "log.jsonl"
@@ -75,3 +93,202 @@ def is_run_delta(path: Path, run_dir: Path) -> bool:
         return False
     meta = safetensors_metadata(path)
     return meta is not None and meta.get("format") == "cdtool.delta" and meta == safetensors_metadata(own)
+
+
+# Resuming: the run folder's config.json holds every setting, so a run continues from it alone.
+# What may differ in a resumed run: how far it goes, how it checkpoints, where it runs and writes.
+RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "device", "output", "run_dir")
+
+
+def _settings(cfg: TrainConfig) -> dict[str, Any]:
+    """`cfg` as config.json records it (examples as [path, caption] pairs)."""
+    doc = asdict(cfg)
+    for c in doc["concepts"]:
+        for key in ("examples", "reg_examples"):
+            c[key] = [[str(e["path"]), e["caption"]] for e in c[key]]
+    return json.loads(json.dumps(doc, default=str))
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The settings a run folder was trained with; refused when it cannot be resumed."""
+    from cdtool.dataset.folders import Example
+    from cdtool.train.concepts import ConceptSpec
+
+    path = run_dir / CONFIG
+    if not path.exists():
+        raise CdtoolError(f"{run_dir} is not a cdtool training run (no {CONFIG})")
+    try:
+        doc = dict(json.loads(path.read_text(encoding="utf-8"))["config"])
+        concepts = [
+            ConceptSpec(
+                token=c["token"],
+                class_noun=c["class_noun"],
+                init_token=c["init_token"],
+                examples=[Example(Path(p), t) for p, t in c["examples"]],
+                reg_examples=[Example(Path(p), t) for p, t in c["reg_examples"]],
+                data=c.get("data", ""),
+                reg=c.get("reg"),
+            )
+            for c in doc.pop("concepts")
+        ]
+        doc["lora_targets"] = tuple(doc["lora_targets"])
+        cfg = TrainConfig(concepts=concepts, **doc)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CdtoolError(f"{path} does not hold the settings of a run this cdtool can resume ({e})") from e
+    if latest_checkpoint(run_dir) is None:
+        raise CdtoolError(f"{run_dir} has no checkpoint to resume from; use --checkpoint-every N")
+    return cfg
+
+
+def resume_differences(saved: TrainConfig, asked: TrainConfig, given: set[str]) -> list[tuple[str, Any, Any]]:
+    """(setting, asked, saved) for each setting in `given` (TrainConfig field names) that a resumed
+    run may not change and `asked` changes."""
+    a, b = _settings(asked), _settings(saved)
+    return [(k, a[k], b[k]) for k in sorted(given) if k in a and k not in RESUMABLE and a[k] != b[k]]
+
+
+def resumed_config(saved: TrainConfig, asked: TrainConfig, given: set[str]) -> TrainConfig:
+    """The saved settings, with those a resumed run may change taken from `asked` where `given`."""
+    changes = {k: getattr(asked, k) for k in RESUMABLE if k in given}
+    return replace(saved, **changes, run_dir=asked.run_dir)
+
+
+def start_run(run_dir: Path, cfg: TrainConfig) -> None:
+    """A new run folder: an empty log and the settings (what a resumed run must match)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOG).write_text("")
+    (run_dir / CONFIG).write_text(json.dumps({"config": _settings(cfg), "cdtool": __version__}, indent=1))
+
+
+def log_step(run_dir: Path, entry: dict[str, Any]) -> None:
+    """One line of the step log."""
+    with (run_dir / LOG).open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    """The step log's entries."""
+    path = run_dir / LOG
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_checkpoint(
+    run_dir: Path,
+    accelerator: Any,
+    trainable: dict[str, Any],
+    optimizer: Any,
+    rng_state: dict[str, torch.Tensor],
+    step: int,
+    history: list[float],
+    keep: int,
+) -> None:
+    """A checkpoint at `step` (the trained tensors, the optimiser, the DVAR history and every process's
+    `rng_state`), moved into place whole; only the newest `keep` are kept."""
+    import torch
+
+    folder = checkpoint_folder(run_dir, step)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if accelerator.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state, rng_file(tmp, accelerator.process_index))
+    if accelerator.is_main_process:
+        state = {
+            "step": step,
+            "history": history,
+            "params": {n: p.detach().cpu().clone() for n, p in trainable.items()},
+            "optimizer": optimizer.state_dict(),
+        }
+        torch.save(state, tmp / STATE)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(
+    run_dir: Path, accelerator: Any, trainable: dict[str, Any], optimizer: Any
+) -> tuple[int, list[float], dict[str, torch.Tensor]]:
+    """Continue from the run's latest checkpoint: the trained tensors and the optimiser restored in
+    place, the log cut back to the checkpoint's step; returns (step, DVAR history, this process's
+    random generators' state)."""
+    import torch
+
+    from cdtool.delta.importers import load_pickle
+
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise CdtoolError(f"{run_dir} has no checkpoint to resume from")
+    state = load_pickle(folder / STATE)
+    if set(state["params"]) != set(trainable):
+        raise CdtoolError(f"{folder} holds other parameters than this run trains; resume with the same options")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(state["params"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    rng_path = rng_file(folder, accelerator.process_index)
+    if not rng_path.exists():
+        raise CdtoolError(f"{folder} was saved with fewer processes; resume with the same number")
+    rng_state = load_pickle(rng_path)
+    step = int(state["step"])
+    if accelerator.is_main_process:  # the log continues from the checkpoint
+        kept = [line for line in read_log(run_dir) if line["step"] <= step]
+        (run_dir / LOG).write_text("".join(json.dumps(e) + "\n" for e in kept))
+    return step, list(state["history"]), rng_state
+
+
+def delta_from_run(path: Path) -> Delta:
+    """The delta of a training run folder (its final delta, else its latest checkpoint) or of one
+    checkpoint folder; checkpoint weights are absolute, so the base is subtracted by the caller."""
+    from cdtool.delta.file import Delta, LayerDelta, read_cdtool
+    from cdtool.delta.importers import load_pickle
+
+    if (path / STATE).exists():
+        ckpt, run_dir = path, path.parent.parent
+    else:
+        run_dir = path
+        if (path / DELTA).exists():
+            return read_cdtool(path / DELTA)
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise CdtoolError(f"{path} holds neither a finished delta nor a checkpoint")
+    config = json.loads((run_dir / CONFIG).read_text())["config"]
+    state = load_pickle(ckpt / STATE)
+    delta = Delta(
+        base_model=config["model"],
+        source_format="cdtool-checkpoint",
+        origin=str(ckpt),
+        created_by=f"cdtool {__version__} train (checkpoint step {state['step']})",
+    )
+    if config.get("method", "custom-diffusion") != "custom-diffusion":
+        raise CdtoolError(
+            f"{ckpt}: deltas are read from checkpoints of Custom Diffusion runs; use the run's final delta"
+        )
+    params = state["params"]
+    for n, w in params.items():
+        if n.startswith("unet.") and n.endswith(".weight"):
+            stem = n[: -len(".weight")]
+            delta.layers[stem] = LayerDelta(full=w.float(), bias=params.get(f"{stem}.bias"), absolute=True)
+    rows = params.get("text_encoder.cdtool_token_rows.weight")
+    rows_2 = params.get("text_encoder_2.cdtool_token_rows.weight")  # SDXL's second encoder
+    for i, c in enumerate(config["concepts"]):
+        if rows is not None:
+            delta.tokens[c["token"]] = rows[i : i + 1].float()
+        if rows_2 is not None:
+            delta.tokens_2[c["token"]] = rows_2[i : i + 1].float()
+        delta.concepts.append(
+            {
+                "token": c["token"],
+                "class_noun": c["class_noun"],
+                "init_token": c["init_token"],
+                "prompts": sorted({e[1] for e in c["examples"]})[:20],
+            }
+        )
+    delta.provenance = {"train": {"checkpoint": str(ckpt), "step": int(state["step"])}}
+    return delta

@@ -14,12 +14,10 @@ of their mirror images) and the class prompts' text features are computed before
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +26,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
-from PIL import Image, ImageDraw
 
 from cdtool import __version__
-from cdtool.atomic import atomic_path
 from cdtool.dataset.folders import Example, load_image
 from cdtool.delta.base import TOKEN_EMBEDDING_2, fingerprint, fingerprint_names, pipeline_params
-from cdtool.delta.file import Delta, LayerDelta, read_cdtool
-from cdtool.delta.importers import load_pickle, save_delta
+from cdtool.delta.file import Delta, LayerDelta
+from cdtool.delta.importers import save_delta
 from cdtool.errors import CdtoolError
 from cdtool.models.conditioning import Encoded, TextSide, encode, time_ids, unet_inputs
 from cdtool.models.loading import load_pipeline, pipeline_kind
@@ -48,21 +44,20 @@ from cdtool.models.tokens import (
     resolve_init_token,
     token_names,
 )
+from cdtool.preview import loss_curve
 from cdtool.train.augment import augment
 from cdtool.train.concepts import ConceptSpec
 from cdtool.train.config import TrainConfig
 from cdtool.train.losses import dvar
 from cdtool.train.methods import TrainingMethod, method_for
 from cdtool.train.runs import (
-    CONFIG,
     DELTA,
-    LOG,
     LOSS_CURVE,
-    STATE,
-    checkpoint_folder,
-    checkpoints,
-    latest_checkpoint,
-    rng_file,
+    load_checkpoint,
+    log_step,
+    read_log,
+    save_checkpoint,
+    start_run,
 )
 
 
@@ -156,11 +151,12 @@ def train(
 
     step, history, entries = 0, [], []
     if resume:
-        step, history = _load_checkpoint(run_dir, accelerator, trainable, optimizer, rng)
+        step, history, rng_state = load_checkpoint(run_dir, accelerator, trainable, optimizer)
+        rng.load(rng_state)
         if main:
             log(f"resumed {run_dir} at step {step}")
     elif main:
-        _start_run(run_dir, cfg)
+        start_run(run_dir, cfg)
     stop_reason, stat, last_loss = "", None, None
     while step < cfg.steps:
         for _ in range(cfg.grad_accum):
@@ -180,23 +176,25 @@ def train(
             entry.update(eval_loss=history[-1], dvar=stat)
         entries.append(entry)
         if main:
-            _log_step(run_dir, entry)
+            log_step(run_dir, entry)
             if progress is not None:
                 progress(step, cfg.steps, entry)
         if stat is not None and stat < cfg.dvar_eps:
             stop_reason = f"DVAR {stat:.4f} < {cfg.dvar_eps} over the last {cfg.dvar_window} evaluations"
             break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            _save_checkpoint(run_dir, accelerator, trainable, optimizer, rng, step, history, cfg.keep_checkpoints)
+            save_checkpoint(
+                run_dir, accelerator, trainable, optimizer, rng.state(), step, history, cfg.keep_checkpoints
+            )
     if cfg.checkpoint_every and step % cfg.checkpoint_every:  # the last step too, so a run can be extended
-        _save_checkpoint(run_dir, accelerator, trainable, optimizer, rng, step, history, cfg.keep_checkpoints)
+        save_checkpoint(run_dir, accelerator, trainable, optimizer, rng.state(), step, history, cfg.keep_checkpoints)
 
     accelerator.wait_for_everyone()
     run = {"steps_run": step, "stopped_early": bool(stop_reason), "stop_reason": stop_reason, "learning_rate": lr}
     run |= {"processes": accelerator.num_processes, "final_loss": last_loss}
     delta = _build_delta(cfg, method, parts, layer_names, base, tokens, run)
     if main:
-        _write_outputs(cfg, delta, base, _read_log(run_dir) if resume else entries, replace_output)
+        _write_outputs(cfg, delta, base, read_log(run_dir) if resume else entries, replace_output)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     for h in hooks:
@@ -500,13 +498,6 @@ def _eval_batch(cfg: TrainConfig, method: TrainingMethod, parts: _Parts, data: _
     )
 
 
-def _start_run(run_dir: Path, cfg: TrainConfig) -> None:
-    """A new run folder: an empty log and the settings (what a resumed run must match)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / LOG).write_text("")
-    (run_dir / CONFIG).write_text(json.dumps({"config": _settings(cfg), "cdtool": __version__}, indent=1))
-
-
 @dataclass
 class _Batch:
     """One step's instance views (first) and class images (after them, with --reg)."""
@@ -610,11 +601,6 @@ def _target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch
     return noise
 
 
-def _log_step(run_dir: Path, entry: dict[str, Any]) -> None:
-    with (run_dir / LOG).open("a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
 def _build_delta(
     cfg: TrainConfig,
     method: TrainingMethod,
@@ -656,203 +642,4 @@ def _write_outputs(
     base_params = {f"{n}.weight": w for n, w in base.weights.items()} | {f"{n}.bias": b for n, b in base.biases.items()}
     save_delta(delta, Path(cfg.output), base_params, replace=replace_output)
     save_delta(delta, Path(cfg.run_dir) / DELTA)
-    _loss_curve(entries, Path(cfg.run_dir) / LOSS_CURVE)
-
-
-# Resuming: the run folder's config.json holds every setting, so a run continues from it alone.
-# What may differ in a resumed run: how far it goes, how it checkpoints, where it runs and writes.
-RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "device", "output", "run_dir")
-
-
-def _settings(cfg: TrainConfig) -> dict[str, Any]:
-    """`cfg` as config.json records it (examples as [path, caption] pairs)."""
-    doc = asdict(cfg)
-    for c in doc["concepts"]:
-        for key in ("examples", "reg_examples"):
-            c[key] = [[str(e["path"]), e["caption"]] for e in c[key]]
-    return json.loads(json.dumps(doc, default=str))
-
-
-def load_run_config(run_dir: Path) -> TrainConfig:
-    """The settings a run folder was trained with; refused when it cannot be resumed."""
-    path = run_dir / CONFIG
-    if not path.exists():
-        raise CdtoolError(f"{run_dir} is not a cdtool training run (no {CONFIG})")
-    try:
-        doc = dict(json.loads(path.read_text(encoding="utf-8"))["config"])
-        concepts = [
-            ConceptSpec(
-                token=c["token"],
-                class_noun=c["class_noun"],
-                init_token=c["init_token"],
-                examples=[Example(Path(p), t) for p, t in c["examples"]],
-                reg_examples=[Example(Path(p), t) for p, t in c["reg_examples"]],
-                data=c.get("data", ""),
-                reg=c.get("reg"),
-            )
-            for c in doc.pop("concepts")
-        ]
-        doc["lora_targets"] = tuple(doc["lora_targets"])
-        cfg = TrainConfig(concepts=concepts, **doc)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CdtoolError(f"{path} does not hold the settings of a run this cdtool can resume ({e})") from e
-    if latest_checkpoint(run_dir) is None:
-        raise CdtoolError(f"{run_dir} has no checkpoint to resume from; use --checkpoint-every N")
-    return cfg
-
-
-def resume_differences(saved: TrainConfig, asked: TrainConfig, given: set[str]) -> list[tuple[str, Any, Any]]:
-    """(setting, asked, saved) for each setting in `given` (TrainConfig field names) that a resumed
-    run may not change and `asked` changes."""
-    a, b = _settings(asked), _settings(saved)
-    return [(k, a[k], b[k]) for k in sorted(given) if k in a and k not in RESUMABLE and a[k] != b[k]]
-
-
-def resumed_config(saved: TrainConfig, asked: TrainConfig, given: set[str]) -> TrainConfig:
-    """The saved settings, with those a resumed run may change taken from `asked` where `given`."""
-    changes = {k: getattr(asked, k) for k in RESUMABLE if k in given}
-    return replace(saved, **changes, run_dir=asked.run_dir)
-
-
-def _save_checkpoint(
-    run_dir: Path,
-    accelerator: Any,
-    trainable: dict[str, Any],
-    optimizer: Any,
-    rng: _Rng,
-    step: int,
-    history: list[float],
-    keep: int,
-) -> None:
-    folder = checkpoint_folder(run_dir, step)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if accelerator.is_main_process:
-        tmp.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng.state(), rng_file(tmp, accelerator.process_index))
-    if accelerator.is_main_process:
-        state = {
-            "step": step,
-            "history": history,
-            "params": {n: p.detach().cpu().clone() for n, p in trainable.items()},
-            "optimizer": optimizer.state_dict(),
-        }
-        torch.save(state, tmp / STATE)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-        for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _load_checkpoint(
-    run_dir: Path, accelerator: Any, trainable: dict[str, Any], optimizer: Any, rng: _Rng
-) -> tuple[int, list[float]]:
-    folder = latest_checkpoint(run_dir)
-    if folder is None:
-        raise CdtoolError(f"{run_dir} has no checkpoint to resume from")
-    state = load_pickle(folder / STATE)
-    if set(state["params"]) != set(trainable):
-        raise CdtoolError(f"{folder} holds other parameters than this run trains; resume with the same options")
-    with torch.no_grad():
-        for n, p in trainable.items():
-            p.copy_(state["params"][n])
-    optimizer.load_state_dict(state["optimizer"])
-    rng_path = rng_file(folder, accelerator.process_index)
-    if not rng_path.exists():
-        raise CdtoolError(f"{folder} was saved with fewer processes; resume with the same number")
-    rng.load(load_pickle(rng_path))
-    step = int(state["step"])
-    if accelerator.is_main_process:  # the log continues from the checkpoint
-        kept = [line for line in _read_log(run_dir) if line["step"] <= step]
-        (run_dir / LOG).write_text("".join(json.dumps(e) + "\n" for e in kept))
-    return step, list(state["history"])
-
-
-def _read_log(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / LOG
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _loss_curve(entries: list[dict[str, Any]], path: Path) -> None:
-    """A small PNG of the training (and evaluation) loss per step, drawn with PIL."""
-    w, h, pad = 640, 320, 36
-    im = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(im)
-    draw.rectangle([pad, pad // 2, w - pad // 2, h - pad], outline="black")
-    series = [("loss", (31, 119, 180)), ("eval_loss", (214, 39, 40))]
-    values = [e[k] for e in entries for k, _ in series if e.get(k) is not None]
-    if len(entries) >= 2 and values:
-        lo, hi = min(values), max(values)
-        span = (hi - lo) or 1.0
-        steps = [e["step"] for e in entries]
-        s0, s1 = min(steps), max(steps)
-        for key, colour in series:
-            pts = [
-                (
-                    pad + (e["step"] - s0) / max(1, s1 - s0) * (w - 1.5 * pad),
-                    h - pad - (e[key] - lo) / span * (h - 1.5 * pad),
-                )
-                for e in entries
-                if e.get(key) is not None
-            ]
-            if len(pts) >= 2:
-                draw.line(pts, fill=colour, width=2)
-        draw.text(
-            (pad, h - pad + 6), f"step {s0}..{s1}   loss {lo:.4g}..{hi:.4g}   blue: train  red: eval", fill="black"
-        )
-    with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
-
-
-def delta_from_run(path: Path) -> Delta:
-    """The delta of a training run folder (its final delta, else its latest checkpoint) or of one
-    checkpoint folder; checkpoint weights are absolute, so the base is subtracted by the caller."""
-    if (path / STATE).exists():
-        ckpt, run_dir = path, path.parent.parent
-    else:
-        run_dir = path
-        if (path / DELTA).exists():
-            return read_cdtool(path / DELTA)
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise CdtoolError(f"{path} holds neither a finished delta nor a checkpoint")
-    config = json.loads((run_dir / CONFIG).read_text())["config"]
-    state = load_pickle(ckpt / STATE)
-    delta = Delta(
-        base_model=config["model"],
-        source_format="cdtool-checkpoint",
-        origin=str(ckpt),
-        created_by=f"cdtool {__version__} train (checkpoint step {state['step']})",
-    )
-    if config.get("method", "custom-diffusion") != "custom-diffusion":
-        raise CdtoolError(
-            f"{ckpt}: deltas are read from checkpoints of Custom Diffusion runs; use the run's final delta"
-        )
-    params = state["params"]
-    for n, w in params.items():
-        if n.startswith("unet.") and n.endswith(".weight"):
-            stem = n[: -len(".weight")]
-            delta.layers[stem] = LayerDelta(full=w.float(), bias=params.get(f"{stem}.bias"), absolute=True)
-    rows = params.get("text_encoder.cdtool_token_rows.weight")
-    rows_2 = params.get("text_encoder_2.cdtool_token_rows.weight")  # SDXL's second encoder
-    for i, c in enumerate(config["concepts"]):
-        if rows is not None:
-            delta.tokens[c["token"]] = rows[i : i + 1].float()
-        if rows_2 is not None:
-            delta.tokens_2[c["token"]] = rows_2[i : i + 1].float()
-        delta.concepts.append(
-            {
-                "token": c["token"],
-                "class_noun": c["class_noun"],
-                "init_token": c["init_token"],
-                "prompts": sorted({e[1] for e in c["examples"]})[:20],
-            }
-        )
-    delta.provenance = {"train": {"checkpoint": str(ckpt), "step": int(state["step"])}}
-    return delta
+    loss_curve(entries, Path(cfg.run_dir) / LOSS_CURVE)
