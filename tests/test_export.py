@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import one_error
+from helpers import one_error
 
 from cdtool.delta.file import read_cdtool, write_cdtool
 from cdtool.delta.importers import read_delta

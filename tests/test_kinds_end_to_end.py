@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_concept_folder
+from helpers import write_concept_folder
 
 from cdtool.delta.file import read_cdtool
 

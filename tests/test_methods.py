@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import train_config
+from helpers import train_config
 
 from cdtool.delta.file import read_cdtool
 from cdtool.delta.importers import read_delta

@@ -218,7 +218,7 @@ def test_knn_service_down(cli, tmp_path):
 
 
 def test_offline_without_a_model_fails_before_making_the_output(cli, tmp_path, monkeypatch):
-    from conftest import one_error
+    from helpers import one_error
 
     monkeypatch.delenv("CDTOOL_MODEL", raising=False)
     out = tmp_path / "reg" / "cat"

@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import one_error, write_concept_folder
+from helpers import one_error, write_concept_folder
 from PIL import Image
 from safetensors.torch import save_file
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import one_error
+from helpers import one_error
 from PIL import Image
 
 from cdtool.delta.file import write_cdtool

@@ -35,7 +35,7 @@ def tiny_dino(tmp_path_factory):
 
 @pytest.fixture
 def folders(cli, tmp_path):
-    from conftest import write_concept_folder
+    from helpers import write_concept_folder
 
     ref = write_concept_folder(tmp_path / "ref", n=4)
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
@@ -205,7 +205,7 @@ def test_per_prompt_table_and_reports(cli, folders, tiny_dino, tmp_path):
     import io
     from html.parser import HTMLParser
 
-    from conftest import one_error
+    from helpers import one_error
     from PIL import Image
 
     ref, s1, _ = folders

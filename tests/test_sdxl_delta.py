@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import one_error
+from helpers import one_error
 
 from cdtool.delta.base import fingerprint, fingerprint_names, pipeline_params
 from cdtool.delta.file import read_cdtool, safetensors_metadata, write_cdtool

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import train_config
+from helpers import train_config
 
 from cdtool.delta.file import read_cdtool
 from cdtool.models.apply import apply_deltas

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import write_concept_folder
+from helpers import write_concept_folder
 
 from cdtool.errors import UsageError
 from cdtool.models.clip_vocab import load_clip_tokenizer

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import one_error, train_config, write_concept_folder
+from helpers import one_error, train_config, write_concept_folder
 
 from cdtool.delta.base import pipeline_params
 from cdtool.delta.file import read_cdtool
@@ -231,7 +231,7 @@ def test_joint_training_from_concepts_file(cli, tmp_path, concept_dirs):
     ],
 )
 def test_bad_input(cli, tmp_path, concept_dirs, case, monkeypatch):
-    from conftest import write_concept_folder
+    from helpers import write_concept_folder
 
     cat, reg = concept_dirs
     out = tmp_path / "x.safetensors"
