@@ -40,6 +40,7 @@ CONCEPTS = [("<new1>", "cat"), ("<new2>", "dog")]
 def make_deltas(folder: Path, out: Path, xl: bool = False) -> list[Path]:
     """Two concepts on every key/value layer, with their token's rows (in both text encoders for
     SDXL), fingerprinted against the base; the official .bin beside each (SD1.5 only)."""
+    from cdtool.choices import SDXL
     from cdtool.delta.base import (
         TOKEN_EMBEDDING,
         TOKEN_EMBEDDING_2,
@@ -50,6 +51,7 @@ def make_deltas(folder: Path, out: Path, xl: bool = False) -> list[Path]:
     )
     from cdtool.delta.file import Delta, LayerDelta, write_cdtool
     from cdtool.delta.importers import write_official
+    from cdtool.models.clip_vocab import CLIP_VOCAB_SIZE
 
     kv = [
         n[: -len(".weight")]
@@ -69,8 +71,8 @@ def make_deltas(folder: Path, out: Path, xl: bool = False) -> list[Path]:
         for table, rows in zip(tables, (d.tokens, d.tokens_2), strict=False):
             init = base[table][42170 + i : 42171 + i].clone()
             rows[token] = init + 0.01 * torch.randn(init.shape, generator=g)
-        d.base_kind = "sdxl" if xl else ""
-        d.base_fingerprint = fingerprint(base, fingerprint_names(d), 49408)
+        d.base_kind = SDXL if xl else ""
+        d.base_fingerprint = fingerprint(base, fingerprint_names(d), CLIP_VOCAB_SIZE)
         write_cdtool(d, out / f"{noun}.safetensors")
         if not xl:
             write_official(d, out / f"{noun}.bin", base)

@@ -12,7 +12,6 @@ from typing import Any
 from cdtool.atomic import atomic_path
 from cdtool.delta.file import Delta
 
-PREVIEW = "samples.png"
 MIN_TILE = 96  # smaller images (the toy model's 32 px) are enlarged, pixel for pixel, to at least this
 LABEL = 14  # pixels of a text line
 

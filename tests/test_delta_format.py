@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from cdtool.delta.base import pipeline_params
 from cdtool.delta.file import FORMAT, Delta, LayerDelta, read_cdtool, safetensors_metadata, write_cdtool
 from cdtool.delta.importers import official_state, read_delta, save_delta
-from cdtool.delta.naming import diffusers_to_compvis
+from cdtool.delta.naming import diffusers_to_sgm
 from cdtool.errors import CdtoolError
 
 
@@ -102,7 +102,7 @@ def test_compvis_ckpt_import_maps_names(tmp_path, tiny_pipe, make_delta):
     sd = {}
     for name, layer in d.layers.items():
         w0 = base[f"{name}.weight"]
-        sd[diffusers_to_compvis(name)] = w0.double() + layer.full.double()
+        sd[f"model.diffusion_model.{diffusers_to_sgm(name)}.weight"] = w0.double() + layer.full.double()
     sd["embed"] = torch.cat([d.tokens["<new1>"], torch.ones(1, 32)])
     # the tiny UNet's block layout is not SD1.x, but the name mapping is the SD1.x one both ways
     torch.save({"state_dict": sd}, tmp_path / "delta_epoch=000004.ckpt")

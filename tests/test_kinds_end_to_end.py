@@ -66,7 +66,7 @@ def test_train_merge_compress_sample_score(cli, tmp_path, model):
 def test_sd2_trains_on_the_velocity(tiny_sd2_pipe, tiny_pipe):
     """v-prediction (SD 2.x at 768 px): the UNet learns v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0."""
     from cdtool.train.config import TrainConfig
-    from cdtool.train.trainer import _parts, _target
+    from cdtool.train.trainer import prediction_target, training_parts
 
     g = torch.Generator().manual_seed(0)
     x0, noise, t = (
@@ -75,9 +75,11 @@ def test_sd2_trains_on_the_velocity(tiny_sd2_pipe, tiny_pipe):
         torch.tensor([10, 500, 990]),
     )
     cfg = TrainConfig(concepts=[], model="tiny-sd2", output="x", run_dir="x", resolution=64)
-    scheduler = _parts(cfg, tiny_sd2_pipe, torch.device("cpu")).scheduler
+    scheduler = training_parts(cfg, tiny_sd2_pipe, torch.device("cpu")).scheduler
     assert scheduler.config.prediction_type == "v_prediction"
     abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    assert torch.allclose(_target(scheduler, x0, noise, t), abar.sqrt() * noise - (1 - abar).sqrt() * x0, atol=1e-6)
-    sd1 = _parts(cfg, tiny_pipe, torch.device("cpu")).scheduler
-    assert torch.equal(_target(sd1, x0, noise, t), noise)  # SD 1.x: the noise
+    assert torch.allclose(
+        prediction_target(scheduler, x0, noise, t), abar.sqrt() * noise - (1 - abar).sqrt() * x0, atol=1e-6
+    )
+    sd1 = training_parts(cfg, tiny_pipe, torch.device("cpu")).scheduler
+    assert torch.equal(prediction_target(sd1, x0, noise, t), noise)  # SD 1.x: the noise

@@ -190,7 +190,7 @@ def test_hub_base_offline_is_one_clear_error(cli, tmp_path, make_delta):
 def test_least_squares_merge_is_the_fit_over_every_row_the_unet_reads(cli, tmp_path, make_delta):
     from cdtool.merge.deltas import concept_prompts
     from cdtool.merge.least_squares import least_squares_merge
-    from cdtool.merge.text_features import padded_rows
+    from cdtool.models.conditioning import TextSide, padded_rows
 
     a, b = _write_concepts(tmp_path, make_delta, 2)
     captions = tmp_path / "captions.txt"
@@ -206,10 +206,10 @@ def test_least_squares_merge_is_the_fit_over_every_row_the_unet_reads(cli, tmp_p
     assert merged.provenance["merge"]["base_weight"] == 0.3
     # the same fit, computed directly from the pipeline's padded text features, layer by layer
     pipe = build_tiny_pipeline()
-    reg_rows = padded_rows(pipe.tokenizer, pipe.text_encoder, captions.read_text().splitlines())
+    reg_rows = padded_rows(TextSide.of(pipe), captions.read_text().splitlines())
     inputs = [read_cdtool(a), read_cdtool(b)]
     apply_deltas(pipe, [(type(d)(tokens=d.tokens), 1.0) for d in inputs])  # the tokens alone
-    rows = [padded_rows(pipe.tokenizer, pipe.text_encoder, concept_prompts(d)) for d in inputs]
+    rows = [padded_rows(TextSide.of(pipe), concept_prompts(d)) for d in inputs]
     for name, layer in merged.layers.items():
         w0 = pipe.unet.get_submodule(name[len("unet.") :]).weight.detach().double()
         ws = [w0 + d.layers[name].full.double() for d in inputs]

@@ -70,18 +70,18 @@ def test_the_unet_trains_on_the_pipelines_own_conditioning(tmp_path, concept_dir
 
 
 def test_time_ids_follow_the_size_augmentation(tiny_xl_pipe, tiny_pipe):
-    parts = trainer._parts(train_config_for_parts(), tiny_xl_pipe, torch.device("cpu"))
+    parts = trainer.training_parts(train_config_for_parts(), tiny_xl_pipe, torch.device("cpu"))
     zoomed = Augmented(torch.zeros(3, 64, 64), torch.ones(8, 8), "close up ", 80, (5, 11))
     shrunk = Augmented(torch.zeros(3, 64, 64), torch.ones(8, 8), "very small ", 30, (0, 0))
-    ids = trainer._time_ids(parts, [zoomed, shrunk], 2, 64)
+    ids = trainer.batch_time_ids(parts, [zoomed, shrunk], 2, 64)
     assert ids.tolist() == [
         [80, 80, 5, 11, 64, 64],  # a 64 px crop at (5, 11) of the view zoomed to 80 px
         [64, 64, 0, 0, 64, 64],  # pasted small onto a whole 64 px image
         [64, 64, 0, 0, 64, 64],  # class images: whole, as when sampling
         [64, 64, 0, 0, 64, 64],
     ]
-    sd1 = trainer._parts(train_config_for_parts(), tiny_pipe, torch.device("cpu"))
-    assert trainer._time_ids(sd1, [zoomed], 0, 64) is None  # SD 1.x and 2.x have no time ids
+    sd1 = trainer.training_parts(train_config_for_parts(), tiny_pipe, torch.device("cpu"))
+    assert trainer.batch_time_ids(sd1, [zoomed], 0, 64) is None  # SD 1.x and 2.x have no time ids
 
 
 def train_config_for_parts():

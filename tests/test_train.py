@@ -390,12 +390,12 @@ def test_get_deltas_from_run_and_checkpoint(cli, tmp_path, concept_dirs):
 def test_trained_layers_compute_in_fp32_inside_a_half_model():
     """Under mixed precision on CUDA the frozen UNet runs in the half type and the trained
     projections stay fp32: their input is cast up, their output down, and gradients reach them."""
-    from cdtool.train.trainer import _compute_in_fp32
+    from cdtool.train.trainer import compute_in_fp32
 
     torch.manual_seed(0)
     frozen = torch.nn.Linear(8, 8).to(torch.bfloat16).requires_grad_(False)
     trained = torch.nn.Linear(8, 4)
-    handles = _compute_in_fp32([trained], torch.bfloat16)
+    handles = compute_in_fp32([trained], torch.bfloat16)
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     out = trained(frozen(x))
     assert out.dtype == torch.bfloat16 and trained.weight.dtype == torch.float32

@@ -10,6 +10,7 @@ import typer
 
 from cdtool import console
 from cdtool.atomic import claim_output
+from cdtool.choices import SDXL
 from cdtool.commands.common import (
     ForceOpt,
     JsonOpt,
@@ -114,11 +115,11 @@ def export(
     per_block = 2
     # kohya's SDXL names count the UNet's layers per block; an import records no kind, and where its
     # base was read anyway (a Custom Diffusion folder's fine-tuned weights) the base says
-    if to is Target.kohya and (delta.kind == "sdxl" or (delta.kind == "" and base_model is not None)):
+    if to is Target.kohya and (delta.kind == SDXL or (delta.kind == "" and base_model is not None)):
         from cdtool.models.loading import base_kind, unet_config
 
         kohya_base = base_model or pick_model(model, [delta.base_model])
-        if delta.kind == "sdxl" or base_kind(kohya_base) == "sdxl":
+        if delta.kind == SDXL or base_kind(kohya_base) == SDXL:
             per_block = int(unet_config(kohya_base).get("layers_per_block", 2))
     options: dict[str, Any] = {}
     if to is not Target.official:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdtool.errors import CdtoolError, UsageError
+from cdtool.errors import CdtoolError, UsageError, first_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -45,18 +45,13 @@ def open_image(path: Path | str, data: bytes | None = None) -> Any:
     except Image.DecompressionBombError as e:
         raise ImageError(str(path), f"refused as a possible decompression bomb: {e}") from e
     except Exception as e:  # PIL raises many types for bad files
-        raise ImageError(str(path), _reason(e)) from e
+        raise ImageError(str(path), first_line(e)) from e
     try:
         im.load()  # truncated files fail here, not later
     except Exception as e:
         im.close()
-        raise ImageError(str(path), _reason(e)) from e
+        raise ImageError(str(path), first_line(e)) from e
     return im
-
-
-def _reason(e: Exception) -> str:
-    text = str(e).splitlines()[0] if str(e) else ""
-    return text or type(e).__name__
 
 
 @dataclass

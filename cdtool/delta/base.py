@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from cdtool.delta.file import Delta
-from cdtool.errors import CdtoolError
+from cdtool.errors import CdtoolError, first_line
 from cdtool.models.loading import load_pipeline, local_path, model_location
 
 # Canonical names of the token embedding tables (transformers 4 nests them under `text_model.`, 5
@@ -139,10 +139,10 @@ def _read_selected_from_hub(repo: str, names: list[str]) -> dict[str, torch.Tens
             except EntryNotFoundError:
                 continue
             except Exception as e:  # offline, unknown repository, no access
-                from cdtool.models.loading import _offline_hint
+                from cdtool.models.loading import offline_hint
 
                 raise CdtoolError(
-                    f"could not read {filename} of {repo!r} from the Hugging Face hub ({str(e).splitlines()[0]}); {_offline_hint(repo)}"
+                    f"could not read {filename} of {repo!r} from the Hugging Face hub ({first_line(e)}); {offline_hint(repo)}"
                 ) from e
             (folder / comp).mkdir(exist_ok=True)
             (folder / filename).symlink_to(local)

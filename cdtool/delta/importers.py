@@ -31,12 +31,12 @@ from cdtool.delta.file import (
 )
 from cdtool.delta.naming import compvis_to_diffusers
 from cdtool.errors import CdtoolError, UsageError
+from cdtool.models.clip_vocab import CLIP_VOCAB_SIZE
 from cdtool.models.tokens import check_token_name
 
 DIFFUSERS_WEIGHTS = ("pytorch_custom_diffusion_weights.safetensors", "pytorch_custom_diffusion_weights.bin")
 OFFICIAL_DELTA = "delta.bin"
 COMPVIS_TOKEN_TABLE = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-CLIP_VOCAB = 49408
 _CD_SUFFIX = {
     "to_k_custom_diffusion.weight": ("to_k", "weight"),
     "to_v_custom_diffusion.weight": ("to_v", "weight"),
@@ -214,8 +214,8 @@ def _from_compvis(sd: dict[str, Any], path: Path) -> Delta:
     tokens = {}
     table = sd.get(COMPVIS_TOKEN_TABLE)
     embed = sd.get("embed")
-    if embed is None and isinstance(table, torch.Tensor) and table.shape[0] > CLIP_VOCAB:
-        embed = table[CLIP_VOCAB:]
+    if embed is None and isinstance(table, torch.Tensor) and table.shape[0] > CLIP_VOCAB_SIZE:
+        embed = table[CLIP_VOCAB_SIZE:]
     if embed is not None:
         embed = _as_rows(embed)
         # The official CompVis code stores the new rows in the order <new1>, <new2>, ...

@@ -35,11 +35,6 @@ def compvis_to_diffusers(key: str) -> str | None:
     return f"unet.{prefix}.{rest}"
 
 
-def diffusers_to_compvis(name: str) -> str:
-    """Inverse of `compvis_to_diffusers` for `unet.` layer names."""
-    return f"model.diffusion_model.{diffusers_to_sgm(name)}.weight"
-
-
 def diffusers_to_sgm(name: str, layers_per_block: int = 2) -> str:
     """The original (CompVis/SGM) module path of a `unet.` layer inside an attention block, e.g.
     `unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k` ->

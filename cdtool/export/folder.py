@@ -15,12 +15,12 @@ from cdtool.delta.file import Delta
 from cdtool.errors import CdtoolError
 from cdtool.export.embeddings import a1111_embeddings, is_sdxl, sdxl_embedding, token_file_stems, token_files
 from cdtool.export.weights import custom_diffusion_state, diffusers_lora_state, kohya_sdxl_state, kohya_state
+from cdtool.train.runs import SAMPLES
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # diffusers' loader needs an entry for every attention processor, empty for the untouched ones,
 # which safetensors cannot hold: its own .safetensors output fails to load, so cdtool writes .bin.
 CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights.bin"
-SAMPLES_FILE = "samples.png"
 EMBEDDINGS = "embeddings"  # the A1111/ComfyUI embedding files' folder
 DIFFUSERS_TOKEN_TARGETS = ("diffusers-lora", "diffusers-custom-diffusion", "textual-inversion")
 A1111_TOKEN_TARGETS = ("kohya", "textual-inversion", "checkpoint")
@@ -68,8 +68,8 @@ def export(
             save_file(state, str(inside(path / EMBEDDINGS, file)), metadata=meta)
             written.append(f"{EMBEDDINGS}/{file}")
     if samples is not None:
-        shutil.copyfile(samples, path / SAMPLES_FILE)
-        written.append(SAMPLES_FILE)
+        shutil.copyfile(samples, path / SAMPLES)
+        written.append(SAMPLES)
     written.append(_write_card(delta, target, path, name or path.name, written, samples is not None, license))
     return [path / w for w in written]
 
@@ -134,7 +134,7 @@ def _write_card(
         folder_name=name,
         files=[*written, CARD],
         token_files=token_list if target in DIFFUSERS_TOKEN_TARGETS + A1111_TOKEN_TARGETS else [],
-        samples=SAMPLES_FILE if samples else None,
+        samples=SAMPLES if samples else None,
         license=license,
     )
     (path / CARD).write_text(model_card(inputs), encoding="utf-8")

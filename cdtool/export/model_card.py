@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdtool.choices import SDXL
 from cdtool.delta.file import Delta
 
 CARD = "README.md"
@@ -163,7 +164,7 @@ def _load_embedding(folder: str, token: str, name: str, xl: bool) -> str:
 def _usage(inp: CardInputs) -> list[str]:
     base = hub_base(inp.delta.base_model) or "BASE_MODEL"
     folder = inp.folder_name
-    xl = inp.delta.kind == "sdxl"
+    xl = inp.delta.kind == SDXL
     pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
     # the diffusers token files lie at the top of the folder (textual-inversion also has embeddings/)
     names = [(t.token, t.path.rsplit("/", 1)[-1]) for t in inp.token_files]

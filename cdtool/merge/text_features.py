@@ -11,8 +11,7 @@ from typing import Any
 import torch
 
 from cdtool.atomic import atomic_path
-from cdtool.models import conditioning
-from cdtool.models.conditioning import TextSide, text_rows
+from cdtool.models.conditioning import TextSide, padded_rows, text_rows
 from cdtool.paths import cache_dir
 
 
@@ -21,11 +20,6 @@ def feature_rows(
 ) -> list[torch.Tensor]:
     """The closed form's rows (cdtool.models.conditioning.text_rows) of a base with one text encoder."""
     return text_rows(TextSide([tokenizer], [encoder]), prompts, starts, batch)
-
-
-def padded_rows(tokenizer: Any, encoder: Any, prompts: Sequence[str], batch: int = 64) -> torch.Tensor:
-    """Every padded row (cdtool.models.conditioning.padded_rows) of a base with one text encoder."""
-    return conditioning.padded_rows(TextSide([tokenizer], [encoder]), prompts, batch)
 
 
 def gram(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -63,7 +57,7 @@ def cached_reg_gram(text: TextSide, captions: Sequence[str], *, padded: bool = F
         except Exception:
             path.unlink(missing_ok=True)
     if padded:  # summed per chunk: all rows of 1200 captions would take 0.5 GB in float64
-        chunks = [gram([conditioning.padded_rows(text, captions[i : i + 256])]) for i in range(0, len(captions), 256)]
+        chunks = [gram([padded_rows(text, captions[i : i + 256])]) for i in range(0, len(captions), 256)]
         a, n = sum(g for g, _ in chunks), sum(k for _, k in chunks)
     else:
         a, n = gram(text_rows(text, captions))

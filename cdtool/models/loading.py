@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cdtool.choices import BUILT_IN, DTYPE_NAMES, SD1, SD2, SDXL, TINY, TINY_MODELS, TINY_SD2, TINY_XL, TOY
-from cdtool.errors import CdtoolError, UsageError
+from cdtool.errors import CdtoolError, UsageError, first_line
 
 if TYPE_CHECKING:
     from cdtool.models.conditioning import TextSide
@@ -186,7 +186,7 @@ def _config(model: str, where: str, name: str) -> dict[str, Any]:
         raise CdtoolError(_load_failure(model, where, e)) from e
 
 
-def _offline_hint(model: str) -> str:
+def offline_hint(model: str) -> str:
     return (
         f"download it where there is network (`hf download {model} --local-dir DIR`) and pass "
         "--model DIR, or pass a local diffusers folder or a .safetensors/.ckpt checkpoint"
@@ -216,10 +216,10 @@ def check_available(model: str, source: str = "--model") -> None:
             hf_hub_download(model, "model_index.json")
             return
         except Exception as e:  # offline, no such repository, no access
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
     raise CdtoolError(
         f"the model {model} ({source}) is not on this machine and could not be downloaded ({reason}); "
-        f"{_offline_hint(model)} (`--model toy` is built in)"
+        f"{offline_hint(model)} (`--model toy` is built in)"
     )
 
 
@@ -329,7 +329,7 @@ def _hub_offline() -> bool:
 
 
 def _load_failure(model: str, where: str, e: Exception) -> str:
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = first_line(e)
     if where == "folder":
         return f"could not load the diffusers folder {model} ({reason}); it needs model_index.json and unet/, vae/, text_encoder/, tokenizer/"
     if where == "file":
@@ -337,4 +337,4 @@ def _load_failure(model: str, where: str, e: Exception) -> str:
             f"could not load the checkpoint {model} ({reason}); single-file loading also fetches the "
             "model's config from the hub: run once with network, or convert it to a diffusers folder"
         )
-    return f"could not load {model!r} from the Hugging Face hub ({reason}); {_offline_hint(model)}"
+    return f"could not load {model!r} from the Hugging Face hub ({reason}); {offline_hint(model)}"

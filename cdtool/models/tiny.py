@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from cdtool.models.clip_vocab import CLIP_VOCAB_SIZE
+
 TINY_SEED = 0
 TINY_RESOLUTION = 64
 
@@ -38,7 +40,7 @@ VAE_CONFIG = dict(
     norm_num_groups=8,
 )
 TEXT_CONFIG = dict(
-    vocab_size=49408,
+    vocab_size=CLIP_VOCAB_SIZE,
     hidden_size=32,
     intermediate_size=37,
     num_attention_heads=4,
@@ -119,7 +121,9 @@ XL_UNET_CONFIG = dict(
     projection_class_embeddings_input_dim=6 * XL_TIME_EMBED + XL_TEXT_WIDTHS[1],
     norm_num_groups=8,
 )
-_REAL_CLIP_IDS = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+_REAL_CLIP_IDS = dict(
+    vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1
+)
 XL_TEXT_CONFIG = dict(
     hidden_size=XL_TEXT_WIDTHS[0], intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, **_REAL_CLIP_IDS
 )

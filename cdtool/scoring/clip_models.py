@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from cdtool.errors import CdtoolError
+from cdtool.errors import CdtoolError, first_line
 
 TINY = "cdtool-tiny"  # a 2-layer random CLIP of the real architecture, for tests and smoke runs
 
@@ -73,12 +73,10 @@ def load_clip(name: str = "ViT-B-32", pretrained: str = "openai") -> Clip:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
     except RuntimeError as e:
         raise CdtoolError(
-            f"could not load open_clip {name} with weights {pretrained!r} ({str(e).splitlines()[0]}); offline, "
+            f"could not load open_clip {name} with weights {pretrained!r} ({first_line(e)}); offline, "
             "download the weights where there is network and pass --clip-pretrained /path/to/weights"
         ) from e
     except Exception as e:
-        raise CdtoolError(
-            f"could not load open_clip {name} ({pretrained}): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from e
+        raise CdtoolError(f"could not load open_clip {name} ({pretrained}): {first_line(e)}") from e
     model.eval()
     return Clip(model, preprocess, open_clip.get_tokenizer(name), name, pretrained)

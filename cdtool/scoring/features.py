@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cdtool.errors import CdtoolError
+from cdtool.errors import CdtoolError, first_line
 from cdtool.hashing import file_sha256
 from cdtool.paths import cache_dir
 
@@ -29,7 +29,7 @@ class Dino:
             self.model = ViTModel.from_pretrained(spec, add_pooling_layer=False).eval()
         except (OSError, ValueError) as e:
             raise CdtoolError(
-                f"could not load the DINO model {spec!r} ({str(e).splitlines()[0]}); offline, download "
+                f"could not load the DINO model {spec!r} ({first_line(e)}); offline, download "
                 "facebook/dino-vits16 where there is network and pass --dino /path/to/folder"
             ) from e
         self.key = f"dino:{spec}"
@@ -70,8 +70,7 @@ class Inception:
             net = models.inception_v3(weights=models.Inception_V3_Weights.IMAGENET1K_V1)
         except Exception as e:
             raise CdtoolError(
-                f"Inception-v3 weights are not available ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                "offline, use --kid-features clip or dino"
+                f"Inception-v3 weights are not available ({first_line(e)}); offline, use --kid-features clip or dino"
             ) from e
         net.fc = torch.nn.Identity()
         self.model = net.eval()

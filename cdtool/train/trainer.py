@@ -91,7 +91,7 @@ class _Rng:
         self.noise.set_state(state["noise"])
 
 
-def _compute_in_fp32(layers: list[torch.nn.Module], half: torch.dtype) -> list[Any]:
+def compute_in_fp32(layers: list[torch.nn.Module], half: torch.dtype) -> list[Any]:
     """Trainable fp32 layers inside a model held in `half`: their input is cast up, their output down
     (as diffusers' Custom Diffusion processors do). Returns the hook handles."""
     handles = []
@@ -131,7 +131,7 @@ def train(
     torch.manual_seed(cfg.seed)  # module initialisation only; training draws from _Rng
     random.seed(cfg.seed)
     pipe = load_pipeline(cfg.model)
-    parts = _parts(cfg, pipe, accelerator.device)
+    parts = training_parts(cfg, pipe, accelerator.device)
 
     tokens = _plan_tokens(cfg, method, parts.text)
     layer_names = method.layer_names(cfg, parts.unet, parts.text.named())
@@ -229,7 +229,7 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 @dataclass
-class _Parts:
+class TrainingParts:
     """The pipeline's pieces as training uses them."""
 
     kind: str  # the kind of base (sd1, sd2, sdxl)
@@ -245,11 +245,11 @@ class _Parts:
     text_p: TextSide | None = None
 
 
-def _parts(cfg: TrainConfig, pipe: Any, device: torch.device) -> _Parts:
+def training_parts(cfg: TrainConfig, pipe: Any, device: torch.device) -> TrainingParts:
     factor = pipe.vae_scale_factor
     if cfg.resolution % factor:
         raise CdtoolError(f"--resolution {cfg.resolution} is not a multiple of the VAE's factor {factor}")
-    return _Parts(
+    return TrainingParts(
         kind=pipeline_kind(pipe),
         text=TextSide.of(pipe),
         vae=pipe.vae,
@@ -334,7 +334,7 @@ def _record_base(method: TrainingMethod, pipe: Any, layer_names: list[str], toke
     )
 
 
-def _add_tokens(tokens: _NewTokens, parts: _Parts) -> None:
+def _add_tokens(tokens: _NewTokens, parts: TrainingParts) -> None:
     """The new entries into the tokenizer(s) and embedding table(s), their trainable rows hooked in
     (one TokenRows per text encoder: for SDXL both rows of a token train)."""
     if not tokens.concepts:
@@ -350,7 +350,7 @@ def _add_tokens(tokens: _NewTokens, parts: _Parts) -> None:
 
 
 def _freeze_and_adapt(
-    cfg: TrainConfig, method: TrainingMethod, parts: _Parts, layer_names: list[str], tokens: _NewTokens
+    cfg: TrainConfig, method: TrainingMethod, parts: TrainingParts, layer_names: list[str], tokens: _NewTokens
 ) -> dict[str, torch.nn.Parameter]:
     """Everything frozen except what the method trains; returns the trained parameters by name."""
     for module in (parts.unet, parts.vae, *parts.text.encoders):
@@ -396,7 +396,7 @@ def _optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter], lr: f
     return bnb.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
 
-def _hold_in_half(cfg: TrainConfig, method: TrainingMethod, parts: _Parts, layer_names: list[str]) -> list[Any]:
+def _hold_in_half(cfg: TrainConfig, method: TrainingMethod, parts: TrainingParts, layer_names: list[str]) -> list[Any]:
     """The VAE on the device in the run's precision. On CUDA with mixed precision the frozen weights
     are held in the half type (as the reference holds them), halving their memory, and the UNet runs
     wholly in it without autocast's per-op casts, as the reference runs it: on an H100 a step was
@@ -419,7 +419,7 @@ def _hold_in_half(cfg: TrainConfig, method: TrainingMethod, parts: _Parts, layer
     parts.unet_dtype = weight_dtype
     if not method.trains_weights:  # peft's LoRA layers cast for themselves
         return []
-    return _compute_in_fp32([parts.unet.get_submodule(n[len("unet.") :]) for n in layer_names], weight_dtype)
+    return compute_in_fp32([parts.unet.get_submodule(n[len("unet.") :]) for n in layer_names], weight_dtype)
 
 
 @dataclass
@@ -434,7 +434,7 @@ class _Data:
     reg_text: dict[str, Encoded]  # class caption -> its conditioning (one prompt's: [L, D], pooled [P])
 
 
-def _cache_data(cfg: TrainConfig, parts: _Parts) -> _Data:
+def _cache_data(cfg: TrainConfig, parts: TrainingParts) -> _Data:
     size = cfg.resolution
     instances = [(c_i, ex) for c_i, c in enumerate(cfg.concepts) for ex in c.examples]
     hold = int(1.4 * size) if cfg.aug else size
@@ -459,7 +459,7 @@ def _cache_data(cfg: TrainConfig, parts: _Parts) -> _Data:
     return data
 
 
-def _time_ids(parts: _Parts, views: list[Any], n_class: int, size: int) -> torch.Tensor | None:
+def batch_time_ids(parts: TrainingParts, views: list[Any], n_class: int, size: int) -> torch.Tensor | None:
     """SDXL's time ids of a batch, [B, 6] (None for the other kinds). An instance view that the
     augmentation zoomed into is a size x size crop at (top, left) of a scale x scale image; any
     other view, and every class image, is a whole size x size image (original = target, crop 0, 0:
@@ -482,7 +482,7 @@ class _EvalBatch:
     time_ids: torch.Tensor | None = None  # SDXL: whole images at the resolution
 
 
-def _eval_batch(cfg: TrainConfig, method: TrainingMethod, parts: _Parts, data: _Data) -> _EvalBatch:
+def _eval_batch(cfg: TrainConfig, method: TrainingMethod, parts: TrainingParts, data: _Data) -> _EvalBatch:
     """Drawn once, from its own generator (training's draws untouched)."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 3)
     picks = [data.instances[int(i)] for i in torch.randint(0, len(data.instances), (cfg.eval_batch,), generator=g)]
@@ -494,7 +494,7 @@ def _eval_batch(cfg: TrainConfig, method: TrainingMethod, parts: _Parts, data: _
         noise=torch.randn(lat.shape, generator=g),
         timesteps=torch.randperm(parts.scheduler.config.num_train_timesteps, generator=g)[: cfg.eval_batch],
         prompts=[method.eval_prompt(cfg, cfg.concepts[c_i], ex) for c_i, ex in picks],
-        time_ids=_time_ids(parts, [], cfg.eval_batch, cfg.resolution),
+        time_ids=batch_time_ids(parts, [], cfg.eval_batch, cfg.resolution),
     )
 
 
@@ -512,7 +512,7 @@ class _Batch:
 
 
 def _draw_batch(
-    cfg: TrainConfig, method: TrainingMethod, parts: _Parts, data: _Data, tokens: _NewTokens, rng: _Rng
+    cfg: TrainConfig, method: TrainingMethod, parts: TrainingParts, data: _Data, tokens: _NewTokens, rng: _Rng
 ) -> _Batch:
     picks = [
         data.instances[int(i)] for i in torch.randint(0, len(data.instances), (cfg.batch_size,), generator=rng.data)
@@ -545,7 +545,7 @@ def _draw_batch(
         cls_text = _stack([data.reg_text[data.regs[i].caption] for i in rp])
     noise = torch.randn(lat.shape, generator=rng.noise).to(lat.device)
     t = torch.randint(0, parts.scheduler.config.num_train_timesteps, (lat.shape[0],), generator=rng.noise)
-    ids = _time_ids(parts, views, lat.shape[0] - len(views), cfg.resolution)
+    ids = batch_time_ids(parts, views, lat.shape[0] - len(views), cfg.resolution)
     return _Batch(lat, noise, t.to(lat.device), torch.stack([v.mask for v in views]), prompts, cls_text, ids)
 
 
@@ -560,7 +560,7 @@ def _cat(a: Encoded, b: Encoded) -> Encoded:
     return Encoded(torch.cat([a.hidden, b.hidden.to(a.hidden.device, a.hidden.dtype)]), pooled)
 
 
-def _loss(method: TrainingMethod, parts: _Parts, batch: _Batch, prior_weight: float) -> torch.Tensor:
+def _loss(method: TrainingMethod, parts: TrainingParts, batch: _Batch, prior_weight: float) -> torch.Tensor:
     assert parts.text_p is not None
     text = encode(parts.text_p, batch.prompts, parts.device)
     if batch.class_text is not None:
@@ -569,7 +569,7 @@ def _loss(method: TrainingMethod, parts: _Parts, batch: _Batch, prior_weight: fl
     return method.loss(pred, target, batch.mask.to(parts.device), prior_weight)
 
 
-def _eval_loss(parts: _Parts, tokens: _NewTokens, ev: _EvalBatch) -> float:
+def _eval_loss(parts: TrainingParts, tokens: _NewTokens, ev: _EvalBatch) -> float:
     with torch.no_grad():
         text = encode(parts.text, [tokens.expand(p) for p in ev.prompts], parts.device)
         pred, target = _predict(parts.unet, parts, ev.latents, ev.noise, ev.timesteps, text, ev.time_ids)
@@ -578,7 +578,7 @@ def _eval_loss(parts: _Parts, tokens: _NewTokens, ev: _EvalBatch) -> float:
 
 def _predict(
     unet: Any,
-    parts: _Parts,
+    parts: TrainingParts,
     latents: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
@@ -591,10 +591,10 @@ def _predict(
     pred = unet(
         noisy.to(parts.device, parts.unet_dtype), t.to(parts.device), **unet_inputs(text, ids, parts.unet_dtype)
     )
-    return pred.sample, _target(parts.scheduler, latents, noise, t).to(parts.device)
+    return pred.sample, prediction_target(parts.scheduler, latents, noise, t).to(parts.device)
 
 
-def _target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def prediction_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the UNet predicts: the noise, or the velocity for v-prediction models."""
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, t)
@@ -604,7 +604,7 @@ def _target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch
 def _build_delta(
     cfg: TrainConfig,
     method: TrainingMethod,
-    parts: _Parts,
+    parts: TrainingParts,
     layer_names: list[str],
     base: _Base,
     tokens: _NewTokens,
