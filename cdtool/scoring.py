@@ -159,7 +159,7 @@ def judge_images(rows: list[dict[str, Any]], files: list[Path], batch_size: int)
     from cdtool.toy.oracle import load_oracle, read
 
     oracle = load_oracle()
-    asked = [(i, parse_prompt(r["prompt"])) for i, r in enumerate(rows) if r["prompt"]]
+    asked = [(i, parse_prompt(r["prompt"], oracle.tokens)) for i, r in enumerate(rows) if r["prompt"]]
     asked = [(i, a) for i, a in asked if a is not None]
     if len(asked) < len(rows):
         console.warn(f"{len(rows) - len(asked)} images have no toy-world prompt; the oracle skips them")
@@ -171,7 +171,7 @@ def judge_images(rows: list[dict[str, Any]], files: list[Path], batch_size: int)
                 images.append(im.convert("RGB"))
         seen = read(oracle, images)
         for (i, a), s in zip(chunk, seen, strict=True):
-            rows[i]["oracle"] = judge(a, s)
+            rows[i]["oracle"] = judge(a, s, oracle.patterns)
             rows[i]["oracle_read"] = s
 
 
