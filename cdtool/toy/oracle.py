@@ -132,11 +132,22 @@ def load_oracle(path: str | None = None) -> Oracle:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from cdtool.errors import CdtoolError
+
+    given = path is not None
     path = path or str(resources.files("cdtool").joinpath(WEIGHTS))
-    with safe_open(path, "pt") as f:
-        world = (f.metadata() or {}).get("world", "v1")
-    model = Oracle(world)
-    model.load_state_dict(load_file(path))
+    try:
+        with safe_open(path, "pt") as f:
+            world = (f.metadata() or {}).get("world", "v1")
+        model = Oracle(world)
+        model.load_state_dict(load_file(path))
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        if not given:
+            raise
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CdtoolError(
+            f"{path} is not a toy-world oracle's weights file (tools/train_oracle.py writes one): {reason}"
+        ) from e
     return model.eval()
 
 
