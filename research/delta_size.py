@@ -5,7 +5,9 @@
 For each delta, over N ordinary toy captions (no modifier token) and each key/value layer it changes:
 the size of the change of the layer's output, ||ΔW c|| / ||W c||, per text row c, split into the
 rows up to end-of-text and the padding rows after it, and the same on the concept's own prompts
-("a small <token> <noun> on a ... background": the token's row). Stable Diffusion's Custom Diffusion
+("a small <token> <noun> on a ... background": the token's row); and the cosine of the token's row in
+its training captions (those the delta records) to its row in those sampling prompts. Stable
+Diffusion's Custom Diffusion
 fine-tunes change ordinary captions' keys and values by little while the token's row carries the
 concept; a toy whose fine-tunes change every caption's by tens of percent cannot show what a merge
 of such deltas keeps.
@@ -50,6 +52,22 @@ def relative_change(pipe, delta, captions: list[str], token_rows: bool = False) 
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
+@torch.no_grad()
+def token_row_cosine(pipe, token: str, trained: list[str], sampled: list[str]) -> dict[str, float]:
+    """Mean, min and max cosine of the token's output row in each training caption to its row in each
+    sampling prompt (every pair)."""
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    token_id = tok.convert_tokens_to_ids(token)
+
+    def rows(prompts: list[str]) -> torch.Tensor:
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        at = (ids == token_id).int().argmax(1)
+        return torch.nn.functional.normalize(enc(ids)[0][torch.arange(len(prompts)), at], dim=-1)
+
+    cos = rows(trained) @ rows(sampled).T
+    return {"mean": float(cos.mean()), "min": float(cos.min()), "max": float(cos.max())}
+
+
 def main() -> None:
     from cdtool.apply import apply_deltas
     from cdtool.importers import read_delta
@@ -73,10 +91,14 @@ def main() -> None:
             f"a small {concept.get('token')} {concept.get('class_noun')} on {with_article(bg)} background"
             for bg in COLOURS
         ]
-        out[str(path)] = {
-            "ordinary": relative_change(pipe, delta, captions),
-            **({"concept_prompts": relative_change(pipe, delta, own, token_rows=True)} if concept.get("token") else {}),
-        }
+        out[str(path)] = {"ordinary": relative_change(pipe, delta, captions)}
+        if concept.get("token"):
+            trained = [p.replace("{token}", concept["token"]) for p in concept.get("prompts", [])]
+            out[str(path)]["concept_prompts"] = relative_change(pipe, delta, own, token_rows=True)
+            if trained:
+                out[str(path)]["token_row_training_vs_sampling"] = token_row_cosine(
+                    pipe, concept["token"], trained, own
+                )
     print(json.dumps({"model": args.model, "n": args.n, "deltas": out}, indent=1))
 
 
