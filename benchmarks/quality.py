@@ -1,6 +1,6 @@
 """Quality of cdtool's Custom Diffusion on the built-in toy model, judged by the toy world's oracle.
 
-    python benchmarks/quality.py [--out bench-quality] [--ci]
+    python benchmarks/quality.py [--out bench-quality] [--ci] [--suite --model DIR --oracle FILE]
 
 Everything runs through the cdtool commands a user types (in this process): prep the five "photos"
 of each personal concept, regset, train (with and without the regularisation set, jointly, with
@@ -20,6 +20,11 @@ The headline cells (each concept alone, after each merge and joint training; pla
 drift for each; both concepts in one prompt) take `n` samples each (default 128: standard error at
 most 0.045); the no-regularisation, compression and DVAR cells take `n_small`. `--ci` is the small
 variant the test suite runs (fewer steps and samples).
+
+`--suite` runs it over the toy world's suite of eight concepts and its four pairs (merged and trained
+jointly pair by pair), on a model of the suite's world judged by that world's oracle (`--oracle`);
+`n` is then per concept, and the summary's `suite` gives each headline as the mean over the concepts
+(or pairs) with its spread and the total number of samples. DVAR runs on every concept there.
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cdtool.inprocess import InProcess  # noqa: E402
-from cdtool.toy.photos import PERSONAL as CONCEPTS  # noqa: E402
-from cdtool.toy.photos import toy_captions, write_photos  # noqa: E402
-from cdtool.toy.world import COLOURS, SHAPES, with_article  # noqa: E402
+from cdtool.toy.photos import PERSONAL, SUITE_PERSONAL, toy_captions, write_photos  # noqa: E402
+from cdtool.toy.world import COLOURS, PAIRS, SHAPES, with_article  # noqa: E402
+
+Concept = tuple[str, str, str]  # (token, class noun, name)
 
 TARGETS = {
     "concept_fidelity": 0.8,
@@ -74,6 +80,8 @@ class Settings:
     base_weight: float | None = None  # least-squares: --base-weight (None: cdtool's default)
     seed: int = 0
     model: str = "toy"
+    suite: bool = False  # the suite's eight concepts and four pairs (a model of the suite's world)
+    oracle: str | None = None  # the oracle's weights (None: the shipped oracle)
     # The toy model was pretrained from scratch at lr 1e-3: its fine-tuning needs a larger base lr
     # than Stable Diffusion's 1e-5 (measured in RESULTS.md: 1e-5 learned nothing in 150 steps).
     lr: float = 3e-4
@@ -87,12 +95,28 @@ CI = Settings(
 )
 
 
-def prompt_groups(seed: int) -> dict[str, list[str]]:
-    """Eight distinct prompts per group, one per background colour (companions drawn with `seed`)."""
-    rng = random.Random(seed)
+def concepts_of(s: Settings) -> tuple[Concept, ...]:
+    return SUITE_PERSONAL if s.suite else PERSONAL
+
+
+def pairs_of(s: Settings) -> tuple[tuple[Concept, Concept], ...]:
+    """The pairs merged and trained jointly: the suite's four, or the shipped world's one."""
+    by_token = {c[0]: c for c in concepts_of(s)}
+    return tuple((by_token[a], by_token[b]) for a, b in PAIRS) if s.suite else ((PERSONAL[0], PERSONAL[1]),)
+
+
+def pair_tag(s: Settings, pair: tuple[Concept, Concept]) -> str:
+    """The suffix of a pair's variant names ("" for the shipped world's single pair)."""
+    return f"-{pair[0][0].strip('<>')}+{pair[1][0].strip('<>')}" if s.suite else ""
+
+
+def prompt_groups(s: Settings) -> dict[str, list[str]]:
+    """Eight distinct prompts per group, one per background colour (companions drawn with the seed);
+    a background of the concept's own tones is still asked for, as a user would."""
+    rng = random.Random(s.seed)
     colours = list(COLOURS)
     groups: dict[str, list[str]] = {}
-    for token, noun, _ in CONCEPTS:
+    for token, noun, _ in concepts_of(s):
         concept, companion, prior = [], [], []
         for bg in colours:
             # Worded as the pretraining captions are (single things with a size, plain things with
@@ -106,9 +130,12 @@ def prompt_groups(seed: int) -> dict[str, list[str]]:
             )
         groups[f"concept {token}"] = concept
         groups[f"companion {token}"] = companion
-        groups[f"prior {noun}"] = prior
-    (t1, n1, _), (t2, n2, _) = CONCEPTS
-    groups["both"] = [f"a {t1} {n1} and a {t2} {n2} on {with_article(bg)} background" for bg in colours]
+        groups.setdefault(f"prior {noun}", prior)
+    for pair in pairs_of(s):
+        (t1, n1, _), (t2, n2, _) = pair
+        groups[f"both{pair_tag(s, pair)}"] = [
+            f"a {t1} {n1} and a {t2} {n2} on {with_article(bg)} background" for bg in colours
+        ]
     return groups
 
 
@@ -116,7 +143,7 @@ class Bench:
     def __init__(self, out: Path, s: Settings, quiet: bool) -> None:
         self.out, self.s = out, s
         self.run = InProcess(quiet)
-        self.groups = prompt_groups(s.seed)
+        self.groups = prompt_groups(s)
         self.results: dict[str, Any] = {"settings": asdict(self.s), "variants": {}, "training": {}}
 
     def train(self, name: str, *args: Any, steps: int | None = None, lr_factor: float = 1.0) -> Path:
@@ -142,7 +169,8 @@ class Bench:
             "sample", *model, *delta_args, "--prompts", prompt_file, "-o", folder, "--n", max(1, (n or self.s.n) // 8), "--steps",
             self.s.sample_steps, "--guidance", self.s.guidance, "--seed", self.s.seed, "--batch-size", 32,
         )  # fmt: skip
-        doc = self.run("score", folder, "--metrics", "oracle", "--per-image", "--batch-size", 256)
+        oracle = ("--oracle", self.s.oracle) if self.s.oracle else ()
+        doc = self.run("score", folder, "--metrics", "oracle", "--per-image", "--batch-size", 256, *oracle)
         rows = doc["runs"][0]["images"]
         from cdtool.toy.judge import summarise
 
@@ -163,71 +191,103 @@ def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
     b = Bench(out, s, quiet)
     started = time.perf_counter()
     rng = random.Random(s.seed)
-    singles, noregs, reg_dirs, data_dirs = [], [], [], []
     merge_captions = out / "merge-captions.txt"
     merge_captions.write_text("\n".join(toy_captions(rng, None, 400)) + "\n")
-    for token, noun, name in CONCEPTS:
-        photos, data, reg = out / "photos" / name, out / "data" / name, out / "reg" / noun
-        write_photos(photos, token, rng)
-        b.run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32",
-              "--captions-from-files")  # fmt: skip
-        reg_prompts = out / f"reg-prompts-{noun}.txt"
-        reg_prompts.write_text("\n".join(toy_captions(rng, noun, 64)) + "\n")
-        b.run("regset", noun, "-o", reg, "--model", s.model, "--n", s.reg_images, "--prompts", reg_prompts,
-              "--steps", s.sample_steps, "--guidance", s.guidance, "--batch-size", 32, "--seed", s.seed)  # fmt: skip
-        data_dirs.append(data)
-        reg_dirs.append(reg)
-        singles.append(b.train(name, data, "--reg", reg))
-        if "noreg" in s.variants:
-            # Twice the base lr: with a regularisation set the reference (and cdtool) doubles the
-            # scaled lr, so this keeps the step size equal and the set the only difference.
-            noregs.append(b.train(f"{name}-noreg", data, lr_factor=2.0))
+    concepts = concepts_of(s)
+    data_dirs, reg_dirs = prepare(b, rng, merge_captions)
+    singles = {c[0]: b.train(c[2], data_dirs[c[0]], "--reg", reg_dirs[c[1]]) for c in concepts}
+    # Twice the base lr without a regularisation set: with one the reference (and cdtool) doubles the
+    # scaled lr, so this keeps the step size equal and the set the only difference.
+    noregs = (
+        {c[0]: b.train(f"{c[2]}-noreg", data_dirs[c[0]], lr_factor=2.0) for c in concepts}
+        if "noreg" in s.variants
+        else {}
+    )
 
-    tokens = [t for t, _, _ in CONCEPTS]
-    nouns = [n for _, n, _ in CONCEPTS]
-    per_concept = [f"concept {t}" for t in tokens]
-    b.evaluate("base", [], [*per_concept, *(f"prior {n}" for n in nouns), "both"])
-    for (token, noun, name), delta in zip(CONCEPTS, singles, strict=True):
-        b.evaluate(name, [delta], [f"concept {token}", f"companion {token}", f"prior {noun}"])
-    for (token, noun, name), delta in zip(CONCEPTS, noregs, strict=False):  # none without "noreg"
-        b.evaluate(f"{name}-noreg", [delta], [f"concept {token}", f"prior {noun}"], n=s.n_small)
-    # after each merge: each concept, both in one prompt, and plain prompts (obeyed, and prior drift)
-    merge_groups = [*per_concept, *(f"prior {n}" for n in nouns), "both"]
-    merged = out / "merged.safetensors"
-    b.run("merge", "+".join(map(str, singles)), "-o", merged, "--reg-captions", merge_captions)
-    b.evaluate("merged", [merged], merge_groups)
-    if "least-squares" in s.variants:
-        lsq = out / "least-squares.safetensors"
-        weight = () if s.base_weight is None else ("--base-weight", s.base_weight)
-        b.run("merge", "+".join(map(str, singles)), "-o", lsq, "--reg-captions", merge_captions,
-              "--method", "least-squares", *weight)  # fmt: skip
-        b.evaluate("least-squares", [lsq], merge_groups)
-    if "sum" in s.variants:
-        summed = out / "sum.safetensors"
-        b.run("merge", "+".join(map(str, singles)), "-o", summed, "--method", "sum")
-        b.evaluate("sum", [summed], merge_groups)
-    if "joint" in s.variants:
-        concept_args = [
-            a
-            for (token, noun, _), data, reg in zip(CONCEPTS[1:], data_dirs[1:], reg_dirs[1:], strict=True)
-            for a in ("--concept", f"{data},token={token},class={noun},reg={reg}")
-        ]
-        joint = b.train("joint", data_dirs[0], "--reg", reg_dirs[0], *concept_args, steps=s.joint_steps)
-        b.evaluate("joint", [joint], merge_groups)
+    b.evaluate("base", [], [*(f"concept {t}" for t, _, _ in concepts), *priors(concepts), *both_groups(s)])
+    for token, noun, name in concepts:
+        b.evaluate(name, [singles[token]], [f"concept {token}", f"companion {token}", f"prior {noun}"])
+        if token in noregs:
+            b.evaluate(f"{name}-noreg", [noregs[token]], [f"concept {token}", f"prior {noun}"], n=s.n_small)
+    for pair in pairs_of(s):
+        merge_pair(b, pair, singles, data_dirs, reg_dirs, merge_captions)
     # Compression of each concept's own delta (what a user compresses to share a concept; the
     # merged delta's fidelity is measured above)
     for r in s.ranks:
-        for (token, _, name), delta in zip(CONCEPTS, singles, strict=True):
+        for token, _, name in concepts:
             small = out / f"{name}.r{r}.safetensors"
-            b.run("compress", delta, "-o", small, "--rank", r)
+            b.run("compress", singles[token], "-o", small, "--rank", r)
             b.evaluate(f"{name}-r{r}", [small], [f"concept {token}"], n=s.n_small)
     if "dvar" in s.variants:
-        dvar_variant(b, data_dirs[DVAR_CONCEPT], reg_dirs[DVAR_CONCEPT])
+        for i in range(len(concepts)) if s.suite else (DVAR_CONCEPT,):
+            token, noun, _ = concepts[i]
+            dvar_variant(b, concepts[i], data_dirs[token], reg_dirs[noun], curve=i == DVAR_CONCEPT)
     b.results["seconds"] = round(time.perf_counter() - started, 1)
     b.results["command_seconds"] = b.run.timings
-    b.results["summary"] = summary(b.results)
+    b.results["summary"] = summary(b.results, s)
     (out / "quality.json").write_text(json.dumps(b.results, indent=1) + "\n")
     return b.results
+
+
+def prepare(b: Bench, rng: random.Random, merge_captions: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Each concept's photos prepped into a data folder (by token) and a regularisation set per class
+    noun (by noun)."""
+    s, out = b.s, b.out
+    data_dirs: dict[str, Path] = {}
+    reg_dirs: dict[str, Path] = {}
+    for token, noun, name in concepts_of(s):
+        photos, data, reg = out / "photos" / name, out / "data" / name, out / "reg" / noun
+        write_photos(photos, token, rng, suite=s.suite)
+        b.run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32",
+              "--captions-from-files")  # fmt: skip
+        data_dirs[token] = data
+        if noun not in reg_dirs:
+            reg_prompts = out / f"reg-prompts-{noun}.txt"
+            reg_prompts.write_text("\n".join(toy_captions(rng, noun, 64)) + "\n")
+            b.run("regset", noun, "-o", reg, "--model", s.model, "--n", s.reg_images, "--prompts", reg_prompts,
+                  "--steps", s.sample_steps, "--guidance", s.guidance, "--batch-size", 32, "--seed", s.seed)  # fmt: skip
+            reg_dirs[noun] = reg
+    return data_dirs, reg_dirs
+
+
+def priors(concepts: tuple[Concept, ...]) -> list[str]:
+    return list(dict.fromkeys(f"prior {noun}" for _, noun, _ in concepts))
+
+
+def both_groups(s: Settings) -> list[str]:
+    return [f"both{pair_tag(s, pair)}" for pair in pairs_of(s)]
+
+
+def merge_pair(
+    b: Bench,
+    pair: tuple[Concept, Concept],
+    singles: dict[str, Path],
+    data_dirs: dict[str, Path],
+    reg_dirs: dict[str, Path],
+    merge_captions: Path,
+) -> None:
+    """The pair merged by each method and trained jointly; after each: each concept, both in one
+    prompt, and plain prompts of both classes (obeyed, and prior drift)."""
+    s, out, tag = b.s, b.out, pair_tag(b.s, pair)
+    inputs = "+".join(str(singles[t]) for t, _, _ in pair)
+    groups = [*(f"concept {t}" for t, _, _ in pair), *priors(pair), f"both{tag}"]
+    merged = out / f"merged{tag}.safetensors"
+    b.run("merge", inputs, "-o", merged, "--reg-captions", merge_captions)
+    b.evaluate(f"merged{tag}", [merged], groups)
+    if "least-squares" in s.variants:
+        lsq = out / f"least-squares{tag}.safetensors"
+        weight = () if s.base_weight is None else ("--base-weight", s.base_weight)
+        b.run("merge", inputs, "-o", lsq, "--reg-captions", merge_captions, "--method", "least-squares", *weight)
+        b.evaluate(f"least-squares{tag}", [lsq], groups)
+    if "sum" in s.variants:
+        summed = out / f"sum{tag}.safetensors"
+        b.run("merge", inputs, "-o", summed, "--method", "sum")
+        b.evaluate(f"sum{tag}", [summed], groups)
+    if "joint" in s.variants:
+        (t1, n1, _), (t2, n2, _) = pair
+        second = f"{data_dirs[t2]},token={t2},class={n2},reg={reg_dirs[n2]}"
+        joint = b.train(f"joint{tag}", data_dirs[t1], "--reg", reg_dirs[n1], "--concept", second, steps=s.joint_steps)
+        b.evaluate(f"joint{tag}", [joint], groups)
 
 
 # DVAR is measured on the checker circle, whose fidelity still rises late in the fixed schedule
@@ -236,17 +296,19 @@ def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
 DVAR_CONCEPT = 1
 
 
-def dvar_variant(b: Bench, data: Path, reg: Path) -> None:
-    """DVAR early stopping against the fixed schedule, and why: one fixed-schedule run that logs the
-    eval loss (a window longer than the run never stops it) and keeps checkpoints, whose fidelity
-    gives the curve that DVAR's stopping step is read against."""
+def dvar_variant(b: Bench, concept: Concept, data: Path, reg: Path, curve: bool = True) -> None:
+    """DVAR early stopping against the fixed schedule, and (with `curve`) why: one fixed-schedule run
+    that logs the eval loss (a window longer than the run never stops it) and keeps checkpoints, whose
+    fidelity gives the curve that DVAR's stopping step is read against."""
     from cdtool.train.losses import dvar
 
-    token, _, name = CONCEPTS[DVAR_CONCEPT]
+    token, _, name = concept
     s = b.s
     dv = b.train(f"{name}-dvar", data, "--reg", reg, "--early-stop", "dvar",
                  "--dvar-window", s.dvar_window, "--dvar-eps", s.dvar_eps)  # fmt: skip
-    b.evaluate(f"{name}-dvar", [dv], [f"concept {token}"], n=s.n_small)
+    b.evaluate(f"{name}-dvar", [dv], [f"concept {token}"], n=s.n if s.suite else s.n_small)
+    if not curve:
+        return
     every = math.gcd(*s.curve_steps)
     curve = b.train(f"{name}-curve", data, "--reg", reg, "--early-stop", "dvar", "--dvar-window", s.steps + 1,
                     "--checkpoint-every", every, "--keep-checkpoints", s.steps // every)  # fmt: skip
@@ -268,11 +330,13 @@ def dvar_variant(b: Bench, data: Path, reg: Path) -> None:
     }
 
 
-def summary(res: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers, to compare with TARGETS."""
+def summary(res: dict[str, Any], s: Settings) -> dict[str, Any]:
+    """The headline numbers, to compare with TARGETS: per concept, per pair, and over the suite."""
     v = res["variants"]
     out: dict[str, Any] = {}
-    for token, noun, name in CONCEPTS:
+    pair_of = {c[0]: pair for pair in pairs_of(s) for c in pair}
+    for token, noun, name in concepts_of(s):
+        tag = pair_tag(s, pair_of[token])
         c = {
             "base": v["base"][f"concept {token}"]["concept_fidelity"],
             "single": v[name][f"concept {token}"]["concept_fidelity"],
@@ -290,12 +354,13 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         c["plain_single"] = v[name][f"prior {noun}"]["prompt_fidelity"]
         c["n"] = v[name][f"concept {token}"]["n"]
         for m in MERGES:
-            if m in v:
-                c[m] = v[m][f"concept {token}"]["concept_fidelity"]
-                c[f"{m}_in_shape"] = v[m][f"concept {token}"].get("concept_shape_fidelity")
+            if f"{m}{tag}" in v:
+                cell = v[f"{m}{tag}"]
+                c[m] = cell[f"concept {token}"]["concept_fidelity"]
+                c[f"{m}_in_shape"] = cell[f"concept {token}"].get("concept_shape_fidelity")
                 c[f"{m}_retention"] = c[m] / c["single"] if c["single"] else float("nan")
-                c[f"{m}_plain"] = v[m][f"prior {noun}"]["prompt_fidelity"]
-                c[f"{m}_drift"] = v[m][f"prior {noun}"]["prior_drift"]
+                c[f"{m}_plain"] = cell[f"prior {noun}"]["prompt_fidelity"]
+                c[f"{m}_drift"] = cell[f"prior {noun}"]["prior_drift"]
         ranks = {
             k.rsplit("-r", 1)[1]: v[k][f"concept {token}"]["concept_fidelity"] for k in v if k.startswith(f"{name}-r")
         }
@@ -311,10 +376,45 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
                 if k.startswith(f"{name}-step")
             } | {str(c["fixed_steps"]): c["single"]}
         out[token] = c
-    for m in ("base", *MERGES):
-        if m in v:
-            out[f"both_{m}"] = v[m]["both"]["concept_fidelity"]
+    for pair in pairs_of(s):
+        tag = pair_tag(s, pair)
+        for m in ("base", *MERGES):
+            variant = m if m == "base" else f"{m}{tag}"
+            if variant in v:
+                out[f"both_{m}{tag}"] = v[variant][f"both{tag}"]["concept_fidelity"]
+    if s.suite:
+        out["suite"] = suite_summary(out, s)
     return out
+
+
+def suite_summary(per: dict[str, Any], s: Settings) -> dict[str, Any]:
+    """Each headline as the mean over the suite's concepts (or pairs), its spread across them (sd, min,
+    max) and the samples behind it."""
+
+    tokens = [t for t, _, _ in concepts_of(s)]
+    keys = [k for k, val in per[tokens[0]].items() if isinstance(val, float | int) and k != "n"]
+    out: dict[str, Any] = {}
+    for key in keys:
+        vals = [float(per[t][key]) for t in tokens if per[t].get(key) is not None and not math.isnan(per[t][key])]
+        if vals:
+            out[key] = spread(vals, per[tokens[0]]["n"])
+    for m in ("base", *MERGES):
+        vals = [per[f"both_{m}{pair_tag(s, p)}"] for p in pairs_of(s) if f"both_{m}{pair_tag(s, p)}" in per]
+        if vals:
+            out[f"both_{m}"] = spread(vals, s.n)
+    return out
+
+
+def spread(vals: list[float], n_each: int) -> dict[str, Any]:
+    import statistics
+
+    return {
+        "mean": round(statistics.fmean(vals), 4),
+        "sd": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0,
+        "min": round(min(vals), 4),
+        "max": round(max(vals), 4),
+        "n": n_each * len(vals),
+    }
 
 
 # The variants a merged (or jointly trained) model is measured in, as named in the results.
@@ -338,10 +438,12 @@ def main() -> None:
     ap.add_argument("--variants", help=f"comma-separated, of {','.join(Settings.variants)}")
     ap.add_argument("--lr", type=float, help="passed to cdtool train")
     ap.add_argument("--aug", action="store_true", help="train with the paper's size augmentation")
+    ap.add_argument("--suite", action="store_true", help="the suite's eight concepts and four pairs")
+    ap.add_argument("--oracle", help="the oracle's weights (tools/train_oracle.py --world v2 for --suite)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
     base = CI if args.ci else Settings()
-    changes: dict[str, Any] = {"model": args.model, "aug": args.aug}
+    changes: dict[str, Any] = {"model": args.model, "aug": args.aug, "suite": args.suite, "oracle": args.oracle}
     if args.steps:
         changes |= {"steps": args.steps, "joint_steps": 2 * args.steps}
     for key in ("n", "n_small", "base_weight"):

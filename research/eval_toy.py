@@ -1,11 +1,19 @@
 """How well a toy-world text-to-image model follows captions, judged by the oracle.
 
     python research/eval_toy.py MODEL_FOLDER [--n 64] [--steps 25] [--guidance 4] [--unsized] [--prefix "photo of "]
-                                            [--padding own|empty|only]
+                                            [--padding own|empty|only] [--two] [--oracle FILE] [--rows]
 
 Samples one image for each of N seeded single-object captions ("a small red star on a blue
 background") and reports the share of images whose background, shape, fill colour and object count
-the oracle reads as asked (chance: 1/8 background, 1/5 shape, 1/8 colour).
+the oracle reads as asked (chance: 1/8 background, 1/5 shape, 1/8 colour). `--two` asks for two
+ordinary things in one caption ("a red star and a blue circle on a green background"): composition,
+all right when both shapes, both colours, the count and the background are. `--oracle` judges with
+another oracle's weights (tools/train_oracle.py --world v2 for a model of the suite's world).
+
+`--rows` reports, without sampling, what the text encoder gives the UNet: the cosine of each padding
+row to the caption's end-of-text row (Stable Diffusion's CLIP pads with end-of-text, and the
+closed-form merge holds the rows up to it), and how much a word's row changes with its context (the
+shape word's row across the N captions, against its row in "photo of a <shape>").
 
 `--padding` asks where the UNet reads a caption: `empty` swaps each caption's rows after its
 end-of-text (padding) for the empty caption's, `only` swaps the rows up to end-of-text instead, so
@@ -38,10 +46,16 @@ def main() -> None:
     ap.add_argument("--unsized", action="store_true", help='captions without the size word ("a red star on ...")')
     ap.add_argument("--prefix", default="", help='put before every caption, e.g. "photo of " or "zoomed in "')
     ap.add_argument("--padding", choices=["own", "empty", "only"], default="own", help="see the module docstring")
+    ap.add_argument("--two", action="store_true", help="two ordinary things in each caption (composition)")
+    ap.add_argument("--oracle", help="the oracle's weights (default: the shipped oracle)")
+    ap.add_argument("--rows", action="store_true", help="report the text rows the UNet reads; no sampling")
     args = ap.parse_args()
     sampler = Sampler(random.Random(args.seed))
-    scenes = [sampler.scene(count=1) for _ in range(args.n)]
+    scenes = [sampler.scene(count=2 if args.two else 1) for _ in range(args.n)]
     pipe = load_pipeline(args.model)
+    if args.rows:
+        print(json.dumps({"model": args.model, "n": args.n, **text_rows(pipe, scenes)}, indent=1))
+        return
     pipe.set_progress_bar_config(disable=True)
     if args.padding != "own":
         swap_rows(pipe, padding=args.padding == "empty")
@@ -62,10 +76,11 @@ def main() -> None:
                 negative_prompt=None,
             )
         ]
-    seen = read(load_oracle(), images)
+    oracle = load_oracle(args.oracle)
+    seen = read(oracle, images)
     hits = {"background": 0, "shape": 0, "colour": 0, "count": 0, "all": 0}
     for caption, got in zip(captions, seen, strict=True):
-        v = judge(parse_prompt(caption), got)
+        v = judge(parse_prompt(caption, oracle.tokens), got, oracle.patterns)
         ok = {"background": v["background"], "shape": v["shapes"], "colour": v["colours"], "count": v["count"]}
         for k, hit in ok.items():
             hits[k] += hit
@@ -77,12 +92,38 @@ def main() -> None:
                 "n": args.n,
                 "steps": args.steps,
                 "guidance": args.guidance,
-                "wording": {"unsized": args.unsized, "prefix": args.prefix, "padding": args.padding},
+                "wording": {"unsized": args.unsized, "prefix": args.prefix, "padding": args.padding, "two": args.two},
                 **{k: v / args.n for k, v in hits.items()},
             },
             indent=1,
         )
     )
+
+
+@torch.no_grad()
+def text_rows(pipe, scenes) -> dict:
+    """Padding rows against the end-of-text row, and the first shape word's row across contexts (see
+    the module docstring): means and ranges over the captions."""
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    captions = [s.caption() for s in scenes]
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    hidden = enc(ids)[0]
+    pad_cos, word_cos = [], []
+    for i, scene in enumerate(scenes):
+        eos = int((ids[i] == tok.eos_token_id).int().argmax())
+        rows = torch.nn.functional.normalize(hidden[i], dim=-1)
+        pad_cos.append(float((rows[eos + 1 :] @ rows[eos]).mean()))
+        shape = scene.things[0].shape
+        alone = tok([f"photo of a {shape}"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+        ref = torch.nn.functional.normalize(enc(alone.input_ids)[0][0, 4], dim=-1)  # bos photo of a <shape>
+        piece = tok.convert_tokens_to_ids(f"{shape}</w>")
+        at = int((ids[i] == piece).int().argmax())
+        word_cos.append(float(rows[at] @ ref))
+
+    def stats(v: list[float]) -> dict:
+        return {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
+
+    return {"padding_to_end_of_text": stats(pad_cos), "shape_word_across_contexts": stats(word_cos)}
 
 
 def swap_rows(pipe, padding: bool) -> None:

@@ -1,12 +1,15 @@
-"""The toy-model pretraining scripts run end to end (a few steps): a separately trained text encoder,
-and a UNet re-read for its width on top of the shipped toy model."""
+"""The toy-model pretraining scripts run end to end (a few steps): a separately trained text encoder
+over a compact vocabulary, a UNet re-read for its width on top of the shipped toy model, and both
+resumed from their checkpoints where an uninterrupted run would have gone."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,21 +21,65 @@ def _script(path: str, *args: object) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_frozen_text_encoder_then_unet_rereads_it(tmp_path):
+def _text(out: Path, *extra: object) -> None:
+    _script(
+        "tools/pretrain_toy_text.py", "--width", 32, "--layers", 1, "--heads", 2, "--steps", 4, "--batch", 8,
+        "--threads", 1, *extra, "--out", out,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def text_encoder(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("text")
+    _text(out)
+    return out
+
+
+def test_text_encoder_uses_a_compact_vocabulary(text_encoder):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from cdtool.models.clip_vocab import load_clip_tokenizer
+
+    encoder = CLIPTextModel.from_pretrained(text_encoder, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(str(text_encoder / "tokenizer"))
+    assert encoder.config.hidden_size == 32 and encoder.config.vocab_size == len(tokenizer) < 1000
+    assert encoder.config.eos_token_id == tokenizer.eos_token_id == tokenizer.pad_token_id
+    caption = "photo of a small red and white checkered triangle on an orange background"
+    assert tokenizer.tokenize(caption) == load_clip_tokenizer().tokenize(caption)
+    assert json.loads((text_encoder / "checkpoint.json").read_text())["step"] == 4
+
+
+def test_a_resumed_text_encoder_continues_where_it_stopped(tmp_path, text_encoder):
+    from safetensors.torch import load_file
+
+    _text(tmp_path, "--until", 2)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 2
+    _script("tools/pretrain_toy_text.py", "--resume", tmp_path, "--threads", 1)
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert meta["step"] == 4 and meta["settings"]["width"] == 32
+    whole = load_file(str(text_encoder / "checkpoint.safetensors"))
+    resumed = load_file(str(tmp_path / "checkpoint.safetensors"))
+    assert whole.keys() == resumed.keys() and any(k.startswith("adam.") for k in whole)
+    for k in whole:  # the same batches and optimiser state: on the CPU, bit for bit
+        assert torch.equal(whole[k], resumed[k]), k
+    _script("tools/resumable.py", "compact", tmp_path, tmp_path / "kept")
+    kept = load_file(str(tmp_path / "kept" / "checkpoint.safetensors"))
+    assert {v.dtype for k, v in kept.items() if k.startswith("adam.")} == {torch.bfloat16}
+    assert {v.dtype for k, v in kept.items() if not k.startswith("adam.")} == {torch.float16}
+    assert json.loads((tmp_path / "kept" / "checkpoint.json").read_text()) == meta
+
+
+def test_unet_rereads_a_frozen_text_encoder_and_resumes(tmp_path, text_encoder):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from cdtool.models.loading import toy_model_folder
 
-    text = tmp_path / "text"
-    _script("research/pretrain_toy_text.py", "--width", 32, "--steps", 2, "--batch", 8, "--threads", 1, "--out", text)
-    encoder = CLIPTextModel.from_pretrained(text, subfolder="text_encoder")
-    assert encoder.config.hidden_size == 32 and encoder.config.vocab_size == 49408
-
-    out = tmp_path / "model"
+    out, run = tmp_path / "model", tmp_path / "run"
+    common = ("--threads", 1, "--minutes", 5, "--batch", 2, "--save-minutes", 60)
     _script(
-        "tools/pretrain_toy.py", "--init", toy_model_folder(), "--text-encoder", text, "--minutes", 0.01,
-        "--batch", 2, "--threads", 1, "--lr", 0.0, "--patterns", 1.0, "--out", out,
+        "tools/pretrain_toy.py", "--init", toy_model_folder(), "--text-encoder", text_encoder, "--lr", 0.0,
+        "--patterns", 1.0, "--world", "v2", "--until", 1, "--out", out, "--run", run, *common,
     )  # fmt: skip
     unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     shipped = UNet2DConditionModel.from_pretrained(toy_model_folder(), subfolder="unet")
@@ -42,7 +89,12 @@ def test_frozen_text_encoder_then_unet_rereads_it(tmp_path):
     assert unet.get_submodule(f"{block}.to_k").weight.shape[1] == 32
     for name in ("conv_in.weight", f"{block}.to_q.weight", f"{block}.to_out.0.weight"):
         assert torch.equal(unet.state_dict()[name], shipped.state_dict()[name]), name
+    encoder = CLIPTextModel.from_pretrained(text_encoder, subfolder="text_encoder")
     saved = CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
     assert torch.allclose(
         saved.get_input_embeddings().weight.float(), encoder.get_input_embeddings().weight.half().float()
     ), "the text encoder must stay frozen"
+    _script("tools/pretrain_toy.py", "--resume", run, "--until", 2, *common)
+    meta = json.loads((run / "checkpoint.json").read_text())
+    assert meta["step"] == 2 and meta["n_averaged"] == 2 and meta["settings"]["world"] == "v2"
+    assert json.loads((out / "pretraining.json").read_text())["unet_steps"] == meta["done_before"] + 2

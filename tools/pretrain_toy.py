@@ -19,7 +19,7 @@ checkered square"), never the concepts' own tones, as Stable Diffusion has seen 
 shipped model's last stage used 0.3 (benchmarks/RESULTS.md, stage 4): without it, fine-tunes drew the
 concepts' tones as blobs, not as a patterned shape.
 
-`--text-encoder FOLDER` uses a separately pretrained text encoder (research/pretrain_toy_text.py),
+`--text-encoder FOLDER` uses a separately pretrained text encoder (tools/pretrain_toy_text.py),
 frozen, as Stable Diffusion used CLIP; with `--init` the UNet keeps its weights and re-learns only
 its cross-attention keys and values when the text width changes. (Measured in benchmarks/RESULTS.md;
 the shipped model's text encoder was trained together with its UNet.)
@@ -29,11 +29,29 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from resumable import (
+    Budget,
+    load_checkpoint,
+    load_into,
+    module_tensors,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+    step_generator,
+    step_rng,
+    trainable,
+)
+
+from cdtool.models.clip_vocab import load_clip_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
@@ -89,8 +107,19 @@ def view(rng: random.Random) -> tuple[float, str]:
     return 1.0, ""
 
 
+def pattern_world(world: str) -> tuple[tuple[str, ...], frozenset]:
+    """(pattern kinds pretraining shows, (kind, tones) it never shows) of a world: `v1` the shipped
+    model's (split and checker, the checker's black and white left out), `v2` the suite's (four
+    kinds, every suite concept's tones left out)."""
+    from cdtool.toy.world import CONCEPT_TONES, KINDS, PATTERN_WORDS, SUITE_TONES
+
+    if world == "v1":
+        return tuple(PATTERN_WORDS), frozenset(CONCEPT_TONES)
+    return KINDS, SUITE_TONES
+
+
 def batch(
-    sampler, n: int, patterned: float = 0.0, views: bool = False, named_patterns: float = 0.0
+    sampler, n: int, patterned: float = 0.0, views: bool = False, named_patterns: float = 0.0, world: str = "v1"
 ) -> tuple[torch.Tensor, list[str]]:
     """N rendered scenes as [-1, 1] pixels, with their captions; a `patterned` share of them shows a
     patterned thing of any shape (used for the VAE only, see the module docstring). With `views`,
@@ -101,11 +130,14 @@ def batch(
     from cdtool.toy.world import PATTERNS, PHOTO_OF_SHARE, UNSIZED_SHARE, render
 
     rng = sampler.rng
+    kinds, excluded = pattern_world(world)
     scenes = [
         sampler.scene(pattern=rng.choice(list(PATTERNS))) if rng.random() < patterned else sampler.scene()
         for _ in range(n)
     ]
-    scenes = [sampler.with_pretraining_pattern(s) if rng.random() < named_patterns else s for s in scenes]
+    scenes = [
+        sampler.with_pretraining_pattern(s, kinds, excluded) if rng.random() < named_patterns else s for s in scenes
+    ]
     images, captions = [], []
     for s in scenes:
         zoom, prefix = view(rng) if views else (1.0, "")
@@ -152,7 +184,7 @@ def main() -> None:
     ap.add_argument(
         "--text-encoder",
         type=Path,
-        help="a folder whose text_encoder/ (research/pretrain_toy_text.py) is used frozen, as Stable Diffusion used "
+        help="a folder whose text_encoder/ (tools/pretrain_toy_text.py) is used frozen, as Stable Diffusion used "
         "CLIP; with --init, the UNet's other weights are kept and its cross-attention keys/values re-learned",
     )
     ap.add_argument(
@@ -162,8 +194,14 @@ def main() -> None:
         help="share of UNet scenes with a two-tone thing in named colours, named in the caption (never the "
         "concepts' own tones; the shipped model's last stage: 0.3)",
     )
+    ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="which pattern kinds --patterns shows")
     ap.add_argument("--out", type=Path, default=ROOT / "cdtool" / "data" / "toy" / "model")
+    ap.add_argument("--run", type=Path, help="a folder for resumable checkpoints (tools/resumable.py)")
+    ap.add_argument("--resume", type=Path, help="a --run folder to continue, with its settings")
+    ap.add_argument("--until", type=int, help="stop this run once this many steps are done since --init")
     args = ap.parse_args()
+    if args.resume:
+        return resume(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -171,10 +209,11 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.init:
         vae, unet, text, done = load_init(args.init)
+        tokenizer = load_clip_tokenizer()
         if args.text_encoder:
-            text = load_text_encoder(args.text_encoder)
+            text, tokenizer = load_text_encoder(args.text_encoder)
             unet = with_cross_attention_dim(unet, text.config.hidden_size)
-        main_stage(args, sampler, t0, vae, unet, text, done)
+        main_stage(args, vae, unet, text, tokenizer, done, args.run)
         return
 
     vae = AutoencoderKL(**VAE)
@@ -200,16 +239,50 @@ def main() -> None:
     print(f"latent scaling factor {vae.config.scaling_factor:.4f}", flush=True)
     widths = tuple(int(c) for c in args.unet_channels.split(","))
     unet = UNet2DConditionModel(**dict(UNET, block_out_channels=widths, norm_num_groups=min(16, widths[0])))
-    text = load_text_encoder(args.text_encoder) if args.text_encoder else CLIPTextModel(CLIPTextConfig(**TEXT))
+    text, tokenizer = CLIPTextModel(CLIPTextConfig(**TEXT)), load_clip_tokenizer()
+    if args.text_encoder:
+        text, tokenizer = load_text_encoder(args.text_encoder)
     unet = with_cross_attention_dim(unet, text.config.hidden_size)
-    main_stage(args, sampler, t0, vae, unet, text, 0)
+    main_stage(args, vae, unet, text, tokenizer, 0, args.run)
 
 
-def load_text_encoder(folder: Path):
-    """A separately pretrained text encoder, frozen."""
-    from transformers import CLIPTextModel
+def resume(args: argparse.Namespace) -> None:
+    """Continues a --run folder: its settings (but --minutes, --threads, --save-minutes, --until), the model it
+    started from, its weights, moving average, optimiser and step."""
+    tensors, meta = load_checkpoint(args.resume)
+    settings = {
+        k: Path(v) if k in ("init", "text_encoder", "out", "run") and v is not None else v
+        for k, v in meta["settings"].items()
+    }
+    args = argparse.Namespace(
+        **{
+            **settings,
+            "minutes": args.minutes,
+            "threads": args.threads,
+            "save_minutes": args.save_minutes,
+            "run": args.resume,
+            "until": args.until,
+        }
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vae, unet, text, _ = load_init(args.init)
+    tokenizer = load_clip_tokenizer()
+    if args.text_encoder:
+        text, tokenizer = load_text_encoder(args.text_encoder)
+        unet = with_cross_attention_dim(unet, text.config.hidden_size)
+    main_stage(args, vae, unet, text, tokenizer, meta["done_before"], args.run, (tensors, meta))
 
-    return CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().eval().requires_grad_(False)
+
+def load_text_encoder(folder: Path) -> tuple:
+    """A separately pretrained text encoder, frozen, with its tokenizer (its folder's `tokenizer/`, else
+    CLIP's)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().eval().requires_grad_(False)
+    if (folder / "tokenizer" / "vocab.json").exists():
+        return text, CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), model_max_length=77)
+    return text, load_clip_tokenizer()
 
 
 def with_cross_attention_dim(unet, dim: int):
@@ -241,40 +314,64 @@ def load_init(folder: Path) -> tuple:
     return vae, unet.train().requires_grad_(True), text.train().requires_grad_(True), done
 
 
-def main_stage(args, sampler, t0: float, vae, unet, text, done: int) -> None:
+def main_stage(args, vae, unet, text, tokenizer, done: int, run: Path | None, saved: dict | None = None) -> None:
     """The UNet and the text encoder together (the UNet alone when the text encoder is frozen), for
-    --minutes; `done` UNet steps came before."""
+    --minutes; `done` UNet steps came before. With a `run` folder, a checkpoint (the trained weights,
+    their moving average and the optimiser's moments) is written there at every save, and `saved`
+    (such a checkpoint's tensors and meta) continues one: the data of each step is drawn from (seed,
+    step), so a resumed run sees the batches an uninterrupted one would have."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    from cdtool.models.clip_vocab import load_clip_tokenizer
     from cdtool.models.tiny import SCHEDULER_CONFIG
+    from cdtool.toy.world import Sampler
 
     scaling = vae.config.scaling_factor
-    tokenizer = load_clip_tokenizer()
     noise_sched = DDPMScheduler.from_config(DDIMScheduler(**SCHEDULER_CONFIG).config)
-    params = [p for p in (*unet.parameters(), *text.parameters()) if p.requires_grad]
+    parts = (("unet", unet), ("text", text))
+    named = trainable(parts)
+    params = list(named.values())
     text_trains = any(p.requires_grad for p in text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 250))
 
     def ema_step(avg: torch.Tensor, new: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         # the usual warm-up of the decay: a plain EMA from step 1 would keep the random init for thousands of steps
         decay = min(args.ema, (1 + float(n)) / (10 + float(n)))
         return avg + (new - avg) * (1 - decay)
 
-    averaged = torch.optim.swa_utils.AveragedModel(torch.nn.ModuleDict({"unet": unet, "text": text}), avg_fn=ema_step)
-    deadline = time.perf_counter() + args.minutes * 60
-    next_save = time.perf_counter() + args.save_minutes * 60
+    averaged = torch.optim.swa_utils.AveragedModel(torch.nn.ModuleDict(dict(parts)), avg_fn=ema_step)
     step = 0
-    ema = None
-    while time.perf_counter() < deadline:
-        step += 1
-        x, captions = batch(sampler, args.batch, views=args.views, named_patterns=args.patterns)
-        captions = ["" if random.random() < 0.1 else c for c in captions]
+    if saved is not None:
+        tensors, meta = saved
+        for prefix, module in parts:
+            load_into(module, prefix, tensors)
+            load_into(averaged.module[prefix], prefix, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        averaged.n_averaged.fill_(meta["n_averaged"])
+        step = meta["step"]
+        restore_optimizer(opt, named, tensors, step)
+    budget = Budget(args.minutes, args.save_minutes)
+    first, ema = step, None
+
+    def save() -> None:
+        save_model(vae, averaged.module, tokenizer, args.out, done + step)
+        if run is not None:
+            tensors = {k: v for prefix, m in parts for k, v in module_tensors(prefix, m).items()}
+            tensors |= {f"ema.{k}": v for p, m in averaged.module.items() for k, v in module_tensors(p, m).items()}
+            tensors |= optimizer_tensors(opt, named)
+            settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+            meta = {"step": step, "done_before": done, "n_averaged": int(averaged.n_averaged), "settings": settings}
+            save_checkpoint(run, tensors, meta)
+
+    while budget.left() and (args.until is None or step < args.until):
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 250)
+        rng, gen = step_rng(args.seed, step), step_generator(args.seed, step)
+        x, captions = batch(Sampler(rng), args.batch, views=args.views, named_patterns=args.patterns, world=args.world)
+        captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample() * scaling
-        noise = torch.randn_like(z)
-        t = torch.randint(0, 1000, (z.shape[0],))
+            dist = vae.encode(x).latent_dist
+            z = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)) * scaling
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, 1000, (z.shape[0],), generator=gen)
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.set_grad_enabled(text_trains):
             states = text(ids)[0]
@@ -284,20 +381,19 @@ def main_stage(args, sampler, t0: float, vae, unet, text, done: int) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        warmup.step()
-        averaged.update_parameters(torch.nn.ModuleDict({"unet": unet, "text": text}))
+        averaged.update_parameters(torch.nn.ModuleDict(dict(parts)))
+        step += 1
         value = loss.item()
         ema = value if ema is None else 0.99 * ema + 0.01 * value
         if step % 200 == 0:
-            print(f"unet {step}: loss {ema:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-        if time.perf_counter() > next_save:
-            next_save += args.save_minutes * 60
-            save(vae, averaged.module, tokenizer, args.out, done + step)
-    save(vae, averaged.module, tokenizer, args.out, done + step)
-    print(f"done: {step} steps in {time.perf_counter() - t0:.0f}s -> {args.out}", flush=True)
+            print(f"unet {done + step}: loss {ema:.4f} ({budget.elapsed():.0f}s)", flush=True)
+        if budget.save_due():
+            save()
+    save()
+    print(f"done: {step - first} steps in {budget.elapsed():.0f}s ({done + step} in all) -> {args.out}", flush=True)
 
 
-def save(vae, averaged, tokenizer, out: Path, step: int) -> None:
+def save_model(vae, averaged, tokenizer, out: Path, step: int) -> None:
     """Writes the pipeline (moving-average UNet and text encoder) as a float16 diffusers folder."""
     import copy
     import json
@@ -317,6 +413,10 @@ def save(vae, averaged, tokenizer, out: Path, step: int) -> None:
         requires_safety_checker=False,
     )
     tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
     (tmp / "pretraining.json").write_text(json.dumps({"unet_steps": step}) + "\n")
     if out.exists():

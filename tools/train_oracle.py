@@ -25,31 +25,52 @@ import torch
 import torch.nn.functional as F
 
 
-def dataset(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    from cdtool.toy.oracle import targets, to_tensor
-    from cdtool.toy.world import PATTERNS, Sampler, render
+def scenes_v1(sampler, n: int) -> list:
+    from cdtool.toy.world import PATTERNS
+
+    # a quarter show a patterned thing of any shape (the patterns taking turns), so patterns are read
+    # wherever they appear
+    return [sampler.scene(pattern=list(PATTERNS)[(i // 4) % len(PATTERNS)] if i % 4 == 0 else None) for i in range(n)]
+
+
+def scenes_v2(sampler, n: int) -> list:
+    """A third show a suite concept (taking turns; on any shape, so it is read wherever it appears,
+    and on its own shape), a sixth a two-tone thing in named colours of any kind (`pattern`, which
+    must not be read as a concept), the rest plain scenes."""
+    from cdtool.toy.world import KINDS, SUITE, SUITE_TONES
+
+    out = []
+    for i in range(n):
+        if i % 6 in (0, 3):
+            concept = SUITE[(i // 6) % len(SUITE)]
+            out.append(sampler.suite_scene(concept, any_shape=i % 6 == 0))
+        elif i % 6 == 1:
+            out.append(sampler.with_pretraining_pattern(sampler.scene(), KINDS, SUITE_TONES))
+        else:
+            out.append(sampler.scene())
+    return out
+
+
+def dataset(n: int, seed: int, world: str = "v1") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from cdtool.toy.oracle import WORLD_FILLS, targets, to_tensor
+    from cdtool.toy.world import Sampler, render
 
     sampler = Sampler(random.Random(seed))
-    scenes = []
-    for i in range(n):
-        # a quarter show a patterned thing of any shape (the patterns taking turns), so patterns are
-        # read wherever they appear
-        pattern = list(PATTERNS)[(i // 4) % len(PATTERNS)] if i % 4 == 0 else None
-        scenes.append(sampler.scene(pattern=pattern))
+    scenes = (scenes_v2 if world == "v2" else scenes_v1)(sampler, n)
     x = to_tensor([render(s, 32) for s in scenes])
-    ys = [targets(s) for s in scenes]
+    ys = [targets(s, WORLD_FILLS[world]) for s in scenes]
     return x, {k: torch.stack([y[k] for y in ys]) for k in ys[0]}
 
 
 @torch.no_grad()
-def vae_round_trips(x: torch.Tensor, seed: int, latent_noise: float = 0.4) -> torch.Tensor:
+def vae_round_trips(x: torch.Tensor, seed: int, folder: Path | None = None, latent_noise: float = 0.4) -> torch.Tensor:
     """The toy model's VAE decoding of each image's latent, with Gaussian noise of up to
     `latent_noise` (uniform per image) added in the latent's scaled units."""
     from diffusers import AutoencoderKL
 
     from cdtool.models.loading import toy_model_folder
 
-    vae = AutoencoderKL.from_pretrained(toy_model_folder() / "vae", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained((folder or toy_model_folder()) / "vae", torch_dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed)
     s = float(vae.config.scaling_factor)
     out = []
@@ -85,7 +106,7 @@ def accuracy(model, x, y) -> dict[str, float]:
                 for i in range(0, len(x), 512)
             ]
         )
-    sizes = {"background": 8, "count": 2, "shapes": 5, "fills": 10}
+    sizes = {"background": 8, "count": 2, "shapes": 5, "fills": len(model.fill_names)}
     acc, start = {}, 0
     for k, size in sizes.items():
         o = out[:, start : start + size]
@@ -98,9 +119,7 @@ def accuracy(model, x, y) -> dict[str, float]:
 
 
 def main() -> None:
-    from safetensors.torch import save_file
-
-    from cdtool.toy.oracle import WEIGHTS, Oracle
+    from cdtool.toy.oracle import WEIGHTS, Oracle, save_oracle
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--train", type=int, default=24000)
@@ -110,20 +129,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", type=Path, help="where to write the weights (default: the shipped oracle's file)")
     ap.add_argument("--vae-round-trips", action="store_true", help="train on VAE round trips too (see above)")
+    ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="v2: the eight suite concepts")
+    ap.add_argument(
+        "--vae", type=Path, help="the model folder whose VAE makes the round trips (default: the toy model)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    x, y = dataset(args.train, args.seed)
-    xt, yt = dataset(args.test, args.seed + 1)
+    x, y = dataset(args.train, args.seed, args.world)
+    xt, yt = dataset(args.test, args.seed + 1, args.world)
     print(f"rendered {args.train}+{args.test} scenes in {time.perf_counter() - t0:.0f}s")
-    xt_vae = vae_round_trips(xt, args.seed + 2)
+    xt_vae = vae_round_trips(xt, args.seed + 2, args.vae)
     if args.vae_round_trips:
         half = args.train // 2
-        x = torch.cat([x[:half], vae_round_trips(x[half:], args.seed + 3)])
+        x = torch.cat([x[:half], vae_round_trips(x[half:], args.seed + 3, args.vae)])
         print(f"VAE round trips of half of them ({time.perf_counter() - t0:.0f}s)")
-    model = Oracle()
+    model = Oracle(args.world)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = args.epochs * (args.train // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
@@ -150,7 +173,7 @@ def main() -> None:
         )
     path = args.out or Path(__file__).resolve().parent.parent / "cdtool" / WEIGHTS
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_oracle(model, str(path))
     print(f"held-out accuracy: {accuracy(model, xt, yt)}")
     print(f"held-out accuracy on VAE round trips: {accuracy(model, xt_vae, yt)}")
     print(path)

@@ -60,6 +60,15 @@ def score(
         int, typer.Option("--kid-subset-size", min=2, help="KID subset size (capped at the set sizes).")
     ] = 1000,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
+    oracle: Annotated[
+        Path | None,
+        typer.Option(
+            "--oracle",
+            exists=True,
+            dir_okay=False,
+            help="The toy-world judge's weights (tools/train_oracle.py); default: the one shipped with cdtool.",
+        ),
+    ] = None,
     seed: SeedOpt = 0,
     report: Annotated[
         Path | None,
@@ -88,6 +97,7 @@ def score(
         kid_subset_size=kid_subset_size,
         batch_size=batch_size,
         seed=seed,
+        oracle=oracle,
     )
     claim = None
     if report is not None:

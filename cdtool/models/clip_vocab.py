@@ -11,7 +11,9 @@ import importlib.util
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 from cdtool.errors import CdtoolError
@@ -102,3 +104,82 @@ def load_clip_tokenizer(pad_token: str | None = None):  # -> transformers.CLIPTo
     if len(tok) != CLIP_VOCAB_SIZE:
         raise CdtoolError(f"CLIP tokenizer built with {len(tok)} tokens, expected {CLIP_VOCAB_SIZE}")
     return tok
+
+
+def _bpe_steps(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    """The merges CLIP's BPE applies to one word (its characters, the last with `</w>`), in order."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    fired = []
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(pairwise(parts))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        a, b = parts[i], parts[i + 1]
+        fired.append((a, b))
+        merged, j = [], 0
+        while j < len(parts):  # every occurrence of the pair, left to right, as CLIP merges
+            if j < len(parts) - 1 and parts[j] == a and parts[j + 1] == b:
+                merged.append(a + b)
+                j += 2
+            else:
+                merged.append(parts[j])
+                j += 1
+        parts = merged
+    return fired
+
+
+def compact_vocab_and_merges(
+    words: Iterable[str], pieces: Iterable[str], bpe_path: Path | None = None
+) -> tuple[dict[str, int], list[str]]:
+    """A CLIP vocabulary cut down to what `words` need and the vocabulary entries `pieces`: every
+    byte character (plain and with `</w>`, so any text still tokenizes), the merges CLIP applies to
+    the words and those that build the pieces, in CLIP's own order, and the two special tokens. The
+    words tokenize into exactly the pieces CLIP's full vocabulary gives them (BPE merges by rank, and
+    every merge that fires on them is kept), at a fraction of the embedding table."""
+    full_vocab, merges = vocab_and_merges(bpe_path or open_clip_bpe_path())
+    ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
+    made_by = {"".join(pair): pair for pair in ranks}
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    keep: set[tuple[str, str]] = set()
+
+    def need(piece: str) -> None:  # the merge that makes `piece`, and those that make its halves
+        pair = made_by.get(piece)
+        if pair is not None and pair not in keep:
+            keep.add(pair)
+            need(pair[0])
+            need(pair[1])
+
+    for word in words:
+        encoded = "".join(_bytes_to_unicode()[b] for b in word.lower().encode("utf-8"))
+        keep.update(_bpe_steps(encoded, ranks))
+    for piece in pieces:
+        if piece not in full_vocab:
+            raise CdtoolError(f"{piece!r} is not an entry of CLIP's vocabulary")
+        need(piece)
+    kept = sorted(keep, key=ranks.__getitem__)
+    byte_chars = [c for c in _bytes_to_unicode().values() if c in byte_of]
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(p) for p in kept]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, [" ".join(p) for p in kept]
+
+
+def write_tokenizer(folder: Path, vocab: dict[str, int], merges: list[str]) -> None:
+    """A CLIPTokenizer folder (vocab.json, merges.txt and its config) that pads with end-of-text, as
+    Stable Diffusion 1.x's tokenizer does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
+    )

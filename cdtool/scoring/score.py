@@ -34,6 +34,7 @@ class ScoreSettings:
     kid_subset_size: int = 1000
     batch_size: int = 32
     seed: int = 0
+    oracle: Path | None = None  # the toy-world judge's weights (None: the one shipped with cdtool)
 
 
 @dataclass
@@ -116,7 +117,7 @@ def score_images(samples: SampleFolder, scorers: Scorers, settings: ScoreSetting
         _clip_t(rows, samples, scorers.clip, settings.batch_size)
     _against_reference(rows, samples.files, scorers, settings.batch_size)
     if "oracle" in settings.metrics:
-        judge_images(rows, samples.files, settings.batch_size)
+        judge_images(rows, samples.files, settings.batch_size, settings.oracle)
     return rows
 
 
@@ -152,14 +153,14 @@ def _against_reference(rows: list[dict[str, Any]], files: list[Path], scorers: S
             r[name] = v
 
 
-def judge_images(rows: list[dict[str, Any]], files: list[Path], batch_size: int) -> None:
+def judge_images(rows: list[dict[str, Any]], files: list[Path], batch_size: int, weights: Path | None = None) -> None:
     """Adds the oracle's verdicts (`oracle`: aspect -> bool) to each row whose prompt is a toy-world one."""
     from cdtool.dataset.images import open_image
     from cdtool.toy.judge import judge, parse_prompt
     from cdtool.toy.oracle import load_oracle, read
 
-    oracle = load_oracle()
-    asked = [(i, parse_prompt(r["prompt"])) for i, r in enumerate(rows) if r["prompt"]]
+    oracle = load_oracle(str(weights) if weights else None)
+    asked = [(i, parse_prompt(r["prompt"], oracle.tokens)) for i, r in enumerate(rows) if r["prompt"]]
     asked = [(i, a) for i, a in asked if a is not None]
     if len(asked) < len(rows):
         console.warn(f"{len(rows) - len(asked)} images have no toy-world prompt; the oracle skips them")
@@ -171,7 +172,7 @@ def judge_images(rows: list[dict[str, Any]], files: list[Path], batch_size: int)
                 images.append(im.convert("RGB"))
         seen = read(oracle, images)
         for (i, a), s in zip(chunk, seen, strict=True):
-            rows[i]["oracle"] = judge(a, s)
+            rows[i]["oracle"] = judge(a, s, oracle.patterns)
             rows[i]["oracle_read"] = s
 
 

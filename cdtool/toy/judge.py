@@ -9,7 +9,7 @@ quality benchmark's shares: concept fidelity, prompt fidelity and prior drift.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,19 +52,20 @@ def parse_prompt(prompt: str, patterns: Mapping[str, str] | None = None) -> Aske
     return Asked(background, tuple(things))
 
 
-def judge(asked: Asked, seen: Mapping[str, Any]) -> dict[str, bool]:
+def judge(asked: Asked, seen: Mapping[str, Any], pattern_fills: Set[str] = frozenset(PATTERNS)) -> dict[str, bool]:
     """Per-aspect verdicts for one image. Keys present only where the prompt asks about them:
     `concept` (every asked pattern shown), `concept_shape` (that, and every asked shape: the pattern
     on a thing of the concept's shape, not only somewhere in the picture), `background`, `colours`
     (every asked colour shown), `shapes` (every asked shape shown), `count`, `prompt` (background,
     colours and shapes together), and `pattern` (any pattern shown at all: prior drift when the
-    prompt has no token)."""
+    prompt has no token). `pattern_fills` are the oracle's fills that are not plain colours (its
+    `patterns`; default: the shipped oracle's)."""
     fills = set(seen["fills"])
     shapes = set(seen["shapes"])
     out: dict[str, bool] = {}
     wanted_patterns = [f for _, f, t in asked.things if t is not None]
     if wanted_patterns:
-        out["concept"] = all((f in fills) if f != "*" else bool(fills & set(PATTERNS)) for f in wanted_patterns)
+        out["concept"] = all((f in fills) if f != "*" else bool(fills & pattern_fills) for f in wanted_patterns)
     if asked.background is not None:
         out["background"] = seen["background"] == asked.background
     colours = [f for _, f, t in asked.things if t is None and f is not None]
@@ -75,7 +76,7 @@ def judge(asked: Asked, seen: Mapping[str, Any]) -> dict[str, bool]:
     if wanted_patterns:
         out["concept_shape"] = out["concept"] and out["shapes"]
     out["prompt"] = out["shapes"] and out.get("background", True) and out.get("colours", True)
-    out["pattern"] = bool(fills & set(PATTERNS))
+    out["pattern"] = bool(fills & pattern_fills)
     return out
 
 

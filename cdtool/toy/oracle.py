@@ -1,6 +1,12 @@
 """The oracle: a small CNN trained on the toy world that reads an image's background colour, how
-many things it shows, which shapes and which fills (8 colours, 2 patterns). It judges the quality
-benchmark, so it must be right on held-out renders (measured, see benchmarks/RESULTS.md)."""
+many things it shows, which shapes and which fills. It judges the quality benchmark, so it must be
+right on held-out renders (measured, see benchmarks/RESULTS.md).
+
+Its fills are the 8 colours and the looks of the personal concepts it knows: the shipped oracle's
+are the two concepts' patterns (`split`, `checker`); an oracle of the suite's world reads each of the
+eight suite concepts (`new1` ... `new8`) and any other two-tone thing (`pattern`). A weights file
+names its fills and the token of each concept in its metadata (`world`, `fills`, `tokens`); one
+without them is the shipped two-concept oracle."""
 
 from __future__ import annotations
 
@@ -11,33 +17,53 @@ from typing import Any
 import torch
 from torch import nn
 
-from cdtool.toy.world import COLOURS, PATTERNS, SHAPES, Scene
+from cdtool.toy.world import COLOURS, CONCEPTS, PATTERNS, SHAPES, SUITE, Scene, Thing
 
 FILLS = (*COLOURS, *PATTERNS)
 BACKGROUNDS = tuple(COLOURS)
 WEIGHTS = "data/toy/oracle.safetensors"
+OTHER_PATTERN = "pattern"
+# The fills and concept tokens of each world's oracle.
+WORLD_FILLS = {"v1": FILLS, "v2": (*COLOURS, *(c.fill for c in SUITE), OTHER_PATTERN)}
+WORLD_TOKENS = {"v1": {t: p for t, (_, p) in CONCEPTS.items()}, "v2": {c.token: c.fill for c in SUITE}}
 
 
-def targets(scene: Scene) -> dict[str, torch.Tensor]:
+def fill_of(thing: Thing) -> str:
+    """The oracle's fill label of a thing: its suite concept, its pattern (the shipped world's concepts),
+    `pattern` for a two-tone thing in named colours, else its colour."""
+    if thing.concept:
+        return thing.concept.strip("<>")
+    if thing.pattern and thing.pair:
+        return OTHER_PATTERN
+    return thing.pattern or thing.colour
+
+
+def targets(scene: Scene, fills: Sequence[str] = FILLS) -> dict[str, torch.Tensor]:
     """The labels of a scene: background class, count-1, multi-hot shapes and fills."""
     shapes = torch.zeros(len(SHAPES))
-    fills = torch.zeros(len(FILLS))
+    hot = torch.zeros(len(fills))
     for t in scene.things:
         shapes[SHAPES.index(t.shape)] = 1
-        fills[FILLS.index(t.pattern or t.colour)] = 1
+        hot[list(fills).index(fill_of(t))] = 1
     return {
         "background": torch.tensor(BACKGROUNDS.index(scene.background)),
         "count": torch.tensor(len(scene.things) - 1),
         "shapes": shapes,
-        "fills": fills,
+        "fills": hot,
     }
 
 
 class Oracle(nn.Module):
-    """32x32 RGB -> background (8 classes), count (1 or 2), shapes (5 multi-label), fills (10 multi-label)."""
+    """32x32 RGB -> background (8 classes), count (1 or 2), shapes (5 multi-label), fills (multi-label:
+    `world`'s fills). `tokens` maps each concept's token to its fill, `patterns` is every fill that is
+    not a plain colour."""
 
-    def __init__(self) -> None:
+    def __init__(self, world: str = "v1") -> None:
         super().__init__()
+        self.world = world
+        self.fill_names = WORLD_FILLS[world]
+        self.tokens = dict(WORLD_TOKENS[world])
+        self.patterns = frozenset(f for f in self.fill_names if f not in COLOURS)
 
         def block(i: int, o: int) -> nn.Sequential:
             return nn.Sequential(
@@ -55,7 +81,7 @@ class Oracle(nn.Module):
         self.background = nn.Linear(192, len(BACKGROUNDS))
         self.count = nn.Linear(192, 2)
         self.shapes = nn.Linear(192, len(SHAPES))
-        self.fills = nn.Linear(192, len(FILLS))
+        self.fills = nn.Linear(192, len(self.fill_names))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.hidden(self.features(x))
@@ -89,7 +115,7 @@ def read(model: Oracle, images: Sequence[Any]) -> list[dict[str, Any]]:
     for i in range(len(images)):
         count = int(out["count"][i].argmax()) + 1
         shapes = [SHAPES[j] for j in range(len(SHAPES)) if out["shapes"][i, j] > 0]
-        fills = [FILLS[j] for j in range(len(FILLS)) if out["fills"][i, j] > 0]
+        fills = [name for j, name in enumerate(model.fill_names) if out["fills"][i, j] > 0]
         results.append(
             {
                 "background": BACKGROUNDS[int(out["background"][i].argmax())],
@@ -101,10 +127,35 @@ def read(model: Oracle, images: Sequence[Any]) -> list[dict[str, Any]]:
     return results
 
 
-def load_oracle() -> Oracle:
-    """The oracle shipped with cdtool."""
+def load_oracle(path: str | None = None) -> Oracle:
+    """The oracle shipped with cdtool, or the one in the weights file `path` (tools/train_oracle.py)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    model = Oracle()
-    model.load_state_dict(load_file(str(resources.files("cdtool").joinpath(WEIGHTS))))
+    from cdtool.errors import CdtoolError
+
+    given = path is not None
+    path = path or str(resources.files("cdtool").joinpath(WEIGHTS))
+    try:
+        with safe_open(path, "pt") as f:
+            world = (f.metadata() or {}).get("world", "v1")
+        model = Oracle(world)
+        model.load_state_dict(load_file(path))
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        if not given:
+            raise
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CdtoolError(
+            f"{path} is not a toy-world oracle's weights file (tools/train_oracle.py writes one): {reason}"
+        ) from e
     return model.eval()
+
+
+def save_oracle(model: Oracle, path: str) -> None:
+    """Writes the weights with the world they read in the metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    meta = {"world": model.world, "fills": json.dumps(model.fill_names), "tokens": json.dumps(model.tokens)}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata=meta)

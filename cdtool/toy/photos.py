@@ -8,10 +8,12 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from cdtool.toy.world import PHOTO_OF_SHARE, UNSIZED_SHARE, Sampler, render
+from cdtool.toy.world import PHOTO_OF_SHARE, SUITE, UNSIZED_SHARE, Sampler, render, suite_concept
 
 # (token, class noun, folder name) of the toy world's two personal concepts.
 PERSONAL = (("<new1>", "star", "new1-star"), ("<new2>", "circle", "new2-circle"))
+# The same of the suite's eight (cdtool.toy.world.SUITE).
+SUITE_PERSONAL = tuple((c.token, c.shape, f"{c.fill}-{c.shape}") for c in SUITE)
 
 
 def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
@@ -29,15 +31,15 @@ def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
     return out
 
 
-def write_photos(folder: Path, token: str, rng: random.Random) -> None:
-    """Five renders of the concept as 96 px JPEGs with a caption file each; the first one stored
-    rotated with an EXIF orientation tag, as phones do."""
+def write_photos(folder: Path, token: str, rng: random.Random, suite: bool = False) -> None:
+    """Five renders of the concept (of the suite's, with `suite`) as 96 px JPEGs with a caption file
+    each; the first one stored rotated with an EXIF orientation tag, as phones do."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     sampler = Sampler(rng)
     for i in range(5):
-        scene = sampler.scene(count=1, concept=token)
+        scene = sampler.suite_scene(suite_concept(token), count=1) if suite else sampler.scene(count=1, concept=token)
         image = render(scene, 96)
         exif = Image.Exif()
         if i == 0:

@@ -3,9 +3,11 @@ or two objects per image, each scene with its caption. Seeded and fast to render
 
 Pretraining shows solid shapes and, in a share of scenes, two-tone things in named colours
 (`Sampler.with_pretraining_pattern`). The "personal concepts" are shapes with a two-tone pattern
-in tones that pretraining never shows on that pattern: a star split into a magenta top and a cyan
-bottom ("<new1> star"), and a circle with black and white quadrants, a 2x2 checkerboard ("<new2>
-circle").
+in tones that pretraining never shows on that pattern. The shipped toy model knows two of them
+(`CONCEPTS`): a star split into a magenta top and a cyan bottom ("<new1> star"), and a circle with
+black and white quadrants, a 2x2 checkerboard ("<new2> circle"). The suite (`SUITE`) has eight, over
+four pattern kinds (split, checker, striped, dotted) and every shape, with four pairs of them for
+merges (`PAIRS`), the way DreamBench and CustomConcept101 give many subjects.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ PATTERNS = {
     "checker": ((15, 15, 15), (240, 240, 240)),
 }
 CONCEPTS = {"<new1>": ("star", "split"), "<new2>": ("circle", "checker")}
+# Tones a pattern can take: the named colours and the two that no caption names.
+TONES = {**COLOURS, "magenta": PATTERNS["split"][0], "cyan": PATTERNS["split"][1]}
 # How captions vary, as web captions do (toy pretraining, generated regularisation prompts): a share
 # start with "photo of ", a share of single-thing captions leave out the size.
 PHOTO_OF_SHARE = 0.15
@@ -46,14 +50,60 @@ class Thing:
     x: float  # centre, as a share of the side
     y: float
     pattern: str | None = None
-    pair: tuple[str, str] | None = None  # COLOURS names of a pattern's two tones (pretraining patterns)
+    pair: tuple[str, str] | None = None  # TONES names of a pattern's two tones (pretraining patterns, the suite)
+    concept: str | None = None  # the suite concept's token when the thing is one (its caption names the token)
 
 
-# Pretraining with `patterns` (tools/pretrain_toy.py --patterns) shows the two pattern kinds in
-# named colour pairs, captioned by their words ("a red and blue checkered square"), as Stable
-# Diffusion saw textures of every kind before a personal concept; never the concepts' own tones.
+# Pretraining with `patterns` (tools/pretrain_toy.py --patterns) shows the pattern kinds in named
+# colour pairs, captioned by their words ("a red and blue checkered square"), as Stable Diffusion saw
+# textures of every kind before a personal concept; never the concepts' own tones.
 PATTERN_WORDS = {"split": "split", "checker": "checkered"}
 CONCEPT_TONES = {("checker", frozenset({"black", "white"}))}
+# The suite's pattern kinds: split (top and bottom halves), checker (2x2), striped (three vertical
+# bands, the middle one in the second tone), dotted (a disc of the second tone in the middle).
+KINDS = ("split", "checker", "striped", "dotted")
+KIND_WORDS = {**PATTERN_WORDS, "striped": "striped", "dotted": "dotted"}
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A personal concept of the suite: a shape in a pattern kind and two tones that pretraining never
+    shows on that kind. `fill` is the oracle's name for its look."""
+
+    token: str
+    shape: str
+    kind: str
+    tones: tuple[str, str]
+
+    @property
+    def fill(self) -> str:
+        return self.token.strip("<>")
+
+    @property
+    def noun(self) -> str:
+        return self.shape
+
+
+SUITE = (
+    Concept("<new1>", "star", "split", ("magenta", "cyan")),
+    Concept("<new2>", "circle", "checker", ("black", "white")),
+    Concept("<new3>", "square", "striped", ("yellow", "blue")),
+    Concept("<new4>", "heart", "dotted", ("red", "white")),
+    Concept("<new5>", "triangle", "split", ("orange", "purple")),
+    Concept("<new6>", "circle", "striped", ("green", "white")),
+    Concept("<new7>", "square", "checker", ("red", "yellow")),
+    Concept("<new8>", "star", "dotted", ("purple", "yellow")),
+)
+PAIRS = (("<new1>", "<new2>"), ("<new3>", "<new4>"), ("<new5>", "<new6>"), ("<new7>", "<new8>"))
+SUITE_TONES = frozenset((c.kind, frozenset(c.tones)) for c in SUITE)
+
+
+def suite_concept(token: str) -> Concept:
+    """The suite's concept of `token`."""
+    for c in SUITE:
+        if c.token == token:
+            return c
+    raise KeyError(token)
 
 
 @dataclass(frozen=True)
@@ -66,8 +116,10 @@ class Scene:
         """The caption ("a small red star on a blue background"); a single thing's size only when `sized`."""
         parts = []
         for t in self.things:
-            if t.pattern and t.pair:
-                words = f"{t.pair[0]} and {t.pair[1]} {PATTERN_WORDS[t.pattern]} {t.shape}"
+            if t.concept:
+                words = f"{t.concept} {t.shape}"
+            elif t.pattern and t.pair:
+                words = f"{t.pair[0]} and {t.pair[1]} {KIND_WORDS[t.pattern]} {t.shape}"
             elif t.pattern:
                 words = f"{self.token} {t.shape}" if self.token else f"{t.shape}"
             else:
@@ -119,14 +171,36 @@ class Sampler:
         background = self.rng.choice([c for c in COLOURS if c not in used])
         return Scene(things, background, concept)
 
-    def with_pretraining_pattern(self, scene: Scene) -> Scene:
-        """`scene` with its first thing in a two-tone pattern of named colours (any kind, shape and
-        pair except a concept's own tones), the background chosen again to differ from them."""
+    def suite_scene(self, concept: Concept, count: int | None = None, any_shape: bool = False) -> Scene:
+        """A random scene whose first thing is the suite's `concept`, captioned with its token; with
+        `any_shape` its look on a thing of any shape (what the oracle must also recognise)."""
+        base = self.scene(count=count)
+        first = replace(
+            base.things[0],
+            shape=base.things[0].shape if any_shape else concept.shape,
+            pattern=concept.kind,
+            pair=concept.tones,
+            concept=concept.token,
+        )
+        things = (first, *base.things[1:])
+        used = {t.colour for t in things[1:]} | set(concept.tones)
+        return Scene(things, self.rng.choice([c for c in COLOURS if c not in used]), concept.token)
+
+    def with_pretraining_pattern(
+        self,
+        scene: Scene,
+        kinds: tuple[str, ...] = tuple(PATTERN_WORDS),
+        excluded: frozenset | set = frozenset(CONCEPT_TONES),
+    ) -> Scene:
+        """`scene` with its first thing in a two-tone pattern of named colours (any of `kinds`, any shape
+        and pair except the `excluded` (kind, tones) of the concepts), the background chosen again to
+        differ from them. The shipped toy model saw two kinds; the suite's world uses `KINDS` and
+        excludes `SUITE_TONES`."""
         first = scene.things[0]
         while True:
-            kind = self.rng.choice(list(PATTERN_WORDS))
+            kind = self.rng.choice(list(kinds))
             pair = tuple(self.rng.sample(list(COLOURS), 2))
-            if (kind, frozenset(pair)) not in CONCEPT_TONES:
+            if (kind, frozenset(pair)) not in excluded:
                 break
         things = (replace(first, pattern=kind, pair=pair), *scene.things[1:])
         used = {t.colour for t in things[1:]} | set(pair)
@@ -196,11 +270,16 @@ def _fill(t: Thing, big: int, cx: float, cy: float, r: float) -> Any:
 
     if t.pattern is None:
         return Image.new("RGB", (big, big), COLOURS[t.colour])
-    a, b = (COLOURS[t.pair[0]], COLOURS[t.pair[1]]) if t.pair else PATTERNS[t.pattern]
+    a, b = (TONES[t.pair[0]], TONES[t.pair[1]]) if t.pair else PATTERNS[t.pattern]
     fill = Image.new("RGB", (big, big), a)
     draw = ImageDraw.Draw(fill)
     if t.pattern == "split":
         draw.rectangle([0, cy, big, big], fill=b)
+    elif t.pattern == "striped":  # three vertical bands over the shape's box, the middle one in b
+        draw.rectangle([cx - r / 3, 0, cx + r / 3, big], fill=b)
+    elif t.pattern == "dotted":  # a disc of b in the middle, small enough to sit inside a star
+        d = 0.42 * r
+        draw.ellipse([cx - d, cy - d, cx + d, cy + d], fill=b)
     else:  # a 2x2 checkerboard over the shape's box: finer ones blur in 32 px samples
         cell = 2 * r / 2
         for i in range(2):
@@ -209,3 +288,15 @@ def _fill(t: Thing, big: int, cx: float, cy: float, r: float) -> Any:
                     x0, y0 = cx - r + i * cell, cy - r + j * cell
                     draw.rectangle([x0, y0, x0 + cell, y0 + cell], fill=b)
     return fill
+
+
+def caption_words() -> list[str]:
+    """Every word a toy caption can hold (pretraining, the suite's photos, the size augmentation's
+    prompt words), the vocabulary a toy text encoder needs."""
+    from cdtool.train.augment import FAR, NEAR
+
+    words = {"a", "an", "and", "on", "background", "photo", "of"}
+    words |= set(COLOURS) | set(SHAPES) | {f"{s}s" for s in SHAPES} | set(SIZES) | set(KIND_WORDS.values())
+    for prefix in (*FAR, *NEAR):
+        words |= set(prefix.split())
+    return sorted(words)

@@ -1,0 +1,232 @@
+"""Pretrains a toy text encoder alone, as CLIP was trained: contrastively against images.
+
+    python tools/pretrain_toy_text.py --out toy2-text --minutes 60 [--resume toy2-text]
+
+Stable Diffusion's UNet was trained on a frozen CLIP text encoder that had learned from images
+before; the toy model's UNet is trained the same way (`pretrain_toy.py --text-encoder DIR`). A text
+encoder trained together with the UNet (the shipped toy model's) learns to pack the prompt into the
+padding rows after end-of-text, each of them differently, and its UNet reads it there: rows the
+paper's closed-form merge does not constrain (measured in benchmarks/RESULTS.md). In Stable
+Diffusion the padding is the end-of-text token again, which CLIP trained as the caption's summary
+at whatever position a caption ended, so its padding rows are summaries much like the end-of-text
+row the merge does constrain. Here the contrastive loss is taken at the end-of-text row and at one
+random padding row of each caption, so every position past the caption learns to be that summary.
+
+Text side: a CLIPTextModel (`--width`, `--layers`) over a compact CLIP vocabulary (the toy world's
+words with the pieces CLIP gives them, the default initialisers, every byte character; see
+cdtool.clip_vocab.compact_vocab_and_merges), pooled at end-of-text, then a linear projection. Image
+side: a small CNN trained from scratch (`--oracle-trunk` starts it from the oracle's convolutions
+instead, as the 96-wide research encoder did). Scenes and captions are those of the UNet's
+pretraining (`pretrain_toy.batch`), varied views and wordings, two-tone things in named colours
+(`--patterns`), of the `--world`. The rows of tokens the captions never use keep their initial values
+(no weight decay on the embedding table), as untrained as CLIP's rare tokens.
+
+Resumable (tools/resumable.py): `--minutes` bounds this run, a checkpoint is written every
+`--save-minutes` and at the end, `--resume DIR` continues the optimiser, step count and data stream;
+`--steps` is the whole schedule (warm-up, then cosine decay), over as many runs as it takes. The
+folder also gets `text_encoder/` (float32, diffusers layout) and `tokenizer/` at every save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pretrain_toy builds the scenes
+
+from pretrain_toy import TEXT, batch
+from resumable import (
+    Budget,
+    load_checkpoint,
+    load_into,
+    module_tensors,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+    step_generator,
+    step_rng,
+    trainable,
+)
+
+
+def pooled_rows(hidden: torch.Tensor, ids: torch.Tensor, eos_id: int, gen: torch.Generator) -> tuple:
+    """(end-of-text rows, one random later row per caption) of `hidden` [n, L, d]."""
+    n, length, _ = hidden.shape
+    eos = (ids == eos_id).int().argmax(dim=1)
+    later = eos + (torch.rand(n, generator=gen) * (length - eos).float()).long()  # in [eos, length - 1]
+    rows = torch.arange(n)
+    return hidden[rows, eos], hidden[rows, later]
+
+
+class ImageTower(torch.nn.Module):
+    """A small CNN (the oracle's convolutional layout) and a projection to the text width."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        from cdtool.toy.oracle import Oracle
+
+        trunk = Oracle()
+        self.features = trunk.features
+        self.proj = torch.nn.Linear(trunk.hidden[0].in_features, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.features(x))
+
+
+def toy_tokenizer(folder: Path):  # -> transformers.CLIPTokenizer
+    """The compact toy tokenizer, written into `folder` (once) and loaded from it."""
+    from transformers import CLIPTokenizer
+
+    from cdtool.models.clip_vocab import MODEL_MAX_LENGTH, compact_vocab_and_merges, write_tokenizer
+    from cdtool.models.tokens import DEFAULT_INIT
+    from cdtool.toy.world import caption_words
+
+    if not (folder / "vocab.json").exists():
+        write_tokenizer(folder, *compact_vocab_and_merges(caption_words(), DEFAULT_INIT))
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MODEL_MAX_LENGTH)
+
+
+def build(args, tokenizer) -> tuple:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = dict(
+        TEXT,
+        vocab_size=len(tokenizer),
+        hidden_size=args.width,
+        intermediate_size=4 * args.width,
+        num_attention_heads=args.heads,
+        num_hidden_layers=args.layers,
+        projection_dim=args.width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text = CLIPTextModel(CLIPTextConfig(**config)).train()
+    image = ImageTower(args.width).train()
+    if args.oracle_trunk:
+        from cdtool.toy.oracle import load_oracle
+
+        image.features.load_state_dict(load_oracle().features.state_dict())
+    text_proj = torch.nn.Linear(args.width, args.width, bias=False)
+    heads = torch.nn.ParameterDict({"log_scale": torch.nn.Parameter(torch.tensor(2.659))})  # CLIP's log(1/0.07)
+    return text, image, text_proj, heads
+
+
+def contrastive_loss(args, models, tokenizer, step: int) -> tuple[torch.Tensor, float]:
+    """The loss of step `step` (its batch drawn from (seed, step)) and the caption-to-image top-1."""
+    from cdtool.toy.world import Sampler
+
+    text, image, text_proj, heads = models
+    x, captions = batch(
+        Sampler(step_rng(args.seed, step)), args.batch, views=True, named_patterns=args.patterns, world=args.world
+    )
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    hidden = text(ids)[0]
+    img = F.normalize(image((x + 1) / 2), dim=-1)
+    scale = heads["log_scale"].clamp(max=4.6052).exp()
+    labels = torch.arange(len(captions))
+    loss = torch.zeros(())
+    for rows in pooled_rows(hidden, ids, tokenizer.eos_token_id, step_generator(args.seed, step)):
+        logits = scale * F.normalize(text_proj(rows), dim=-1) @ img.T
+        loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 4
+    return loss, float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--width", type=int, default=256, help="the text features' width (the UNet's cross_attention_dim)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3000, help="the whole schedule, over as many runs as it takes")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--patterns", type=float, default=0.3, help="share of scenes with a two-tone thing in named colours"
+    )
+    ap.add_argument("--world", choices=("v1", "v2"), default="v2", help="which pattern kinds pretraining shows")
+    ap.add_argument("--oracle-trunk", action="store_true", help="start the image CNN from the oracle's convolutions")
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run")
+    ap.add_argument("--until", type=int, help="stop this run at this step (default: --steps)")
+    ap.add_argument("--save-minutes", type=float, default=10.0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", type=Path, help="a run folder to continue (its settings are kept)")
+    ap.add_argument("--out", type=Path, help="the run folder (default: --resume's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or args.resume
+    if out is None:
+        ap.error("give --out or --resume")
+    saved, meta = load_checkpoint(args.resume) if args.resume else ({}, {"step": 0, "seconds": 0.0})
+    if args.resume:
+        args = argparse.Namespace(
+            **{**vars(args), **meta["settings"], "minutes": args.minutes, "threads": args.threads}
+        )
+    torch.manual_seed(args.seed)
+    tokenizer = toy_tokenizer((args.resume or out) / "tokenizer")
+    models = build(args, tokenizer)
+    text, image, text_proj, heads = models
+    parts = (("text", text), ("image", image), ("text_proj", text_proj), ("heads", heads))
+    for prefix, module in parts:
+        load_into(module, prefix, saved)
+    named = trainable(parts)
+    table = text.get_input_embeddings().weight
+    opt = torch.optim.AdamW(
+        [
+            {"params": [table], "weight_decay": 0.0},
+            {"params": [p for p in named.values() if p is not table], "weight_decay": 1e-2},
+        ],
+        lr=args.lr,
+    )
+    restore_optimizer(opt, named, saved, meta["step"])
+    warm = 100
+
+    def lr_at(step: int) -> float:
+        import math
+
+        if step < warm:
+            return args.lr * (step + 1) / warm
+        return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, args.steps - warm))))
+
+    budget = Budget(args.minutes, args.save_minutes)
+    step, running = meta["step"], None
+
+    def save() -> None:
+        tensors = {k: v for prefix, m in parts for k, v in module_tensors(prefix, m).items()}
+        tensors |= optimizer_tensors(opt, named)
+        settings = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "minutes", "threads", "until")}
+        save_checkpoint(
+            out, tensors, {"step": step, "seconds": meta["seconds"] + budget.elapsed(), "settings": settings}
+        )
+        text.save_pretrained(out / "text_encoder", safe_serialization=True)
+        tokenizer.save_pretrained(out / "tokenizer")
+
+    while step < min(args.steps, args.until or args.steps) and budget.left():
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss, top1 = contrastive_loss(args, models, tokenizer, step)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(named.values()), 1.0)
+        opt.step()
+        step += 1
+        now = torch.tensor([float(loss.detach()), top1])
+        running = now if running is None else 0.95 * running + 0.05 * now
+        if step % 25 == 0:
+            print(
+                f"text {step}: loss {running[0]:.3f} caption->image top-1 {running[1]:.2f} ({budget.elapsed():.0f}s)",
+                flush=True,
+            )
+        if budget.save_due():
+            save()
+    save()
+    print(f"stopped at step {step} of {args.steps} after {budget.elapsed():.0f}s -> {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
