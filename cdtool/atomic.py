@@ -210,7 +210,7 @@ def naming_write_failures(path: Path, tmp: Path | None = None) -> Iterator[None]
         named.exit_code = e.exit_code
         raise named from e
     except Exception as e:
-        why = write_failure(e)
+        why = write_failure(e, path)
         if why is None:
             raise
         raise CdtoolError(f"cannot write {path}: {why}") from e
@@ -413,7 +413,7 @@ class Output:
             _remove_empty(created)
             if isinstance(e, CdtoolError):
                 raise
-            raise CdtoolError(f"cannot write {self.path}: {write_failure(e) or e.strerror or e}") from e
+            raise CdtoolError(f"cannot write {self.path}: {write_failure(e, self.path) or e.strerror or e}") from e
         done = False
         try:
             with naming_write_failures(self.path, stage / self.path.name if not self.folder else stage):

@@ -56,16 +56,29 @@ _FULL_ERRNOS = {errno.ENOSPC: _FULL, errno.EDQUOT: _QUOTA, errno.EFBIG: _TOO_LAR
 _FULL_WORDS = {"No space left on device": _FULL, "Disk quota exceeded": _QUOTA, "File too large": _TOO_LARGE}
 
 
-def write_failure(e: BaseException) -> str | None:
-    """Why a write failed for lack of room (the disk is full, a quota, a file-size limit) and what
-    to do, or None for any other failure."""
+def write_failure(e: BaseException, where: Path | None = None) -> str | None:
+    """Why a write to `where` failed for lack of room (the disk is full, a quota, a file-size
+    limit) and what to do, or None for any other failure."""
     if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
         return _FULL_ERRNOS[e.errno]
     text = str(e)
     for words, why in _FULL_WORDS.items():
         if words in text:
             return why
-    if "inline_container.cc" in text:  # torch.save could not write its archive
-        return "the write failed; the disk is probably full: free some space or choose another --output"
+    if "inline_container.cc" in text and where is not None and _nearly_full(where):
+        return _FULL  # torch.save could not write its archive, and the disk has no room left
     cause = e.__cause__ or e.__context__
-    return write_failure(cause) if cause is not None and cause is not e else None
+    return write_failure(cause, where) if cause is not None and cause is not e else None
+
+
+def _nearly_full(path: Path) -> bool:
+    """Whether the file system `path` is on (or would be on) has less than 1 MiB free."""
+    import shutil
+
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False

@@ -233,7 +233,8 @@ def _write_weights(
         raise CdtoolError("Custom Diffusion weights are fine-tuned weights: the base model is needed")
     state = custom_diffusion_state(delta, base)
     check_finite_output(state, path / CUSTOM_DIFFUSION_FILE)
-    torch.save(state, str(path / CUSTOM_DIFFUSION_FILE))
+    with (path / CUSTOM_DIFFUSION_FILE).open("wb") as f:
+        torch.save(state, f)  # to a file object: the archive inside is named `archive`, whatever the folder
     return [CUSTOM_DIFFUSION_FILE]
 
 

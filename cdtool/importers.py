@@ -388,5 +388,5 @@ def write_official(delta: Delta, path: Path, base: dict[str, torch.Tensor], *, r
     """Write the official `.bin` layout atomically."""
     state = official_state(delta, base)
     check_finite_output(state, path)
-    with atomic_path(path, replace=replace) as tmp:
-        torch.save(state, str(tmp))
+    with atomic_path(path, replace=replace) as tmp, tmp.open("wb") as f:
+        torch.save(state, f)  # to a file object: the archive is named `archive`, not after the temporary file

@@ -80,7 +80,7 @@ def _open(path: Path, target: Path) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        why = write_failure(e) or e.strerror or str(e)
+        why = write_failure(e, target) or e.strerror or str(e)
         raise CdtoolError(f"cannot write {target}: {why}") from e
 
 

@@ -211,7 +211,7 @@ def _explain(e: Exception, outputs: list[Path]) -> str:
     """The one line for a failure no check foresaw: a write that ran out of room names the outputs;
     a solver that could not factorise says so; anything else is unexpected."""
     detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-    why = write_failure(e)
+    why = write_failure(e, outputs[0] if outputs else None)
     if why is not None:
         where = ", ".join(str(p) for p in outputs) or "the output"
         return f"cannot write {where}: {why}"
