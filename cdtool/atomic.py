@@ -406,10 +406,12 @@ class Output:
         beside the output, which becomes the output when the block succeeds. A folder identical to
         the existing output leaves that one as it is (`changed` False)."""
         created = _make_parents(self.path)
+        here = None
         try:
             here = locks.acquire(self.path)  # now beside the output, where its folder was missing at the claim
             stage = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
         except (OSError, CdtoolError) as e:
+            locks.release(here)
             _remove_empty(created)
             if isinstance(e, CdtoolError):
                 raise

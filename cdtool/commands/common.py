@@ -144,8 +144,8 @@ def parse_scaled(spec: str) -> tuple[Path, float]:
     return Path(head), scale
 
 
-# Options whose value must be above zero (a learning rate, a threshold, a time limit); every number
-# option must be finite (click's ranges let NaN through).
+# Options whose value must be above zero (a learning rate, a threshold, a time limit). Every number
+# option must be finite: one with a range refuses NaN itself, but infinity passes a lower bound.
 POSITIVE_OPTIONS = ("lr", "text_encoder_lr", "lora_alpha", "dvar_eps", "timeout")
 
 
