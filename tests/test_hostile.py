@@ -293,6 +293,8 @@ class Paused:
         self.proc = subprocess.Popen(
             [*argv, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + 300
         while not self.ready.exists():
             if self.proc.poll() is not None:
@@ -310,6 +312,23 @@ class Paused:
             self.go()
         out, err = self.proc.communicate(timeout=300)
         return self.proc.returncode, out, err
+
+
+@pytest.fixture
+def paused(tmp_path):
+    """Starts `Paused` commands and waits for their pause; kills any still running at the end."""
+    runs: list[Paused] = []
+
+    def start(where: str, *args, call: int = 1) -> Paused:
+        runs.append(Paused(tmp_path, where, *args, call=call))
+        runs[-1].wait_ready()
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.communicate()
 
 
 def _dot_files(folder: Path) -> list[str]:
@@ -336,10 +355,10 @@ def two_deltas(tmp_path, make_delta):
         (signal.SIGINT, "Interrupted."),
     ],
 )
-def test_ending_signals_clean_up_like_ctrl_c(tmp_path, two_deltas, sig, line):
+def test_ending_signals_clean_up_like_ctrl_c(paused, tmp_path, two_deltas, sig, line):
     a, b = two_deltas
     out = tmp_path / "out" / "m.safetensors"
-    run = Paused(tmp_path, "cdtool.atomic.publish", "merge", a, b, "--method", "sum", "-o", out)
+    run = paused("cdtool.atomic.publish", "merge", a, b, "--method", "sum", "-o", out)
     assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")]  # the staged file is there
     code, stdout, stderr = run.end(sig)
     assert (code, stdout) == (128 + sig, "")
@@ -348,7 +367,7 @@ def test_ending_signals_clean_up_like_ctrl_c(tmp_path, two_deltas, sig, line):
 
 
 @pytest.mark.parametrize("command", ["export", "prep"])
-def test_sigterm_leaves_no_staged_folder(tmp_path, two_deltas, command):
+def test_sigterm_leaves_no_staged_folder(paused, tmp_path, two_deltas, command):
     a, _ = two_deltas
     photos = write_concept_folder(tmp_path / "photos")
     out = tmp_path / "out"
@@ -357,17 +376,17 @@ def test_sigterm_leaves_no_staged_folder(tmp_path, two_deltas, command):
         "export": ("export", a, "--to", "checkpoint", "-o", out / "ckpt", "--model", "tiny"),
         "prep": ("prep", photos, "-o", out / "data", "--class-noun", "cat", "--size", "32"),
     }[command]
-    run = Paused(tmp_path, "cdtool.atomic.publish", *args)
+    run = paused("cdtool.atomic.publish", *args)
     assert _dot_files(out)
     code, _, stderr = run.end(signal.SIGTERM)
     assert code == 143 and stderr.splitlines()[-1] == "Interrupted (SIGTERM)."
     assert _listing(out) == []
 
 
-def test_what_a_killed_command_left_is_removed_by_the_next(cli, tmp_path, two_deltas):
+def test_what_a_killed_command_left_is_removed_by_the_next(paused, cli, tmp_path, two_deltas):
     a, b = two_deltas
     out = tmp_path / "m.safetensors"
-    run = Paused(tmp_path, "cdtool.atomic.publish", "merge", a, b, "--method", "sum", "-o", out)
+    run = paused("cdtool.atomic.publish", "merge", a, b, "--method", "sum", "-o", out)
     code, _, _ = run.end(signal.SIGKILL)
     assert code == -signal.SIGKILL
     left = [p for p in tmp_path.iterdir() if p.name.startswith(".m.safetensors.") and p.name.endswith(".tmp")]
@@ -393,9 +412,9 @@ def test_an_output_set_aside_by_a_killed_command_is_put_back(cli, tmp_path, two_
 SAMPLE4 = ("sample", "a red cat", "--model", "tiny", "--n", "4", "--steps", "1")
 
 
-def test_an_interrupted_sample_folder_records_what_it_made_and_resumes(cli, tmp_path):
+def test_an_interrupted_sample_folder_records_what_it_made_and_resumes(paused, cli, tmp_path):
     out = tmp_path / "s"
-    run = Paused(tmp_path, "cdtool.sampling.save_png", *SAMPLE4, "-o", out, call=3)  # two images made
+    run = paused("cdtool.sampling.save_png", *SAMPLE4, "-o", out, call=3)  # two images made
     code, _, stderr = run.end(signal.SIGTERM)
     assert code == 143 and "Traceback" not in stderr
     assert f"Warning: {out}: 2 of 4 images made; prompts.json records them; the same command makes the rest" in stderr
@@ -407,9 +426,9 @@ def test_an_interrupted_sample_folder_records_what_it_made_and_resumes(cli, tmp_
     assert len(json.loads((out / "prompts.json").read_text())) == 4 and _dot_files(out) == []
 
 
-def test_a_killed_sample_leaves_nothing_the_next_run_keeps(cli, tmp_path):
+def test_a_killed_sample_leaves_nothing_the_next_run_keeps(paused, cli, tmp_path):
     out = tmp_path / "s"
-    run = Paused(tmp_path, "cdtool.atomic.publish", *SAMPLE4, "-o", out, call=2)  # the second image, staged
+    run = paused("cdtool.atomic.publish", *SAMPLE4, "-o", out, call=2)  # the second image, staged
     run.end(signal.SIGKILL)
     (left,) = [p for p in out.iterdir() if p.name.endswith(".tmp")]
     r = cli(*SAMPLE4, "-o", out, "--json")
@@ -427,12 +446,12 @@ def _conflict(path: Path, pid: int) -> str:
     )
 
 
-def test_two_compress_force_to_one_output(cli, tmp_path, two_deltas):
+def test_two_compress_force_to_one_output(paused, cli, tmp_path, two_deltas):
     a, _ = two_deltas
     out = tmp_path / "c.safetensors"
     cli("compress", a, "-o", out, "--rank", "1")
     earlier = out.read_bytes()
-    first = Paused(tmp_path, "cdtool.atomic.publish", "compress", a, "-o", out, "--rank", "2", "--force")
+    first = paused("cdtool.atomic.publish", "compress", a, "-o", out, "--rank", "2", "--force")
     r = cli("compress", a, "-o", out, "--rank", "3", "--force", code=1)
     assert one_error(r) == _conflict(out, first.proc.pid)
     assert out.read_bytes() == earlier  # the second touched nothing
@@ -447,7 +466,7 @@ TRAIN1 = ("--class-noun", "cat", "--model", "tiny", "--steps", "1", "--batch-siz
 
 
 @pytest.mark.parametrize("shared", ["output", "run-dir", "run-dir-force"])
-def test_two_trainings_on_one_output_or_run_folder(cli, tmp_path, concept_dirs, shared):
+def test_two_trainings_on_one_output_or_run_folder(paused, cli, tmp_path, concept_dirs, shared):
     cat, _ = concept_dirs
     run_dir = tmp_path / "shared.run"
     first_args = ("-o", tmp_path / "a.safetensors", "--run-dir", run_dir)
@@ -456,7 +475,7 @@ def test_two_trainings_on_one_output_or_run_folder(cli, tmp_path, concept_dirs, 
         "run-dir": ("-o", tmp_path / "b.safetensors", "--run-dir", run_dir),
         "run-dir-force": ("-o", tmp_path / "b.safetensors", "--run-dir", run_dir, "--force"),
     }[shared]
-    first = Paused(tmp_path, "cdtool.atomic.publish", "train", cat, *TRAIN1, *first_args)  # its first file
+    first = paused("cdtool.atomic.publish", "train", cat, *TRAIN1, *first_args)  # its first file
     r = cli("train", cat, *TRAIN1, *second_args, code=1)
     assert one_error(r) == _conflict(tmp_path / "a.safetensors" if shared == "output" else run_dir, first.proc.pid)
     code, _, stderr = first.end()
@@ -465,9 +484,9 @@ def test_two_trainings_on_one_output_or_run_folder(cli, tmp_path, concept_dirs, 
     assert (tmp_path / "a.safetensors").is_file() and not (tmp_path / "other.run").exists()
 
 
-def test_two_samples_into_one_folder(cli, tmp_path):
+def test_two_samples_into_one_folder(paused, cli, tmp_path):
     out = tmp_path / "s"
-    first = Paused(tmp_path, "cdtool.sampling.save_png", *SAMPLE4, "-o", out)
+    first = paused("cdtool.sampling.save_png", *SAMPLE4, "-o", out)
     r = cli(*SAMPLE4, "-o", out, code=1)
     assert one_error(r) == _conflict(out, first.proc.pid)
     code, _, _ = first.end()
@@ -700,3 +719,14 @@ def test_a_merge_gives_the_same_bytes_twice(tmp_path, two_deltas, method, suffix
         )
         assert done.returncode == 0, done.stderr
     assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_compress_and_export_give_the_same_bytes_twice(cli, tmp_path, two_deltas):
+    a, _ = two_deltas
+    for i in ("1", "2"):  # folders of one name (the model card names its folder)
+        cli("compress", a, "-o", tmp_path / i / "c.safetensors", "--rank", "2")
+        cli("export", a, "--to", "kohya", "-o", tmp_path / i / "k")
+        cli("export", a, "--to", "diffusers-custom-diffusion", "-o", tmp_path / i / "d", "--model", "tiny")
+    files = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*") if p.is_file())
+    assert len(files) == 9
+    assert all((tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes() for f in files)
