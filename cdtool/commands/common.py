@@ -187,7 +187,8 @@ def cdtool_command(func: F) -> F:
         except KeyboardInterrupt as e:
             signum = getattr(e, "signum", signal.SIGINT)
             name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
-            typer.echo(f"Interrupted{name}.", err=True)
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                typer.echo(f"Interrupted{name}.", err=True)
             raise typer.Exit(128 + signum) from None
         except BrokenPipeError:  # the reader of stdout stopped reading (`cdtool info X | head`): a normal end
             _discard_stdout()
