@@ -18,6 +18,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cdtool.errors import CdtoolError
+from cdtool import locks
+from cdtool.errors import CdtoolError, write_failure
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -98,7 +100,7 @@ def _replace(src: Path, dst: Path) -> None:
     if not src.is_dir() or not os.path.lexists(dst):
         os.replace(src, dst)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}{ASIDE}", dir=dst.parent))
     os.rmdir(aside)
     os.rename(dst, aside)
     try:
@@ -106,7 +108,16 @@ def _replace(src: Path, dst: Path) -> None:
     except BaseException:
         os.rename(aside, dst)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    remove(aside)
+
+
+def remove(path: Path) -> None:
+    """Delete a file, a folder with what it holds, or a symbolic link (never what it points to)."""
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def publish(src: Path, dst: Path, *, replace: bool) -> None:
@@ -170,8 +181,9 @@ def atomic_path(path: Path, *, replace: bool = True) -> Iterator[Path]:
     tmp = Path(tmp_name)
     done = False
     try:
-        yield tmp
-        os.chmod(tmp, file_mode())
+        with naming_write_failures(path, tmp):
+            yield tmp
+            os.chmod(tmp, file_mode())
         publish(tmp, path, replace=replace)
         done = True
     except OSError as e:
@@ -182,6 +194,71 @@ def atomic_path(path: Path, *, replace: bool = True) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         if not done:
             _remove_empty(created)
+
+
+@contextlib.contextmanager
+def naming_write_failures(path: Path, tmp: Path | None = None) -> Iterator[None]:
+    """A write into `path` that runs out of room (a full disk, a quota, a size limit), whichever
+    library reports it and however, is one error naming `path` and saying so; an error that names
+    the temporary `tmp` names `path` instead."""
+    try:
+        yield
+    except CdtoolError as e:
+        if tmp is None or str(tmp) not in str(e):
+            raise
+        named = CdtoolError(str(e).replace(str(tmp), str(path)))
+        named.exit_code = e.exit_code
+        raise named from e
+    except Exception as e:
+        why = write_failure(e, path)
+        if why is None:
+            raise
+        raise CdtoolError(f"cannot write {path}: {why}") from e
+
+
+# ---- what a killed command leaves ---------------------------------------------------------------
+
+ASIDE = ".old-"  # an earlier output set aside while the new one takes its place
+# beside NAME: `.NAME.XXXXXXXX.tmp` (a file or folder being written) and `.NAME.old-XXXXXXXX`
+_LEFTOVER = r"\.{name}(\.[a-z0-9_]{{8}}\.tmp|\.old-[a-z0-9_]{{8}})"
+
+
+def leftovers(path: Path) -> list[Path]:
+    """What commands killed while writing `path` left beside it (temporary files and folders named
+    after it, and an earlier output set aside)."""
+    pattern = re.compile(_LEFTOVER.format(name=re.escape(path.name)))
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return sorted(path.parent / n for n in names if pattern.fullmatch(n))
+
+
+def clear_leftovers(path: Path, say: Callable[[str], None]) -> None:
+    """Remove what a killed command left beside `path` (called with `path` locked, so no running
+    command is writing them). An earlier output that was set aside while nothing took its place is
+    put back."""
+    for item in leftovers(path):
+        if ASIDE in item.name[len(path.name) + 1 :] and not os.path.lexists(path):
+            os.rename(item, path)
+            say(f"{path}: put back from {item.name}, where an interrupted command had set it aside")
+            continue
+        remove(item)
+        say(f"removed {item}, left by an interrupted command")
+
+
+def clear_leftovers_inside(folder: Path, say: Callable[[str], None]) -> None:
+    """Remove the temporary files a killed command left inside an output folder it writes in
+    place (`.NAME.XXXXXXXX.tmp`)."""
+    pattern = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return
+    for name in names:
+        if pattern.fullmatch(name):
+            remove(folder / name)
+            say(f"removed {folder / name}, left by an interrupted command")
 
 
 # ---- names from files ---------------------------------------------------------------------------
@@ -222,20 +299,39 @@ def write_manifest(folder: Path, command: str) -> None:
 
 
 def manifest_ownership(command: str) -> Ownership:
-    """A folder is `command`'s output when its manifest says so; files it does not list are foreign."""
+    """A folder is `command`'s output when its manifest says so; anything it does not list is
+    foreign (files, and also symbolic links, empty folders and special files)."""
 
     def foreign(folder: Path) -> list[str] | None:
         doc = read_manifest(folder)
         if doc is None or doc.get("command") != command:
             return None
         listed = set(doc["files"]) | {MANIFEST}
-        return sorted(
-            str(p.relative_to(folder))
-            for p in folder.rglob("*")
-            if p.is_file() and str(p.relative_to(folder)) not in listed
-        )
+        files, others = folder_entries(folder)
+        return sorted([f for f in files if f not in listed] + others)
 
     return foreign
+
+
+def folder_entries(folder: Path) -> tuple[list[str], list[str]]:
+    """What a folder holds, relative to it: (its plain files, everything else that is not a
+    folder holding something: symbolic links, empty folders as `NAME/`, special files). Links are
+    never followed."""
+    files: list[str] = []
+    others: list[str] = []
+    for root, dirs, names in os.walk(folder):
+        here = Path(root)
+        for name in dirs:
+            p = here / name
+            if p.is_symlink():
+                others.append(str(p.relative_to(folder)))
+            elif not any(p.iterdir()):
+                others.append(f"{p.relative_to(folder)}/")
+        for name in names:
+            p = here / name
+            rel = str(p.relative_to(folder))
+            (files if p.is_file() and not p.is_symlink() else others).append(rel)
+    return files, others
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -285,6 +381,7 @@ class Output:
     ownership: Ownership | None = None
     manifest: bool = False  # a folder output carrying MANIFEST (the default ownership)
     changed: bool = True  # False when a re-run left the output as it was
+    lock: locks.Lock | None = None  # held from the claim until the output is in place
 
     def check_owned(self) -> None:
         """An existing folder may be replaced only when the command wrote it and nothing else is in it."""
@@ -309,29 +406,38 @@ class Output:
         beside the output, which becomes the output when the block succeeds. A folder identical to
         the existing output leaves that one as it is (`changed` False)."""
         created = _make_parents(self.path)
+        here = None
         try:
+            here = locks.acquire(self.path)  # now beside the output, where its folder was missing at the claim
             stage = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
-        except OSError as e:
+        except (OSError, CdtoolError) as e:
+            locks.release(here)
             _remove_empty(created)
-            raise CdtoolError(f"cannot write {self.path}: {e.strerror or e}") from e
+            if isinstance(e, CdtoolError):
+                raise
+            raise CdtoolError(f"cannot write {self.path}: {write_failure(e, self.path) or e.strerror or e}") from e
         done = False
         try:
-            if self.folder:
-                yield stage
-                if self.manifest:
-                    write_manifest(stage, self.command)
-                _apply_umask(stage)
-                if self._settle(stage):
-                    publish(stage, self.path, replace=self.existed)
-            else:
-                yield stage / self.path.name
-                os.chmod(stage / self.path.name, file_mode())
-                publish(stage / self.path.name, self.path, replace=self.existed)
+            with naming_write_failures(self.path, stage / self.path.name if not self.folder else stage):
+                if self.folder:
+                    yield stage
+                    if self.manifest:
+                        write_manifest(stage, self.command)
+                    _apply_umask(stage)
+                    if self._settle(stage):
+                        publish(stage, self.path, replace=self.existed)
+                else:
+                    yield stage / self.path.name
+                    os.chmod(stage / self.path.name, file_mode())
+                    publish(stage / self.path.name, self.path, replace=self.existed)
             done = True
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+            locks.release(here)
             if not done:
                 _remove_empty(created)
+            locks.release(self.lock)
+            self.lock = None
 
     def _settle(self, stage: Path) -> bool:
         """Whether the finished folder is to take the output's place (False: it is the same)."""
@@ -361,7 +467,7 @@ class Output:
         created = _make_parents(self.path)
         aside = None
         if self.existed:
-            aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
+            aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}{ASIDE}", dir=self.path.parent))
             os.rmdir(aside)
             os.rename(self.path, aside)
         was_empty = self.path.is_dir()
@@ -383,7 +489,7 @@ class Output:
             raise
         finally:
             if aside is not None:
-                shutil.rmtree(aside, ignore_errors=True)
+                remove(aside)
 
 
 def claim_output(
@@ -407,7 +513,27 @@ def claim_output(
     path = Path(path)
     _check_inputs(path, folder, inputs)
     probe_writable(path)
-    out = Output(path, command, force, folder)
+    lock = locks.acquire(path)
+    try:
+        return _claim(path, command, force, folder, defer, ownership, lock)
+    except BaseException:
+        locks.release(lock)
+        raise
+
+
+def _claim(
+    path: Path,
+    command: str,
+    force: bool,
+    folder: bool,
+    defer: bool,
+    ownership: Ownership | None,
+    lock: locks.Lock | None,
+) -> Output:
+    from cdtool import console
+
+    clear_leftovers(path, console.warn)
+    out = Output(path, command, force, folder, lock=lock)
     if folder:
         out.ownership = ownership or manifest_ownership(command)
         out.manifest = ownership is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -13,8 +14,21 @@ from rich.console import Console
 
 T = TypeVar("T")
 
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
+# emoji off: rich would print a file named `a:cat:b` with a cat in it
+_err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 _state = {"quiet": False}
+
+
+def shown(text: str) -> str:
+    """`text` with its control characters escaped as Python writes them (a newline as \\n, the escape
+    character as \\x1b), so that no name taken from a file or an argument can break a message into lines,
+    forge an `Error:` line or drive the terminal. Every line cdtool prints goes through here."""
+    if text.isprintable():
+        return text
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _CONTROL else c for c in text)
+
+
+_CONTROL = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators
 
 
 def set_quiet(quiet: bool) -> None:
@@ -24,23 +38,23 @@ def set_quiet(quiet: bool) -> None:
 def log(message: str) -> None:
     """An informational line on stderr (silenced by --quiet)."""
     if not _state["quiet"]:
-        _err.print(message, markup=False)
+        _err.print(shown(message), markup=False)
 
 
 def warn(message: str) -> None:
     """A warning on stderr; shown even with --quiet."""
-    _err.print(f"Warning: {message}", markup=False, style="yellow")
+    _err.print(f"Warning: {shown(message)}", markup=False, style="yellow")
 
 
 def summary(message: str) -> None:
     """The one line that sums up what a command did, on stderr; shown even with --quiet (which
     hides the logs and progress leading up to it)."""
-    _err.print(message, markup=False)
+    _err.print(shown(message), markup=False)
 
 
 def result(line: str) -> None:
     """One line of the command's result on stdout."""
-    sys.stdout.write(f"{line}\n")
+    sys.stdout.write(f"{shown(line)}\n")
     sys.stdout.flush()
 
 

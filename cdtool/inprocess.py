@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from cdtool import console
-from cdtool.errors import CdtoolError
+from cdtool.errors import CdtoolError, Interrupted
 
 
 class InProcess:
@@ -53,6 +53,8 @@ class InProcess:
             else f"{argv[0]} {sum(k.startswith(argv[0]) for k in self.timings) + 1}"
         )
         self.timings[key] = round(time.perf_counter() - start, 1)
+        if isinstance(code, int) and code > 128:  # the command was interrupted: so is this one
+            raise Interrupted(code - 128)
         if code not in (None, 0):
             raise CdtoolError(f"stopped at `cdtool {shlex.join(argv)}` (its error is above)")
         return json.loads(out.getvalue()) if out.getvalue().strip() else None

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -15,7 +19,7 @@ import typer
 
 from cdtool import console
 from cdtool.choices import DTYPE_NAMES, LAYER_SETS, SCHEDULERS
-from cdtool.errors import CdtoolError, UsageError
+from cdtool.errors import CdtoolError, Interrupted, UsageError, first_line, write_failure
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -124,46 +128,127 @@ def examples(*command_lines: str) -> str:
 
 
 def parse_scaled(spec: str) -> tuple[Path, float]:
-    """`path[:scale]` -> (path, scale); a colon followed by a non-number belongs to the path."""
+    """`path[:scale]` -> (path, scale). An existing path is never split; otherwise what follows the
+    last colon is the scale, a finite number (a usage error if not), unless it holds a path separator."""
     head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return Path(head), float(tail)
-        except ValueError:
-            pass
-    return Path(spec), 1.0
+    if not (sep and head) or "/" in tail or Path(spec).exists():
+        return Path(spec), 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        if not tail:
+            raise UsageError(f"{spec} ends in a colon; give a scale after it, as in {head}:0.8") from None
+        raise UsageError(f"{spec}: the scale after the colon must be a number, as in {head}:0.8") from None
+    if not math.isfinite(scale):
+        raise UsageError(f"{spec}: the scale {tail} is not a finite number")
+    return Path(head), scale
+
+
+# Options whose value must be above zero (a learning rate, a threshold, a time limit). Every number
+# option must be finite: one with a range refuses NaN itself, but infinity passes a lower bound.
+POSITIVE_OPTIONS = ("lr", "text_encoder_lr", "lora_alpha", "dvar_eps", "timeout")
+
+
+def check_option_numbers(options: dict[str, Any]) -> None:
+    """Every number option is finite, and those of POSITIVE_OPTIONS above zero: usage errors."""
+    for name, value in options.items():
+        if not isinstance(value, float):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} {value}: give a finite number")
+        if name in POSITIVE_OPTIONS and value <= 0:
+            raise UsageError(f"{flag} {value:g}: give a number above zero")
 
 
 def cdtool_command(func: F) -> F:
     """Turn CdtoolError into `Error: ...` on stderr and its exit code; hide tracebacks unless
-    CDTOOL_DEBUG=1. Ctrl-C and a closed stdout end the command quietly."""
+    CDTOOL_DEBUG=1. Ctrl-C, SIGTERM and SIGHUP end the command alike (its cleanup runs; exit code
+    128 + the signal's number: 130, 143, 129); a closed stdout ends it quietly. The outputs it
+    locked are released at the end, whatever the end."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from cdtool import locks
+
         if "quiet" in kwargs:
             console.set_quiet(bool(kwargs["quiet"]))
+        held = locks.held()
         try:
-            return func(*args, **kwargs)
+            with _signals_end_like_ctrl_c():
+                check_option_numbers(kwargs)
+                return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
         except CdtoolError as e:
             if _debug():
                 traceback.print_exc()
-            typer.echo(f"Error: {e}", err=True)
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("Interrupted.", err=True)
-            raise typer.Exit(130) from None
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                typer.echo(f"Interrupted{name}.", err=True)
+            raise typer.Exit(128 + signum) from None
         except BrokenPipeError:  # the reader of stdout stopped reading (`cdtool info X | head`): a normal end
             _discard_stdout()
             raise typer.Exit(0) from None
         except Exception as e:  # an unexpected failure: still one line, unless debugging
             if _debug():
                 raise
-            typer.echo(f"Error: unexpected {type(e).__name__}: {e} (set CDTOOL_DEBUG=1 for a traceback)", err=True)
-            raise typer.Exit(1) from None
+            _fail(_explain(e, locks.targets(since=held)), 1)
+        finally:
+            locks.release(since=held)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"Error: {console.shown(message)}", err=True)
+    raise typer.Exit(code) from None
+
+
+def _explain(e: Exception, outputs: list[Path]) -> str:
+    """The one line for a failure no check foresaw: a write that ran out of room names the outputs;
+    a solver that could not factorise says so; anything else is unexpected."""
+    detail = first_line(e)
+    why = write_failure(e, outputs[0] if outputs else None)
+    if why is not None:
+        where = ", ".join(str(p) for p in outputs) or "the output"
+        return f"cannot write {where}: {why}"
+    if type(e).__name__ in ("LinAlgError", "_LinAlgError"):
+        return (
+            f"the linear algebra failed ({detail}): the inputs hold values too large or too degenerate to solve "
+            "with; check them with `cdtool info`"
+        )
+    return f"unexpected {type(e).__name__}: {e} (set CDTOOL_DEBUG=1 for a traceback)"
+
+
+_ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _signals_end_like_ctrl_c() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP raise `Interrupted` as Ctrl-C raises
+    KeyboardInterrupt, so every staged output is cleaned up; a second one during the cleanup is
+    ignored. Only the main thread can set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in _ENDING_SIGNALS}
+
+    def end(signum: int, frame: Any) -> None:
+        for s in _ENDING_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for s in _ENDING_SIGNALS:
+        signal.signal(s, end)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def _discard_stdout() -> None:

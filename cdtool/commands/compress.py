@@ -82,10 +82,12 @@ def compress(
     delta = read_delta(source)
     base = None
     if delta.needs_base or output.suffix == ".bin":
-        from cdtool.delta.base import fingerprint_names, load_base_params
+        from cdtool.delta.base import check_fits, fingerprint_names, load_base_params
 
-        base = load_base_params(pick_model(model, [delta.base_model]), fingerprint_names(delta))
+        base_model = pick_model(model, [delta.base_model])
+        base = load_base_params(base_model, fingerprint_names(delta))
         delta = delta.relative_to(base) if delta.needs_base else delta
+        check_fits(delta, base, base_model)
     if not delta.layers:
         raise CdtoolError(f"{source} has no layers to compress (tokens only)")
     out = Delta(

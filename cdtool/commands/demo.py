@@ -48,7 +48,7 @@ def demo(
     reg_images: Annotated[int, typer.Option("--reg-images", min=1, help="Regularisation images per concept.")] = 32,
     n: Annotated[int, typer.Option("--n", min=1, help="Samples per prompt and panel.")] = 8,
     sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="Denoising steps.")] = 15,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 4.0,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale.")] = 4.0,
     rank: Annotated[
         int, typer.Option("--rank", min=1, help="Rank of the compressed least-squares merge (its own column).")
     ] = 16,

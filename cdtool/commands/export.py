@@ -102,7 +102,7 @@ def export(
     if to is Target.checkpoint:
         base_model = pick_available_model(model, [delta.base_model])
     elif delta.needs_base or to in (Target.official, Target.diffusers_custom_diffusion):
-        from cdtool.delta.base import fingerprint_names, load_base_params, unet_param_names
+        from cdtool.delta.base import check_fits, fingerprint_names, load_base_params, unet_param_names
 
         base_model = pick_model(model, [delta.base_model])
         names = fingerprint_names(delta)
@@ -112,6 +112,7 @@ def export(
         base = load_base_params(base_model, names)
         if delta.needs_base:
             delta = delta.relative_to(base)
+        check_fits(delta, base, base_model)
     per_block = 2
     # kohya's SDXL names count the UNet's layers per block; an import records no kind, and where its
     # base was read anyway (a Custom Diffusion folder's fine-tuned weights) the base says

@@ -72,7 +72,14 @@ def get_deltas(
     compressed), and diffusers' pytorch_custom_diffusion_weights + <token> files.
     """
     # the library loads here, not at the top, so that `cdtool get-deltas --help` starts without torch
-    from cdtool.delta.base import check_token_width, fingerprint, fingerprint_names, load_base_params, pipeline_params
+    from cdtool.delta.base import (
+        check_fits,
+        check_token_width,
+        fingerprint,
+        fingerprint_names,
+        load_base_params,
+        pipeline_params,
+    )
     from cdtool.delta.importers import check_delta_output, read_delta, save_delta
 
     model = pick_alias(model, base, "--model", "--base")
@@ -102,9 +109,11 @@ def get_deltas(
         source_format = "fine-tuned-model"
     else:
         if is_run_folder(source):
+            from cdtool.delta.file import check_numbers
             from cdtool.train.runs import delta_from_run
 
             delta = delta_from_run(source)
+            check_numbers(delta, str(source))
         else:
             delta = read_delta(source)
         source_format = delta.source_format
@@ -127,6 +136,8 @@ def get_deltas(
         if delta.needs_base:
             assert params is not None
             delta = delta.relative_to(params)
+        if params is not None:
+            check_fits(delta, params, base_model)
         if not delta.layers and not delta.tokens:
             raise CdtoolError(f"{source}: no layers and no tokens found")
         matched = len(delta.layers)

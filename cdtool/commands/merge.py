@@ -21,7 +21,7 @@ from cdtool.commands.common import (
     parse_scaled,
     pick_model,
 )
-from cdtool.errors import CdtoolError, UsageError
+from cdtool.errors import CdtoolError, UsageError, read_text
 
 if TYPE_CHECKING:
     from cdtool.merge.deltas import MergeResult
@@ -41,6 +41,34 @@ def split_inputs(args: list[str]) -> list[tuple[Path, float]]:
         parts = [arg] if Path(arg).exists() else arg.split("+")
         out.extend(parse_scaled(p) for p in parts if p)
     return out
+
+
+def check_distinct(paths: list[Path]) -> None:
+    """Each input is merged once: the same file twice (under any name), or two copies of one file,
+    is refused, naming it."""
+    from cdtool.hashing import file_sha256
+
+    seen: dict[tuple[int, int], Path] = {}
+    sizes: dict[int, list[Path]] = {}
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            continue  # a missing input is named when it is read
+        first = seen.setdefault((st.st_dev, st.st_ino), p)
+        if first is not p:
+            same = f" (as {first} and {p})" if str(first) != str(p) else ""
+            raise UsageError(
+                f"{p} is given twice{same}; merge each delta once (to weigh one more, give it a scale: {p}:2)"
+            )
+        if p.is_file():
+            sizes.setdefault(st.st_size, []).append(p)
+    for group in (g for g in sizes.values() if len(g) > 1):
+        digests: dict[str, Path] = {}
+        for p in group:
+            first = digests.setdefault(file_sha256(p), p)
+            if first is not p:
+                raise UsageError(f"{first} and {p} are copies of one delta (the same bytes); merge it once")
 
 
 def merge(
@@ -104,6 +132,10 @@ def merge(
     specs = split_inputs(inputs)
     if len(specs) < 2:
         raise UsageError("give at least two deltas to merge")
+    check_distinct([p for p, _ in specs])
+    if method is MergeMethodOption.least_squares and any(s <= 0 for _, s in specs):
+        spec = next(f"{p}:{s:g}" for p, s in specs if s <= 0)
+        raise UsageError(f"{spec}: a least-squares weight must be above zero")
     if output is None and not dry_run:
         raise UsageError("give --output (or --dry-run)")
     if base_weight is not None and method is not MergeMethodOption.least_squares:
@@ -176,9 +208,7 @@ def _read_captions(path: Path | None) -> list[str]:
 
     if path is None:
         return default_reg_captions()
-    if not path.is_file():
-        raise CdtoolError(f"{path}: no such captions file")
-    captions = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    captions = [ln.strip() for ln in read_text(path, "captions file").splitlines() if ln.strip()]
     if not captions:
         raise CdtoolError(f"{path}: no captions in the file")
     return captions

@@ -51,7 +51,7 @@ def regset(
         ),
     ] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps (generate).")] = 50,
-    guidance: Annotated[float, typer.Option("--guidance", help="Guidance scale (generate).")] = 6.0,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0, help="Guidance scale (generate).")] = 6.0,
     resolution: Annotated[
         int | None, typer.Option("--resolution", help="Image size (generate; default: the model's).")
     ] = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,7 +28,7 @@ from cdtool.commands.common import (
     parse_scaled,
     pick_available_model,
 )
-from cdtool.errors import CdtoolError, UsageError
+from cdtool.errors import CdtoolError, UsageError, read_text
 from cdtool.hashing import path_sha256
 
 PROMPTS_FILE = "prompts.json"
@@ -35,9 +36,7 @@ PROMPTS_FILE = "prompts.json"
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a text file (one per line) or a JSON list."""
-    if not path.is_file():
-        raise CdtoolError(f"{path}: no such prompts file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "prompts file")
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -60,7 +59,7 @@ def sample(
     delta: DeltaOpt = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 50,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 6.0,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale.")] = 6.0,
     scheduler: Annotated[Scheduler, typer.Option("--scheduler", help="Sampler.")] = Scheduler("ddim"),  # type: ignore[assignment]
     seed: SeedOpt = 0,
     height: Annotated[int | None, typer.Option("--height", help="Image height (default: the model's).")] = None,
@@ -128,6 +127,7 @@ def sample(
     deltas = [(read_delta(p), s) for p, s in specs]
     model_id = pick_available_model(model, [d.base_model for d, _ in deltas])
     probe_writable(output / PROMPTS_FILE)
+    recorded = _claim_folder(output, force)
     request = {
         "model": model_id,
         "deltas": [{"sha256": path_sha256(p), "scale": s} for p, s in specs],
@@ -143,42 +143,44 @@ def sample(
     skipped = [] if force else _kept(output, jobs, request)
     todo = [j for j in jobs if j.file_name not in skipped]
 
-    images = {}
-    if todo:
-        from cdtool.models.pipeline import load_with_deltas
-        from cdtool.sampling.generate import set_scheduler
+    images: dict[str, Any] = {}
+    try:
+        if todo:
+            from cdtool.models.pipeline import load_with_deltas
+            from cdtool.sampling.generate import set_scheduler
 
-        def note_base(pipe: Any) -> None:
-            request.setdefault("base_fingerprint", model_fingerprint(model_id, pipe))
+            def note_base(pipe: Any) -> None:
+                request.setdefault("base_fingerprint", model_fingerprint(model_id, pipe))
 
-        pipe = load_with_deltas(
-            model_id,
-            deltas,
-            device=device,
-            dtype=dtype,
-            ignore_base_mismatch=ignore_base_mismatch,
-            on_base=note_base,
-        )
-        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        for size, flag in ((height, "--height"), (width, "--width")):
-            check_size(size, flag, pipe.vae_scale_factor)
-        set_scheduler(pipe, scheduler.value)
-        with console.progress("sampling", len(todo), plain=True) as bar:
-            for job, image in generate(
-                pipe,
-                todo,
-                steps=steps,
-                guidance=guidance,
-                height=height or default,
-                width=width or default,
-                batch_size=batch_size,
-                negative_prompt=negative_prompt,
-            ):
-                meta = json.dumps(image_request(request, job), sort_keys=True)
-                save_png(image, output / job.file_name, {REQUEST_KEY: meta})
-                images[job.file_name] = image
-                bar.advance()
-    _update_prompts(output, {j.file_name: j.prompt for j in jobs})
+            pipe = load_with_deltas(
+                model_id,
+                deltas,
+                device=device,
+                dtype=dtype,
+                ignore_base_mismatch=ignore_base_mismatch,
+                on_base=note_base,
+            )
+            default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            for size, flag in ((height, "--height"), (width, "--width")):
+                check_size(size, flag, pipe.vae_scale_factor)
+            set_scheduler(pipe, scheduler.value)
+            with console.progress("sampling", len(todo), plain=True) as bar:
+                for job, image in generate(
+                    pipe,
+                    todo,
+                    steps=steps,
+                    guidance=guidance,
+                    height=height or default,
+                    width=width or default,
+                    batch_size=batch_size,
+                    negative_prompt=negative_prompt,
+                ):
+                    meta = json.dumps(image_request(request, job), sort_keys=True)
+                    save_png(image, output / job.file_name, {REQUEST_KEY: meta})
+                    images[job.file_name] = image
+                    bar.advance()
+    finally:  # complete, or a record of what was made: the same command makes the rest
+        _record(output, recorded, jobs, len(todo) - len(images))
     if grid:
         from cdtool.dataset.images import open_image
 
@@ -222,17 +224,49 @@ def _kept(output: Path, jobs: list[Any], request: dict[str, Any]) -> list[str]:
     return [j.file_name for j in there]
 
 
-def _update_prompts(folder: Path, mapping: dict[str, str]) -> None:
-    path = folder / PROMPTS_FILE
-    existing: dict[str, str] = {}
-    if path.exists():
-        try:
-            existing = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            console.warn(f"{path} was not valid JSON; rewriting it")
-    existing.update(mapping)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(existing, indent=1, sort_keys=True), encoding="utf-8")
+def _claim_folder(output: Path, force: bool) -> dict[str, str]:
+    """Lock the folder for this command, remove what a killed one left in it, and return its
+    prompts.json mapping; a prompts.json that `cdtool sample` did not write (or cannot be read as
+    one) is refused before any work, and replaced only with --force."""
+    from cdtool import locks
+    from cdtool.atomic import clear_leftovers, clear_leftovers_inside
+    from cdtool.sampling.generate import read_prompt_map, written_by_sample
+
+    locks.acquire(output)
+    clear_leftovers(output, console.warn)
+    clear_leftovers_inside(output, console.warn)
+    path = output / PROMPTS_FILE
+    if not os.path.lexists(path):
+        return {}
+    try:
+        mapping = read_prompt_map(path)
+        if not path.is_file() or path.is_symlink() or not written_by_sample(mapping):
+            raise CdtoolError(f"{path}: names images that cdtool sample did not make")
+    except CdtoolError as e:
+        if force:
+            console.warn(f"{path} was not written by cdtool sample; replacing it (--force)")
+            return {}
+        raise CdtoolError(
+            f"{e}; cdtool sample keeps its own prompts.json there: move that file away, pass --force to "
+            "replace it, or choose another --output"
+        ) from None
+    return mapping
+
+
+def _record(output: Path, recorded: dict[str, str], jobs: list[Any], missing: int) -> None:
+    """prompts.json for the images of `jobs` now in the folder (all of them, unless the command
+    was stopped: then the images made so far, each recording its request, so that running the
+    same command again keeps them and makes the rest)."""
+    made = {j.file_name: j.prompt for j in jobs if (output / j.file_name).is_file()}
+    if not made:
+        return
+    with atomic_path(output / PROMPTS_FILE) as tmp:
+        tmp.write_text(json.dumps(recorded | made, indent=1, sort_keys=True), encoding="utf-8")
+    if missing:
+        console.warn(
+            f"{output}: {len(made)} of {len(jobs)} images made; prompts.json records them; the same command "
+            "makes the rest"
+        )
 
 
 EXAMPLES = examples(

@@ -183,7 +183,9 @@ def train(
             help="Scale lr by batch x accumulation x processes, x2 with --reg, as the reference (8e-5 for custom-diffusion). Default: on; off for dreambooth-lora.",
         ),
     ] = None,
-    prior_weight: Annotated[float, typer.Option("--prior-weight", help="Weight of the prior-preservation loss.")] = 1.0,
+    prior_weight: Annotated[
+        float, typer.Option("--prior-weight", min=0.0, help="Weight of the prior-preservation loss.")
+    ] = 1.0,
     aug: Annotated[
         bool | None,
         typer.Option(
@@ -375,9 +377,11 @@ def _claim_and_run(cfg: TrainConfig, resume: Path | None, force: bool, inputs: l
     """Claim the delta and the run folder, then train: a stale run folder is never continued (with
     --force it is replaced once the new run is complete, or has a checkpoint to resume from); on
     resume the delta may be replaced without --force only when it is this run's own."""
+    from cdtool import locks
     from cdtool.train.runs import foreign_files, has_checkpoint, is_run_delta
 
     output, folder = Path(cfg.output), Path(cfg.run_dir)
+    locks.acquire(folder)  # one command per run folder, from here to the end
     if resume is not None:
         out = claim_output(output, "train", force or is_run_delta(output, resume), inputs=inputs)
         return _run(cfg, True, replace_output=out.existed)

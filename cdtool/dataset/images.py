@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,10 @@ def open_image(path: Path | str, data: bytes | None = None) -> Any:
     from PIL import Image
 
     try:
-        im = Image.open(io.BytesIO(data) if data is not None else path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data) if data is not None else path)
+        _warn_large(path, im, caught)
     except Image.DecompressionBombError as e:
         raise ImageError(str(path), f"refused as a possible decompression bomb: {e}") from e
     except Exception as e:  # PIL raises many types for bad files
@@ -52,6 +56,22 @@ def open_image(path: Path | str, data: bytes | None = None) -> Any:
         im.close()
         raise ImageError(str(path), first_line(e)) from e
     return im
+
+
+def _warn_large(path: Path | str, im: Any, caught: list[warnings.WarningMessage]) -> None:
+    """PIL's warning about a very large image, as one cdtool warning naming the file."""
+    from PIL import Image
+
+    if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+        from cdtool import console
+
+        console.warn(
+            f"{path}: a very large image ({im.width}x{im.height}, {im.width * im.height / 1e6:.0f} megapixels); "
+            "reading it takes much memory and time"
+        )
+    for w in caught:
+        if not issubclass(w.category, Image.DecompressionBombWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 @dataclass

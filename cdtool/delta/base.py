@@ -183,6 +183,20 @@ def _read_selected(folder: Path, names: list[str], as_stored: bool = False) -> d
     return out
 
 
+def check_fits(delta: Delta, params: Mapping[str, torch.Tensor], model: str) -> None:
+    """Every layer of the delta has the shape of the base's (those whose weights are in `params`),
+    and every token the width of the base's token table(s)."""
+    for name, layer in sorted(delta.layers.items()):
+        w = params.get(f"{name}.weight")
+        if w is not None and tuple(w.shape) != layer.shape:
+            out, inp = layer.shape
+            raise CdtoolError(
+                f"{delta.origin or 'the delta'}: layer {name} is {out}x{inp}; in the base model {model} it is "
+                f"{w.shape[0]}x{w.shape[1]}; is the delta for another base model?"
+            )
+    check_token_width(delta, params, model)
+
+
 def check_token_width(delta: Delta, params: Mapping[str, torch.Tensor], model: str) -> None:
     """Every token's embedding is as wide as the base's token table(s) (in `params`, when read)."""
     for name, rows in ((TOKEN_EMBEDDING, delta.tokens), (TOKEN_EMBEDDING_2, delta.tokens_2)):

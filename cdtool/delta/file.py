@@ -134,6 +134,120 @@ def base_param(base: Mapping[str, torch.Tensor], name: str, shape: torch.Size) -
     return w0
 
 
+# ---- numbers checked where they enter -----------------------------------------------------------
+
+# The number types a delta's tensors may hold (what every writer and reader of these files uses).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DIMS = {"delta": (2,), "weight": (2,), "up": (2,), "down": (2,), "bias": (1,), "token": (1, 2), "token_2": (1, 2)}
+_SHAPES = {
+    "delta": "[out, in]",
+    "weight": "[out, in]",
+    "up": "[out, rank]",
+    "down": "[rank, in]",
+    "bias": "[out]",
+    "token": "[vectors, width]",
+    "token_2": "[vectors, width]",
+}
+
+
+def check_tensor(t: Any, where: str, name: str, part: str) -> None:
+    """A tensor read from a file: of a floating-point type, with the dimensions the delta format
+    gives its `part` (`delta`, `up`, `down`, `bias`, `weight`, `token`), not empty, every number
+    finite. A failure is one error naming the file, the tensor and what is wrong."""
+    if not isinstance(t, torch.Tensor):
+        raise CdtoolError(f"{where}: {name} is a {type(t).__name__}, not a tensor")
+    if t.dtype not in FLOAT_DTYPES:
+        raise CdtoolError(
+            f"{where}: tensor {name} holds {str(t.dtype).removeprefix('torch.')} numbers; a delta holds "
+            "floating-point numbers (float16, bfloat16, float32 or float64)"
+        )
+    if t.dim() not in _DIMS[part]:
+        raise CdtoolError(
+            f"{where}: tensor {name} has shape {list(t.shape)}; the format gives it the shape {_SHAPES[part]}"
+        )
+    if t.numel() == 0:
+        raise CdtoolError(f"{where}: tensor {name} is empty (shape {list(t.shape)})")
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(t).sum())
+        inf = int(t.numel() - int(finite.sum()) - nan)
+        what = " and ".join(x for x in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if x)
+        raise CdtoolError(
+            f"{where}: tensor {name} holds {what} value{'s' if nan + inf > 1 else ''} (of {t.numel()}); "
+            "the file is damaged or its training diverged: retrain or re-export it"
+        )
+
+
+def check_numbers(delta: Delta, where: str) -> None:
+    """Every tensor of a delta as read (`check_tensor`), and their shapes consistent: a layer's up
+    and down of one rank, its bias as long as its output, a token's rows one width per encoder."""
+    for name, layer in sorted(delta.layers.items()):
+        parts = {"weight" if layer.absolute else "delta": layer.full, "up": layer.up, "down": layer.down}
+        for part, t in [*parts.items(), ("bias", layer.bias)]:
+            if t is not None:
+                check_tensor(t, where, f"{name}.{part}", part)
+        if layer.up is not None and layer.down is not None and layer.up.shape[1] != layer.down.shape[0]:
+            raise CdtoolError(
+                f"{where}: layer {name}: up {list(layer.up.shape)} and down {list(layer.down.shape)} are of "
+                "different ranks"
+            )
+        if layer.bias is not None and layer.bias.shape[0] != layer.shape[0]:
+            raise CdtoolError(
+                f"{where}: tensor {name}.bias has {layer.bias.shape[0]} numbers; its layer has {layer.shape[0]} outputs"
+            )
+    for family, rows in (("token", delta.tokens), ("token_2", delta.tokens_2)):
+        widths = set()
+        for token, t in sorted(rows.items()):
+            check_tensor(t, where, f"{family}.{token}", family)
+            widths.add(int(t.shape[-1]))
+        if len(widths) > 1:
+            raise CdtoolError(
+                f"{where}: the {family} rows are of different widths ({', '.join(map(str, sorted(widths)))}); "
+                "the tokens of one delta are for one text encoder"
+            )
+
+
+def check_finite_output(tensors: Mapping[str, Any], path: Path) -> None:
+    """Nothing non-finite is written: a result that overflowed is refused before it reaches `path`."""
+    for key, t in tensors.items():
+        if isinstance(t, Mapping):
+            check_finite_output(t, path)
+        elif isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CdtoolError(
+                f"refusing to write {path}: its tensor {key} would hold non-finite values (an overflow: the "
+                "inputs or their scales are too large); nothing was written"
+            )
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, checked finite first, with its header written in one order
+    (the library writes the metadata in an order that changes from run to run), so that equal
+    contents give equal bytes."""
+    from safetensors.torch import save_file
+
+    check_finite_output(tensors, path)
+    save_file(tensors, str(path), metadata=metadata)
+    _canonical_header(Path(path))
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header in place with its metadata keys sorted (same length: only
+    the order of the keys changes)."""
+    with path.open("r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # another escaping than the library's: keep its header
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+
+
 def is_cdtool_safetensors(path: Path) -> bool:
     """True when `path` is a safetensors file whose metadata says it is a cdtool delta."""
     meta = safetensors_metadata(path)
@@ -194,6 +308,7 @@ def read_cdtool(path: Path) -> Delta:
         if key.startswith(("token.", "token_2.")):
             family, _, token = key.partition(".")
             check_token_name(token, path)
+            check_tensor(tensor, str(path), key, family)
             rows = delta.tokens if family == "token" else delta.tokens_2
             rows[token] = tensor if tensor.dim() == 2 else tensor.reshape(1, -1)
             continue
@@ -207,6 +322,7 @@ def read_cdtool(path: Path) -> Delta:
         except ValueError as e:
             raise CdtoolError(f"{path}: layer {stem} is incomplete ({e})") from e
     check_token_pairs(delta, str(path))
+    check_numbers(delta, str(path))
     delta.base_kind = delta.base_kind or (SDXL if delta.tokens_2 else DEFAULT_KIND)
     return delta
 
@@ -279,8 +395,6 @@ def delta_metadata(delta: Delta) -> dict[str, str]:
 
 def write_cdtool(delta: Delta, path: Path, *, replace: bool = True) -> None:
     """Write `delta` atomically as a cdtool `.safetensors` file."""
-    from safetensors.torch import save_file
-
     tensors = delta_tensors(delta)
     with atomic_path(path, replace=replace) as tmp:
-        save_file(tensors, str(tmp), metadata=delta_metadata(delta))
+        save_safetensors(tensors, tmp, delta_metadata(delta))

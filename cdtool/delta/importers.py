@@ -23,6 +23,9 @@ from cdtool.delta.file import (
     Delta,
     LayerDelta,
     base_param,
+    check_finite_output,
+    check_numbers,
+    check_tensor,
     check_token_pairs,
     is_cdtool_safetensors,
     read_cdtool,
@@ -66,9 +69,11 @@ def read_delta(path: Path) -> Delta:
 
 
 def _checked(delta: Delta) -> Delta:
-    """Token names from a stranger's file are checked where they enter (they become file names)."""
+    """Token names from a stranger's file are checked where they enter (they become file names),
+    and so is every number (cdtool.delta.file.check_numbers)."""
     for token in delta.tokens:
         check_token_name(token, delta.origin)
+    check_numbers(delta, delta.origin)
     return delta
 
 
@@ -161,6 +166,8 @@ def _looks_like(state: dict[str, Any]) -> str:
 
 def _layer(value: Any, key: str, path: Path) -> LayerDelta:
     if isinstance(value, dict) and "u" in value and "v" in value:
+        check_tensor(value["u"], str(path), f"{key}.u", "up")  # before the cast, which would hide an integer type
+        check_tensor(value["v"], str(path), f"{key}.v", "down")
         return LayerDelta(up=value["u"].float(), down=value["v"].float())
     if isinstance(value, torch.Tensor):
         return LayerDelta(full=value, absolute=True)  # kept in its dtype until the base is subtracted
@@ -189,10 +196,11 @@ def _from_official(state: dict[str, Any], path: Path) -> Delta:
         if isinstance(rows, (list, tuple)):  # the SDXL script's: [row in text_encoder, row in text_encoder_2]
             if len(rows) != 2 or not all(isinstance(r, torch.Tensor) for r in rows):
                 raise CdtoolError(f"{path}: modifier_token {token!r} holds {len(rows)} entries, not a pair of rows")
-            delta.tokens[token], delta.tokens_2[token] = _as_rows(rows[0]), _as_rows(rows[1])
+            delta.tokens[token] = _checked_rows(rows[0], path, f"modifier_token.{token}[0]")
+            delta.tokens_2[token] = _checked_rows(rows[1], path, f"modifier_token.{token}[1]")
             delta.base_kind = SDXL
         elif isinstance(rows, torch.Tensor):
-            delta.tokens[token] = _as_rows(rows)
+            delta.tokens[token] = _checked_rows(rows, path, f"modifier_token.{token}")
         else:
             raise CdtoolError(f"{path}: modifier_token {token!r} is neither a row nor a pair of rows")
     check_token_pairs(delta, str(path))
@@ -217,7 +225,7 @@ def _from_compvis(sd: dict[str, Any], path: Path) -> Delta:
     if embed is None and isinstance(table, torch.Tensor) and table.shape[0] > CLIP_VOCAB_SIZE:
         embed = table[CLIP_VOCAB_SIZE:]
     if embed is not None:
-        embed = _as_rows(embed)
+        embed = _checked_rows(embed, path, "embed")
         # The official CompVis code stores the new rows in the order <new1>, <new2>, ...
         tokens = {f"<new{i + 1}>": embed[i : i + 1] for i in range(embed.shape[0])}
     return Delta(layers=layers, tokens=tokens, source_format="official-compvis", origin=str(path))
@@ -270,6 +278,12 @@ def _sdxl_embedding(state: dict[str, Any], path: Path) -> tuple[dict[str, torch.
     meta = (safetensors_metadata(path) or {}) if path.suffix == ".safetensors" else {}
     token = meta.get("token") or path.stem
     return {token: _as_rows(state["clip_l"])}, {token: _as_rows(state["clip_g"])}
+
+
+def _checked_rows(t: Any, path: Path, name: str) -> torch.Tensor:
+    """A token's rows from a file, checked before they are cast to float32."""
+    check_tensor(t, str(path), name, "token")
+    return _as_rows(t)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -373,5 +387,6 @@ def _official_rows(e: torch.Tensor) -> torch.Tensor:
 def write_official(delta: Delta, path: Path, base: dict[str, torch.Tensor], *, replace: bool = True) -> None:
     """Write the official `.bin` layout atomically."""
     state = official_state(delta, base)
-    with atomic_path(path, replace=replace) as tmp:
-        torch.save(state, str(tmp))
+    check_finite_output(state, path)
+    with atomic_path(path, replace=replace) as tmp, tmp.open("wb") as f:
+        torch.save(state, f)  # to a file object: the archive is named `archive`, not after the temporary file

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cdtool import __version__
-from cdtool.delta.file import Delta
+from cdtool.delta.file import Delta, save_safetensors
 from cdtool.errors import CdtoolError
 from cdtool.export.single_file import sd1_state
 
@@ -77,10 +77,8 @@ def checkpoint_metadata(delta: Delta, model: str, dtype: str) -> dict[str, str]:
 
 def write_checkpoint(delta: Delta, model: str, path: Path, dtype: str = "fp16") -> None:
     """Load `model`, apply `delta`, write the single-file checkpoint at `path`."""
-    from safetensors.torch import save_file
-
     from cdtool.models.loading import base_kind, load_pipeline
 
     _check_kind(base_kind(model))  # from the model's configs or keys, before loading it whole
     state = checkpoint_state(load_pipeline(model), delta, dtype)
-    save_file(state, str(path), metadata=checkpoint_metadata(delta, model, dtype))
+    save_safetensors(state, path, checkpoint_metadata(delta, model, dtype))

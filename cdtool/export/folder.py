@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from cdtool.atomic import inside
-from cdtool.delta.file import Delta
+from cdtool.delta.file import Delta, check_finite_output, save_safetensors
 from cdtool.errors import CdtoolError
 from cdtool.export.embeddings import a1111_embeddings, is_sdxl, sdxl_embedding, token_file_stems, token_files
 from cdtool.export.weights import custom_diffusion_state, diffusers_lora_state, kohya_sdxl_state, kohya_state
@@ -44,8 +44,6 @@ def export(
     stays inside `path`. `name` is the output folder's
     name (the card's, and the checkpoint file's); `model` the base (`checkpoint` loads it whole);
     `layers_per_block` the UNet config's (kohya's SDXL names count it)."""
-    from safetensors.torch import save_file
-
     from cdtool.delta.importers import write_official
 
     if target == "official":
@@ -60,12 +58,12 @@ def export(
             # token names are data from strangers; an SDXL file's keys are clip_l/clip_g, so its
             # token is named in the metadata, as in the AUTOMATIC1111 files
             meta = {"token": token_of[file]} if is_sdxl(delta) else None
-            save_file(state, str(inside(path, file)), metadata=meta)
+            save_safetensors(state, inside(path, file), meta)
             written.append(file)
     if target in A1111_TOKEN_TARGETS and delta.tokens:
         (path / EMBEDDINGS).mkdir(exist_ok=True)
         for file, (state, meta) in a1111_embeddings(delta).items():
-            save_file(state, str(inside(path / EMBEDDINGS, file)), metadata=meta)
+            save_safetensors(state, inside(path / EMBEDDINGS, file), meta)
             written.append(f"{EMBEDDINGS}/{file}")
     if samples is not None:
         shutil.copyfile(samples, path / SAMPLES)
@@ -85,15 +83,13 @@ def _write_weights(
     layers_per_block: int = 2,
 ) -> list[str]:
     """The target's own weight file(s), relative to `path`."""
-    from safetensors.torch import save_file
-
     if target == "textual-inversion":
         if not delta.tokens:
             raise CdtoolError("the delta has no token embeddings to export as textual inversion")
         if len(delta.tokens) == 1:  # diffusers' default file name
             token, emb = next(iter(delta.tokens.items()))
             state = sdxl_embedding(delta, token) if is_sdxl(delta) else {token: emb.contiguous()}
-            save_file(state, str(path / "learned_embeds.safetensors"), metadata={"token": token})
+            save_safetensors(state, path / "learned_embeds.safetensors", {"token": token})
             return ["learned_embeds.safetensors"]
         return []
     if target == "checkpoint":
@@ -108,15 +104,18 @@ def _write_weights(
     if not delta.layers:
         return []
     if target == "diffusers-lora":
-        save_file(diffusers_lora_state(delta), str(path / LORA_FILE))
+        save_safetensors(diffusers_lora_state(delta), path / LORA_FILE)
         return [LORA_FILE]
     if target == "kohya":
         state = kohya_sdxl_state(delta, layers_per_block) if is_sdxl(delta) else kohya_state(delta)
-        save_file(state, str(path / "lora.safetensors"), metadata={"ss_network_module": "networks.lora"})
+        save_safetensors(state, path / "lora.safetensors", {"ss_network_module": "networks.lora"})
         return ["lora.safetensors"]
     if base is None:
         raise CdtoolError("Custom Diffusion weights are fine-tuned weights: the base model is needed")
-    torch.save(custom_diffusion_state(delta, base), str(path / CUSTOM_DIFFUSION_FILE))
+    state = custom_diffusion_state(delta, base)
+    check_finite_output(state, path / CUSTOM_DIFFUSION_FILE)
+    with (path / CUSTOM_DIFFUSION_FILE).open("wb") as f:
+        torch.save(state, f)  # to a file object: the archive inside is named `archive`, whatever the folder
     return [CUSTOM_DIFFUSION_FILE]
 
 

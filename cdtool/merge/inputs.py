@@ -84,6 +84,7 @@ def prepare_merge_inputs(
     from cdtool.delta.base import (
         TOKEN_EMBEDDING,
         TOKEN_EMBEDDING_2,
+        check_fits,
         check_kind,
         load_base_params,
     )
@@ -115,6 +116,8 @@ def prepare_merge_inputs(
         loaded.text = load_text_side(base_model)
         loaded.vocab = len(loaded.text.tokenizer)
     relative = [d.relative_to(base) if d.needs_base else d for d in renamed]
+    for d in relative:
+        check_fits(d, base, base_model)
     check_fingerprints(relative, base, loaded.vocab, base_model)
     loaded.deltas = [scaled(d, s) for d, s in zip(relative, scales, strict=True)]
     return loaded

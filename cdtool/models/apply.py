@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cdtool.delta.base import check_kind, fingerprint, fingerprint_names, pipeline_params
+from cdtool.delta.base import check_fits, check_kind, fingerprint, fingerprint_names, pipeline_params
 from cdtool.delta.file import Delta
 from cdtool.errors import CdtoolError
 from cdtool.models.conditioning import TextSide
@@ -61,15 +61,13 @@ def apply_deltas(
     relative = [d.relative_to(base) if d.needs_base else d for d, _ in deltas]
     for d in relative:
         check_base(d, params, vocab_size, ignore_base_mismatch, warn)
-    new_tokens = plan_text_tokens(text, relative)
     for d in relative:
-        for name, layer in d.layers.items():
-            module = _linear(pipe, name)
-            if tuple(module.weight.shape) != layer.shape:
-                raise CdtoolError(
-                    f"{d.origin or 'delta'}: layer {name} has shape {layer.shape}, the model's is "
-                    f"{tuple(module.weight.shape)}; is the delta for another base model?"
-                )
+        for name in d.layers:
+            _linear(pipe, name)
+        check_fits(d, params, model or "loaded")
+    new_tokens = plan_text_tokens(text, relative)
+    for d, (_, scale) in zip(relative, deltas, strict=True):
+        check_stays_finite(pipe, d, scale)
     add_text_tokens(text, new_tokens)
     with torch.no_grad():
         for d, (_, scale) in zip(relative, deltas, strict=True):
@@ -80,6 +78,24 @@ def apply_deltas(
                 if layer.bias is not None:
                     module.bias += (scale * layer.bias.float()).to(w.device, w.dtype)
     return relative
+
+
+def check_stays_finite(pipe: Any, delta: Delta, scale: float) -> None:
+    """W + scale * ΔW stays finite in float32 for every layer (a bound, without forming the sum):
+    a scale or a delta so large that the weights overflow would make images of NaN, drawn black."""
+    limit = torch.finfo(torch.float32).max
+    for name, layer in delta.layers.items():
+        module = _linear(pipe, name)
+        pairs = [(module.weight, layer.dense())]
+        if layer.bias is not None and module.bias is not None:
+            pairs.append((module.bias, layer.bias))
+        for w, change in pairs:
+            reach = abs(scale) * float(change.float().abs().max())
+            if not reach + float(w.detach().abs().max()) < limit:
+                raise CdtoolError(
+                    f"{delta.origin or 'a delta'} at scale {scale:g}: the weights of layer {name} would overflow "
+                    f"(the change reaches {reach:.3g}); use a smaller scale"
+                )
 
 
 def _linear(pipe: Any, name: str) -> torch.nn.Module:

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cdtool.choices import SCHEDULERS
-from cdtool.errors import UsageError
+from cdtool.errors import CdtoolError, UsageError
 
 
 def set_scheduler(pipe: Any, name: str) -> None:
@@ -93,6 +94,29 @@ def request_differences(path: Path, wanted: dict[str, Any]) -> list[str]:
     return [k for k in keys if recorded.get(k) != json.loads(json.dumps(wanted.get(k)))]
 
 
+def read_prompt_map(path: Path) -> dict[str, str]:
+    """A sample folder's prompts.json: image file name -> prompt. Anything else (not JSON, a list,
+    values that are not strings, not UTF-8) is one error naming the file."""
+    from cdtool.errors import read_text
+
+    try:
+        doc = json.loads(read_text(path, "prompts file"))
+    except json.JSONDecodeError as e:
+        raise CdtoolError(f"{path}: not valid JSON ({e}); it should map image file names to prompts") from e
+    if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
+        held = f"a JSON {type(doc).__name__}" if not isinstance(doc, dict) else "values other than prompt strings"
+        raise CdtoolError(f"{path}: holds {held}; it should map image file names to prompts")
+    return doc
+
+
+_SAMPLE_NAME = re.compile(r"\d{3}-.+-s-?\d+\.png")
+
+
+def written_by_sample(mapping: dict[str, str]) -> bool:
+    """Whether a prompts.json mapping names only images as `cdtool sample` names them."""
+    return all(_SAMPLE_NAME.fullmatch(name) for name in mapping)
+
+
 def initial_latents(pipe: Any, seed: int, height: int, width: int) -> torch.Tensor:
     """Starting noise for one image, drawn from a seeded CPU generator."""
     f = pipe.vae_scale_factor
@@ -126,9 +150,15 @@ def generate(
             width=width,
             latents=latents.to(device, dtype),
             generator=gens,
-            output_type="pil",
+            output_type="np",
         )
-        yield from zip(batch, out.images, strict=True)
+        for job, pixels in zip(batch, out.images, strict=True):
+            if not np.isfinite(pixels).all():  # drawn as a black image, were it converted
+                raise CdtoolError(
+                    f"the model made non-finite pixels for {job.prompt!r} (seed {job.seed}); nothing was written "
+                    "for it: sample in float32 (--dtype fp32), or check the deltas' scales"
+                )
+            yield job, pipe.numpy_to_pil(pixels)[0]
 
 
 def image_grid(images: Sequence[Any], cols: int) -> Any:

@@ -5,7 +5,6 @@ loads the models a choice of metrics needs, scores each image and summarises (ov
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,10 +75,9 @@ def read_sample_folder(folder: Path, prompts: Path | None, metrics: list[str]) -
     mapping: dict[str, str] = {}
     source = prompts or folder / "prompts.json"
     if source.exists():
-        try:
-            mapping = json.loads(source.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CdtoolError(f"{source}: not valid JSON ({e})") from e
+        from cdtool.sampling.generate import read_prompt_map
+
+        mapping = read_prompt_map(source)
     elif {"clip-t", "oracle"} & set(metrics):
         raise CdtoolError(
             f"{folder} has no prompts.json for {'CLIP-T' if 'clip-t' in metrics else 'the oracle'}; pass "

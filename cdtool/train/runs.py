@@ -71,12 +71,20 @@ _RUN_FILE = re.compile(
 )
 
 
+_RUN_FOLDER = re.compile(r"checkpoints/(\.?step-\d{6}(\.tmp)?/)?")
+
+
 def foreign_files(folder: Path) -> list[str] | None:
-    """The files in a run folder a run does not write; None when `folder` is not a run folder."""
+    """What a run folder holds that a run does not write (symbolic links and empty folders other
+    than its checkpoints' included); None when `folder` is not a run folder."""
+    from cdtool.atomic import folder_entries
+
     if not (folder / CONFIG).is_file():
         return None
-    files = (str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    return sorted(f for f in files if not _RUN_FILE.fullmatch(f))
+    files, others = folder_entries(folder)
+    return sorted(
+        [f for f in files if not _RUN_FILE.fullmatch(f)] + [o for o in others if not _RUN_FOLDER.fullmatch(o)]
+    )
 
 
 def has_checkpoint(run_dir: Path) -> bool:
