@@ -113,14 +113,15 @@ def build(args, tokenizer) -> tuple:
         image.features.load_state_dict(load_oracle().features.state_dict())
     text_proj = torch.nn.Linear(args.width, args.width, bias=False)
     heads = torch.nn.ParameterDict({"log_scale": torch.nn.Parameter(torch.tensor(2.659))})  # CLIP's log(1/0.07)
-    return text, image, text_proj, heads
+    identity = torch.nn.Linear(args.width, args.width, bias=False)
+    return text, image, text_proj, heads, identity
 
 
 def contrastive_loss(args, models, tokenizer, step: int) -> tuple[torch.Tensor, float]:
     """The loss of step `step` (its batch drawn from (seed, step)) and the caption-to-image top-1."""
     from cdtool.toy.world import Sampler
 
-    text, image, text_proj, heads = models
+    text, image, text_proj, heads, identity = models
     x, captions = batch(
         Sampler(step_rng(args.seed, step)), args.batch, views=True, named_patterns=args.patterns, world=args.world
     )
@@ -133,7 +134,22 @@ def contrastive_loss(args, models, tokenizer, step: int) -> tuple[torch.Tensor, 
     for rows in pooled_rows(hidden, ids, tokenizer.eos_token_id, step_generator(args.seed, step)):
         logits = scale * F.normalize(text_proj(rows), dim=-1) @ img.T
         loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 4
-    return loss, float((logits.argmax(dim=1) == labels).float().mean())
+    top1 = float((logits.argmax(dim=1) == labels).float().mean())
+    if args.identity:
+        loss = loss + args.identity * identity_loss(hidden, ids, tokenizer.eos_token_id, identity, text)
+    return loss, top1
+
+
+def identity_loss(hidden: torch.Tensor, ids: torch.Tensor, eos_id: int, head: torch.nn.Linear, text) -> torch.Tensor:
+    """Cross-entropy of reading each word's own token back from its output row (through `head`, against
+    the embedding table, which this loss does not move): the rows of a caption's words keep their
+    token's identity whatever precedes them, as CLIP's do (its per-word cross-attention maps
+    localise each word's object), while the padding rows summarise the caption."""
+    eos = (ids == eos_id).int().argmax(dim=1, keepdim=True)
+    pos = torch.arange(ids.shape[1])[None]
+    words = (pos >= 1) & (pos < eos)
+    table = text.get_input_embeddings().weight.detach()
+    return F.cross_entropy(head(hidden[words]) @ table.T, ids[words])
 
 
 def main() -> None:
@@ -149,6 +165,13 @@ def main() -> None:
     )
     ap.add_argument("--world", choices=("v1", "v2"), default="v2", help="which pattern kinds pretraining shows")
     ap.add_argument("--oracle-trunk", action="store_true", help="start the image CNN from the oracle's convolutions")
+    ap.add_argument(
+        "--identity",
+        type=float,
+        default=0.0,
+        help="weight of the loss that keeps each word's row its token's (see identity_loss); 0: contrastive only",
+    )
+    ap.add_argument("--init", type=Path, help="start from another run's weights (a new schedule, a fresh optimiser)")
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run")
     ap.add_argument("--until", type=int, help="stop this run at this step (default: --steps)")
     ap.add_argument("--save-minutes", type=float, default=10.0)
@@ -168,12 +191,13 @@ def main() -> None:
             **{**vars(args), **meta["settings"], "minutes": args.minutes, "threads": args.threads}
         )
     torch.manual_seed(args.seed)
-    tokenizer = toy_tokenizer((args.resume or out) / "tokenizer")
+    tokenizer = toy_tokenizer((args.resume or args.init or out) / "tokenizer")
     models = build(args, tokenizer)
-    text, image, text_proj, heads = models
-    parts = (("text", text), ("image", image), ("text_proj", text_proj), ("heads", heads))
+    text, image, text_proj, heads, identity = models
+    parts = (("text", text), ("image", image), ("text_proj", text_proj), ("heads", heads), ("identity", identity))
+    start = load_checkpoint(args.init)[0] if args.init and not args.resume else saved
     for prefix, module in parts:
-        load_into(module, prefix, saved)
+        load_into(module, prefix, start)
     named = trainable(parts)
     table = text.get_input_embeddings().weight
     opt = torch.optim.AdamW(
@@ -200,6 +224,7 @@ def main() -> None:
         tensors = {k: v for prefix, m in parts for k, v in module_tensors(prefix, m).items()}
         tensors |= optimizer_tensors(opt, named)
         settings = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "minutes", "threads", "until")}
+        settings["init"] = str(args.init) if args.init else None
         save_checkpoint(
             out, tensors, {"step": step, "seconds": meta["seconds"] + budget.elapsed(), "settings": settings}
         )

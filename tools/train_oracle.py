@@ -35,16 +35,16 @@ def scenes_v1(sampler, n: int) -> list:
 
 def scenes_v2(sampler, n: int) -> list:
     """A third show a suite concept (taking turns; on any shape, so it is read wherever it appears,
-    and on its own shape), a sixth a two-tone thing in named colours of any kind (`pattern`, which
-    must not be read as a concept), the rest plain scenes."""
+    and on its own shape), a quarter a two-tone thing in named colours of any kind (`pattern`, which
+    must not be read as a concept: the most varied class, hence the larger share), the rest plain."""
     from cdtool.toy.world import KINDS, SUITE, SUITE_TONES
 
     out = []
     for i in range(n):
-        if i % 6 in (0, 3):
-            concept = SUITE[(i // 6) % len(SUITE)]
-            out.append(sampler.suite_scene(concept, any_shape=i % 6 == 0))
-        elif i % 6 == 1:
+        if i % 12 in (0, 3, 6, 9):
+            concept = SUITE[(i // 12 * 4 + i % 12 // 3) % len(SUITE)]
+            out.append(sampler.suite_scene(concept, any_shape=(i // 24) % 2 == 0))
+        elif i % 12 in (1, 5, 10):
             out.append(sampler.with_pretraining_pattern(sampler.scene(), KINDS, SUITE_TONES))
         else:
             out.append(sampler.scene())

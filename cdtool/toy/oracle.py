@@ -132,7 +132,7 @@ def load_oracle(path: str | None = None) -> Oracle:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from cdtool.errors import CdtoolError
+    from cdtool.errors import CdtoolError, first_line
 
     given = path is not None
     path = path or str(resources.files("cdtool").joinpath(WEIGHTS))
@@ -144,9 +144,8 @@ def load_oracle(path: str | None = None) -> Oracle:
     except (OSError, KeyError, RuntimeError, ValueError) as e:
         if not given:
             raise
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CdtoolError(
-            f"{path} is not a toy-world oracle's weights file (tools/train_oracle.py writes one): {reason}"
+            f"{path} is not a toy-world oracle's weights file (tools/train_oracle.py writes one): {first_line(e)}"
         ) from e
     return model.eval()
 
