@@ -98,3 +98,19 @@ def test_unet_rereads_a_frozen_text_encoder_and_resumes(tmp_path, text_encoder):
     meta = json.loads((run / "checkpoint.json").read_text())
     assert meta["step"] == 2 and meta["n_averaged"] == 2 and meta["settings"]["world"] == "v2"
     assert json.loads((out / "pretraining.json").read_text())["unet_steps"] == meta["done_before"] + 2
+
+
+def test_a_second_text_stage_starts_from_the_first_with_the_identity_loss(tmp_path, text_encoder):
+    from safetensors.torch import load_file
+
+    _script(
+        "tools/pretrain_toy_text.py", "--init", text_encoder, "--identity", 0.3, "--steps", 2, "--width", 32,
+        "--layers", 1, "--heads", 2, "--batch", 8, "--threads", 1, "--out", tmp_path,
+    )  # fmt: skip
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert meta["step"] == 2 and meta["settings"]["init"] == str(text_encoder) and meta["settings"]["identity"] == 0.3
+    first = load_file(str(text_encoder / "checkpoint.safetensors"))
+    second = load_file(str(tmp_path / "checkpoint.safetensors"))
+    assert "identity.weight" in second and not torch.equal(first["identity.weight"], second["identity.weight"])
+    table = "text.embeddings.token_embedding.weight"
+    assert (first[table] - second[table]).abs().max() < 0.01  # started from the first stage, not afresh
