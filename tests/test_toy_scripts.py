@@ -70,6 +70,8 @@ def test_a_resumed_text_encoder_continues_where_it_stopped(tmp_path, text_encode
 
 
 def test_unet_rereads_a_frozen_text_encoder_and_resumes(tmp_path, text_encoder):
+    import shutil
+
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -77,6 +79,11 @@ def test_unet_rereads_a_frozen_text_encoder_and_resumes(tmp_path, text_encoder):
 
     out, run = tmp_path / "model", tmp_path / "run"
     common = ("--threads", 1, "--minutes", 5, "--batch", 2, "--save-minutes", 60)
+    # as a second text stage leaves it: the tokenizer saved by transformers (tokenizer.json), no vocab.json
+    shutil.copytree(text_encoder, tmp_path / "text")
+    text_encoder = tmp_path / "text"
+    (text_encoder / "tokenizer" / "vocab.json").unlink()
+    (text_encoder / "tokenizer" / "merges.txt").unlink()
     _script(
         "tools/pretrain_toy.py", "--init", toy_model_folder(), "--text-encoder", text_encoder, "--lr", 0.0,
         "--patterns", 1.0, "--world", "v2", "--until", 1, "--out", out, "--run", run, *common,

@@ -280,7 +280,7 @@ def load_text_encoder(folder: Path) -> tuple:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().eval().requires_grad_(False)
-    if (folder / "tokenizer" / "vocab.json").exists():
+    if (folder / "tokenizer" / "tokenizer_config.json").exists():
         return text, CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), model_max_length=77)
     return text, load_clip_tokenizer()
 

@@ -85,7 +85,7 @@ def toy_tokenizer(folder: Path):  # -> transformers.CLIPTokenizer
     from cdtool.models.tokens import DEFAULT_INIT
     from cdtool.toy.world import caption_words
 
-    if not (folder / "vocab.json").exists():
+    if not (folder / "tokenizer_config.json").exists():
         write_tokenizer(folder, *compact_vocab_and_merges(caption_words(), DEFAULT_INIT))
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MODEL_MAX_LENGTH)
 
