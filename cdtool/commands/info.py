@@ -1,4 +1,4 @@
-"""`cdtool info`: what a delta file holds."""
+"""`cdtool info`: what a delta file (or a whole model cdtool trained) holds."""
 
 from __future__ import annotations
 
@@ -44,6 +44,42 @@ def describe(delta: Delta, path: Path) -> dict[str, Any]:
     }
 
 
+def describe_model(record: Delta, path: Path) -> dict[str, Any]:
+    """A JSON-ready summary of a whole model cdtool trained (its record, cdtool.json)."""
+    from cdtool.models.finetuned import trained_components
+
+    return {
+        "path": str(path),
+        "format": record.source_format,
+        "size_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+        "base_model": record.base_model or None,
+        "base_fingerprint": record.base_fingerprint or None,
+        "created_by": record.created_by or None,
+        "base_kind": record.kind or None,
+        "trained": trained_components(record),
+        "concepts": record.concepts,
+        "provenance": record.provenance,
+    }
+
+
+def _print_model(doc: dict[str, Any]) -> None:
+    from cdtool.choices import KIND_NAMES
+
+    out = console.result
+    out(f"folder:      {doc['path']} ({doc['size_bytes']:,} bytes)")
+    out(f"format:      {doc['format']} (a whole model: a diffusers folder)")
+    kind = f"{KIND_NAMES[doc['base_kind']]}, " if doc["base_kind"] else ""
+    out(f"base:        {doc['base_model'] or '-'} ({kind}fingerprint {(doc['base_fingerprint'] or '-')[:16]})")
+    out(f"created by:  {doc['created_by'] or '-'}")
+    out(f"trained:     every weight of {', '.join(doc['trained'])}")
+    for c in doc["concepts"]:
+        out(f"concept:     {c.get('token')} class={c.get('class_noun')} method={c.get('method')}")
+    if doc["provenance"]:
+        import json
+
+        out(f"provenance:  {json.dumps(doc['provenance'], sort_keys=True)}")
+
+
 def _token_doc(delta: Delta, token: str) -> dict[str, int]:
     """A token's rows: how many, and their width (in each text encoder: `dim_2` for SDXL's second)."""
     e = delta.tokens[token]
@@ -87,27 +123,37 @@ def _print_text(doc: dict[str, Any]) -> None:
 
 
 def info(
-    file: Annotated[Path, typer.Argument(help="A delta file in any supported format.", show_default=False)],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="A delta file in any supported format, or a model folder cdtool trained.", show_default=False
+        ),
+    ],
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Show a delta's format, tokens, concepts, layers, ranks, dtype, size, base and provenance.
 
-    An SDXL delta's tokens show their rows in both text encoders (`<new1> (1x768 + 1x1280)`).
+    An SDXL delta's tokens show their rows in both text encoders (`<new1> (1x768 + 1x1280)`). A
+    whole model cdtool trained (train --method dreambooth) shows its record: base, what trained,
+    concepts, provenance.
     """
     # the library loads here, not at the top, so that `cdtool info --help` starts without torch
     from cdtool.delta.importers import read_delta
+    from cdtool.models.finetuned import read_model_record
 
-    doc = describe(read_delta(file), file)
+    record = read_model_record(file) if file.is_dir() else None
+    doc = describe_model(record, file) if record is not None else describe(read_delta(file), file)
     if json_out:
         console.result_json(doc)
     else:
-        _print_text(doc)
+        (_print_model if record is not None else _print_text)(doc)
 
 
 EXAMPLES = examples(
     "cdtool info cat.safetensors",
     "cdtool info delta.bin --json",
+    "cdtool info dog-model/",
 )
 
 
