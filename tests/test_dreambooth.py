@@ -265,6 +265,11 @@ def test_prep_folder_captions_take_the_identifier(cli, tmp_path):
         "--no-samples",
     )
     assert read_model_record(out2).concepts[0]["token"] == "sks"
+    # any method: the run's token takes the place of the one prep wrote
+    from cdtool.train.concepts import build_concepts
+
+    [spec] = build_concepts([{"data": str(tmp_path / "data"), "token": "<new2>"}], 64)
+    assert {e.caption for e in spec.examples} == {"photo of a <new2> cat"}
 
 
 @pytest.mark.parametrize(

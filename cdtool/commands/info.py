@@ -62,22 +62,31 @@ def describe_model(record: Delta, path: Path) -> dict[str, Any]:
     }
 
 
-def _print_model(doc: dict[str, Any]) -> None:
+def _print_head(doc: dict[str, Any], label: str, note: str = "") -> None:
+    """The lines a delta and a whole model share: where, what format, which base, made by what."""
     from cdtool.choices import KIND_NAMES
 
     out = console.result
-    out(f"folder:      {doc['path']} ({doc['size_bytes']:,} bytes)")
-    out(f"format:      {doc['format']} (a whole model: a diffusers folder)")
+    out(f"{label + ':':<13}{doc['path']} ({doc['size_bytes'] or 0:,} bytes)")
+    out(f"format:      {doc['format']}{note}")
     kind = f"{KIND_NAMES[doc['base_kind']]}, " if doc["base_kind"] else ""
     out(f"base:        {doc['base_model'] or '-'} ({kind}fingerprint {(doc['base_fingerprint'] or '-')[:16]})")
     out(f"created by:  {doc['created_by'] or '-'}")
-    out(f"trained:     every weight of {', '.join(doc['trained'])}")
-    for c in doc["concepts"]:
-        out(f"concept:     {c.get('token')} class={c.get('class_noun')} method={c.get('method')}")
+
+
+def _print_provenance(doc: dict[str, Any]) -> None:
     if doc["provenance"]:
         import json
 
-        out(f"provenance:  {json.dumps(doc['provenance'], sort_keys=True)}")
+        console.result(f"provenance:  {json.dumps(doc['provenance'], sort_keys=True)}")
+
+
+def _print_model(doc: dict[str, Any]) -> None:
+    _print_head(doc, "folder", " (a whole model: a diffusers folder)")
+    console.result(f"trained:     every weight of {', '.join(doc['trained'])}")
+    for c in doc["concepts"]:
+        console.result(f"concept:     {c.get('token')} class={c.get('class_noun')} method={c.get('method')}")
+    _print_provenance(doc)
 
 
 def _token_doc(delta: Delta, token: str) -> dict[str, int]:
@@ -95,14 +104,8 @@ def _rows_text(v: dict[str, int]) -> str:
 
 
 def _print_text(doc: dict[str, Any]) -> None:
-    from cdtool.choices import KIND_NAMES
-
     out = console.result
-    out(f"file:        {doc['path']} ({doc['size_bytes'] or 0:,} bytes)")
-    out(f"format:      {doc['format']}")
-    kind = f"{KIND_NAMES[doc['base_kind']]}, " if doc["base_kind"] else ""
-    out(f"base:        {doc['base_model'] or '-'} ({kind}fingerprint {(doc['base_fingerprint'] or '-')[:16]})")
-    out(f"created by:  {doc['created_by'] or '-'}")
+    _print_head(doc, "file")
     toks = ", ".join(f"{t} ({_rows_text(v)})" for t, v in doc["tokens"].items())
     out(f"tokens:      {toks or '-'}")
     for c in doc["concepts"]:
@@ -116,10 +119,7 @@ def _print_text(doc: dict[str, Any]) -> None:
     for name, v in doc["layers"].items():
         r = f"rank {v['rank']}" if v["rank"] is not None else "full"
         out(f"  {name}  {v['shape'][0]}x{v['shape'][1]}  {r}{'  +bias' if v['bias'] else ''}")
-    if doc["provenance"]:
-        import json
-
-        out(f"provenance:  {json.dumps(doc['provenance'], sort_keys=True)}")
+    _print_provenance(doc)
 
 
 def info(
