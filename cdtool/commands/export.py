@@ -92,19 +92,8 @@ def export(
     and its kohya LoRA the original UNet's names (lora_unet_input_blocks_..., lora_te1_, lora_te2_).
     """
     # the library loads here, not at the top, so that `cdtool export --help` starts without torch
-    from cdtool.delta.file import Delta
-    from cdtool.delta.importers import read_delta
     from cdtool.export.folder import export as write_export
-    from cdtool.models.finetuned import is_model_folder, read_model_record
-
-    whole = is_model_folder(source)  # a whole model (train --method dreambooth): written as it is
-    if whole and to is not Target.checkpoint:
-        raise CdtoolError(
-            f"{source} is a whole model; --to checkpoint writes it as one file, the other layouts take a delta: "
-            f"`cdtool get-deltas {source} --model BASE -o DELTA.safetensors`, then export that"
-        )
-    if whole and model is not None:
-        raise UsageError(f"--model: {source} is a whole model and is exported as it is; leave --model out")
+    from cdtool.export.folder import read_source
 
     if to is Target.official and output.suffix != ".bin":
         raise UsageError(f"{output}: --to official writes a .bin file")
@@ -115,7 +104,7 @@ def export(
     if samples is not None and not samples.is_file():
         raise CdtoolError(f"--samples {samples}: no such file")
     out = claim_output(output, "export", force, folder=to is not Target.official, inputs=[source])
-    delta = (read_model_record(source) or Delta(origin=str(source))) if whole else read_delta(source)
+    delta, whole = read_source(source, to.value, model is not None)
     base, base_model = None, None
     if to is Target.checkpoint:
         base_model = str(source) if whole else pick_available_model(model, [delta.base_model])
