@@ -92,6 +92,8 @@ def test_sample_from_the_model_folder(trained, cli, tmp_path):
     out, _, _ = trained
     cli("sample", "photo of a sks cat", "--model", out, "--n", "1", "--steps", "2", "-o", tmp_path / "s")
     assert len(list((tmp_path / "s").glob("*.png"))) == 1
+    r = cli("sample", "photo of a sks cat", "--delta", out, "--model", "tiny", "-o", tmp_path / "t", code=1)
+    assert f"is a whole model (a diffusers folder), not a delta: pass it as --model {out}" in one_error(r)
 
 
 def test_get_deltas_gives_every_key_value_change_and_merges(trained, cli, tmp_path, make_delta):
