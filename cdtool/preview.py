@@ -69,7 +69,7 @@ def captioned_rows(
 
 def sample_preview(
     model: str,
-    delta_path: Path,
+    delta_path: Path | None,
     out: Path,
     *,
     seed: int,
@@ -79,14 +79,19 @@ def sample_preview(
     guidance: float = 6.0,
 ) -> list[str]:
     """Sample the delta's concept prompts at the model's resolution (image k of a prompt from
-    seed + k, as `cdtool sample` draws it) into a grid at `out` with a row per prompt; returns the prompts."""
+    seed + k, as `cdtool sample` draws it) into a grid at `out` with a row per prompt; returns the
+    prompts. Without a delta, `model` is a whole model cdtool trained, and its record's prompts are sampled."""
     from cdtool.delta.importers import read_delta
+    from cdtool.errors import CdtoolError
+    from cdtool.models.finetuned import RECORD, read_model_record
     from cdtool.models.pipeline import load_with_deltas
     from cdtool.sampling.generate import generate, plan_jobs, save_png, set_scheduler
 
-    delta = read_delta(delta_path)
+    delta = read_delta(delta_path) if delta_path is not None else read_model_record(Path(model))
+    if delta is None:
+        raise CdtoolError(f"{model} holds no cdtool record ({RECORD}) naming the prompts to sample")
     prompts = preview_prompts(delta)
-    pipe = load_with_deltas(model, [(delta, 1.0)], device=device)
+    pipe = load_with_deltas(model, [(delta, 1.0)] if delta_path is not None else [], device=device)
     set_scheduler(pipe, "ddim")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     jobs = plan_jobs(prompts, per_prompt, seed)
@@ -103,7 +108,13 @@ def sample_preview(
         )
     )
     rows = [(p, [(made[j], []) for j in jobs if j.prompt == p]) for p in prompts]
-    params = {"model": model, "delta": str(delta_path), "prompts": prompts, "seed": seed, "steps": steps}
+    params = {
+        "model": model,
+        "delta": str(delta_path) if delta_path else None,
+        "prompts": prompts,
+        "seed": seed,
+        "steps": steps,
+    }
     save_png(
         captioned_rows(rows), out, {"parameters": json.dumps(params | {"guidance": guidance, "scheduler": "ddim"})}
     )

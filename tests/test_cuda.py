@@ -77,6 +77,38 @@ def test_mixed_precision_baselines_on_cuda(cli, tmp_path, concept_dirs, method):
     assert any(float(t.abs().max()) > 0 for t in tensors)
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("adam", ["adamw", "8bit"])
+def test_dreambooth_mixed_precision_on_cuda(cli, tmp_path, concept_dirs, precision, adam):
+    """Every UNet weight trains in fp32 under autocast (with checkpointing, and bitsandbytes' 8-bit
+    AdamW where installed); the frozen text encoder and VAE, held in the half type while training,
+    are written as the base has them."""
+    from safetensors.torch import load_file
+
+    from cdtool.models.tiny import build_tiny_pipeline
+
+    if adam == "8bit":
+        pytest.importorskip("bitsandbytes")
+    cat, reg = concept_dirs
+    out = tmp_path / "m"
+    extra = ["--use-8bit-adam"] if adam == "8bit" else []
+    r = cli(
+        "train", cat, "--class-noun", "cat", "--reg", reg, "-o", out, "--model", "tiny", "--method", "dreambooth",
+        "--steps", "10", "--lr", "1e-4", "--mixed-precision", precision, "--gradient-checkpointing", *extra,
+        "--json", "-q",
+    )  # fmt: skip
+    assert json.loads(r.stdout)["steps"] == 10
+    base = build_tiny_pipeline()
+    unet = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in unet.values())
+    ref = base.unet.state_dict()
+    assert sum(not torch.equal(unet[n], ref[n]) for n in ref) > 0.9 * len(ref)
+    for file, module in (("text_encoder/model.safetensors", base.text_encoder),
+                         ("vae/diffusion_pytorch_model.safetensors", base.vae)):  # fmt: skip
+        state, ref = load_file(str(out / file)), module.state_dict()
+        assert all(torch.equal(state[n], ref[n]) for n in ref), file
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_half_precision_sampling_follows_prompts(cli, tmp_path, dtype):
     """The toy model sampled in half precision on the GPU still draws what the prompt asks for."""

@@ -40,7 +40,13 @@ class CheckpointDtype(str, Enum):
 
 
 def export(
-    source: Annotated[Path, typer.Argument(help="A delta in any supported format.", show_default=False)],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A delta in any supported format (or, for --to checkpoint, a whole model's diffusers folder).",
+            show_default=False,
+        ),
+    ],
     to: Annotated[Target, typer.Option("--to", help="Target layout.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (a .bin file for --to official).")],
     model: ModelOpt = None,
@@ -77,7 +83,8 @@ def export(
     textual-inversion: learned_embeds.safetensors and the token files for pipe.load_textual_inversion,
     and AUTOMATIC1111 embeddings/. checkpoint: the base model with the delta applied, one
     FOLDER.safetensors in the original Stable Diffusion layout (AUTOMATIC1111, ComfyUI,
-    StableDiffusionPipeline.from_single_file), and the tokens as AUTOMATIC1111 embeddings/.
+    StableDiffusionPipeline.from_single_file), and the tokens as AUTOMATIC1111 embeddings/; from a
+    whole model's diffusers folder (train --method dreambooth), that model as one file.
     A token's file is named without < and > (Windows-safe): <new1> is new1.safetensors, and the token
     is inside the file.
     An SDXL delta's token files hold both encoders' rows (clip_l, clip_g: the embedding AUTOMATIC1111
@@ -85,8 +92,8 @@ def export(
     and its kohya LoRA the original UNet's names (lora_unet_input_blocks_..., lora_te1_, lora_te2_).
     """
     # the library loads here, not at the top, so that `cdtool export --help` starts without torch
-    from cdtool.delta.importers import read_delta
     from cdtool.export.folder import export as write_export
+    from cdtool.export.folder import read_source
 
     if to is Target.official and output.suffix != ".bin":
         raise UsageError(f"{output}: --to official writes a .bin file")
@@ -97,10 +104,10 @@ def export(
     if samples is not None and not samples.is_file():
         raise CdtoolError(f"--samples {samples}: no such file")
     out = claim_output(output, "export", force, folder=to is not Target.official, inputs=[source])
-    delta = read_delta(source)
+    delta, whole = read_source(source, to.value, model is not None)
     base, base_model = None, None
     if to is Target.checkpoint:
-        base_model = pick_available_model(model, [delta.base_model])
+        base_model = str(source) if whole else pick_available_model(model, [delta.base_model])
     elif delta.needs_base or to in (Target.official, Target.diffusers_custom_diffusion):
         from cdtool.delta.base import check_fits, fingerprint_names, load_base_params, unet_param_names
 

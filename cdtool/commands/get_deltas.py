@@ -89,16 +89,21 @@ def get_deltas(
     check_delta_output(output)
     claim = claim_output(output, "get-deltas", force, inputs=[source])
     if _is_model(source):
-        base_model = pick_model(model)
         from cdtool.delta.base import check_kind
         from cdtool.delta.extract import extract_delta
         from cdtool.delta.file import Delta
+        from cdtool.models.finetuned import adopt_record, read_model_record
         from cdtool.models.loading import load_pipeline, pipeline_kind
+
+        record = read_model_record(source) if source.is_dir() else None  # a whole model cdtool trained
+        base_model = pick_model(model, [record.base_model] if record is not None else None)
 
         console.log(f"loading {source} and its base {base_model}")
         tuned, base_pipe = load_pipeline(str(source)), load_pipeline(base_model)
         check_kind(Delta(base_kind=pipeline_kind(tuned), origin=str(source)), pipeline_kind(base_pipe), base_model)
         delta, matched = extract_delta(tuned, base_pipe, layer_set)
+        if record is not None:
+            adopt_record(delta, record, base_pipe, base_model, console.warn)
         if matched == 0:
             raise CdtoolError(f"no {layer_set} layers of {source} match the base {base_model}; is it the right base?")
         console.log(f"{matched} layers matched, {len(delta.layers)} changed, {len(delta.tokens)} new tokens")

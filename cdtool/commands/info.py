@@ -1,4 +1,4 @@
-"""`cdtool info`: what a delta file holds."""
+"""`cdtool info`: what a delta file (or a whole model cdtool trained) holds."""
 
 from __future__ import annotations
 
@@ -44,6 +44,51 @@ def describe(delta: Delta, path: Path) -> dict[str, Any]:
     }
 
 
+def describe_model(record: Delta, path: Path) -> dict[str, Any]:
+    """A JSON-ready summary of a whole model cdtool trained (its record, cdtool.json)."""
+    from cdtool.models.finetuned import trained_components
+
+    return {
+        "path": str(path),
+        "format": record.source_format,
+        "size_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+        "base_model": record.base_model or None,
+        "base_fingerprint": record.base_fingerprint or None,
+        "created_by": record.created_by or None,
+        "base_kind": record.kind or None,
+        "trained": trained_components(record),
+        "concepts": record.concepts,
+        "provenance": record.provenance,
+    }
+
+
+def _print_head(doc: dict[str, Any], label: str, note: str = "") -> None:
+    """The lines a delta and a whole model share: where, what format, which base, made by what."""
+    from cdtool.choices import KIND_NAMES
+
+    out = console.result
+    out(f"{label + ':':<13}{doc['path']} ({doc['size_bytes'] or 0:,} bytes)")
+    out(f"format:      {doc['format']}{note}")
+    kind = f"{KIND_NAMES[doc['base_kind']]}, " if doc["base_kind"] else ""
+    out(f"base:        {doc['base_model'] or '-'} ({kind}fingerprint {(doc['base_fingerprint'] or '-')[:16]})")
+    out(f"created by:  {doc['created_by'] or '-'}")
+
+
+def _print_provenance(doc: dict[str, Any]) -> None:
+    if doc["provenance"]:
+        import json
+
+        console.result(f"provenance:  {json.dumps(doc['provenance'], sort_keys=True)}")
+
+
+def _print_model(doc: dict[str, Any]) -> None:
+    _print_head(doc, "folder", " (a whole model: a diffusers folder)")
+    console.result(f"trained:     every weight of {', '.join(doc['trained'])}")
+    for c in doc["concepts"]:
+        console.result(f"concept:     {c.get('token')} class={c.get('class_noun')} method={c.get('method')}")
+    _print_provenance(doc)
+
+
 def _token_doc(delta: Delta, token: str) -> dict[str, int]:
     """A token's rows: how many, and their width (in each text encoder: `dim_2` for SDXL's second)."""
     e = delta.tokens[token]
@@ -59,14 +104,8 @@ def _rows_text(v: dict[str, int]) -> str:
 
 
 def _print_text(doc: dict[str, Any]) -> None:
-    from cdtool.choices import KIND_NAMES
-
     out = console.result
-    out(f"file:        {doc['path']} ({doc['size_bytes'] or 0:,} bytes)")
-    out(f"format:      {doc['format']}")
-    kind = f"{KIND_NAMES[doc['base_kind']]}, " if doc["base_kind"] else ""
-    out(f"base:        {doc['base_model'] or '-'} ({kind}fingerprint {(doc['base_fingerprint'] or '-')[:16]})")
-    out(f"created by:  {doc['created_by'] or '-'}")
+    _print_head(doc, "file")
     toks = ", ".join(f"{t} ({_rows_text(v)})" for t, v in doc["tokens"].items())
     out(f"tokens:      {toks or '-'}")
     for c in doc["concepts"]:
@@ -80,34 +119,41 @@ def _print_text(doc: dict[str, Any]) -> None:
     for name, v in doc["layers"].items():
         r = f"rank {v['rank']}" if v["rank"] is not None else "full"
         out(f"  {name}  {v['shape'][0]}x{v['shape'][1]}  {r}{'  +bias' if v['bias'] else ''}")
-    if doc["provenance"]:
-        import json
-
-        out(f"provenance:  {json.dumps(doc['provenance'], sort_keys=True)}")
+    _print_provenance(doc)
 
 
 def info(
-    file: Annotated[Path, typer.Argument(help="A delta file in any supported format.", show_default=False)],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="A delta file in any supported format, or a model folder cdtool trained.", show_default=False
+        ),
+    ],
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Show a delta's format, tokens, concepts, layers, ranks, dtype, size, base and provenance.
 
-    An SDXL delta's tokens show their rows in both text encoders (`<new1> (1x768 + 1x1280)`).
+    An SDXL delta's tokens show their rows in both text encoders (`<new1> (1x768 + 1x1280)`). A
+    whole model cdtool trained (train --method dreambooth) shows its record: base, what trained,
+    concepts, provenance.
     """
     # the library loads here, not at the top, so that `cdtool info --help` starts without torch
     from cdtool.delta.importers import read_delta
+    from cdtool.models.finetuned import read_model_record
 
-    doc = describe(read_delta(file), file)
+    record = read_model_record(file) if file.is_dir() else None
+    doc = describe_model(record, file) if record is not None else describe(read_delta(file), file)
     if json_out:
         console.result_json(doc)
     else:
-        _print_text(doc)
+        (_print_model if record is not None else _print_text)(doc)
 
 
 EXAMPLES = examples(
     "cdtool info cat.safetensors",
     "cdtool info delta.bin --json",
+    "cdtool info dog-model/",
 )
 
 

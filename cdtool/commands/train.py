@@ -1,4 +1,4 @@
-"""`cdtool train`: Custom Diffusion training of one or several concepts."""
+"""`cdtool train`: Custom Diffusion training of one or several concepts (or a baseline method)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cdtool import console
-from cdtool.atomic import claim_output
+from cdtool.atomic import Output, claim_output
 from cdtool.commands.common import (
     ForceOpt,
     JsonOpt,
@@ -30,6 +30,7 @@ from cdtool.errors import CdtoolError, UsageError
 from cdtool.train.recipes import (
     CUSTOM_DIFFUSION,
     DEFAULTS,
+    DREAMBOOTH,
     DREAMBOOTH_LORA,
     LORA_TARGETS,
     TEXTUAL_INVERSION,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 EXAMPLES = examples(
     "cdtool train data/cat --reg reg/cat -o cat.safetensors",
     "cdtool train data/cat --reg reg/cat --concept data/dog,token=<new2>,class=dog,reg=reg/dog -o pets.safetensors",
-    "cdtool train data/cat --method textual-inversion --steps 1000 -o cat-ti.safetensors",
+    "cdtool train data/dog --reg reg/dog --method dreambooth --gradient-checkpointing -o dog-model/",
 )
 
 
@@ -51,6 +52,7 @@ class TrainMethodOption(str, Enum):
     custom_diffusion = CUSTOM_DIFFUSION
     textual_inversion = TEXTUAL_INVERSION
     dreambooth_lora = DREAMBOOTH_LORA
+    dreambooth = DREAMBOOTH
 
 
 class Property(str, Enum):
@@ -76,8 +78,8 @@ def train(
         typer.Option(
             "--output",
             "-o",
-            help="The delta to write: .safetensors (cdtool's format), or .bin (the official layout). With --resume, "
-            "default: the run's.",
+            help="The delta to write: .safetensors (cdtool's format), or .bin (the official layout); for "
+            "dreambooth, the model folder to write. With --resume, default: the run's.",
         ),
     ] = None,
     data: Annotated[
@@ -90,7 +92,12 @@ def train(
         Path | None, typer.Option("--reg", help="Regularisation folder (from `cdtool regset`) for prior preservation.")
     ] = None,
     token: Annotated[
-        str | None, typer.Option("--token", help="Modifier token (default: from concept.json, else <new1>).")
+        str | None,
+        typer.Option(
+            "--token",
+            help="Modifier token (default: from concept.json, else <new1>); for dreambooth the identifier, an "
+            "existing rare vocabulary token (default: sks).",
+        ),
     ] = None,
     class_noun: Annotated[
         str | None, typer.Option("--class-noun", help="Class noun (default: from concept.json).")
@@ -125,7 +132,8 @@ def train(
         TrainMethodOption,
         typer.Option(
             "--method",
-            help="custom-diffusion (the paper), or the baselines it compares against: textual-inversion, dreambooth-lora.",
+            help="custom-diffusion (the paper), or the baselines it compares against: textual-inversion, "
+            "dreambooth (every UNet weight; writes a model folder), dreambooth-lora.",
         ),
     ] = TrainMethodOption.custom_diffusion,
     num_vectors: Annotated[
@@ -142,11 +150,17 @@ def train(
         str, typer.Option("--target", help="DreamBooth-LoRA: comma-separated UNet attention projections to adapt.")
     ] = ",".join(LORA_TARGETS),
     train_text_encoder: Annotated[
-        bool, typer.Option("--train-text-encoder", help="DreamBooth-LoRA: also adapt the text encoder's attention.")
+        bool,
+        typer.Option(
+            "--train-text-encoder",
+            help="DreamBooth: also train every text-encoder weight; DreamBooth-LoRA: also adapt its attention.",
+        ),
     ] = False,
     text_encoder_lr: Annotated[
         float | None,
-        typer.Option("--text-encoder-lr", help="DreamBooth-LoRA: text encoder learning rate (default: the UNet's)."),
+        typer.Option(
+            "--text-encoder-lr", help="DreamBooth(-LoRA): the text encoder's learning rate (default: the UNet's)."
+        ),
     ] = None,
     layers: LayersOpt = None,
     train_alias: Annotated[
@@ -160,31 +174,37 @@ def train(
         typer.Option(
             "--steps",
             min=1,
-            help="Optimiser steps (default: 250 per concept for custom-diffusion, 3000 textual-inversion, 500 dreambooth-lora).",
+            help="Optimiser steps (default: 250 per concept for custom-diffusion, 3000 textual-inversion, 500 "
+            "dreambooth-lora, 800 dreambooth).",
         ),
     ] = None,
     batch_size: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--batch-size",
             min=1,
-            help="Instance images per step and process (as many class images are added with --reg).",
+            help="Instance images per step and process (as many class images are added with --reg; default: 1 "
+            "for dreambooth, else 4).",
         ),
-    ] = 4,
+    ] = None,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps.")] = 1,
     lr: Annotated[
         float | None,
-        typer.Option("--lr", help="Base learning rate (default per method: 1e-5, 1.25e-3, 1e-4; see --scale-lr)."),
+        typer.Option(
+            "--lr",
+            help="Base learning rate (default per method: 1e-5, 1.25e-3, 1e-4, dreambooth 5e-6; see --scale-lr).",
+        ),
     ] = None,
     scale_lr: Annotated[
         bool | None,
         typer.Option(
             "--scale-lr/--no-scale-lr",
-            help="Scale lr by batch x accumulation x processes, x2 with --reg, as the reference (8e-5 for custom-diffusion). Default: on; off for dreambooth-lora.",
+            help="Scale lr by batch x accumulation x processes, x2 with --reg, as the reference (8e-5 for custom-diffusion). Default: on; off for dreambooth and dreambooth-lora.",
         ),
     ] = None,
     prior_weight: Annotated[
-        float, typer.Option("--prior-weight", min=0.0, help="Weight of the prior-preservation loss.")
+        float,
+        typer.Option("--prior-weight", "--prior-loss-weight", min=0.0, help="Weight of the prior-preservation loss."),
     ] = 1.0,
     aug: Annotated[
         bool | None,
@@ -252,14 +272,14 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Teach the model new concepts: Custom Diffusion fine-tuning of the cross-attention key/value
-    projections and a new modifier token per concept (or, with --method, textual inversion or
-    DreamBooth with LoRA, the baselines the papers compare against).
+    projections and a new modifier token per concept (or, with --method, textual inversion,
+    DreamBooth or DreamBooth with LoRA, the baselines the papers compare against). DreamBooth
+    trains every UNet weight and writes a whole model, a diffusers folder (-o DIR).
 
     Several processes: `accelerate launch --multi_gpu --num_processes 2 -m cdtool train ...` (on a
     CPU-only machine too: cdtool then runs accelerate's multi-CPU mode).
     """
     # the library loads here, not at the top, so that `cdtool train --help` starts without torch
-    from cdtool.delta.importers import check_delta_output
     from cdtool.models.loading import default_resolution
     from cdtool.train.concepts import build_concepts, parse_concept, read_concepts_file
     from cdtool.train.config import TrainConfig
@@ -294,7 +314,7 @@ def train(
         if saved is None:
             raise UsageError("give --output (the delta to write)")
         output = Path(saved.output)
-    check_delta_output(output)
+    _check_output(output, saved.method if saved is not None and _default(ctx, "method") else method.value)
     model_id = saved.model if saved is not None and model is None else pick_available_model(model)
     res = resolution or (saved.resolution if saved is not None else default_resolution(model_id))
     specs = build_concepts(raw, res, method.value) if raw else saved.concepts  # type: ignore[union-attr]
@@ -316,7 +336,7 @@ def train(
         train=(pick_alias(layers, train_alias, "--layers", "--train") or Layers.kv).value,
         resolution=res,
         steps=steps or d.steps_per_concept * (len(specs) if method is TrainMethodOption.custom_diffusion else 1),
-        batch_size=batch_size,
+        batch_size=batch_size or d.batch_size,
         grad_accum=grad_accum,
         lr=d.lr if lr is None else lr,
         scale_lr=d.scale_lr if scale_lr is None else scale_lr,
@@ -363,14 +383,37 @@ def train(
 
 
 def _sample_grid(cfg: TrainConfig) -> str:
-    """The concepts' prompts sampled with the delta just written, a row per prompt (runs.SAMPLES)."""
+    """The concepts' prompts sampled with the delta just written (or the model, for a whole model),
+    a row per prompt (runs.SAMPLES)."""
     from cdtool.preview import sample_preview
     from cdtool.train.runs import DELTA, SAMPLES
 
     path = Path(cfg.run_dir) / SAMPLES
     console.log(f"sampling the concepts' prompts into {path}")
-    sample_preview(cfg.model, Path(cfg.run_dir) / DELTA, path, seed=cfg.seed, device=cfg.device)
+    if cfg.method == DREAMBOOTH:
+        sample_preview(cfg.output, None, path, seed=cfg.seed, device=cfg.device)
+    else:
+        sample_preview(cfg.model, Path(cfg.run_dir) / DELTA, path, seed=cfg.seed, device=cfg.device)
     return str(path)
+
+
+def _check_output(output: Path, method: str) -> None:
+    """A delta method writes a delta file; DreamBooth a model folder."""
+    from cdtool.delta.importers import check_delta_output
+
+    if method != DREAMBOOTH:
+        check_delta_output(output)
+    elif output.suffix.lower() in (".safetensors", ".bin", ".ckpt", ".pt"):
+        raise UsageError(
+            f"--output {output}: dreambooth trains every UNet weight and writes a whole model as a diffusers "
+            f"folder; give a folder name (`cdtool export DIR --to checkpoint` then makes one file)"
+        )
+
+
+def _default(ctx: typer.Context, name: str) -> bool:
+    """Whether the option `name` was left at its default."""
+    source = ctx.get_parameter_source(name)
+    return source is None or source.name in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _claim_and_run(cfg: TrainConfig, resume: Path | None, force: bool, inputs: list[Path]) -> TrainResult:
@@ -378,19 +421,20 @@ def _claim_and_run(cfg: TrainConfig, resume: Path | None, force: bool, inputs: l
     --force it is replaced once the new run is complete, or has a checkpoint to resume from); on
     resume the delta may be replaced without --force only when it is this run's own."""
     from cdtool import locks
-    from cdtool.train.runs import foreign_files, has_checkpoint, is_run_delta
+    from cdtool.train.runs import foreign_files, has_checkpoint, is_run_delta, is_run_model
 
-    output, folder = Path(cfg.output), Path(cfg.run_dir)
+    output, folder, model = Path(cfg.output), Path(cfg.run_dir), cfg.method == DREAMBOOTH
     locks.acquire(folder)  # one command per run folder, from here to the end
     if resume is not None:
-        out = claim_output(output, "train", force or is_run_delta(output, resume), inputs=inputs)
-        return _run(cfg, True, replace_output=out.existed)
-    out = claim_output(output, "train", force, inputs=inputs)
+        own = is_run_model(output, resume) if model else is_run_delta(output, resume)
+        out = claim_output(output, "train", force or own, folder=model, inputs=inputs)
+        return _run(cfg, True, replace_output=out.existed, output=out if model else None)
+    out = claim_output(output, "train", force, folder=model, inputs=inputs)
     if folder.exists() and any(folder.iterdir()) and not force:
         raise CdtoolError(f"run folder {folder} already exists; pass --resume {folder} to continue it, or --force")
     run = claim_output(folder, "train", force, folder=True, ownership=foreign_files)
     with run.in_place(keep=has_checkpoint):
-        return _run(cfg, False, replace_output=out.existed)
+        return _run(cfg, False, replace_output=out.existed, output=out if model else None)
 
 
 def _check_device(device: str) -> None:
@@ -443,7 +487,7 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _run(cfg: TrainConfig, resume: bool, replace_output: bool) -> TrainResult:
+def _run(cfg: TrainConfig, resume: bool, replace_output: bool, output: Output | None = None) -> TrainResult:
     from cdtool.train.trainer import train as run_training
 
     every = max(1, cfg.steps // 20)
@@ -454,7 +498,9 @@ def _run(cfg: TrainConfig, resume: bool, replace_output: bool) -> TrainResult:
                 ev = f" eval {e['eval_loss']:.4f}" if "eval_loss" in e else ""
                 bar.advance(1, f"loss {e['loss']:.4f}{ev} lr {e['lr']:.2e}")
 
-            return run_training(cfg, resume=resume, log=console.log, progress=update, replace_output=replace_output)
+            return run_training(
+                cfg, resume=resume, log=console.log, progress=update, replace_output=replace_output, output=output
+            )
     last = {"t": None}
 
     def plain(step: int, total: int, e: dict[str, Any]) -> None:
@@ -467,7 +513,9 @@ def _run(cfg: TrainConfig, resume: bool, replace_output: bool) -> TrainResult:
             last["t"] = now
         sys.stderr.flush()
 
-    return run_training(cfg, resume=resume, log=console.log, progress=plain, replace_output=replace_output)
+    return run_training(
+        cfg, resume=resume, log=console.log, progress=plain, replace_output=replace_output, output=output
+    )
 
 
 def register(app: typer.Typer) -> None:

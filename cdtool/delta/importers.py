@@ -119,6 +119,11 @@ def _read_folder(path: Path) -> Delta:
             return read_delta(path / name)
     if (path / OFFICIAL_DELTA).exists():
         return read_delta(path / OFFICIAL_DELTA)
+    if (path / "model_index.json").is_file():  # a whole model (train --method dreambooth, or any diffusers model)
+        raise CdtoolError(
+            f"{path} is a whole model (a diffusers folder), not a delta: pass it as --model {path}, or extract "
+            f"its cross-attention delta with `cdtool get-deltas {path} --model BASE -o DELTA.safetensors`"
+        )
     raise CdtoolError(
         f"{path}: a folder without {DIFFUSERS_WEIGHTS[0]}, {DIFFUSERS_WEIGHTS[1]} or {OFFICIAL_DELTA}; "
         "pass the delta file itself"

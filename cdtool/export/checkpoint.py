@@ -2,7 +2,8 @@
 checkpoint in the original Stable Diffusion layout (AUTOMATIC1111, ComfyUI and diffusers'
 `from_single_file` load it).
 
-The delta is applied the way `cdtool sample` applies it (cdtool.models.apply: W += ΔW in float32, the base
+A whole model's diffusers folder (`train --method dreambooth`) is written as it is: its delta is the
+record of how it was made, without layers or tokens. A delta is applied the way `cdtool sample` applies it (cdtool.models.apply: W += ΔW in float32, the base
 fingerprint checked), then the pipeline is written in its architecture's layout. The token table
 keeps the base's rows: the UIs build the text encoder at the base vocabulary's size from the
 checkpoint and take new tokens from embedding files, which the export writes beside it.
@@ -26,13 +27,19 @@ LAYOUTS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {"sd1": sd1_state}
 CHECKPOINT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _check_kind(kind: str) -> None:
+def _check_kind(kind: str, whole: bool = False) -> None:
     from cdtool.choices import KIND_NAMES, SD1
 
     if kind != SD1:  # SD 2.x's file names OpenCLIP's modules, SDXL's two `conditioner.` embedders
+        instead = (
+            "use its diffusers folder as it is, or extract its key/value delta with `cdtool get-deltas`"
+            if whole
+            else "export its delta --to diffusers-lora or kohya instead"
+        )
+        what = "the model" if whole else "the base"
         raise CdtoolError(
-            f"export --to checkpoint writes the Stable Diffusion 1.x single-file layout; the base is "
-            f"{KIND_NAMES[kind]}: export its delta --to diffusers-lora or kohya instead"
+            f"export --to checkpoint writes the Stable Diffusion 1.x single-file layout; {what} is "
+            f"{KIND_NAMES[kind]}: {instead}"
         )
 
 
@@ -56,7 +63,8 @@ def checkpoint_state(pipe: Any, delta: Delta, dtype: str = "fp16") -> dict[str, 
 
     layout = LAYOUTS[architecture(pipe)]
     vocab = len(pipe.tokenizer)
-    apply_deltas(pipe, [(delta, 1.0)])
+    if delta.layers or delta.tokens:  # else a whole model's record: the pipeline is written as it is
+        apply_deltas(pipe, [(delta, 1.0)])
     target = CHECKPOINT_DTYPES[dtype]
     return {k: v.detach().to(target).contiguous() for k, v in layout(pipe, vocab_size=vocab).items()}
 
@@ -79,6 +87,7 @@ def write_checkpoint(delta: Delta, model: str, path: Path, dtype: str = "fp16") 
     """Load `model`, apply `delta`, write the single-file checkpoint at `path`."""
     from cdtool.models.loading import base_kind, load_pipeline
 
-    _check_kind(base_kind(model))  # from the model's configs or keys, before loading it whole
+    # from the model's configs or keys, before loading it whole
+    _check_kind(base_kind(model), whole=not (delta.layers or delta.tokens))
     state = checkpoint_state(load_pipeline(model), delta, dtype)
     save_safetensors(state, path, checkpoint_metadata(delta, model, dtype))

@@ -26,6 +26,26 @@ DIFFUSERS_TOKEN_TARGETS = ("diffusers-lora", "diffusers-custom-diffusion", "text
 A1111_TOKEN_TARGETS = ("kohya", "textual-inversion", "checkpoint")
 
 
+def read_source(source: Path, target: str, model_given: bool) -> tuple[Delta, bool]:
+    """What `export` writes: a delta in any format, or a whole model's diffusers folder (train
+    --method dreambooth), which only `checkpoint` takes, as it is; then its record (no layers, no
+    tokens: nothing is applied) and True."""
+    from cdtool.delta.importers import read_delta
+    from cdtool.errors import UsageError
+    from cdtool.models.finetuned import is_model_folder, read_model_record
+
+    if not is_model_folder(source):
+        return read_delta(source), False
+    if target != "checkpoint":
+        raise CdtoolError(
+            f"{source} is a whole model; --to checkpoint writes it as one file, the other layouts take a delta: "
+            f"`cdtool get-deltas {source} --model BASE -o DELTA.safetensors`, then export that"
+        )
+    if model_given:
+        raise UsageError(f"--model: {source} is a whole model and is exported as it is; leave --model out")
+    return read_model_record(source) or Delta(origin=str(source)), True
+
+
 def export(
     delta: Delta,
     target: str,

@@ -28,6 +28,7 @@ METHOD_NAMES = {
     "custom-diffusion": "Custom Diffusion (Kumari et al., CVPR 2023)",
     "textual-inversion": "textual inversion (Gal et al., 2022)",
     "dreambooth-lora": "DreamBooth (Ruiz et al., 2023) with LoRA",
+    "dreambooth": "DreamBooth (Ruiz et al., CVPR 2023), every UNet weight fine-tuned",
 }
 
 
@@ -177,7 +178,16 @@ def _usage(inp: CardInputs) -> list[str]:
     prompt = (trigger_prompts(inp.delta) or ["photo of a cat"])[0]
     tail = f"image = pipe({json.dumps(prompt)}).images[0]\n```"
     lines = ["## Use", "", f'`"{folder}"` is this folder, or the Hub repository it was uploaded to.', ""]
-    if inp.target == "diffusers-lora":
+    if inp.target == "model":  # a whole fine-tuned model: it loads as any diffusers model does
+        lines += [
+            f"```python\nimport torch\nfrom diffusers import {pipeline}\n\n"
+            f'pipe = {pipeline}.from_pretrained("{folder}", torch_dtype=torch.float16).to("cuda")\n' + tail,
+            "",
+            "cdtool: `cdtool sample PROMPT --model FOLDER`; one checkpoint file for AUTOMATIC1111 and ComfyUI "
+            "(Stable Diffusion 1.x): `cdtool export FOLDER --to checkpoint -o DIR`; the cross-attention "
+            "key/value delta, for merging: `cdtool get-deltas FOLDER --model BASE -o DELTA.safetensors`.",
+        ]
+    elif inp.target == "diffusers-lora":
         lines += [
             head + f'pipe.load_lora_weights("{folder}", weight_name="pytorch_lora_weights.safetensors")\n' + ti + tail
         ]
@@ -199,8 +209,12 @@ def _usage(inp: CardInputs) -> list[str]:
             + tail,
             "",
             f"AUTOMATIC1111: `{ckpt}` into `models/Stable-diffusion/`, the files of `embeddings/` into "
-            f"`embeddings/`. ComfyUI: `{ckpt}` into `models/checkpoints/`, `embeddings/` into `models/embeddings/`. "
-            "The checkpoint's token table is the base's: the new tokens come from the embedding files.",
+            f"`embeddings/`. ComfyUI: `{ckpt}` into `models/checkpoints/`, `embeddings/` into `models/embeddings/`."
+            + (
+                " The checkpoint's token table is the base's: the new tokens come from the embedding files."
+                if inp.token_files
+                else ""
+            ),
         ]
     if inp.target == "kohya":
         lines += [
@@ -230,7 +244,7 @@ def _training(delta: Delta) -> list[str]:
             f"learning rate {train.get('learning_rate', cfg.get('lr'))}",
             f"batch {cfg.get('batch_size')}",
             f"resolution {cfg.get('resolution')}",
-            f"layers {cfg.get('train')}",
+            _trained(cfg),
             "size augmentation" if cfg.get("aug") else "no size augmentation",
             f"seed {cfg.get('seed')}",
         ]
@@ -253,6 +267,13 @@ def _training(delta: Delta) -> list[str]:
     return [*lines, ""]
 
 
+def _trained(cfg: dict[str, Any]) -> str:
+    """What a run trained, in words."""
+    if cfg.get("method") == "dreambooth":
+        return "every UNet weight" + (" and the text encoder" if cfg.get("train_text_encoder") else "")
+    return f"layers {cfg.get('train')}"
+
+
 def model_card(inp: CardInputs) -> str:
     """The README.md text."""
     delta = inp.delta
@@ -260,11 +281,12 @@ def model_card(inp: CardInputs) -> str:
         f"{t} ({(delta.concept_for(t) or {}).get('class_noun') or 'concept'})" for t in delta.tokens
     ) or ", ".join(c.get("token", "?") for c in delta.concepts)
     lines = ["---" + _yaml(front_matter(inp)), "---", "", f"# {names or inp.folder_name}", ""]
-    lines += [
-        f"Concepts taught to `{delta.base_model or 'a Stable Diffusion model'}` with cdtool, "
-        f"exported as `{inp.target}`.",
-        "",
-    ]
+    base = delta.base_model or "a Stable Diffusion model"
+    if inp.target == "model":
+        intro = f"`{base}` fine-tuned whole with cdtool to know the concepts below: a diffusers model folder."
+    else:
+        intro = f"Concepts taught to `{base}` with cdtool, exported as `{inp.target}`."
+    lines += [intro, ""]
     if delta.tokens or delta.concepts:
         lines += _tokens_section(inp)
     prompts = trigger_prompts(delta)

@@ -43,6 +43,20 @@ def is_existing_word(tokenizer: Any, token: str) -> bool:
     return len(ids) == 1 and ids[0] < tokenizer.vocab_size
 
 
+def identifier_problem(tokenizer: Any, token: str) -> str | None:
+    """What keeps `token` from being a DreamBooth identifier, or None: the identifier is an existing
+    word of the vocabulary that a prompt writes as exactly one token (its embedding row is used as
+    it is, never trained), so "sks" is one and "<new1>" (four pieces) is not."""
+    problem = token_name_problem(token)
+    if problem:
+        return problem
+    ids = tokenizer(token, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        pieces = ", ".join(t.removesuffix("</w>") for t in tokenizer.convert_ids_to_tokens(ids))
+        return f"is {len(ids)} vocabulary tokens ({pieces}), not one existing token"
+    return None
+
+
 def default_init_tokens(tokens: Sequence[str]) -> list[str]:
     """The default initialiser of each token of one run. A token `<newK>` starts from the K-th
     entry of DEFAULT_INIT, so that concepts trained separately as <new1>, <new2>, ... start apart

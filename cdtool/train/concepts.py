@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cdtool.dataset.folders import Example, check_images, read_folder
 from cdtool.errors import CdtoolError, UsageError
 from cdtool.models.clip_vocab import load_clip_tokenizer
-from cdtool.models.tokens import check_new_token, default_init_tokens, is_existing_word
-from cdtool.train.recipes import CUSTOM_DIFFUSION, DREAMBOOTH_IDENTIFIER, DREAMBOOTH_LORA, TEXTUAL_INVERSION
+from cdtool.models.tokens import check_new_token, default_init_tokens, identifier_problem, is_existing_word
+from cdtool.train.recipes import (
+    CUSTOM_DIFFUSION,
+    DREAMBOOTH,
+    DREAMBOOTH_IDENTIFIER,
+    DREAMBOOTH_LORA,
+    TEXTUAL_INVERSION,
+)
 
 DEFAULT_CAPTION = "photo of a {token} {class}"
 DEFAULT_CLASS_CAPTION = "photo of a {class}"
@@ -91,8 +97,7 @@ def build_concepts(raw: list[dict[str, str]], resolution: int, method: str = CUS
     for i, c in enumerate(raw):
         data = Path(c["data"])
         info = read_folder(data, "", "data").info if data.is_dir() else {}
-        default_token = DREAMBOOTH_IDENTIFIER if method == DREAMBOOTH_LORA else f"<new{i + 1}>"
-        token = c.get("token") or info.get("token") or default_token
+        token = c.get("token") or _folder_token(info.get("token"), method) or _default_token(method, i)
         noun = c.get("class") or info.get("class_noun") or ("" if method == TEXTUAL_INVERSION else None)
         if noun is None:
             raise UsageError(
@@ -101,6 +106,9 @@ def build_concepts(raw: list[dict[str, str]], resolution: int, method: str = CUS
         template = c.get("prompt") or info.get("caption_template") or DEFAULT_CAPTION
         caption = template.replace("{token}", token).replace("{class}", noun)
         folder = read_folder(data, caption, "data")
+        recorded = info.get("token")
+        if recorded and recorded != token:  # prep wrote its token into the captions: the run's takes its place
+            folder.examples = [replace(ex, caption=ex.caption.replace(recorded, token)) for ex in folder.examples]
         check_images(folder, resolution, "data")
         reg_examples = []
         if c.get("reg"):
@@ -130,6 +138,27 @@ def build_concepts(raw: list[dict[str, str]], resolution: int, method: str = CUS
         spec.init_token = spec.init_token or default
     tokenizer = load_clip_tokenizer()
     for s in specs:
-        if not (method == DREAMBOOTH_LORA and is_existing_word(tokenizer, s.token)):
+        if method == DREAMBOOTH:
+            problem = identifier_problem(tokenizer, s.token)
+            if problem:
+                raise CdtoolError(
+                    f"--token {s.token} {problem}; DreamBooth binds the subject to one existing rare token of the "
+                    f"vocabulary, which is not trained: use one such as {DREAMBOOTH_IDENTIFIER}"
+                )
+        elif not (method == DREAMBOOTH_LORA and is_existing_word(tokenizer, s.token)):
             check_new_token(tokenizer, s.token)
     return specs
+
+
+def _default_token(method: str, index: int) -> str:
+    """The token of a concept that names none: DreamBooth's rare identifier, else `<newK>`."""
+    return DREAMBOOTH_IDENTIFIER if method in (DREAMBOOTH, DREAMBOOTH_LORA) else f"<new{index + 1}>"
+
+
+def _folder_token(recorded: str | None, method: str) -> str | None:
+    """The token a data folder records (`prep --token`), where the method can use it: DreamBooth's
+    identifier is an existing word, and prep's modifier tokens (<new1>) are new ones, so a folder's
+    <new1> gives way to the default identifier (its captions then say `sks` where they said <new1>)."""
+    if recorded and method == DREAMBOOTH and identifier_problem(load_clip_tokenizer(), recorded):
+        return None
+    return recorded

@@ -18,6 +18,7 @@ from cdtool.train.attention import use_detaching_cross_attention
 from cdtool.train.losses import custom_diffusion_loss
 from cdtool.train.recipes import (
     CUSTOM_DIFFUSION,
+    DREAMBOOTH,
     DREAMBOOTH_LORA,
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
@@ -44,6 +45,9 @@ class TrainingMethod:
     trains_weights = False
     # a concept's token may be a word the vocabulary already has (DreamBooth's rare identifier)
     token_may_exist = False
+    # every UNet weight trains (and, with --train-text-encoder, every text-encoder weight): the run
+    # writes a whole model (a diffusers folder), not a delta
+    full_model = False
 
     def vectors(self, cfg: TrainConfig) -> int:
         """Embedding rows per new token."""
@@ -192,7 +196,32 @@ class DreamBoothLoRA(TrainingMethod):
         return LayerDelta(up=up, down=module.lora_A["default"].weight.detach().float().cpu())
 
 
-_METHODS = {m.name: m for m in (CustomDiffusion(), TextualInversion(), DreamBoothLoRA())}
+class DreamBooth(TrainingMethod):
+    """Ruiz et al. 2023, as published: every UNet weight fine-tuned (the text encoders frozen, or
+    trained too with --train-text-encoder, as diffusers' train_dreambooth.py offers) on captions
+    that put a rare existing token before the class noun ("a sks dog"); the identifier's row is
+    used as it is, no row is added or trained. The loss is the base class's: the plain mean squared
+    error of the instance images plus the prior weight times that of the class images (the paper's
+    class-specific prior preservation, as diffusers' script computes it)."""
+
+    name = DREAMBOOTH
+    trains_weights = True
+    token_may_exist = True
+    full_model = True
+
+    def adapt(
+        self, cfg: TrainConfig, unet: torch.nn.Module, encoders: Mapping[str, torch.nn.Module], layer_names: list[str]
+    ) -> None:
+        unet.requires_grad_(True)
+        if cfg.train_text_encoder:  # every text encoder (both, on SDXL)
+            for encoder in encoders.values():
+                encoder.requires_grad_(True)
+                encoder.train()  # as diffusers' script (CLIP's dropout is 0; checkpointing acts in training mode)
+                if cfg.gradient_checkpointing:  # transformers 5's name, else 4's
+                    getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
+
+
+_METHODS = {m.name: m for m in (CustomDiffusion(), TextualInversion(), DreamBoothLoRA(), DreamBooth())}
 
 
 def method_for(name: str) -> TrainingMethod:

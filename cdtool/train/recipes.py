@@ -1,4 +1,4 @@
-"""The three customisation methods `cdtool train` offers: their names, published defaults and caption
+"""The customisation methods `cdtool train` offers: their names, published defaults and caption
 templates. No torch here: the command line reads these for its options (cdtool/train/methods.py holds how
 each method trains)."""
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 CUSTOM_DIFFUSION = "custom-diffusion"
 TEXTUAL_INVERSION = "textual-inversion"
 DREAMBOOTH_LORA = "dreambooth-lora"
+DREAMBOOTH = "dreambooth"
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class Defaults:
     aug: bool
     dvar_window: int
     dvar_eps: float
+    batch_size: int = 4  # instance images per step and process (as many class images join them with --reg)
 
 
 DEFAULTS = {
@@ -28,8 +30,14 @@ DEFAULTS = {
     TEXTUAL_INVERSION: Defaults(1.25e-3, True, 3000, False, 310, 0.15),
     # DreamBooth with LoRA as DVAR evaluates it (diffusers' train_dreambooth_lora defaults)
     DREAMBOOTH_LORA: Defaults(1e-4, False, 500, False, 440, 0.4),
+    # DreamBooth as published (Ruiz et al. 2023), every UNet weight: diffusers' train_dreambooth.py
+    # example with prior preservation (batch 1 + 1 class image, 5e-6 unscaled, 800 steps). The DVAR
+    # paper gives no full-DreamBooth setting: its DreamBooth-LoRA window and threshold are used.
+    DREAMBOOTH: Defaults(5e-6, False, 800, False, 440, 0.4, batch_size=1),
 }
 
+# DreamBooth's default identifier: the paper binds the subject to a rare token of the vocabulary,
+# not trained; diffusers' examples (and common practice since) use "sks", one CLIP vocabulary entry
 DREAMBOOTH_IDENTIFIER = "sks"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -5,7 +5,7 @@
     RUN/log.jsonl                     one line per step: loss, learning rate, eval loss, DVAR
     RUN/loss.png                      the loss curve
     RUN/samples.png                   the concepts' prompts sampled with the final delta (train --samples)
-    RUN/delta.safetensors             the final delta
+    RUN/delta.safetensors             the final delta (not for a whole model: that is the output folder)
     RUN/checkpoints/step-NNNNNN/      state.pt (step, trained tensors, optimiser) and rng-<process>.pt
 
 and what reads and writes one: the settings (config.json, and what a resumed run may change), the
@@ -101,6 +101,19 @@ def is_run_delta(path: Path, run_dir: Path) -> bool:
         return False
     meta = safetensors_metadata(path)
     return meta is not None and meta.get("format") == "cdtool.delta" and meta == safetensors_metadata(own)
+
+
+def is_run_model(path: Path, run_dir: Path) -> bool:
+    """True when `path` is the model folder this run wrote (a whole model, as DreamBooth's): its
+    record names this run folder."""
+    from cdtool.models.finetuned import read_model_record
+
+    try:
+        record = read_model_record(path)
+    except CdtoolError:
+        return False
+    config = ((record.provenance.get("train") or {}).get("config") or {}) if record is not None else {}
+    return bool(config.get("run_dir")) and Path(config["run_dir"]).resolve() == run_dir.resolve()
 
 
 # Resuming: the run folder's config.json holds every setting, so a run continues from it alone.
@@ -257,16 +270,21 @@ def delta_from_run(path: Path) -> Delta:
     from cdtool.delta.file import Delta, LayerDelta, read_cdtool
     from cdtool.delta.importers import load_pickle
 
+    run_dir = path.parent.parent if (path / STATE).exists() else path
+    config = json.loads((run_dir / CONFIG).read_text())["config"]
+    if config.get("method") == "dreambooth":
+        raise CdtoolError(
+            f"{path}: a DreamBooth run trains the whole model; extract a delta from the model it wrote "
+            f"(`cdtool get-deltas {config['output']} --model {config['model']} -o OUT.safetensors`)"
+        )
     if (path / STATE).exists():
-        ckpt, run_dir = path, path.parent.parent
+        ckpt = path
     else:
-        run_dir = path
         if (path / DELTA).exists():
             return read_cdtool(path / DELTA)
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise CdtoolError(f"{path} holds neither a finished delta nor a checkpoint")
-    config = json.loads((run_dir / CONFIG).read_text())["config"]
     state = load_pickle(ckpt / STATE)
     delta = Delta(
         base_model=config["model"],

@@ -1,5 +1,5 @@
 """Training on HF accelerate: Custom Diffusion (Kumari et al. 2023), and the baselines it is compared
-against (textual inversion, DreamBooth with LoRA). `train` runs the steps every method shares, in
+against (textual inversion, DreamBooth with every UNet weight or with LoRA). `train` runs the steps every method shares, in
 order; what differs per method (layers, adapting, captions, loss, the delta) is in cdtool/train/methods.py.
 
 What Custom Diffusion trains: the UNet's cross-attention key/value projections (or all cross-attention
@@ -25,16 +25,20 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs
 from diffusers import DDPMScheduler
 
 from cdtool import __version__
+from cdtool.atomic import Output, claim_output
+from cdtool.choices import SDXL
 from cdtool.dataset.folders import Example, load_image
 from cdtool.delta.base import TOKEN_EMBEDDING_2, fingerprint, fingerprint_names, pipeline_params
 from cdtool.delta.file import Delta, LayerDelta
 from cdtool.delta.importers import save_delta
 from cdtool.errors import CdtoolError
 from cdtool.models.conditioning import Encoded, TextSide, encode, time_ids, unet_inputs
-from cdtool.models.loading import load_pipeline, pipeline_kind
+from cdtool.models.finetuned import model_fingerprint, write_model_folder
+from cdtool.models.loading import base_kind, load_pipeline, pipeline_kind
 from cdtool.models.tokens import (
     TokenRows,
     add_text_tokens,
@@ -121,13 +125,18 @@ def train(
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     keep_pipeline: bool = False,
     replace_output: bool = True,
+    output: Output | None = None,
 ) -> TrainResult:
     """Train the concepts of `cfg`; writes the delta (main process) and the run folder. Without
-    `replace_output`, a delta written at `cfg.output` meanwhile is a conflict (cdtool.atomic)."""
+    `replace_output`, a delta written at `cfg.output` meanwhile is a conflict (cdtool.atomic). A
+    method that trains a whole model writes it through `output`, the claimed folder (claimed here
+    when not given)."""
     started = time.perf_counter()
     method = method_for(cfg.method)
     accelerator = _accelerator(cfg)
     main, run_dir = accelerator.is_main_process, Path(cfg.run_dir)
+    if method.full_model and main and output is None:
+        output = claim_output(Path(cfg.output), "train", replace_output, folder=True)
     torch.manual_seed(cfg.seed)  # module initialisation only; training draws from _Rng
     random.seed(cfg.seed)
     pipe = load_pipeline(cfg.model)
@@ -141,7 +150,7 @@ def train(
     lr = _learning_rate(cfg, accelerator.num_processes)
     optimizer = _optimizer(cfg, trainable, lr)
     hooks = _hold_in_half(cfg, method, parts, layer_names)
-    *prepared, optimizer = accelerator.prepare(parts.unet, *parts.text.encoders, optimizer)
+    prepared, optimizer = _prepare(accelerator, [parts.unet, *parts.text.encoders], optimizer)
     parts.unet_p, parts.text_p = prepared[0], TextSide(parts.text.tokenizers, prepared[1:])
     if parts.unet_dtype != torch.float32:  # accelerate's autocast wrapper off the UNet's forward, in place (DDP stays)
         accelerator.unwrap_model(parts.unet_p, keep_fp32_wrapper=False)
@@ -194,7 +203,11 @@ def train(
     run |= {"processes": accelerator.num_processes, "final_loss": last_loss}
     delta = _build_delta(cfg, method, parts, layer_names, base, tokens, run)
     if main:
-        _write_outputs(cfg, delta, base, read_log(run_dir) if resume else entries, replace_output)
+        entries = read_log(run_dir) if resume else entries
+        if output is not None:  # a whole model: the delta's metadata is its record
+            _write_model(cfg, pipe, parts, delta, output, entries)
+        else:
+            _write_outputs(cfg, delta, base, entries, replace_output)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     for h in hooks:
@@ -225,7 +238,15 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
     # precision); one process may train several times (cdtool demo, notebooks, tests). Under
     # `accelerate launch` nothing is set up before the first run, so this resets nothing there.
     AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, cpu=on_cpu)
+    # SDXL is conditioned on the first text encoder's penultimate layer: trained, its last layer gets
+    # no gradient, which DDP must be told of (as diffusers' SDXL DreamBooth scripts tell it)
+    unused = cfg.train_text_encoder and base_kind(cfg.model) == SDXL
+    return Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision=cfg.mixed_precision,
+        cpu=on_cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else None,
+    )
 
 
 @dataclass
@@ -243,6 +264,8 @@ class TrainingParts:
     unet_dtype: torch.dtype = torch.float32  # the half type when the UNet is held in it
     unet_p: Any = None  # the UNet and the text encoders as accelerate prepared them (DDP, autocast)
     text_p: TextSide | None = None
+    # a whole model's frozen components as loaded (CPU), where the run holds them in a half type
+    originals: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def training_parts(cfg: TrainConfig, pipe: Any, device: torch.device) -> TrainingParts:
@@ -314,6 +337,8 @@ class _Base:
 
 def _record_base(method: TrainingMethod, pipe: Any, layer_names: list[str], tokens: _NewTokens) -> _Base:
     params = pipeline_params(pipe)
+    if method.full_model:  # no delta: the model is written whole, and records its base by fingerprint
+        return _Base(fingerprint=model_fingerprint(params), weights={}, biases={})
     # the fingerprint covers what the written delta will name: layers trained as themselves carry
     # their bias's change too (to_out.0 under --train attn2), LoRA factors do not
     touched = Delta(
@@ -379,14 +404,16 @@ def _learning_rate(cfg: TrainConfig, processes: int) -> float:
 
 
 def _optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter], lr: float) -> Any:
-    """AdamW as the reference sets it; the text encoder's LoRA may have its own rate."""
+    """AdamW as the reference sets it; the text encoder's trained weights may have their own rate."""
 
-    def is_te_lora(name: str) -> bool:
-        return name.startswith(("text_encoder.", "text_encoder_2.")) and "lora_" in name
+    def is_text_weight(name: str) -> bool:  # a text encoder's own weights (its LoRA, or all of it), not new token rows
+        return name.startswith(("text_encoder.", "text_encoder_2.")) and ".cdtool_token_rows." not in name
 
-    groups: list[dict[str, Any]] = [{"params": [p for n, p in trainable.items() if not is_te_lora(n)]}]
-    if any(is_te_lora(n) for n in trainable):
-        groups.append({"params": [p for n, p in trainable.items() if is_te_lora(n)], "lr": cfg.text_encoder_lr or lr})
+    groups: list[dict[str, Any]] = [{"params": [p for n, p in trainable.items() if not is_text_weight(n)]}]
+    if any(is_text_weight(n) for n in trainable):
+        groups.append(
+            {"params": [p for n, p in trainable.items() if is_text_weight(n)], "lr": cfg.text_encoder_lr or lr}
+        )
     if not cfg.use_8bit_adam:
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     try:
@@ -394,6 +421,20 @@ def _optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter], lr: f
     except ImportError as e:
         raise CdtoolError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from e
     return bnb.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+
+def _prepare(accelerator: Accelerator, modules: list[Any], optimizer: Any) -> tuple[list[Any], Any]:
+    """accelerate's prepare: the modules that train wrapped for several processes (DDP), the frozen
+    ones only placed and given autocast, as accelerate's multi-GPU mode treats them (its multi-CPU
+    mode would wrap them too, and DDP refuses a module with nothing to train)."""
+    trains = [any(p.requires_grad for p in m.parameters()) for m in modules]
+    *trained, optimizer = accelerator.prepare(*[m for m, t in zip(modules, trains, strict=True) if t], optimizer)
+    done = iter(trained)
+    out = [
+        next(done) if t else accelerator.prepare_model(m, evaluation_mode=True)
+        for m, t in zip(modules, trains, strict=True)
+    ]
+    return out, optimizer
 
 
 def _hold_in_half(cfg: TrainConfig, method: TrainingMethod, parts: TrainingParts, layer_names: list[str]) -> list[Any]:
@@ -406,6 +447,13 @@ def _hold_in_half(cfg: TrainConfig, method: TrainingMethod, parts: TrainingParts
     fp32 weights. Returns the hooks that cast around the trained layers."""
     parts.vae.to(parts.device)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    if method.full_model and weight_dtype != torch.float32:  # written whole at the end, as loaded
+        frozen = {"vae": parts.vae, **parts.text.named()}
+        parts.originals = {
+            name: {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            for name, module in frozen.items()
+            if not any(p.requires_grad for p in module.parameters())
+        }
     # SDXL's VAE overflows in float16 (its config says force_upcast): it encodes in float32, as in
     # diffusers' SDXL training scripts
     upcast = parts.text.xl and bool(getattr(parts.vae.config, "force_upcast", False))
@@ -416,6 +464,8 @@ def _hold_in_half(cfg: TrainConfig, method: TrainingMethod, parts: TrainingParts
         for p in module.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(weight_dtype)
+    if method.full_model:  # the whole UNet trains: fp32 under accelerate's autocast, as diffusers' script
+        return []
     parts.unet_dtype = weight_dtype
     if not method.trains_weights:  # peft's LoRA layers cast for themselves
         return []
@@ -633,6 +683,22 @@ def _build_delta(
     config = {k: v for k, v in asdict(cfg).items() if k != "concepts"}
     delta.provenance = {"train": {"config": config, **run, "method": method.name}}
     return delta
+
+
+def _write_model(
+    cfg: TrainConfig, pipe: Any, parts: TrainingParts, record: Delta, output: Output, entries: list[dict[str, Any]]
+) -> None:
+    """The whole trained model as a diffusers folder (float32, as diffusers' train_dreambooth.py
+    writes it) with its record and card, moved into place whole; the loss curve in the run folder.
+    Components held in a half type come back as they were loaded."""
+    for name, state in parts.originals.items():
+        module = getattr(pipe, name)
+        module.to(torch.float32)
+        module.load_state_dict(state)
+    pipe.to(torch.float32)
+    with output.staged() as stage:
+        write_model_folder(pipe, stage, record, Path(cfg.output).name)
+    loss_curve(entries, Path(cfg.run_dir) / LOSS_CURVE)
 
 
 def _write_outputs(
