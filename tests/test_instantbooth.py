@@ -341,3 +341,37 @@ def test_merge_compress_export_refuse_a_personalised_concept(cli, tmp_path, enco
     r = cli("sample", "a <mine> cat", "--delta", concept, "--delta", concept, "-o", tmp_path / "two", code=1)
     assert "one concept in an image" in one_error(r)
     assert not any(p.name.startswith(("m.", "r.", "x", "c.bin", "two")) for p in tmp_path.iterdir())
+
+
+# ---- the benchmark, at a minimal size ------------------------------------------------------------
+
+
+def test_benchmark_runs_at_a_minimal_size(tmp_path):
+    """benchmarks/instantbooth.py end to end on the shipped toy model and oracle (the suite's <new1> is
+    the shipped world's split star): an encoder trained for stars, the concept personalised and trained
+    by each fine-tuning method, judged; every cell filled, times from photos to the first sample."""
+    import dataclasses
+
+    from benchmarks.instantbooth import BASELINES, INSTANTBOOTH, InstantSettings, run, write_category
+    from benchmarks.quality import Settings
+
+    quality = dataclasses.replace(Settings(), n=8, sample_steps=2, reg_images=4, suite=True)
+    s = InstantSettings(quality=quality, concepts=("<new1>",), train_images=8, encoder_steps=2, encoder_minutes=None,
+                        encoder_batch=2, recipes={m: (2, None) for m in BASELINES})  # fmt: skip
+    res = run(tmp_path / "bench", s, quiet=True)
+    assert set(res["methods"]) == {INSTANTBOOTH, *BASELINES}  # DreamBooth (every weight) only where train has it
+    for method, r in res["methods"].items():
+        cell = r["concepts"]["<new1>"]
+        assert cell["n"] == 8 and 0 <= cell["concept_fidelity"] <= 1 and 0 <= cell["prior_drift"] <= 1, method
+        assert cell["seconds_to_first_sample"] > cell["seconds"]["make"] > 0
+        assert r["suite"]["concept_fidelity"]["n"] == 8
+    assert res["goals"]["speedup"] > 0 and set(res["goals"]["targets"]) == {"fidelity_ratio", "speedup"}
+    ib = res["methods"][INSTANTBOOTH]["concepts"]["<new1>"]
+    assert ib["seconds"]["regset"] == 0 and res["encoders"]["star"]["trained_here"]
+    # the prior prompts never hold the token: with the concept loaded they are sampled as by the base
+    assert ib["prior_drift"] == res["base"]["prior star"]["prior_drift"]
+    captions = (tmp_path / "bench" / "categories" / "star" / "metadata.jsonl").read_text()
+    assert "checkered" not in captions and "star" in captions
+    assert (
+        write_category(tmp_path / "again", "star", 8, quality.seed).joinpath("metadata.jsonl").read_text() == captions
+    )
