@@ -237,7 +237,12 @@ def test_train_encoder_refusals(cli, tmp_path, cats):
     assert "Stable Diffusion XL" in one_error(r)
     r = cli("train-encoder", cats, "--class-noun", "cat", *TRAIN, "-o", tmp_path / "e3", code=2)
     assert "--steps, --minutes" in r.stderr
-    assert not any((tmp_path / f"e{i}").exists() for i in (1, 2, 3))
+    base = ("train-encoder", cats, "--class-noun", "cat", "--model", "tiny", "--steps", "1")
+    r = cli(*base, "--backbone", "ViT-B-99:openai", "-o", tmp_path / "e4", code=2)
+    assert "open_clip has no model 'ViT-B-99'" in r.stderr
+    r = cli(*base, "--backbone", f"ViT-B-32:{tmp_path / 'absent.bin'}", "-o", tmp_path / "e5", code=1)
+    assert one_error(r).endswith("pass --backbone ViT-B-32:/path/to/weights")  # how to point at a local copy
+    assert not any((tmp_path / f"e{i}").exists() for i in range(1, 6))
 
 
 def test_accelerate_two_processes(tmp_path, cats):
@@ -375,3 +380,19 @@ def test_benchmark_runs_at_a_minimal_size(tmp_path):
     assert (
         write_category(tmp_path / "again", "star", 8, quality.seed).joinpath("metadata.jsonl").read_text() == captions
     )
+
+
+def test_stable_diffusion_2_base(cli, tmp_path, cats):
+    """SD 2.x (v-prediction, the "!"-padding tokenizer, linear projections in its transformer blocks):
+    the same encoder trains, personalises and samples."""
+    enc = tmp_path / "enc"
+    cli("train-encoder", cats, "--class-noun", "cat", "--model", "tiny-sd2", "--backbone", "cdtool-tiny",
+        "--batch-size", "2", "--steps", "2", "-o", enc)  # fmt: skip
+    settings = json.loads((enc / "encoder.json").read_text())["settings"]
+    assert settings["base_kind"] == "sd2" and settings["model"] == "tiny-sd2"
+    concept = tmp_path / "c.safetensors"
+    cli("personalize", cats, "--encoder", enc, "-o", concept)
+    cli("sample", "photo of a <new1> cat", "--delta", concept, "--n", "1", "--steps", "2", "-o", tmp_path / "out")
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    r = cli("sample", "photo of a <new1> cat", "--delta", concept, "--model", "tiny", "-o", tmp_path / "x", code=1)
+    assert "a delta for Stable Diffusion 2.x, but the base model tiny is Stable Diffusion 1.x" in one_error(r)

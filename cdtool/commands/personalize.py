@@ -21,11 +21,7 @@ EXAMPLES = examples(
 def personalize(
     photos: Annotated[
         list[str],
-        typer.Argument(
-            help="Photos of one subject of the encoder's category: files, folders or globs.",
-            show_default=False,
-            metavar="PHOTOS",
-        ),
+        typer.Argument(help="Photos of one subject: files, folders or globs.", show_default=False, metavar="PHOTOS"),
     ],
     encoder: Annotated[
         Path, typer.Option("--encoder", help="The encoder folder (from `cdtool train-encoder`).", show_default=False)

@@ -132,6 +132,8 @@ def train_encoder(
         run(settings, folder, pairs)
         return
     if resume is None:
+        if is_encoder_folder(folder) and not force:
+            raise CdtoolError(f"{folder} already holds an encoder; pass --resume {folder} to continue it, or --force")
         claim = claim_output(folder, "train-encoder", force, folder=True, inputs=[data], ownership=foreign_files)
         with claim.in_place(keep=is_encoder_folder):
             progress = run(settings, folder, pairs, log=console.log)
@@ -155,13 +157,13 @@ def _settings(
     params: dict,
 ) -> EncoderSettings:
     from cdtool.choices import TOY
-    from cdtool.instant.backbones import TOY_CNN, split_spec
+    from cdtool.instant.backbones import TOY_CNN, check_backbone
     from cdtool.instant.folder import EncoderSettings
     from cdtool.models.tokens import check_token_name, default_init_tokens
 
     check_token_name(token, "--token")
     chosen = backbone or (TOY_CNN if model == TOY else "ViT-B-32:openai")
-    split_spec(chosen)
+    check_backbone(chosen)
     return EncoderSettings(
         model=model,
         class_noun=noun,

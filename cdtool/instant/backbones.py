@@ -89,6 +89,21 @@ def split_spec(spec: str) -> tuple[str, str]:
     return name, weights
 
 
+def check_backbone(spec: str) -> None:
+    """A backbone a new encoder can start from: toy-cnn, cdtool-tiny, or an open_clip model with its weights."""
+    name, weights = split_spec(spec)
+    if name == TOY_CNN:
+        return
+    import open_clip
+
+    from cdtool.scoring.clip_models import TINY
+
+    if name != TINY and name not in open_clip.list_models():
+        raise UsageError(f"--backbone {spec}: open_clip has no model {name!r} (ViT-B-32, ViT-L-14, ... or toy-cnn)")
+    if name != TINY and not weights:
+        raise UsageError(f"--backbone {name}: name its weights, e.g. {name}:openai or {name}:/path/to/weights")
+
+
 def load_backbone(spec: str, pretrained: bool, tokens_only: bool = False) -> nn.Module:
     """The backbone `spec` names; with `pretrained`, an open_clip tower gets its weights (a tag or a
     local file), else it is built empty for weights that follow (an encoder's own file).
@@ -96,14 +111,10 @@ def load_backbone(spec: str, pretrained: bool, tokens_only: bool = False) -> nn.
     name, weights = split_spec(spec)
     if name == TOY_CNN:
         return ToyCNN()
-    import open_clip
-
     from cdtool.scoring.clip_models import TINY, load_clip
 
-    if name != TINY and name not in open_clip.list_models():
-        raise UsageError(f"--backbone {spec}: open_clip has no model {name!r} (ViT-B-32, ViT-L-14, ... or toy-cnn)")
-    if name != TINY and pretrained and not weights:
-        raise UsageError(f"--backbone {name}: name its weights, e.g. {name}:openai or {name}:/path/to/weights")
+    if pretrained:
+        check_backbone(spec)
     tag = weights if pretrained and name != TINY else "none"
     clip = load_clip(name, tag, weights_option=f"--backbone {name}:/path/to/weights")
     return ClipTower(clip.model.visual, tokens_only)

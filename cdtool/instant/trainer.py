@@ -263,6 +263,8 @@ def _step(
         noisy = parts.scheduler.add_noise(latents, noise, t)
         pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=hidden.to(pipe.unet.dtype)).sample
         loss = F.mse_loss(pred.float(), prediction_target(parts.scheduler, latents, noise, t).float())
+    if _agree(acc, not bool(torch.isfinite(loss.detach()))):  # the last checkpoint stays as it was
+        raise CdtoolError(f"the loss is not finite at step {step + 1}; lower --lr, or resume from the last checkpoint")
     acc.backward(loss)
     acc.clip_grad_norm_(encoder.parameters(), 1.0)
     optimizer.step()
@@ -306,7 +308,10 @@ def load_weights(folder: Path, encoder: torch.nn.Module) -> int:
         state = {k: f.get_tensor(k) for k in f.keys()}
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CdtoolError(f"{folder / WEIGHTS} does not fit its encoder.json ({len(missing)} weights missing)")
+        raise CdtoolError(
+            f"{folder / WEIGHTS} does not fit its encoder.json ({len(missing)} weights missing, {len(unexpected)} "
+            "unexpected); was the folder written by another cdtool?"
+        )
     return step
 
 
