@@ -205,6 +205,8 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 def test_resume_continues_bit_for_bit(cli, tmp_path, cats):
     cli("train-encoder", cats, "--class-noun", "cat", *TRAIN, "--steps", "4", "-o", tmp_path / "whole")
     cli("train-encoder", cats, "--class-noun", "cat", *TRAIN, "--steps", "2", "-o", tmp_path / "cut")
+    with (tmp_path / "cut" / "log.jsonl").open("a") as f:  # a step logged after the checkpoint, then a kill
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
     r = cli("train-encoder", "--resume", tmp_path / "cut", "--steps", "4", "--json")
     assert json.loads(r.stdout)["step"] == 4
     whole, cut = _tensors(tmp_path / "whole"), _tensors(tmp_path / "cut")

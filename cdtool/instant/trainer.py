@@ -160,6 +160,11 @@ def train_encoder(
     encoder_p, optimizer = acc.prepare(encoder, optimizer)
     if examples is None:
         examples = read_data(folder)
+        if acc.is_main_process:  # the log continues from the checkpoint
+            kept = [
+                line for line in (folder / LOG).read_text().splitlines() if json.loads(line)["step"] <= progress.step
+            ]
+            (folder / LOG).write_text("".join(line + "\n" for line in kept))
     elif acc.is_main_process:
         write_data(folder, examples)
         (folder / LOG).write_text("")
