@@ -156,17 +156,19 @@ class Bench:
         self.results["training"][name] = {k: doc[k] for k in ("steps", "reason", "final_loss", "seconds")}
         return delta
 
-    def evaluate(self, name: str, deltas: list[Path], groups: list[str], n: int | None = None) -> dict[str, Any]:
-        """Sample every prompt of the groups (n per group, default the headline n; seeded), score with
-        the oracle, summarise per group."""
+    def evaluate(
+        self, name: str, deltas: list[Path], groups: list[str], n: int | None = None, model: str | None = None
+    ) -> dict[str, Any]:
+        """Sample every prompt of the groups (n per group, default the headline n; seeded) with the
+        deltas (on `model`, default the base), score with the oracle, summarise per group."""
         prompts = [p for g in groups for p in self.groups[g]]
         folder = self.out / "samples" / name
         prompt_file = self.out / f"prompts-{name}.txt"
         prompt_file.write_text("\n".join(prompts) + "\n")
-        model = ("--model", self.s.model) if not deltas else ()
+        base = ("--model", model or self.s.model) if model or not deltas else ()
         delta_args = [a for d in deltas for a in ("--delta", d)]
         self.run(
-            "sample", *model, *delta_args, "--prompts", prompt_file, "-o", folder, "--n", max(1, (n or self.s.n) // 8), "--steps",
+            "sample", *base, *delta_args, "--prompts", prompt_file, "-o", folder, "--n", max(1, (n or self.s.n) // 8), "--steps",
             self.s.sample_steps, "--guidance", self.s.guidance, "--seed", self.s.seed, "--batch-size", 32,
         )  # fmt: skip
         oracle = ("--oracle", self.s.oracle) if self.s.oracle else ()
@@ -229,13 +231,15 @@ def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
     return b.results
 
 
-def prepare(b: Bench, rng: random.Random, merge_captions: Path) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Each concept's photos prepped into a data folder (by token) and a regularisation set per class
-    noun (by noun)."""
+def prepare(
+    b: Bench, rng: random.Random, merge_captions: Path, concepts: tuple[Concept, ...] | None = None
+) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Each concept's photos (default: every concept of the settings) prepped into a data folder (by
+    token) and a regularisation set per class noun (by noun)."""
     s, out = b.s, b.out
     data_dirs: dict[str, Path] = {}
     reg_dirs: dict[str, Path] = {}
-    for token, noun, name in concepts_of(s):
+    for token, noun, name in concepts or concepts_of(s):
         photos, data, reg = out / "photos" / name, out / "data" / name, out / "reg" / noun
         write_photos(photos, token, rng, suite=s.suite)
         b.run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32",

@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("prep", "Prepare a concept's photos for training."),
     "regset": ("regset", "Build a regularisation set: class images with captions."),
     "train": ("train", "Teach the model new concepts (Custom Diffusion and baselines)."),
+    "train-encoder": ("train_encoder", "Train an InstantBooth encoder for one category."),
+    "personalize": ("personalize", "Personalise from photos in one forward pass (InstantBooth)."),
     "sample": ("sample", "Generate images with the base model and any deltas applied."),
     "score": ("score", "Score samples the way the customisation papers do."),
     "get-deltas": ("get_deltas", "Extract a delta from a fine-tuned model, or convert one."),

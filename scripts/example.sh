@@ -2,7 +2,8 @@
 # Every command scripted from a shell on the built-in tiny model (random weights, no downloads: it
 # checks the plumbing, not quality; `cdtool demo` does the main job on the toy model that can see):
 # photos prepared, regularisation sets generated, two concepts trained with prior preservation,
-# merged in closed form, compressed, sampled, scored and exported.
+# merged in closed form, compressed, sampled, scored and exported; an InstantBooth encoder trained and
+# a concept personalised with it.
 set -euo pipefail
 out=${1:-example-out}
 rm -rf "$out"
@@ -53,4 +54,10 @@ cdtool export "$out/pets.r4.safetensors" --to diffusers-lora -o "$out/pets-lora"
 # for ViT-B-32 (use the defaults with real weights on a real model).
 cdtool score "$out/samples" --ref "$out/data/cat" --clip-model cdtool-tiny --clip-pretrained none \
     --metrics clip-t,clip-i,kid --kid-features clip --kid-subsets 10 --json > "$out/scores.json"
+# InstantBooth: an encoder for the cat category, trained on the regularisation set's captioned cats
+# (on a real model: thousands of them, for hours), then the cat photos personalised in one forward pass.
+cdtool train-encoder "$out/reg/cat" --class-noun cat --backbone cdtool-tiny -o "$out/cat-encoder" \
+    --steps 10 --batch-size 2 -q
+cdtool personalize "$out/data/cat" --encoder "$out/cat-encoder" --token "<mittens>" -o "$out/mittens.safetensors"
+cdtool sample "photo of a <mittens> cat" --delta "$out/mittens.safetensors" -o "$out/samples-instant" --n 2 --steps 10
 echo "example finished: $out/samples/grid.png, $out/scores.json, training logs in $out/cat.run/" >&2

@@ -17,6 +17,8 @@ COMMANDS = [
     "prep",
     "regset",
     "train",
+    "train-encoder",
+    "personalize",
     "sample",
     "score",
     "get-deltas",
@@ -26,7 +28,7 @@ COMMANDS = [
     "info",
 ]
 WITH_EXAMPLES = [
-    "prep", "regset", "train", "sample", "score", "get-deltas", "merge", "compress", "export", "info", "demo"
+    "prep", "regset", "train", "train-encoder", "personalize", "sample", "score", "get-deltas", "merge", "compress", "export", "info", "demo"
 ]  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -126,3 +126,24 @@ def test_half_precision_sampling_follows_prompts(cli, tmp_path, dtype):
     seen = read(load_oracle(), images)
     verdicts = [judge(parse_prompt(names[name]), s) for name, s in zip(names, seen, strict=True)]
     assert sum(v["prompt"] for v in verdicts) >= 0.75 * len(verdicts)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_instantbooth_encoder_on_cuda(cli, tmp_path, precision):
+    """train-encoder under mixed precision (the base held in the half type, the encoders and adapters
+    in fp32), then personalise and sample in half precision: finite weights, the gates opened."""
+    from helpers import write_concept_folder
+    from safetensors.torch import load_file
+
+    cats = write_concept_folder(tmp_path / "cats", n=4, size=64, captions="photo of a cat, view {i}")
+    enc = tmp_path / "enc"
+    cli("train-encoder", cats, "--class-noun", "cat", "--model", "tiny", "--backbone", "cdtool-tiny", "--batch-size",
+        "2", "--steps", "3", "--lr", "1e-3", "--device", "cuda", "--mixed-precision", precision, "-o", enc, "-q")  # fmt: skip
+    weights = load_file(str(enc / "encoder.safetensors"))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    assert all(float(t) != 0 for k, t in weights.items() if k.endswith(".gate"))
+    concept = tmp_path / "c.safetensors"
+    cli("personalize", cats, "--encoder", enc, "--device", "cuda", "-o", concept, "-q")
+    cli("sample", "photo of a <new1> cat", "--delta", concept, "--n", "2", "--steps", "3", "--device", "cuda",
+        "--dtype", precision, "-o", tmp_path / "out", "-q")  # fmt: skip
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2

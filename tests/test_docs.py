@@ -79,9 +79,13 @@ def test_design_doc_lists_every_key_of_the_delta_file():
         "text_encoder.<path>.delta",
         "token.<token>",
     }
+    personal = Delta(  # an InstantBooth concept: its visual tokens, its encoder named
+        tokens={"<new1>": torch.zeros(1, 2)}, visual={"<new1>": torch.zeros(3, 2)}, encoder={"sha256": "0" * 64}
+    )
+    assert {k.replace("<new1>", "<token>") for k in delta_tensors(personal)} == {"token.<token>", "visual.<token>"}
     design = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
-    missing = [k for k in sorted(generic) if f"`{k}`" not in design]
-    missing += [k for k in delta_metadata(delta) if f"| `{k}` |" not in design]
+    missing = [k for k in [*sorted(generic), "visual.<token>"] if f"`{k}`" not in design]
+    missing += [k for k in delta_metadata(delta) | delta_metadata(personal) if f"| `{k}` |" not in design]
     assert missing == []
 
 

@@ -80,6 +80,7 @@ def compress(
     check_delta_output(output)
     claim = claim_output(output, "compress", force, inputs=[source])
     delta = read_delta(source)
+    delta.refuse_personal("compress has nothing to compress in it (no layers; its visual tokens are the concept)")
     base = None
     if delta.needs_base or output.suffix == ".bin":
         from cdtool.delta.base import check_fits, fingerprint_names, load_base_params

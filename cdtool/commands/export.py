@@ -105,6 +105,7 @@ def export(
         raise CdtoolError(f"--samples {samples}: no such file")
     out = claim_output(output, "export", force, folder=to is not Target.official, inputs=[source])
     delta, whole = read_source(source, to.value, model is not None)
+    delta.refuse_personal("export cannot write it: other tools have no InstantBooth adapters for its visual tokens")
     base, base_model = None, None
     if to is Target.checkpoint:
         base_model = str(source) if whole else pick_available_model(model, [delta.base_model])

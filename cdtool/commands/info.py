@@ -27,6 +27,8 @@ def describe(delta: Delta, path: Path) -> dict[str, Any]:
         "created_by": delta.created_by or None,
         "base_kind": delta.kind or None,
         "tokens": {t: _token_doc(delta, t) for t in delta.tokens},
+        "visual": {t: {"tokens": int(v.shape[0]), "dim": int(v.shape[1])} for t, v in delta.visual.items()},
+        "encoder": delta.encoder,
         "concepts": delta.concepts,
         "layers": {
             name: {
@@ -110,6 +112,11 @@ def _print_text(doc: dict[str, Any]) -> None:
     out(f"tokens:      {toks or '-'}")
     for c in doc["concepts"]:
         out(f"concept:     {c.get('token')} class={c.get('class_noun')} init={c.get('init_token')}")
+    for t, v in doc["visual"].items():
+        out(f"visual:      {t} ({v['tokens']}x{v['dim']} tokens for the encoder's adapters)")
+    if doc["encoder"]:
+        e = doc["encoder"]
+        out(f"encoder:     {e.get('path')} (sha256 {str(e.get('sha256'))[:16]}, backbone {e.get('backbone')})")
     dtypes = sorted({v["dtype"] for v in doc["layers"].values()})
     ranks = sorted({v["rank"] for v in doc["layers"].values() if v["rank"] is not None})
     rank_text = f"low-rank {doc['low_rank_layers']} (ranks {', '.join(map(str, ranks))})" if ranks else "all full"

@@ -77,6 +77,14 @@ def sample(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     ignore_base_mismatch: IgnoreBaseOpt = False,
+    encoder: Annotated[
+        Path | None,
+        typer.Option(
+            "--encoder",
+            help="The encoder folder of a personalised concept (cdtool personalize), where it is not the one "
+            "the concept records.",
+        ),
+    ] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -89,6 +97,9 @@ def sample(
     scales, steps, guidance, size, scheduler, seed, negative prompt) is this one; another request
     stops with an error, and --force regenerates.
     Writes PNGs and prompts.json (file name -> prompt) and prints the folder.
+
+    A personalised concept (`cdtool personalize`) brings its encoder's adapters; its scale is their
+    strength, and they act on the images whose prompt holds its token.
     """
     # the library loads here, not at the top, so that `cdtool sample --help` starts without torch
     from cdtool.delta.importers import read_delta
@@ -159,6 +170,7 @@ def sample(
                 dtype=dtype,
                 ignore_base_mismatch=ignore_base_mismatch,
                 on_base=note_base,
+                encoder=encoder,
             )
             default = pipe.unet.config.sample_size * pipe.vae_scale_factor
             for size, flag in ((height, "--height"), (width, "--width")):

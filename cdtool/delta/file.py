@@ -77,6 +77,10 @@ class Delta:
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> [n_vectors, dim]
     # SDXL: token -> its rows in the second text encoder [n_vectors, dim_2] (the same tokens as `tokens`)
     tokens_2: dict[str, torch.Tensor] = field(default_factory=dict)
+    # InstantBooth: token -> the visual tokens of its concept [M, D], which its encoder's adapters
+    # inject (one concept per file); `encoder` names that encoder (path, sha256, base fingerprint)
+    visual: dict[str, torch.Tensor] = field(default_factory=dict)
+    encoder: dict[str, Any] | None = None
     base_kind: str = ""  # the kind of base (cdtool.choices: sd1, sd2, sdxl); "" where unknown (imports)
     base_model: str = ""
     base_fingerprint: str = ""
@@ -113,6 +117,14 @@ class Delta:
     def kind(self) -> str:
         """The kind of base, as recorded or as the content shows (rows for two encoders: SDXL)."""
         return self.base_kind or (SDXL if self.tokens_2 else "")
+
+    def refuse_personal(self, why: str) -> None:
+        """A personalised concept (InstantBooth: visual tokens for its encoder's adapters) is refused
+        where it cannot go, in one line that says `why`."""
+        if self.visual:
+            raise CdtoolError(
+                f"{self.origin or 'the delta'} is an InstantBooth concept (visual tokens for its encoder's adapters); {why}"
+            )
 
     def concept_for(self, token: str) -> dict[str, Any] | None:
         for concept in self.concepts:
@@ -300,6 +312,7 @@ def read_cdtool(path: Path) -> Delta:
         concepts=_json(meta, "concepts", [], path),
         created_by=meta.get("created_by", ""),
         provenance=_json(meta, "provenance", {}, path),
+        encoder=_json(meta, "encoder", None, path),
     )
     from cdtool.models.tokens import check_token_name  # token names are data from strangers
 
@@ -312,6 +325,11 @@ def read_cdtool(path: Path) -> Delta:
             rows = delta.tokens if family == "token" else delta.tokens_2
             rows[token] = tensor if tensor.dim() == 2 else tensor.reshape(1, -1)
             continue
+        if key.startswith("visual."):
+            token = key.partition(".")[2]
+            check_token_name(token, path)
+            delta.visual[token] = tensor
+            continue
         stem, _, kind = key.rpartition(".")
         if kind not in ("delta", "up", "down", "bias") or stem.split(".", 1)[0] not in COMPONENTS:
             raise CdtoolError(f"{path}: unexpected tensor {key!r} in a cdtool delta")
@@ -323,8 +341,27 @@ def read_cdtool(path: Path) -> Delta:
             raise CdtoolError(f"{path}: layer {stem} is incomplete ({e})") from e
     check_token_pairs(delta, str(path))
     check_numbers(delta, str(path))
+    check_visual(delta, str(path))
     delta.base_kind = delta.base_kind or (SDXL if delta.tokens_2 else DEFAULT_KIND)
     return delta
+
+
+def check_visual(delta: Delta, where: str) -> None:
+    """A personalised concept: one token with its visual tokens [M, D], its encoder named."""
+    if not delta.visual:
+        return
+    token = sorted(delta.visual)[0]
+    if len(delta.visual) > 1 or token not in delta.tokens:
+        raise CdtoolError(
+            f"{where}: visual tokens for {', '.join(sorted(delta.visual))}; a personalised concept holds one "
+            "token's, beside that token's row (one concept per image)"
+        )
+    if delta.visual[token].dim() != 2 or delta.layers or delta.tokens_2 or len(delta.tokens) != 1:
+        raise CdtoolError(f"{where}: not a personalised concept as cdtool personalize writes one")
+    if not isinstance(delta.encoder, dict) or not delta.encoder.get("sha256"):
+        raise CdtoolError(f"{where}: visual tokens without the encoder they are for (no encoder metadata)")
+    if not (bool(torch.isfinite(delta.visual[token]).all()) and bool(torch.isfinite(delta.tokens[token]).all())):
+        raise CdtoolError(f"{where}: the concept's numbers are not all finite; the file is damaged")
 
 
 def _base_kind(meta: dict[str, str], path: Path) -> str:
@@ -374,6 +411,8 @@ def delta_tensors(delta: Delta) -> dict[str, torch.Tensor]:
     for family, rows in (("token", delta.tokens), ("token_2", delta.tokens_2)):
         for token, emb in sorted(rows.items()):
             out[f"{family}.{token}"] = emb if emb.dim() == 2 else emb.reshape(1, -1)
+    for token, tokens in sorted(delta.visual.items()):
+        out[f"visual.{token}"] = tokens
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
@@ -381,6 +420,7 @@ def delta_metadata(delta: Delta) -> dict[str, str]:
     """The string-to-string `__metadata__` of the cdtool file layout (`base_kind` for the bases
     other than Stable Diffusion 1.x, whose files stay as they were)."""
     kind = {} if delta.base_kind in ("", DEFAULT_KIND) else {"base_kind": delta.base_kind}
+    encoder = {} if delta.encoder is None else {"encoder": json.dumps(delta.encoder)}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -390,6 +430,7 @@ def delta_metadata(delta: Delta) -> dict[str, str]:
         "concepts": json.dumps(delta.concepts),
         "created_by": delta.created_by or f"cdtool {__version__}",
         "provenance": json.dumps(delta.provenance, default=str),
+        **encoder,
     }
 
 

@@ -365,6 +365,9 @@ def official_state(delta: Delta, base: dict[str, torch.Tensor]) -> dict[str, Any
     Deliberate difference: fine-tuned weights are stored in float64. W0 + ΔW of two float32 tensors
     is exact in float64, so cdtool -> .bin -> cdtool gives back ΔW bit for bit; the official
     loaders copy the weights into the model's parameters, which casts them."""
+    delta.refuse_personal(
+        "the official .bin layout cannot hold it (no InstantBooth adapters there); write .safetensors"
+    )
     unet: dict[str, Any] = {}
     for name, layer in sorted(delta.layers.items()):
         if not name.startswith("unet."):

@@ -57,7 +57,10 @@ def read_merge_inputs(paths: Sequence[Path], nouns: Sequence[str]) -> list[Delta
     """The inputs as read, each with its concepts (and `nouns` as class nouns when given)."""
     from cdtool.delta.importers import read_delta
 
-    return [with_classes(read_delta(p), nouns[i] if nouns else None) for i, p in enumerate(paths)]
+    deltas = [with_classes(read_delta(p), nouns[i] if nouns else None) for i, p in enumerate(paths)]
+    for d in deltas:
+        d.refuse_personal("merge cannot combine it: InstantBooth puts one concept in an image (sample it alone)")
+    return deltas
 
 
 def recorded_bases(deltas: Sequence[Delta], model: str | None) -> list[str]:

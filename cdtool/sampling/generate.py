@@ -135,10 +135,14 @@ def generate(
     batch_size: int,
     negative_prompt: str | None,
 ) -> Iterator[tuple[Job, Any]]:
-    """Yield (job, PIL image) in batches of `batch_size`."""
+    """Yield (job, PIL image) in batches of `batch_size`. A personalised concept attached to the
+    pipeline (`pipe.cdtool_concept`) goes to the images whose prompt asks for it."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
+    concept = getattr(pipe, "cdtool_concept", None)
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
+        if concept is not None:
+            concept.choose([j.prompt for j in batch], guided=guidance > 1)
         latents = torch.stack([initial_latents(pipe, j.seed, height, width) for j in batch])
         gens = [torch.Generator("cpu").manual_seed(j.seed + 1_000_003) for j in batch]
         out = pipe(

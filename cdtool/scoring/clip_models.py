@@ -56,9 +56,12 @@ def _quiet_logs() -> Iterator[None]:
         logging.disable(previous)
 
 
-def load_clip(name: str = "ViT-B-32", pretrained: str = "openai") -> Clip:
+def load_clip(
+    name: str = "ViT-B-32", pretrained: str = "openai", weights_option: str = "--clip-pretrained /path/to/weights"
+) -> Clip:
     """An open_clip model: `pretrained` is a tag (downloaded once) or a local weights file; the
-    `cdtool-tiny` architecture loads with random weights (pretrained "" or "none")."""
+    `cdtool-tiny` architecture loads with random weights (pretrained "" or "none"). An offline error
+    says to pass `weights_option`: how the command line names a local weights file."""
     import open_clip
 
     if name == TINY:
@@ -74,7 +77,7 @@ def load_clip(name: str = "ViT-B-32", pretrained: str = "openai") -> Clip:
     except RuntimeError as e:
         raise CdtoolError(
             f"could not load open_clip {name} with weights {pretrained!r} ({first_line(e)}); offline, "
-            "download the weights where there is network and pass --clip-pretrained /path/to/weights"
+            f"download the weights where there is network and pass {weights_option}"
         ) from e
     except Exception as e:
         raise CdtoolError(f"could not load open_clip {name} ({pretrained}): {first_line(e)}") from e

@@ -1,0 +1,315 @@
+"""InstantBooth against the fine-tuning methods, on held-out concepts of the toy world's suite, judged
+by that world's oracle.
+
+    python benchmarks/instantbooth.py --model DIR --oracle FILE [--out bench-instantbooth]
+        [--encoders DIR] [--encoder-minutes M | --encoder-steps N] [--concepts <new1>,<new3>] [--n 128]
+
+1. One encoder per class noun (InstantBooth: one category per encoder; on the toy world a category is
+   a shape), trained with `cdtool train-encoder --backbone toy-cnn` on toy scenes whose first thing is
+   that shape in a two-tone pattern of the tones pretraining shows (`Sampler.with_pretraining_pattern(
+   scene, KINDS, SUITE_TONES)`), captioned with the shape alone ("a small star on a blue background",
+   the identifier inserted before "star"), so that what tells one patterned star from another has to
+   come through the encoders. An encoder already in `--encoders DIR` (`DIR/<shape>`) is used as it is:
+   encoders take hours of a CPU, so they are trained the way toy pretraining runs (in the
+   background, `--resume`d) and kept.
+2. Every suite concept asked for (its pattern in tones no encoder saw): the same five photos
+   (`write_photos(..., suite=True)`), prepped as benchmarks/quality.py preps them, then
+   personalised (`cdtool personalize`), and trained with Custom Diffusion, textual inversion and
+   DreamBooth-LoRA (and DreamBooth with every UNet weight where `cdtool train --method dreambooth`
+   exists; its output, a model folder, is sampled as the base).
+3. Each method's concept sampled in quality.py's prompt groups and judged with the oracle: concept
+   fidelity ("a small <new3> square on a red background"), caption following (the prompt fidelity
+   of "a <new3> square and a green heart on ..."), prior drift (plain prompts of the class, sampled
+   with the concept loaded), and the wall-clock seconds from photos to the first sample (prep, the
+   regularisation set where the method uses one, training or personalising, and one image).
+
+Results go to OUT/instantbooth.json: per method and concept, and over the concepts (mean, spread
+and the number of samples behind each). `n` is per concept and cell (128: standard error at most
+0.045 per concept); a test runs the whole at a minimal size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.quality import Bench, Settings, prepare, spread  # noqa: E402
+from cdtool.toy.photos import SUITE_PERSONAL  # noqa: E402
+from cdtool.toy.world import (  # noqa: E402
+    KIND_WORDS,
+    KINDS,
+    PHOTO_OF_SHARE,
+    SUITE_TONES,
+    UNSIZED_SHARE,
+    Sampler,
+    Scene,
+    render,
+    with_article,
+)
+
+INSTANTBOOTH = "instantbooth"
+BASELINES = ("custom-diffusion", "textual-inversion", "dreambooth-lora")
+DREAMBOOTH = "dreambooth"  # every UNet weight: a model folder, where cdtool train offers it
+
+
+@dataclass
+class InstantSettings:
+    quality: Settings  # the toy model, oracle, sampling and prompt settings quality.py uses (suite world)
+    concepts: tuple[str, ...] = tuple(c[0] for c in SUITE_PERSONAL)
+    methods: tuple[str, ...] = (INSTANTBOOTH, *BASELINES, DREAMBOOTH)
+    encoders: str | None = None  # a folder of encoders by shape (trained there where missing)
+    train_images: int = 4096  # per shape
+    encoder_steps: int | None = None
+    encoder_minutes: float | None = 600.0
+    encoder_batch: int = 16
+    encoder_lr: float = 3e-4
+    # per method: (steps, --lr or None for cdtool's default); Custom Diffusion as quality.py trains it
+    recipes: dict[str, tuple[int, float | None]] = dataclasses.field(
+        default_factory=lambda: {
+            "custom-diffusion": (250, 3e-4),
+            "textual-inversion": (3000, None),
+            "dreambooth-lora": (500, None),
+            DREAMBOOTH: (500, None),
+        }
+    )
+
+
+def category_caption(scene: Scene, rng: random.Random) -> str:
+    """The scene's caption with its patterned thing named by its shape alone ("a small red and blue
+    checkered star" -> "a small star"), worded as pretraining words captions (a share unsized, a
+    share starting "photo of")."""
+    first = scene.things[0]
+    caption = scene.caption(sized=rng.random() >= UNSIZED_SHARE)
+    words = f"{first.pair[0]} and {first.pair[1]} {KIND_WORDS[first.pattern]} {first.shape}"  # type: ignore[index]
+    caption = re.sub(
+        rf"\ban? ((?:small|large) )?{re.escape(words)}",
+        lambda m: with_article(f"{m.group(1) or ''}{first.shape}"),
+        caption,
+        count=1,
+    )
+    return f"photo of {caption}" if rng.random() < PHOTO_OF_SHARE else caption
+
+
+def write_category(folder: Path, shape: str, n: int, seed: int) -> Path:
+    """`n` toy scenes whose first thing is a `shape` in a pretraining pattern, with captions, as an
+    imagefolder (metadata.jsonl) at the toy model's 32 px."""
+    from dataclasses import replace
+
+    rng = random.Random(seed)
+    sampler = Sampler(rng)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        scene = sampler.scene()
+        scene = replace(scene, things=(replace(scene.things[0], shape=shape), *scene.things[1:]))
+        scene = sampler.with_pretraining_pattern(scene, KINDS, SUITE_TONES)
+        name = f"{i:05d}.png"
+        render(scene, 32).save(folder / name)
+        rows.append(json.dumps({"file_name": name, "text": category_caption(scene, rng)}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+class InstantBench:
+    def __init__(self, out: Path, s: InstantSettings, quiet: bool) -> None:
+        self.out, self.s = out, s
+        self.b = Bench(out, s.quality, quiet)
+        self.results: dict[str, Any] = {"settings": asdict(s), "methods": {}, "seconds": {}, "encoders": {}}
+
+    def timed(self, *args: Any) -> float:
+        start = time.perf_counter()
+        self.b.run(*args)
+        return time.perf_counter() - start
+
+    def encoder(self, shape: str) -> Path:
+        """The class noun's encoder: from --encoders where it is there, else trained (into --encoders)."""
+        s, q = self.s, self.s.quality
+        folder = (Path(s.encoders) if s.encoders else self.out / "encoders") / shape
+        if shape in self.results["encoders"]:
+            return folder
+        if (folder / "encoder.json").is_file():
+            self.results["encoders"][shape] = {"path": str(folder), "trained_here": False}
+            return folder
+        data = write_category(self.out / "categories" / shape, shape, s.train_images, q.seed)
+        budget = [*(("--steps", s.encoder_steps) if s.encoder_steps else ()),
+                  *(("--minutes", s.encoder_minutes) if s.encoder_minutes else ())]  # fmt: skip
+        seconds = self.timed("train-encoder", data, "--class-noun", shape, "--model", q.model, "--backbone",
+                             "toy-cnn", "--batch-size", s.encoder_batch, "--lr", s.encoder_lr, "--seed", q.seed,
+                             *budget, "-o", folder)  # fmt: skip
+        self.results["encoders"][shape] = {"path": str(folder), "trained_here": True, "seconds": round(seconds, 1)}
+        return folder
+
+    def concept_of(self, method: str, concept: tuple[str, str, str], data: Path, reg: Path) -> tuple[Path, float]:
+        """The concept made by `method` from its prepped photos, and the seconds it took."""
+        token, noun, name = concept
+        q = self.s.quality
+        if method == INSTANTBOOTH:
+            out = self.out / f"{name}-{method}.safetensors"
+            return out, self.timed("personalize", data, "--encoder", self.encoder(noun), "--token", token, "-o", out)
+        steps, lr = self.s.recipes[method]
+        out = self.out / (f"{name}-{method}" + ("" if method == DREAMBOOTH else ".safetensors"))
+        reg_args = () if method == "textual-inversion" else ("--reg", reg)
+        lr_args = () if lr is None else ("--lr", lr)
+        seconds = self.timed("train", data, *reg_args, "--method", method, "-o", out, "--model", q.model, "--steps",
+                             steps, "--seed", q.seed, *lr_args, "--no-aug", "--no-samples")  # fmt: skip
+        return out, seconds
+
+    def first_sample(self, method: str, concept: tuple[str, str, str], made: Path) -> float:
+        """Seconds to the first image of the concept's first prompt."""
+        token, _, name = concept
+        q = self.s.quality
+        source = ("--model", made) if method == DREAMBOOTH else ("--delta", made)
+        prompt = self.b.groups[f"concept {token}"][0]
+        return self.timed("sample", prompt, *source, "--n", 1, "--steps", q.sample_steps, "--guidance", q.guidance,
+                          "--seed", q.seed, "-o", self.out / "first" / f"{name}-{method}")  # fmt: skip
+
+
+def methods_available(asked: tuple[str, ...]) -> tuple[str, ...]:
+    """The asked methods this cdtool has (DreamBooth with every weight only where `train` offers it)."""
+    from cdtool.train.recipes import DEFAULTS
+
+    return tuple(m for m in asked if m == INSTANTBOOTH or m in DEFAULTS)
+
+
+def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
+    """The whole benchmark; returns (and writes to OUT/instantbooth.json) the results."""
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} exists and is not empty; give a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    ib = InstantBench(out, s, quiet)
+    by_token = {c[0]: c for c in SUITE_PERSONAL}
+    concepts = tuple(by_token[t] for t in s.concepts)
+    rng = random.Random(s.quality.seed)
+    before = len(ib.b.run.timings)
+    data_dirs, reg_dirs = prepare(ib.b, rng, out / "unused-merge-captions.txt", concepts)
+    prep_seconds, reg_seconds = _prep_times(list(ib.b.run.timings.values())[before:], concepts)
+    if INSTANTBOOTH in s.methods:  # the encoders first: their training is not part of a concept's time
+        for noun in dict.fromkeys(c[1] for c in concepts):
+            ib.encoder(noun)
+    ib.b.evaluate("base", [], [g for t, n, _ in concepts for g in (f"concept {t}", f"prior {n}")])
+    for method in methods_available(s.methods):
+        cells: dict[str, Any] = {}
+        for concept in concepts:
+            token, noun, name = concept
+            made, seconds = ib.concept_of(method, concept, data_dirs[token], reg_dirs[noun])
+            first = ib.first_sample(method, concept, made)
+            uses_reg = method not in (INSTANTBOOTH, "textual-inversion")
+            groups = [f"concept {token}", f"companion {token}", f"prior {noun}"]
+            model = str(made) if method == DREAMBOOTH else None
+            judged = ib.b.evaluate(f"{name}-{method}", [] if model else [made], groups, model=model)
+            cells[token] = {
+                "concept_fidelity": judged[f"concept {token}"]["concept_fidelity"],
+                "concept_in_shape": judged[f"concept {token}"].get("concept_shape_fidelity"),
+                "caption_following": judged[f"companion {token}"]["prompt_fidelity"],
+                "prior_drift": judged[f"prior {noun}"]["prior_drift"],
+                "plain_obeyed": judged[f"prior {noun}"]["prompt_fidelity"],
+                "n": judged[f"concept {token}"]["n"],
+                "seconds_to_first_sample": round(
+                    prep_seconds[token] + (reg_seconds[noun] if uses_reg else 0.0) + seconds + first, 1
+                ),
+                "seconds": {
+                    "prep": prep_seconds[token],
+                    "regset": reg_seconds[noun] if uses_reg else 0.0,
+                    "make": round(seconds, 1),
+                    "first_sample": round(first, 1),
+                },
+            }
+        ib.results["methods"][method] = {"concepts": cells, "suite": _suite(cells)}
+    ib.results["goals"] = goals(ib.results["methods"])
+    ib.results["base"] = ib.b.results["variants"]["base"]
+    ib.results["command_seconds"] = ib.b.run.timings
+    (out / "instantbooth.json").write_text(json.dumps(ib.results, indent=1) + "\n")
+    return ib.results
+
+
+# InstantBooth's goals on the toy world: at least 0.8x Custom Diffusion's concept fidelity, at least
+# 100x less time from photos to the first sample (the paper reports its speed-up as about 100x).
+GOALS = {"fidelity_ratio": 0.8, "speedup": 100.0}
+
+
+def goals(methods: dict[str, Any]) -> dict[str, Any]:
+    """InstantBooth's fidelity and speed relative to Custom Diffusion's, over the concepts, beside the goals."""
+    if INSTANTBOOTH not in methods or "custom-diffusion" not in methods:
+        return {}
+    ib, cd = methods[INSTANTBOOTH]["suite"], methods["custom-diffusion"]["suite"]
+    fidelity = cd["concept_fidelity"]["mean"]
+    return {
+        "fidelity_ratio": ib["concept_fidelity"]["mean"] / fidelity if fidelity else None,
+        "speedup": cd["seconds_to_first_sample"]["mean"] / ib["seconds_to_first_sample"]["mean"],
+        "targets": GOALS,
+    }
+
+
+def _prep_times(seconds: list[float], concepts: tuple[tuple[str, str, str], ...]) -> tuple[dict, dict]:
+    """prepare()'s command times, in its order (per concept: prep, then regset for a new class noun)."""
+    it = iter(seconds)
+    prep: dict[str, float] = {}
+    reg: dict[str, float] = {}
+    for token, noun, _ in concepts:
+        prep[token] = next(it)
+        if noun not in reg:
+            reg[noun] = next(it)
+    return prep, reg
+
+
+def _suite(cells: dict[str, Any]) -> dict[str, Any]:
+    """Each measure's mean over the concepts, its spread and the samples behind it."""
+    n = next(iter(cells.values()))["n"]
+    keys = ("concept_fidelity", "concept_in_shape", "caption_following", "prior_drift", "plain_obeyed")
+    out = {k: spread([c[k] for c in cells.values() if c[k] is not None], n) for k in keys}
+    out["seconds_to_first_sample"] = spread([c["seconds_to_first_sample"] for c in cells.values()], 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench-instantbooth"))
+    ap.add_argument("--model", required=True, help="the toy model of the suite's world")
+    ap.add_argument("--oracle", help="that world's oracle (tools/train_oracle.py --world v2)")
+    ap.add_argument("--encoders", help="a folder of encoders by shape; missing ones are trained into it")
+    ap.add_argument("--encoder-steps", type=int)
+    ap.add_argument("--encoder-minutes", type=float, help="per encoder (default 600 without --encoder-steps)")
+    ap.add_argument("--train-images", type=int, help="per shape (default 4096)")
+    ap.add_argument("--concepts", help="comma-separated suite tokens (default: all eight)")
+    ap.add_argument("--methods", help=f"comma-separated, of {INSTANTBOOTH},{','.join(BASELINES)},{DREAMBOOTH}")
+    ap.add_argument("--steps", type=int, help="every fine-tuning method's steps (default: each one's own)")
+    ap.add_argument("--n", type=int, help="samples per concept and cell (default 128)")
+    ap.add_argument("--sample-steps", type=int)
+    ap.add_argument("--reg-images", type=int)
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args()
+    q = dataclasses.replace(Settings(), model=args.model, oracle=args.oracle, suite=True)
+    for key in ("n", "sample_steps", "reg_images"):
+        if getattr(args, key) is not None:
+            q = dataclasses.replace(q, **{key: getattr(args, key)})
+    s = InstantSettings(quality=q, encoders=args.encoders)
+    if args.encoder_steps:
+        s = dataclasses.replace(s, encoder_steps=args.encoder_steps, encoder_minutes=args.encoder_minutes)
+    elif args.encoder_minutes:
+        s = dataclasses.replace(s, encoder_minutes=args.encoder_minutes)
+    if args.train_images:
+        s = dataclasses.replace(s, train_images=args.train_images)
+    if args.concepts:
+        s = dataclasses.replace(s, concepts=tuple(args.concepts.split(",")))
+    if args.methods:
+        s = dataclasses.replace(s, methods=tuple(args.methods.split(",")))
+    if args.steps:
+        s.recipes = {m: (args.steps, lr) for m, (_, lr) in s.recipes.items()}
+    res = run(args.out, s, args.quiet)
+    print(json.dumps({"goals": res["goals"], **{m: r["suite"] for m, r in res["methods"].items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
