@@ -15,8 +15,8 @@ by that world's oracle.
 2. Every suite concept asked for (its pattern in tones no encoder saw): the same five photos
    (`write_photos(..., suite=True)`), prepped as benchmarks/quality.py preps them, then
    personalised (`cdtool personalize`), and trained with Custom Diffusion, textual inversion and
-   DreamBooth-LoRA (and DreamBooth with every UNet weight where `cdtool train --method dreambooth`
-   exists; its output, a model folder, is sampled as the base).
+   DreamBooth-LoRA, and DreamBooth with every UNet weight (`cdtool train --method dreambooth`,
+   whose output, a model folder, is sampled as the base).
 3. Each method's concept sampled in quality.py's prompt groups and judged with the oracle: concept
    fidelity ("a small <new3> square on a red background"), caption following (the prompt fidelity
    of "a <new3> square and a green heart on ..."), prior drift (plain prompts of the class, sampled
@@ -61,7 +61,7 @@ from cdtool.toy.world import (  # noqa: E402
 
 INSTANTBOOTH = "instantbooth"
 BASELINES = ("custom-diffusion", "textual-inversion", "dreambooth-lora")
-DREAMBOOTH = "dreambooth"  # every UNet weight: a model folder, where cdtool train offers it
+DREAMBOOTH = "dreambooth"  # every UNet weight: a model folder
 
 
 @dataclass
@@ -176,13 +176,6 @@ class InstantBench:
                           "--seed", q.seed, "-o", self.out / "first" / f"{name}-{method}")  # fmt: skip
 
 
-def methods_available(asked: tuple[str, ...]) -> tuple[str, ...]:
-    """The asked methods this cdtool has (DreamBooth with every weight only where `train` offers it)."""
-    from cdtool.train.recipes import DEFAULTS
-
-    return tuple(m for m in asked if m == INSTANTBOOTH or m in DEFAULTS)
-
-
 def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
     """The whole benchmark; returns (and writes to OUT/instantbooth.json) the results."""
     if out.exists() and any(out.iterdir()):
@@ -199,7 +192,7 @@ def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
         for noun in dict.fromkeys(c[1] for c in concepts):
             ib.encoder(noun)
     ib.b.evaluate("base", [], [g for t, n, _ in concepts for g in (f"concept {t}", f"prior {n}")])
-    for method in methods_available(s.methods):
+    for method in s.methods:
         cells: dict[str, Any] = {}
         for concept in concepts:
             token, noun, name = concept

@@ -359,14 +359,14 @@ def test_benchmark_runs_at_a_minimal_size(tmp_path):
     by each fine-tuning method, judged; every cell filled, times from photos to the first sample."""
     import dataclasses
 
-    from benchmarks.instantbooth import BASELINES, INSTANTBOOTH, InstantSettings, run, write_category
+    from benchmarks.instantbooth import BASELINES, DREAMBOOTH, INSTANTBOOTH, InstantSettings, run, write_category
     from benchmarks.quality import Settings
 
     quality = dataclasses.replace(Settings(), n=8, sample_steps=2, reg_images=4, suite=True)
     s = InstantSettings(quality=quality, concepts=("<new1>",), train_images=8, encoder_steps=2, encoder_minutes=None,
-                        encoder_batch=2, recipes={m: (2, None) for m in BASELINES})  # fmt: skip
+                        encoder_batch=2, recipes={m: (2, None) for m in (*BASELINES, DREAMBOOTH)})  # fmt: skip
     res = run(tmp_path / "bench", s, quiet=True)
-    assert set(res["methods"]) == {INSTANTBOOTH, *BASELINES}  # DreamBooth (every weight) only where train has it
+    assert set(res["methods"]) == {INSTANTBOOTH, *BASELINES, DREAMBOOTH}
     for method, r in res["methods"].items():
         cell = r["concepts"]["<new1>"]
         assert cell["n"] == 8 and 0 <= cell["concept_fidelity"] <= 1 and 0 <= cell["prior_drift"] <= 1, method
