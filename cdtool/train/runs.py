@@ -248,6 +248,7 @@ def delta_from_run(path: Path) -> Delta:
     checkpoint folder; checkpoint weights are absolute, so the base is subtracted by the caller."""
     from cdtool.delta.file import Delta, LayerDelta, read_cdtool
     from cdtool.delta.importers import load_pickle
+    from cdtool.delta.provenance import checkpoint_entry, stamp
 
     if (path / STATE).exists():
         ckpt, run_dir = path, path.parent.parent
@@ -264,7 +265,6 @@ def delta_from_run(path: Path) -> Delta:
         base_model=config["model"],
         source_format="cdtool-checkpoint",
         origin=str(ckpt),
-        created_by=f"cdtool {__version__} train (checkpoint step {state['step']})",
     )
     if config.get("method", "custom-diffusion") != "custom-diffusion":
         raise CdtoolError(
@@ -290,5 +290,6 @@ def delta_from_run(path: Path) -> Delta:
                 "prompts": sorted({e[1] for e in c["examples"]})[:20],
             }
         )
-    delta.provenance = {"train": {"checkpoint": str(ckpt), "step": int(state["step"])}}
+    step = int(state["step"])
+    stamp(delta, "train", checkpoint_entry(ckpt, step), command=f"train (checkpoint step {step})", new=True)
     return delta
