@@ -3,54 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from cdtool import console
 from cdtool.commands.common import JsonOpt, QuietOpt, cdtool_command, examples
-
-if TYPE_CHECKING:
-    from cdtool.delta.file import Delta
-
-
-def describe(delta: Delta, path: Path) -> dict[str, Any]:
-    """A JSON-ready summary of a delta."""
-    ranks = [layer.rank for layer in delta.layers.values()]
-    return {
-        "path": str(path),
-        "format": delta.source_format,
-        "size_bytes": path.stat().st_size if path.is_file() else None,
-        "base_model": delta.base_model or None,
-        "base_fingerprint": delta.base_fingerprint or None,
-        "needs_base": delta.needs_base,
-        "created_by": delta.created_by or None,
-        "base_kind": delta.kind or None,
-        "tokens": {t: _token_doc(delta, t) for t in delta.tokens},
-        "concepts": delta.concepts,
-        "layers": {
-            name: {
-                "shape": list(layer.shape),
-                "rank": layer.rank,
-                "dtype": str(layer.dtype).removeprefix("torch."),
-                "bias": layer.bias is not None,
-                "absolute": layer.absolute,
-            }
-            for name, layer in sorted(delta.layers.items())
-        },
-        "layer_count": len(delta.layers),
-        "low_rank_layers": sum(r is not None for r in ranks),
-        "provenance": delta.provenance,
-    }
-
-
-def _token_doc(delta: Delta, token: str) -> dict[str, int]:
-    """A token's rows: how many, and their width (in each text encoder: `dim_2` for SDXL's second)."""
-    e = delta.tokens[token]
-    doc = {"vectors": int(e.shape[0]), "dim": int(e.shape[1])}
-    if token in delta.tokens_2:
-        doc["dim_2"] = int(delta.tokens_2[token].shape[1])
-    return doc
 
 
 def _rows_text(v: dict[str, int]) -> str:
@@ -96,6 +54,7 @@ def info(
     An SDXL delta's tokens show their rows in both text encoders (`<new1> (1x768 + 1x1280)`).
     """
     # the library loads here, not at the top, so that `cdtool info --help` starts without torch
+    from cdtool.delta.file import describe
     from cdtool.delta.importers import read_delta
 
     doc = describe(read_delta(file), file)
