@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from cdtool import console
-from cdtool.atomic import atomic_path, probe_writable
+from cdtool.atomic import probe_writable
 from cdtool.commands.common import (
     DeltaOpt,
     DeviceOpt,
@@ -28,25 +27,6 @@ from cdtool.commands.common import (
     pick_available_model,
 )
 from cdtool.errors import CdtoolError, UsageError
-from cdtool.hashing import path_sha256
-
-PROMPTS_FILE = "prompts.json"
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a text file (one per line) or a JSON list."""
-    if not path.is_file():
-        raise CdtoolError(f"{path}: no such prompts file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CdtoolError(f"{path}: not valid JSON ({e}); give a list of prompt strings") from e
-        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
-            raise CdtoolError(f"{path}: expected a JSON list of prompt strings")
-        return [p.strip() for p in data if p.strip()]
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def sample(
@@ -93,146 +73,54 @@ def sample(
     """
     # the library loads here, not at the top, so that `cdtool sample --help` starts without torch
     from cdtool.delta.importers import read_delta
-    from cdtool.sampling.generate import (
-        REQUEST_KEY,
-        check_size,
-        generate,
-        image_grid,
-        image_request,
-        plan_jobs,
-        save_png,
-    )
+    from cdtool.sampling.folder import PROMPTS_FILE, gather_prompts, write_samples
+    from cdtool.sampling.generate import check_size
 
-    all_prompts = list(prompts or [])
-    if prompts_file is not None:
-        all_prompts += read_prompts(prompts_file)
-    if (dreambench is None) != (subject is None):
-        raise UsageError("--dreambench and --subject go together")
-    if dreambench is not None and subject is not None:
-        from cdtool.sampling.dreambench import parse
-
-        noun, bench = parse(dreambench).prompts(subject, token)
-        console.log(f"DreamBench: {len(bench)} prompts for {subject} ({noun})")
-        all_prompts += bench
+    all_prompts = gather_prompts(prompts or [], prompts_file, dreambench, subject, token)
     if not all_prompts:
         raise UsageError("give at least one prompt, or --prompts FILE")
     if output.exists() and not output.is_dir():
         raise CdtoolError(f"{output} exists and is not a folder")
     for size, flag in ((height, "--height"), (width, "--width")):
         check_size(size, flag)
-    from cdtool.delta.base import model_fingerprint
     from cdtool.models.loading import resolve_device, resolve_dtype
 
     resolve_dtype(dtype, resolve_device(device))
-    specs = [parse_scaled(d) for d in delta or []]
-    deltas = [(read_delta(p), s) for p, s in specs]
-    model_id = pick_available_model(model, [d.base_model for d, _ in deltas])
+    deltas = [(p, read_delta(p), s) for p, s in map(parse_scaled, delta or [])]
+    model_id = pick_available_model(model, [d.base_model for _, d, _ in deltas])
     probe_writable(output / PROMPTS_FILE)
-    request = {
-        "model": model_id,
-        "deltas": [{"sha256": path_sha256(p), "scale": s} for p, s in specs],
-        "steps": steps,
-        "guidance": guidance,
-        "scheduler": scheduler.value,
-        "height": height,
-        "width": width,
-        "negative_prompt": negative_prompt or "",
-    }
-
-    jobs = plan_jobs(all_prompts, n, seed)
-    skipped = [] if force else _kept(output, jobs, request)
-    todo = [j for j in jobs if j.file_name not in skipped]
-
-    images = {}
-    if todo:
-        from cdtool.models.pipeline import load_with_deltas
-        from cdtool.sampling.generate import set_scheduler
-
-        def note_base(pipe: Any) -> None:
-            request.setdefault("base_fingerprint", model_fingerprint(model_id, pipe))
-
-        pipe = load_with_deltas(
-            model_id,
-            deltas,
-            device=device,
-            dtype=dtype,
-            ignore_base_mismatch=ignore_base_mismatch,
-            on_base=note_base,
-        )
-        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        for size, flag in ((height, "--height"), (width, "--width")):
-            check_size(size, flag, pipe.vae_scale_factor)
-        set_scheduler(pipe, scheduler.value)
-        with console.progress("sampling", len(todo), plain=True) as bar:
-            for job, image in generate(
-                pipe,
-                todo,
-                steps=steps,
-                guidance=guidance,
-                height=height or default,
-                width=width or default,
-                batch_size=batch_size,
-                negative_prompt=negative_prompt,
-            ):
-                meta = json.dumps(image_request(request, job), sort_keys=True)
-                save_png(image, output / job.file_name, {REQUEST_KEY: meta})
-                images[job.file_name] = image
-                bar.advance()
-    _update_prompts(output, {j.file_name: j.prompt for j in jobs})
-    if grid:
-        from cdtool.dataset.images import open_image
-
-        tiles = [images.get(j.file_name) or open_image(output / j.file_name).convert("RGB") for j in jobs]
-        save_png(image_grid(tiles, n), output / "grid.png")
+    run = write_samples(
+        output,
+        all_prompts,
+        deltas,
+        model_id,
+        n=n,
+        steps=steps,
+        guidance=guidance,
+        scheduler=scheduler.value,
+        seed=seed,
+        height=height,
+        width=width,
+        batch_size=batch_size,
+        negative_prompt=negative_prompt,
+        device=device,
+        dtype=dtype,
+        ignore_base_mismatch=ignore_base_mismatch,
+        force=force,
+        grid=grid,
+    )
     if json_out:
         console.result_json(
             {
                 "output": str(output),
-                "images": [j.file_name for j in jobs],
-                "generated": [j.file_name for j in todo],
-                "skipped": skipped,
+                "images": [j.file_name for j in run.jobs],
+                "generated": [j.file_name for j in run.generated],
+                "skipped": run.kept,
                 "prompts": all_prompts,
             }
         )
     else:
         console.result(str(output))
-
-
-def _kept(output: Path, jobs: list[Any], request: dict[str, Any]) -> list[str]:
-    """The images of `jobs` already in `output`, kept because this request made them; one that
-    another request made is an error (it would be mislabelled)."""
-    from cdtool.delta.base import model_fingerprint
-    from cdtool.sampling.generate import image_request, request_differences
-
-    there = [j for j in jobs if (output / j.file_name).exists()]
-    if there:
-        request["base_fingerprint"] = model_fingerprint(request["model"])
-    for job in there:
-        differ = request_differences(output / job.file_name, image_request(request, job))
-        if differ:
-            raise CdtoolError(
-                f"{output / job.file_name} was made by another request ({', '.join(differ)} differ); pass "
-                "--force to regenerate it, or choose another --output"
-            )
-    if there:
-        console.log(
-            f"{len(there)} of {len(jobs)} images already exist in {output}, made by the same request; keeping "
-            "them (--force regenerates)"
-        )
-    return [j.file_name for j in there]
-
-
-def _update_prompts(folder: Path, mapping: dict[str, str]) -> None:
-    path = folder / PROMPTS_FILE
-    existing: dict[str, str] = {}
-    if path.exists():
-        try:
-            existing = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            console.warn(f"{path} was not valid JSON; rewriting it")
-    existing.update(mapping)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(existing, indent=1, sort_keys=True), encoding="utf-8")
 
 
 EXAMPLES = examples(
