@@ -406,3 +406,45 @@ def test_trained_layers_compute_in_fp32_inside_a_half_model():
     for h in handles:
         h.remove()
     assert trained(torch.randn(2, 8)).dtype == torch.float32  # hooks gone: back to plain fp32
+
+
+def test_concepts_from_options_in_command_line_order(tmp_path):
+    from cdtool.errors import UsageError
+    from cdtool.train.concepts import concepts_from_options
+
+    (tmp_path / "c.json").write_text(json.dumps([{"instance_data_dir": "d3", "instance_prompt": "a <new3> cup"}]))
+    described = {"token": "<new1>", "class": "cat", "reg": tmp_path / "reg", "init": None, "prompt": None}
+    raw = concepts_from_options(tmp_path / "d1", described, ["d2,token=<new2>,class=dog"], tmp_path / "c.json")
+    assert raw == [
+        {"data": str(tmp_path / "d1"), "token": "<new1>", "class": "cat", "reg": str(tmp_path / "reg")},
+        {"data": "d2", "token": "<new2>", "class": "dog"},
+        {"data": "d3", "prompt": "a <new3> cup", "token": "<new3>"},
+    ]
+    assert concepts_from_options(None, dict.fromkeys(described), [], None) == []
+    with pytest.raises(UsageError, match="describe the DATA argument"):
+        concepts_from_options(None, {**dict.fromkeys(described), "class": "cat"}, ["d2"], None)
+
+
+@pytest.mark.parametrize(
+    ("method", "concepts", "given", "expected"),
+    [
+        ("custom-diffusion", 1, {}, dict(steps=250, lr=1e-5, scale_lr=True, aug=True, dvar_window=180, dvar_eps=0.15)),
+        ("custom-diffusion", 2, {}, dict(steps=500)),  # the default steps are per concept
+        ("textual-inversion", 2, {}, dict(steps=3000, lr=1.25e-3, aug=False, dvar_window=310)),
+        ("dreambooth-lora", 1, {}, dict(steps=500, lr=1e-4, scale_lr=False, dvar_window=440, dvar_eps=0.4)),
+        (
+            "custom-diffusion",
+            2,
+            dict(steps=7, lr=0.0, scale_lr=False, aug=False, dvar_eps=0.0),
+            dict(steps=7, lr=0.0, scale_lr=False, aug=False, dvar_eps=0.0),
+        ),
+    ],
+)
+def test_training_config_fills_in_the_methods_defaults(tmp_path, method, concepts, given, expected):
+    from cdtool.train.concepts import ConceptSpec
+    from cdtool.train.config import training_config
+
+    specs = [ConceptSpec(f"<new{i}>", "cat", "ktn", []) for i in range(concepts)]
+    cfg = training_config(method, specs, model="tiny", output="o.safetensors", run_dir="o.run", seed=3, **given)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert (cfg.method, cfg.concepts, cfg.model, cfg.seed) == (method, specs, "tiny", 3)
