@@ -80,22 +80,44 @@ def test_prompts_file_and_scale(cli, tmp_path, make_delta):
     assert _pngs(out) == ["000-one-7692c3ad-s0.png", "001-two-3fc4ccfe-s0.png"]
 
 
-def test_bad_inputs_write_nothing(cli, tmp_path, make_delta):
+def _delta_file(make_delta, path, **kw):
+    d = make_delta(**kw.pop("delta", {}))
+    for key, value in kw.items():
+        setattr(d, key, value)
+    write_cdtool(d, path)
+    return path
+
+
+# (the arguments after the prompt and -o, given the tmp folder and make_delta; the exit code; a phrase of the error)
+BAD_SAMPLE_INPUT = {
+    "missing-delta": (lambda t, make: ["--delta", t / "missing.safetensors"], 1, "missing.safetensors"),
+    "unknown-scheduler": (lambda t, make: ["--scheduler", "bogus"], 2, "'bogus' is not one of"),
+    "token-in-the-vocabulary": (
+        lambda t, make: ["--delta", _delta_file(make, t / "existing.safetensors", delta={"token": "cat"})],
+        1,
+        "already exists",
+    ),
+    "another-base": (
+        lambda t, make: ["--delta", _delta_file(make, t / "other.safetensors", base_fingerprint="0" * 64)],
+        1,
+        "--ignore-base-mismatch",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SAMPLE_INPUT))
+def test_bad_inputs_write_nothing(cli, tmp_path, make_delta, case):
+    setup, code, phrase = BAD_SAMPLE_INPUT[case]
     out = tmp_path / "never"
-    r = cli("sample", "x", "-o", out, "--model", "tiny", "--delta", tmp_path / "missing.safetensors", code=1)
-    assert "missing.safetensors" in one_error(r)
-    r = cli("sample", "x", "-o", out, "--model", "tiny", "--scheduler", "bogus", code=2)
-    existing = tmp_path / "existing.safetensors"
-    write_cdtool(make_delta(token="cat"), existing)
-    r = cli("sample", "x", "-o", out, "--model", "tiny", "--delta", existing, code=1)
-    assert "already exists" in one_error(r)
-    other = make_delta()
-    other.base_fingerprint = "0" * 64
-    write_cdtool(other, tmp_path / "other.safetensors")
-    r = cli("sample", "x", "-o", out, "--model", "tiny", "--delta", tmp_path / "other.safetensors", code=1)
-    assert "--ignore-base-mismatch" in one_error(r)
-    cli("sample", "-o", out, "--model", "tiny", code=2)
+    r = cli("sample", "x", "-o", out, "--model", "tiny", *setup(tmp_path, make_delta), code=code)
+    assert phrase in (one_error(r) if code == 1 else r.stderr)
     assert not out.exists()
+
+
+def test_no_prompt_is_a_usage_error(cli, tmp_path):
+    r = cli("sample", "-o", tmp_path / "never", "--model", "tiny", code=2)
+    assert one_error(r) == "Error: give at least one prompt, or --prompts FILE"
+    assert not (tmp_path / "never").exists()
 
 
 def test_write_samples_keeps_what_the_same_request_made(tmp_path, make_delta):
