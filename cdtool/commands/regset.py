@@ -115,20 +115,9 @@ def regset(
         if source == "generate":
             earlier = output if same_set and not force else None
             doc = generate_set(
-                texts,
-                stage,
-                earlier,
-                n,
-                steps=steps,
-                guidance=guidance,
-                resolution=resolution,
-                batch_size=batch_size,
-                scheduler=scheduler.value,
-                seed=seed,
-                model=model_id,
-                device=device,
-                dtype=dtype,
-            )
+                texts, stage, earlier, n, steps=steps, guidance=guidance, resolution=resolution, batch_size=batch_size,
+                scheduler=scheduler.value, seed=seed, model=model_id, device=device, dtype=dtype,
+            )  # fmt: skip
         elif source.startswith("knn:"):
             doc = knn_set(source[len("knn:") :], text, stage, n, min_sim, knn_index, timeout, retries)
         else:

@@ -90,25 +90,10 @@ def sample(
     model_id = pick_available_model(model, [d.base_model for _, d, _ in deltas])
     probe_writable(output / PROMPTS_FILE)
     run = write_samples(
-        output,
-        all_prompts,
-        deltas,
-        model_id,
-        n=n,
-        steps=steps,
-        guidance=guidance,
-        scheduler=scheduler.value,
-        seed=seed,
-        height=height,
-        width=width,
-        batch_size=batch_size,
-        negative_prompt=negative_prompt,
-        device=device,
-        dtype=dtype,
-        ignore_base_mismatch=ignore_base_mismatch,
-        force=force,
-        grid=grid,
-    )
+        output, all_prompts, deltas, model_id, n=n, steps=steps, guidance=guidance, scheduler=scheduler.value,
+        seed=seed, height=height, width=width, batch_size=batch_size, negative_prompt=negative_prompt, device=device,
+        dtype=dtype, ignore_base_mismatch=ignore_base_mismatch, force=force, grid=grid,
+    )  # fmt: skip
     if json_out:
         console.result_json(
             {

@@ -7,12 +7,12 @@ smallest k whose kept share reaches the target.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from cdtool.delta.file import Delta, LayerDelta
+from cdtool.delta.file import FORMAT, Delta, LayerDelta
 
 
 @dataclass
@@ -121,15 +121,7 @@ def compress_delta(
     `dtype`: as up/down factors, or as one dense matrix where the factors would not be smaller (the
     whole ΔW where nothing was cut, else the rank-k approximation). Tokens, concepts, the base and
     the provenance are kept (the caller adds its own entry)."""
-    out = Delta(
-        tokens=delta.tokens,
-        tokens_2=delta.tokens_2,
-        base_kind=delta.base_kind,
-        base_model=delta.base_model,
-        base_fingerprint=delta.base_fingerprint,
-        concepts=delta.concepts,
-        provenance=dict(delta.provenance),
-    )
+    out = replace(delta, layers={}, provenance=dict(delta.provenance), created_by="", source_format=FORMAT, origin="")
     result = Compressed(out)
     for name, layer in sorted(delta.layers.items()):
         t = truncate(layer.dense(), rank=rank, energy=energy, fro=fro, method=method, seed=seed)
