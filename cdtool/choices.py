@@ -39,5 +39,10 @@ LAYER_SETS: dict[str, tuple[str, ...]] = {
     "attn2": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
 }
 
+# the merges `cdtool merge --method` offers (cdtool/merge/job.py): the paper's, cdtool's fit over every text row, the sum
+CLOSED_FORM = "closed-form"
+LEAST_SQUARES = "least-squares"
+SUM = "sum"
+
 # the storage and compute precisions, by name (cdtool.models.loading.DTYPES maps them to torch dtypes)
 DTYPE_NAMES = ("fp32", "fp16", "bf16")

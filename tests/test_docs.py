@@ -34,8 +34,31 @@ def slug(heading: str) -> str:
 
 
 def anchors(path: Path) -> set[str]:
+    """The anchors of a Markdown file's headings; a repeated one gets -1, -2, ... as on GitHub."""
     text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
-    return {slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, flags=re.MULTILINE)}
+    seen: dict[str, int] = {}
+    out = set()
+    for m in re.finditer(r"^#+ (.+)$", text, flags=re.MULTILINE):
+        base = slug(m.group(1))
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def test_anchors_follow_githubs_rules(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# SDXL and SD 2.x\n## `--force` replaces only what it wrote\n### Where a GPU step's time goes\n"
+        "## Which merge\n```sh\n# not a heading\n```\n## Which merge\n"
+    )
+    assert anchors(page) == {
+        "sdxl-and-sd-2x",
+        "--force-replaces-only-what-it-wrote",
+        "where-a-gpu-steps-time-goes",
+        "which-merge",
+        "which-merge-1",
+    }
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -154,3 +154,15 @@ def test_exports_read_back_with_their_tokens(cli, tmp_path, delta_file):
         assert list(back.tokens) == ["<new1>"] and torch.equal(back.tokens["<new1>"], src.tokens["<new1>"])
     shutil.move(tmp_path / "cd" / "new1.safetensors", tmp_path / "cd" / "<new1>.safetensors")
     assert list(read_delta(tmp_path / "cd").tokens) == ["<new1>"]
+
+
+def test_the_base_weights_an_export_reads(make_delta):
+    from cdtool.export.folder import base_names
+
+    d = make_delta(layers="attn2")
+    outs = sorted(n for n in d.layers if n.endswith("to_out.0"))
+    assert outs and sorted(base_names(d, "official", "tiny")) == [f"{n}.bias" for n in outs]
+    names = base_names(d, "diffusers-custom-diffusion", "tiny")
+    queries = [n for n in names if n.endswith(".to_q.weight")]
+    assert len(queries) == 2 * len(outs)  # every attention's query, self- and cross-attention: the processors
+    assert all(n.startswith("unet.") for n in queries) and sorted(names[: len(outs)]) == [f"{n}.bias" for n in outs]

@@ -115,17 +115,36 @@ def test_closed_form_refuses_other_layers_sum_accepts(cli, tmp_path, make_delta)
     cli("merge", a, b, "-o", tmp_path / "m.safetensors", "--method", "sum")
 
 
-def test_different_bases_refused(cli, tmp_path, make_delta):
+# (what the second input records: its base model and fingerprint; the error line, given its path)
+OTHER_BASES = {
+    "another-model": (
+        "some/other-model",
+        None,
+        lambda b: (
+            "Error: the inputs were made for different base models (some/other-model, tiny); they cannot be merged"
+        ),
+    ),
+    "another-fingerprint": (
+        "tiny",
+        "f" * 64,
+        lambda b: (
+            f"Error: {b} was made for another base model than tiny (fingerprint mismatch); inputs with different bases are refused"
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_BASES))
+def test_different_bases_refused(cli, tmp_path, make_delta, case):
+    from helpers import one_error
+
+    base_model, fingerprint, error = OTHER_BASES[case]
     a, b = _write_concepts(tmp_path, make_delta, 2)
     d = read_cdtool(b)
-    d.base_model = "some/other-model"
+    d.base_model, d.base_fingerprint = base_model, fingerprint or d.base_fingerprint
     write_cdtool(d, b)
     r = cli("merge", a, b, "-o", tmp_path / "m.safetensors", code=1)
-    assert "different base models" in r.stderr
-    d.base_model, d.base_fingerprint = "tiny", "f" * 64
-    write_cdtool(d, b)
-    r = cli("merge", a, b, "-o", tmp_path / "m.safetensors", code=1)
-    assert "fingerprint mismatch" in r.stderr
+    assert one_error(r) == error(b)
     assert not (tmp_path / "m.safetensors").exists()
 
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import one_error
 from PIL import Image
 
 
@@ -159,14 +160,24 @@ def test_dedupe_pad_captions_and_dry_run(cli, tmp_path, photos):
     assert "dry run" in r.stdout and not (tmp_path / "dry").exists()
 
 
-def test_nothing_usable_is_an_error(cli, tmp_path, photos):
-    r = cli(
-        "prep", photos / "corrupt.jpg", photos / "truncated.png", "-o", tmp_path / "x", "--class-noun", "cat", code=1
-    )
-    assert "none of the 2 input files" in r.stderr and not (tmp_path / "x").exists()
-    cli("prep", tmp_path / "nope", "-o", tmp_path / "x", "--class-noun", "cat", code=1)
-    r = cli("prep", photos / "a.png", "-o", tmp_path / "x", "--class-noun", "cat", "--token", "cat", code=1)
-    assert "already exists in the vocabulary" in r.stderr
+# (the inputs and options, given the tmp folder and the photos; the exact error line, given the tmp
+# folder, where the line is the contract, else a phrase of it)
+BAD_PREP_INPUT = {
+    "nothing-usable": (lambda t, p: [p / "corrupt.jpg", p / "truncated.png"], "none of the 2 input files"),
+    "no-such-input": (lambda t, p: [t / "nope"], lambda t: f"Error: {t / 'nope'}: no such file or folder"),
+    "token-in-the-vocabulary": (lambda t, p: [p / "a.png", "--token", "cat"], "already exists in the vocabulary"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PREP_INPUT))
+def test_nothing_usable_is_an_error(cli, tmp_path, photos, case):
+    setup, expected = BAD_PREP_INPUT[case]
+    r = cli("prep", *setup(tmp_path, photos), "-o", tmp_path / "x", "--class-noun", "cat", code=1)
+    if callable(expected):
+        assert one_error(r) == expected(tmp_path)
+    else:
+        assert expected in one_error(r)
+    assert not (tmp_path / "x").exists()
 
 
 def test_train_reads_prep_output(cli, tmp_path, photos):

@@ -1,4 +1,4 @@
-"""The README's first snippet runs as written, on the built-in toy model, in an empty folder.
+"""The README's first cdtool snippet runs as written, on the built-in toy model, in an empty folder.
 
 bash reads the snippet from README.md itself (so the two cannot drift) with `cdtool` a shell function
 that records each command line as the shell expanded it; the test then runs those command lines in
@@ -21,7 +21,9 @@ RECORD = 'n=0\ncdtool() { n=$((n + 1)); printf "%s\\0" "$@" > "$CDTOOL_RECORD/$(
 
 
 def snippets() -> list[str]:
-    return re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    """The README's shell snippets that run cdtool (the set-up's `make` lines are not among them)."""
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    return [b for b in blocks if re.search(r"^cdtool ", b, flags=re.M)]
 
 
 def command_lines(snippet: str, folder: Path, env: dict[str, str]) -> list[list[str]]:
@@ -66,3 +68,12 @@ def test_the_stable_diffusion_snippet_is_the_same_job():
     assert "M=stable-diffusion-v1-5/stable-diffusion-v1-5" in second
     commands = [re.findall(r"^cdtool (\S+)", s, flags=re.M) for s in (first, second)]
     assert commands[1] == [c for c in commands[0] if c != "demo"]
+
+
+def test_the_set_up_commands_are_make_targets():
+    """The README's set-up section names `make demo` and `make test`, and the Makefile has both."""
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    targets = [m for b in blocks for m in re.findall(r"^make (\S+)", b, flags=re.M)]
+    makefile = (README.parent / "Makefile").read_text(encoding="utf-8")
+    assert targets == ["demo", "test"]
+    assert all(re.search(rf"^{t}:", makefile, flags=re.M) for t in targets)

@@ -239,3 +239,93 @@ def test_offline_without_a_model_fails_before_making_the_output(cli, tmp_path, m
         "pass --model with a diffusers folder, a .safetensors/.ckpt checkpoint, or a hub id"
     )
     assert not (tmp_path / "reg").exists()
+
+
+def test_select_images_takes_the_first_n_that_open(tmp_path):
+    from cdtool.dataset.images import ImageError
+    from cdtool.dataset.regset import Candidate, select_images
+
+    def opens(colour):
+        return lambda: Image.new("RGBA", (8, 8), colour)
+
+    def fails():
+        raise ImageError("b.png", "not an image")
+
+    candidates = [
+        Candidate("a red one", {"source": "a.png", "similarity": 0.9}, opens("red")),
+        Candidate("a broken one", {"source": "b.png", "similarity": 0.8}, fails),
+        Candidate("a blue one", {"source": "c.png", "similarity": 0.7}, opens("blue")),
+        Candidate("never opened", {"source": "d.png", "similarity": 0.6}, fails),
+    ]
+    skipped = []
+    rows, chosen, failed = select_images(iter(candidates), 2, tmp_path, (ImageError,), skipped.append)
+    assert rows == [{"file_name": "00000.png", "text": "a red one"}, {"file_name": "00001.png", "text": "a blue one"}]
+    assert chosen == [
+        {"file_name": "00000.png", "source": "a.png", "similarity": 0.9},
+        {"file_name": "00001.png", "source": "c.png", "similarity": 0.7},
+    ]
+    assert failed == 1 and [str(e) for e in skipped] == [
+        "b.png: not a readable image (not an image); remove or replace it"
+    ]
+    with Image.open(tmp_path / "00001.png") as im:
+        assert im.mode == "RGB" and im.getpixel((0, 0)) == (0, 0, 255)
+    with pytest.raises(ImageError):  # an exception outside `skip` is not swallowed
+        select_images(candidates[1:], 2, tmp_path, (KeyError,))
+
+
+def test_generate_set_carries_an_earlier_sets_images(tmp_path):
+    from cdtool.dataset.regset import generate_set, read_provenance, write_set
+
+    settings = dict(steps=1, guidance=6.0, resolution=None, batch_size=2, scheduler="ddim", seed=3, model="tiny")
+    first = tmp_path / "first"
+    first.mkdir()
+    doc = generate_set(["a {class}", "b"], first, None, 3, device="cpu", dtype="fp32", **settings)
+    assert doc["rows"] == [
+        {"file_name": "00000.png", "text": "a {class}"},
+        {"file_name": "00001.png", "text": "b"},
+        {"file_name": "00002.png", "text": "a {class}"},
+    ]
+    assert (doc["generated"], doc["kept"], doc["seed"]) == (3, 0, 3)
+    write_set(first, doc, {"class": "cat", "from": "generate"}, tmp_path / "reg")
+    assert "rows" not in doc and read_provenance(first) == json.loads((first / "regset.json").read_text())
+    assert read_provenance(first)["created_by"].endswith(" regset") and read_provenance(tmp_path) is None
+    (first / "00001.png").write_bytes(b"broken")
+    second = tmp_path / "second"
+    second.mkdir()
+    doc = generate_set(["a {class}", "b"], second, first, 3, device="cpu", dtype="fp32", **settings)
+    assert (doc["generated"], doc["kept"]) == (1, 2)
+    assert (second / "00000.png").read_bytes() == (first / "00000.png").read_bytes()
+    with Image.open(second / "00001.png") as im:
+        assert im.size == (64, 64)
+
+
+def test_retrieve_set_takes_the_best_captions_at_or_above_min_sim(tmp_path, collection):
+    from cdtool.dataset.regset import retrieve_set
+    from cdtool.errors import CdtoolError
+
+    root, captions = collection
+    out = tmp_path / "out"
+    out.mkdir()
+    doc = retrieve_set(root, "photo of a cat", out, 2, -1.0, "cdtool-tiny", "none")
+    assert (doc["collection_size"], doc["qualified"], doc["unreadable"]) == (5, 5, 0)
+    sims = [img["similarity"] for img in doc["images"]]
+    assert sims == sorted(sims, reverse=True) and [r["file_name"] for r in doc["rows"]] == ["00000.png", "00001.png"]
+    assert {r["text"] for r in doc["rows"]} <= set(captions)
+    with pytest.raises(CdtoolError, match=r"reaches --min-sim 1\.1"):
+        retrieve_set(root, "photo of a cat", out, 2, 1.1, "cdtool-tiny", "none")
+
+
+def test_knn_set_skips_what_does_not_download_as_an_image(tmp_path):
+    from cdtool.dataset.regset import knn_set
+
+    server = HTTPServer(("127.0.0.1", 0), _Knn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        doc = knn_set(url, "photo of a cat", tmp_path, 3, 0.85, "laion5B-L-14", 5.0, 0)
+    finally:
+        server.shutdown()
+    assert (doc["results"], doc["qualified"], doc["failed_downloads"]) == (4, 3, 1)
+    assert [r["text"] for r in doc["rows"]] == ["photo of a cat, one", "photo of a cat, two"]
+    assert [(i["url"].rsplit("/", 1)[1], i["similarity"]) for i in doc["images"]] == [("1.png", 0.95), ("2.png", 0.9)]

@@ -50,15 +50,33 @@ def test_prep_into_the_current_folder_deletes_nothing(cli, tmp_path, monkeypatch
     assert _tree(tmp_path) == before
 
 
-def test_prep_never_replaces_its_inputs(cli, tmp_path):
+# (the input, the output, the error line; given the photos folder)
+OUTPUTS_ON_INPUTS = {
+    "the-input": (
+        lambda p: p,
+        lambda p: p,
+        lambda p: f"Error: --output {p} is also an input; write the output somewhere else",
+    ),
+    "inside-the-input": (
+        lambda p: p,
+        lambda p: p / "prepped",
+        lambda p: f"Error: --output {p / 'prepped'} is inside the input {p}; write the output somewhere else",
+    ),
+    "holding-the-input": (
+        lambda p: f"{p}/*.png",
+        lambda p: p,
+        lambda p: f"Error: --output {p} holds the input {p / 'p0.png'}; write the output somewhere else",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUTS_ON_INPUTS))
+def test_prep_never_replaces_its_inputs(cli, tmp_path, case):
+    given, output, error = OUTPUTS_ON_INPUTS[case]
     photos = _photos(tmp_path / "photos")
     before = _tree(photos)
-    r = cli("prep", photos, "-o", photos, *PREP, "--force", code=1)
-    assert one_error(r) == f"Error: --output {photos} is also an input; write the output somewhere else"
-    r = cli("prep", photos, "-o", photos / "prepped", *PREP, "--force", code=1)
-    assert "is inside the input" in one_error(r)
-    r = cli("prep", f"{photos}/*.png", "-o", photos, *PREP, "--force", code=1)
-    assert "holds the input" in one_error(r)
+    r = cli("prep", given(photos), "-o", output(photos), *PREP, "--force", code=1)
+    assert one_error(r) == error(photos)
     assert _tree(photos) == before
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import pytest
 from helpers import one_error
 from PIL import Image
 
 from cdtool.delta.file import write_cdtool
+from cdtool.errors import CdtoolError, UsageError
+from cdtool.sampling.folder import gather_prompts, write_samples
 
 
 def _pngs(folder):
@@ -76,19 +80,88 @@ def test_prompts_file_and_scale(cli, tmp_path, make_delta):
     assert _pngs(out) == ["000-one-7692c3ad-s0.png", "001-two-3fc4ccfe-s0.png"]
 
 
-def test_bad_inputs_write_nothing(cli, tmp_path, make_delta):
+def _delta_file(make_delta, path, **kw):
+    d = make_delta(**kw.pop("delta", {}))
+    for key, value in kw.items():
+        setattr(d, key, value)
+    write_cdtool(d, path)
+    return path
+
+
+# (the arguments after the prompt and -o, given the tmp folder and make_delta; the exit code; a phrase of the error)
+BAD_SAMPLE_INPUT = {
+    "missing-delta": (lambda t, make: ["--delta", t / "missing.safetensors"], 1, "missing.safetensors"),
+    "unknown-scheduler": (lambda t, make: ["--scheduler", "bogus"], 2, "'bogus' is not one of"),
+    "token-in-the-vocabulary": (
+        lambda t, make: ["--delta", _delta_file(make, t / "existing.safetensors", delta={"token": "cat"})],
+        1,
+        "already exists",
+    ),
+    "another-base": (
+        lambda t, make: ["--delta", _delta_file(make, t / "other.safetensors", base_fingerprint="0" * 64)],
+        1,
+        "--ignore-base-mismatch",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SAMPLE_INPUT))
+def test_bad_inputs_write_nothing(cli, tmp_path, make_delta, case):
+    setup, code, phrase = BAD_SAMPLE_INPUT[case]
     out = tmp_path / "never"
-    r = cli("sample", "x", "-o", out, "--model", "tiny", "--delta", tmp_path / "missing.safetensors", code=1)
-    assert "missing.safetensors" in one_error(r)
-    r = cli("sample", "x", "-o", out, "--model", "tiny", "--scheduler", "bogus", code=2)
-    existing = tmp_path / "existing.safetensors"
-    write_cdtool(make_delta(token="cat"), existing)
-    r = cli("sample", "x", "-o", out, "--model", "tiny", "--delta", existing, code=1)
-    assert "already exists" in one_error(r)
-    other = make_delta()
-    other.base_fingerprint = "0" * 64
-    write_cdtool(other, tmp_path / "other.safetensors")
-    r = cli("sample", "x", "-o", out, "--model", "tiny", "--delta", tmp_path / "other.safetensors", code=1)
-    assert "--ignore-base-mismatch" in one_error(r)
-    cli("sample", "-o", out, "--model", "tiny", code=2)
+    r = cli("sample", "x", "-o", out, "--model", "tiny", *setup(tmp_path, make_delta), code=code)
+    assert phrase in (one_error(r) if code == 1 else r.stderr)
     assert not out.exists()
+
+
+def test_no_prompt_is_a_usage_error(cli, tmp_path):
+    r = cli("sample", "-o", tmp_path / "never", "--model", "tiny", code=2)
+    assert one_error(r) == "Error: give at least one prompt, or --prompts FILE"
+    assert not (tmp_path / "never").exists()
+
+
+def test_write_samples_keeps_what_the_same_request_made(tmp_path, make_delta):
+    path = tmp_path / "cat.safetensors"
+    d = make_delta(scale=0.2)
+    write_cdtool(d, path)
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = dict(
+        n=2, steps=2, guidance=6.0, scheduler="ddim", seed=5, height=None, width=None, batch_size=2,
+        negative_prompt=None, device="cpu", dtype="fp32",
+    )  # fmt: skip
+    run = write_samples(out, ["a <new1> cat"], [(path, d, 1.0)], "tiny", grid=True, **settings)
+    names = ["000-a-new1-cat-257ab73f-s5.png", "000-a-new1-cat-257ab73f-s6.png"]
+    assert [j.file_name for j in run.generated] == names and run.kept == []
+    assert json.loads((out / "prompts.json").read_text()) == dict.fromkeys(names, "a <new1> cat")
+    with Image.open(out / "grid.png") as im:
+        assert im.size == (128, 64)
+    with Image.open(out / names[0]) as im:
+        recorded = json.loads(im.text["parameters"])
+    assert (
+        recorded["deltas"] == [{"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "scale": 1.0}]
+        and recorded["seed"] == 5
+    )
+    again = write_samples(out, ["a <new1> cat", "a dog"], [(path, d, 1.0)], "tiny", **settings)
+    assert again.kept == names and [j.prompt for j in again.generated] == ["a dog", "a dog"]
+    with pytest.raises(CdtoolError, match="made by another request"):
+        write_samples(out, ["a <new1> cat"], [(path, d, 0.5)], "tiny", **settings)
+
+
+def test_gather_prompts_from_arguments_a_file_and_dreambench(tmp_path):
+    (tmp_path / "p.txt").write_text("# a comment\none\n\ntwo\n")
+    (tmp_path / "p.json").write_text('["three", " ", "four "]')
+    assert gather_prompts(["zero"], tmp_path / "p.txt", None, None, "<new1>") == ["zero", "one", "two"]
+    assert gather_prompts([], tmp_path / "p.json", None, None, "<new1>") == ["three", "four"]
+    bench = tmp_path / "prompts_and_classes.txt"
+    bench.write_text(
+        "Classes\n\nsubject_name,class\nrex,dog\n\nPrompts\n\nObject Prompts\n\nprompt_list = [\n"
+        "'a {0} {1} on a table'.format(unique_token, class_token)\n]\n\nLive Subject Prompts\n\nprompt_list = [\n"
+        "'a {0} {1} running'.format(unique_token, class_token)\n]\n"
+    )
+    assert gather_prompts([], None, bench, "rex", "<new1>") == ["a <new1> dog running"]
+    with pytest.raises(UsageError, match="go together"):
+        gather_prompts([], None, bench, None, "<new1>")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(CdtoolError, match="not valid JSON"):
+        gather_prompts([], tmp_path / "bad.json", None, None, "<new1>")

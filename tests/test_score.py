@@ -116,14 +116,30 @@ def test_self_similarity_and_table(cli, folders, tiny_dino):
     assert "CLIP-T" in r.stdout and str(s1) in r.stdout
 
 
-def test_score_errors(cli, folders, tmp_path):
-    ref, s1, _ = folders
-    cli("score", s1, "--ref", ref, "--metrics", "fid", code=2)
-    r = cli("score", ref, "--ref", ref, *MODELS, "--metrics", "clip-t", code=1)
-    assert "no prompts.json" in r.stderr
+def _empty(tmp_path):
     (tmp_path / "empty").mkdir()
-    r = cli("score", tmp_path / "empty", "--ref", ref, *MODELS, "--metrics", "clip-i", code=1)
-    assert "holds no images" in r.stderr
+    return tmp_path / "empty"
+
+
+# (the arguments, given the tmp folder and a folder of reference photos; the exit code; a phrase of the error)
+BAD_SCORE_INPUT = {
+    "unknown-metric": (
+        lambda t, ref: [ref, "--ref", ref, "--metrics", "fid"],
+        2,
+        "--metrics: unknown fid; choose from",
+    ),
+    "no-prompts": (lambda t, ref: [ref, "--ref", ref, *MODELS, "--metrics", "clip-t"], 1, "no prompts.json"),
+    "no-images": (lambda t, ref: [_empty(t), "--ref", ref, *MODELS, "--metrics", "clip-i"], 1, "holds no images"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SCORE_INPUT))
+def test_score_errors(cli, tmp_path, case):
+    from helpers import one_error, write_concept_folder
+
+    setup, code, phrase = BAD_SCORE_INPUT[case]
+    r = cli("score", *setup(tmp_path, write_concept_folder(tmp_path / "ref", n=2)), code=code)
+    assert phrase in one_error(r)
 
 
 BENCH = """Classes

@@ -148,3 +148,20 @@ def test_diffusers_custom_diffusion_and_official_exports_of_sdxl(cli, tmp_path, 
     assert [r.shape for r in official["modifier_token"]["<new1>"]] == [(32,), (48,)]
     embedding = read_delta(out / "new1.safetensors")  # the two-encoder embedding alone
     assert embedding.kind == "sdxl" and torch.equal(embedding.tokens["<new1>"], d.tokens["<new1>"])
+
+
+def test_kohya_counts_the_layers_per_block_of_an_sdxl_base(make_xl_delta, make_delta):
+    from cdtool.export.folder import kohya_layers_per_block
+
+    asked = []
+
+    def choose() -> str:
+        asked.append("tiny-xl")
+        return "tiny-xl"
+
+    assert kohya_layers_per_block(make_xl_delta(), None, choose) == 1 and asked == ["tiny-xl"]  # tiny-xl's UNet: 1
+    imported = make_delta()
+    imported.base_kind = ""  # an import records no kind: the base it was read against says
+    assert kohya_layers_per_block(imported, "tiny-xl", choose) == 1 and len(asked) == 1
+    assert kohya_layers_per_block(imported, "tiny", choose) == 2
+    assert kohya_layers_per_block(imported, None, choose) == 2 and len(asked) == 1  # no base read: not asked

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cdtool import __version__, console
+from cdtool import console
 from cdtool.atomic import claim_output
 from cdtool.commands.common import (
     DeltaOutputOpt,
@@ -22,7 +22,6 @@ from cdtool.commands.common import (
     pick_model,
 )
 from cdtool.errors import CdtoolError, UsageError
-from cdtool.hashing import file_sha256
 
 EXAMPLES = examples(
     "cdtool compress pets.safetensors -o pets.small.safetensors",
@@ -67,9 +66,9 @@ def compress(
     model is read only for files that store fine-tuned weights, and for a .bin output.
     """
     # the library loads here, not at the top, so that `cdtool compress --help` starts without torch
-    from cdtool.delta.file import Delta, LayerDelta
     from cdtool.delta.importers import check_delta_output, read_delta, save_delta
-    from cdtool.delta.lowrank import factors_are_larger, truncate
+    from cdtool.delta.lowrank import compress_delta
+    from cdtool.delta.provenance import compress_entry, stamp
     from cdtool.models.loading import DTYPES
 
     chosen = [x for x in (rank, energy, fro) if x is not None]
@@ -83,57 +82,16 @@ def compress(
     delta.refuse_personal("compress has nothing to compress in it (no layers; its visual tokens are the concept)")
     base = None
     if delta.needs_base or output.suffix == ".bin":
-        from cdtool.delta.base import check_fits, fingerprint_names, load_base_params
+        from cdtool.delta.base import resolve_on_base
 
-        base_model = pick_model(model, [delta.base_model])
-        base = load_base_params(base_model, fingerprint_names(delta))
-        delta = delta.relative_to(base) if delta.needs_base else delta
-        check_fits(delta, base, base_model)
+        delta, base = resolve_on_base(delta, pick_model(model, [delta.base_model]))
     if not delta.layers:
         raise CdtoolError(f"{source} has no layers to compress (tokens only)")
-    out = Delta(
-        tokens=delta.tokens,
-        tokens_2=delta.tokens_2,
-        base_kind=delta.base_kind,
-        base_model=delta.base_model,
-        base_fingerprint=delta.base_fingerprint,
-        concepts=delta.concepts,
-        created_by=f"cdtool {__version__} compress",
+    done = compress_delta(
+        delta, rank=rank, energy=energy, fro=fro, dtype=DTYPES[dtype.value], method=svd.value, seed=seed
     )
-    rows: dict[str, dict[str, Any]] = {}
-    capped = []
-    target = DTYPES[dtype.value]
-    for name, layer in sorted(delta.layers.items()):
-        t = truncate(layer.dense(), rank=rank, energy=energy, fro=fro, method=svd.value, seed=seed)
-        if t.capped:
-            capped.append(name)
-        dense = factors_are_larger(layer.shape, t.rank)
-        if dense:  # the whole ΔW where nothing was cut, else the rank-k approximation, as one matrix
-            full = layer.dense() if t.rank == min(layer.shape) else t.up @ t.down
-            out.layers[name] = LayerDelta(full=full.to(target), bias=layer.bias)
-        else:
-            out.layers[name] = LayerDelta(up=t.up.to(target), down=t.down.to(target), bias=layer.bias)
-        rows[name] = {
-            "rank": t.rank,
-            "energy": t.energy,
-            "fro": t.fro,
-            "shape": list(layer.shape),
-            "was_rank": layer.rank,
-            "stored": "dense" if dense else "factors",
-            "bytes": _stored_bytes(out.layers[name]),
-        }
-    out.provenance = dict(
-        delta.provenance,
-        compress={
-            "source": str(source),
-            "source_sha256": file_sha256(source) if source.is_file() else None,
-            "rank": rank,
-            "energy": energy,
-            "fro": fro,
-            "dtype": dtype.value,
-            "svd": svd.value,
-        },
-    )
+    out, rows, capped = done.delta, done.layers, done.capped
+    stamp(out, "compress", compress_entry(source, rank, energy, fro, dtype.value, svd.value))
     with claim.staged() as tmp:
         save_delta(out, tmp, base)
     size_in = source.stat().st_size if source.is_file() else None
@@ -154,12 +112,6 @@ def compress(
         )
     else:
         console.result(str(output))
-
-
-def _stored_bytes(layer: Any) -> int:
-    """The bytes a layer's tensors take in the file (factors or the dense ΔW, and its bias)."""
-    tensors = [t for t in (layer.full, layer.up, layer.down, layer.bias) if t is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _count(n: int, noun: str) -> str:

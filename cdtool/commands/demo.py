@@ -97,7 +97,7 @@ def demo(
         run("merge", "+".join(map(str, deltas)), "-o", merged[method], "--reg-captions", merge_captions,
             "--method", method)  # fmt: skip
     # a merge of two concepts needs more rank than one concept: at rank 4 (enough for either alone)
-    # the least-squares merge of the demo's deltas kept neither (README, "demo")
+    # the least-squares merge of the demo's deltas kept neither (benchmarks/RESULTS.md, "Compression")
     merged[COMPRESSED] = output / f"least-squares.r{rank}.safetensors"
     run("compress", merged["least-squares"], "-o", merged[COMPRESSED], "--rank", rank)
     panels = _sample_panels(run, output, model, deltas, merged, n, sample_steps, guidance, seed)
@@ -141,7 +141,7 @@ def _train_concepts(
         run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32", "--captions-from-files")
         run("regset", noun, "-o", reg, "--model", model, "--n", reg_images, "--prompts", reg_prompts,
             "--steps", sample_steps, "--guidance", guidance, "--batch-size", 16, "--seed", seed)  # fmt: skip
-        # --no-aug: at the toy's 32 px the size augmentation's shrunk views teach specks (README, "The toy world")
+        # --no-aug: at the toy's 32 px the size augmentation's shrunk views teach specks (docs/toy-world.md)
         run("train", data, "--reg", reg, "-o", delta, "--model", model, "--steps", steps, "--lr", lr, "--seed", seed,
             "--no-aug")  # fmt: skip
         deltas.append(delta)

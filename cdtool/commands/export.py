@@ -10,7 +10,6 @@ import typer
 
 from cdtool import console
 from cdtool.atomic import claim_output
-from cdtool.choices import SDXL
 from cdtool.commands.common import (
     ForceOpt,
     JsonOpt,
@@ -110,26 +109,16 @@ def export(
     if to is Target.checkpoint:
         base_model = str(source) if whole else pick_available_model(model, [delta.base_model])
     elif delta.needs_base or to in (Target.official, Target.diffusers_custom_diffusion):
-        from cdtool.delta.base import check_fits, fingerprint_names, load_base_params, unet_param_names
+        from cdtool.delta.base import resolve_on_base
+        from cdtool.export.folder import base_names
 
         base_model = pick_model(model, [delta.base_model])
-        names = fingerprint_names(delta)
-        names += [f"{n}.bias" for n in delta.layers if n.endswith("to_out.0") and f"{n}.bias" not in names]
-        if to is Target.diffusers_custom_diffusion:  # every attention's query, to list the processors
-            names += [n for n in unet_param_names(base_model) if n.endswith(".to_q.weight") and n not in names]
-        base = load_base_params(base_model, names)
-        if delta.needs_base:
-            delta = delta.relative_to(base)
-        check_fits(delta, base, base_model)
+        delta, base = resolve_on_base(delta, base_model, extra=base_names(delta, to.value, base_model))
     per_block = 2
-    # kohya's SDXL names count the UNet's layers per block; an import records no kind, and where its
-    # base was read anyway (a Custom Diffusion folder's fine-tuned weights) the base says
-    if to is Target.kohya and (delta.kind == SDXL or (delta.kind == "" and base_model is not None)):
-        from cdtool.models.loading import base_kind, unet_config
+    if to is Target.kohya:
+        from cdtool.export.folder import kohya_layers_per_block
 
-        kohya_base = base_model or pick_model(model, [delta.base_model])
-        if delta.kind == SDXL or base_kind(kohya_base) == SDXL:
-            per_block = int(unet_config(kohya_base).get("layers_per_block", 2))
+        per_block = kohya_layers_per_block(delta, base_model, lambda: pick_model(model, [delta.base_model]))
     options: dict[str, Any] = {}
     if to is not Target.official:
         from cdtool.export.model_card import run_samples

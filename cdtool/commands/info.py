@@ -3,65 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from cdtool import console
 from cdtool.commands.common import JsonOpt, QuietOpt, cdtool_command, examples
-
-if TYPE_CHECKING:
-    from cdtool.delta.file import Delta
-
-
-def describe(delta: Delta, path: Path) -> dict[str, Any]:
-    """A JSON-ready summary of a delta."""
-    ranks = [layer.rank for layer in delta.layers.values()]
-    return {
-        "path": str(path),
-        "format": delta.source_format,
-        "size_bytes": path.stat().st_size if path.is_file() else None,
-        "base_model": delta.base_model or None,
-        "base_fingerprint": delta.base_fingerprint or None,
-        "needs_base": delta.needs_base,
-        "created_by": delta.created_by or None,
-        "base_kind": delta.kind or None,
-        "tokens": {t: _token_doc(delta, t) for t in delta.tokens},
-        "visual": {t: {"tokens": int(v.shape[0]), "dim": int(v.shape[1])} for t, v in delta.visual.items()},
-        "encoder": delta.encoder,
-        "concepts": delta.concepts,
-        "layers": {
-            name: {
-                "shape": list(layer.shape),
-                "rank": layer.rank,
-                "dtype": str(layer.dtype).removeprefix("torch."),
-                "bias": layer.bias is not None,
-                "absolute": layer.absolute,
-            }
-            for name, layer in sorted(delta.layers.items())
-        },
-        "layer_count": len(delta.layers),
-        "low_rank_layers": sum(r is not None for r in ranks),
-        "provenance": delta.provenance,
-    }
-
-
-def describe_model(record: Delta, path: Path) -> dict[str, Any]:
-    """A JSON-ready summary of a whole model cdtool trained (its record, cdtool.json)."""
-    from cdtool.models.finetuned import trained_components
-
-    return {
-        "path": str(path),
-        "format": record.source_format,
-        "size_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
-        "base_model": record.base_model or None,
-        "base_fingerprint": record.base_fingerprint or None,
-        "created_by": record.created_by or None,
-        "base_kind": record.kind or None,
-        "trained": trained_components(record),
-        "concepts": record.concepts,
-        "provenance": record.provenance,
-    }
 
 
 def _print_head(doc: dict[str, Any], label: str, note: str = "") -> None:
@@ -89,15 +36,6 @@ def _print_model(doc: dict[str, Any]) -> None:
     for c in doc["concepts"]:
         console.result(f"concept:     {c.get('token')} class={c.get('class_noun')} method={c.get('method')}")
     _print_provenance(doc)
-
-
-def _token_doc(delta: Delta, token: str) -> dict[str, int]:
-    """A token's rows: how many, and their width (in each text encoder: `dim_2` for SDXL's second)."""
-    e = delta.tokens[token]
-    doc = {"vectors": int(e.shape[0]), "dim": int(e.shape[1])}
-    if token in delta.tokens_2:
-        doc["dim_2"] = int(delta.tokens_2[token].shape[1])
-    return doc
 
 
 def _rows_text(v: dict[str, int]) -> str:
@@ -146,8 +84,9 @@ def info(
     concepts, provenance.
     """
     # the library loads here, not at the top, so that `cdtool info --help` starts without torch
+    from cdtool.delta.file import describe
     from cdtool.delta.importers import read_delta
-    from cdtool.models.finetuned import read_model_record
+    from cdtool.models.finetuned import describe_model, read_model_record
 
     record = read_model_record(file) if file.is_dir() else None
     doc = describe_model(record, file) if record is not None else describe(read_delta(file), file)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -89,17 +89,7 @@ def prep(
         background=bg,
         dedupe=dedupe,
     )
-    for bad in report["unreadable"]:
-        console.warn(f"skipped {bad['path']}: {bad['error']}")
-    for small in report["small"]:
-        console.warn(f"{small['path']} is {small['size'][0]}x{small['size'][1]}, smaller than --size {size}; upscaled")
-    for dup in report["duplicates"]:
-        action = "dropped" if dedupe else "kept (--dedupe drops it)"
-        console.warn(
-            f"{dup['path']} is a{'n exact' if dup['kind'] == 'exact' else ' near'} duplicate of {dup['duplicate_of']}; {action}"
-        )
-    for path in report["caption_files_missing"]:
-        console.warn(f"{path} has no .txt/.caption file; used the template")
+    _warn(report, size, dedupe)
     if not kept:
         raise CdtoolError(f"none of the {len(files)} input files is a usable image")
     report.update(output=str(output), size=size, crop=crop.value, written=not dry_run, changed=False)
@@ -129,6 +119,21 @@ def prep(
         )
     else:
         console.result(str(output))
+
+
+def _warn(report: dict[str, Any], size: int, dedupe: bool) -> None:
+    """A warning for each photo that was skipped, upscaled, a duplicate, or captioned by the template."""
+    for bad in report["unreadable"]:
+        console.warn(f"skipped {bad['path']}: {bad['error']}")
+    for small in report["small"]:
+        console.warn(f"{small['path']} is {small['size'][0]}x{small['size'][1]}, smaller than --size {size}; upscaled")
+    for dup in report["duplicates"]:
+        action = "dropped" if dedupe else "kept (--dedupe drops it)"
+        console.warn(
+            f"{dup['path']} is a{'n exact' if dup['kind'] == 'exact' else ' near'} duplicate of {dup['duplicate_of']}; {action}"
+        )
+    for path in report["caption_files_missing"]:
+        console.warn(f"{path} has no .txt/.caption file; used the template")
 
 
 EXAMPLES = examples(

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from cdtool import __version__, console
+from cdtool import console
 from cdtool.atomic import claim_output
 from cdtool.commands.common import (
     DeviceOpt,
@@ -25,7 +23,6 @@ from cdtool.commands.common import (
     examples,
     pick_available_model,
 )
-from cdtool.dataset.images import ImageError, open_image
 from cdtool.errors import CdtoolError, UsageError
 
 
@@ -87,7 +84,7 @@ def regset(
     valid images already there are kept.
     """
     # the library loads here, not at the top, so that `cdtool regset --help` starts without torch
-    from cdtool.dataset.regset import write_metadata
+    from cdtool.dataset.regset import generate_set, knn_set, read_provenance, retrieve_set, write_set
 
     text = prompt.replace("{class}", class_noun)
     texts = [text]
@@ -108,7 +105,7 @@ def regset(
             raise UsageError(f"--from {source!r}: give generate, knn:URL, or an existing collection folder")
         inputs.append(Path(source))
     config = {"class": class_noun, "from": source, "prompt": texts[0] if len(texts) == 1 else texts, "n": n}
-    old = _provenance(output)
+    old = read_provenance(output)
     same_set = old is not None and all(old.get(k) == config[k] for k in ("class", "from", "prompt"))
     out = claim_output(output, "regset", force or same_set, folder=True, inputs=inputs, defer=True)
     if out.existed and not (force or same_set):
@@ -116,43 +113,20 @@ def regset(
         raise CdtoolError(f"{output} holds another regularisation set ({what}); pass --force to replace it")
     with out.staged() as stage:
         if source == "generate":
-            doc = _generate(
-                class_noun,
-                texts,
-                stage,
-                output if same_set and not force else None,
-                n,
-                steps,
-                guidance,
-                resolution,
-                batch_size,
-                scheduler.value,
-                seed,
-                model_id,
-                device,
-                dtype,
-            )
+            earlier = output if same_set and not force else None
+            doc = generate_set(
+                texts, stage, earlier, n, steps=steps, guidance=guidance, resolution=resolution, batch_size=batch_size,
+                scheduler=scheduler.value, seed=seed, model=model_id, device=device, dtype=dtype,
+            )  # fmt: skip
         elif source.startswith("knn:"):
-            doc = _knn(source[len("knn:") :], text, stage, n, min_sim, knn_index, timeout, retries)
+            doc = knn_set(source[len("knn:") :], text, stage, n, min_sim, knn_index, timeout, retries)
         else:
-            doc = _retrieve(Path(source), text, stage, n, min_sim, clip_model, clip_pretrained)
-        doc.update(config, created_by=f"cdtool {__version__} regset", output=str(output))
-        write_metadata(stage, doc.pop("rows"), doc)
+            doc = retrieve_set(Path(source), text, stage, n, min_sim, clip_model, clip_pretrained)
+        write_set(stage, doc, config, output)
     if json_out:
         console.result_json(doc)
     else:
         console.result(str(output))
-
-
-def _provenance(folder: Path) -> dict[str, Any] | None:
-    """The regset.json of an earlier set in `folder`, if there is a readable one."""
-    from cdtool.dataset.regset import PROVENANCE
-
-    try:
-        doc = json.loads((folder / PROVENANCE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def _read_prompts(path: Path, noun: str) -> list[str]:
@@ -166,159 +140,6 @@ def _read_prompts(path: Path, noun: str) -> list[str]:
     if not texts:
         raise CdtoolError(f"{path} holds no prompts; give one prompt per line")
     return texts
-
-
-def _generate(
-    noun: str,
-    texts: list[str],
-    out: Path,
-    earlier: Path | None,
-    n: int,
-    steps: int,
-    guidance: float,
-    resolution: int | None,
-    batch_size: int,
-    scheduler: str,
-    seed: int,
-    model: str,
-    device: str,
-    dtype: str,
-) -> dict[str, Any]:
-    from cdtool.dataset.regset import keep_image
-    from cdtool.sampling.generate import Job, generate, save_png, set_scheduler
-
-    jobs = [Job(texts[i % len(texts)], 0, seed + i, f"{i:05d}.png") for i in range(n)]
-    todo = [j for j in jobs if earlier is None or not keep_image(earlier / j.file_name, out / j.file_name)]
-    if len(todo) < n:
-        console.log(f"{n - len(todo)} of {n} images already there; generating {len(todo)}")
-    if todo:
-        from cdtool.models.pipeline import load_with_deltas
-
-        pipe = load_with_deltas(model, [], device=device, dtype=dtype)
-        set_scheduler(pipe, scheduler)
-        size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        start = time.perf_counter()
-        with console.progress("generating", len(todo), plain=True) as bar:
-            for k, (job, image) in enumerate(
-                generate(
-                    pipe,
-                    todo,
-                    steps=steps,
-                    guidance=guidance,
-                    height=size,
-                    width=size,
-                    batch_size=batch_size,
-                    negative_prompt=None,
-                ),
-                1,
-            ):
-                save_png(image, out / job.file_name)
-                eta = (time.perf_counter() - start) / k * (len(todo) - k)
-                bar.advance(1, f"ETA {eta:.0f}s")
-    return {
-        "rows": [{"file_name": j.file_name, "text": j.prompt} for j in jobs],
-        "generated": len(todo),
-        "kept": n - len(todo),
-        "model": model,
-        "seed": seed,
-        "steps": steps,
-        "guidance": guidance,
-        "scheduler": scheduler,
-    }
-
-
-def _save(image: Any, path: Path) -> None:
-    from cdtool.sampling.generate import save_png
-
-    save_png(image.convert("RGB"), path)
-
-
-def _retrieve(
-    collection: Path, text: str, out: Path, n: int, min_sim: float, clip_model: str, clip_pretrained: str
-) -> dict[str, Any]:
-    from cdtool.dataset.regset import rank, scan_collection
-    from cdtool.scoring.clip_models import load_clip
-
-    items = scan_collection(collection)
-    if not items:
-        raise CdtoolError(
-            f"{collection} holds no captioned images (metadata.jsonl, .txt beside images, or .tar shards)"
-        )
-    console.log(f"{len(items)} captioned images in {collection}")
-    clip = load_clip(clip_model, clip_pretrained)
-    ranked = rank(clip, items, text, console.log)
-    qualified = [(s, it) for s, it in ranked if s >= min_sim]
-    console.log(f"{len(qualified)} of {len(items)} captions have similarity >= {min_sim} to {text!r}")
-    if not qualified:
-        raise CdtoolError(
-            f"no caption in {collection} reaches --min-sim {min_sim} for {text!r} (best {ranked[0][0]:.3f}); lower --min-sim or use a larger collection"
-        )
-    rows, chosen, unreadable = [], [], 0
-    for sim, item in qualified:
-        if len(rows) == n:
-            break
-        try:
-            image = item.open()
-        except ImageError as e:
-            console.warn(f"skipped {e}")
-            unreadable += 1
-            continue
-        name = f"{len(rows):05d}.png"
-        _save(image, out / name)
-        rows.append({"file_name": name, "text": item.caption})
-        chosen.append(
-            {"file_name": name, "source": item.path + (f"::{item.member}" if item.member else ""), "similarity": sim}
-        )
-    if len(rows) < n:
-        console.warn(f"only {len(rows)} of the {n} images asked for qualified (similarity >= {min_sim})")
-    return {
-        "rows": rows,
-        "collection": str(collection),
-        "collection_size": len(items),
-        "qualified": len(qualified),
-        "unreadable": unreadable,
-        "min_sim": min_sim,
-        "clip_model": clip_model,
-        "clip_pretrained": clip_pretrained,
-        "images": chosen,
-    }
-
-
-def _knn(
-    url: str, text: str, out: Path, n: int, min_sim: float, index: str, timeout: float, retries: int
-) -> dict[str, Any]:
-    from cdtool.dataset.regset import download, knn_query
-
-    results = knn_query(url, text, n * 2, index, timeout, retries)
-    qualified = [r for r in results if float(r.get("similarity", 1.0)) >= min_sim]
-    console.log(f"{len(results)} results, {len(qualified)} with similarity >= {min_sim}")
-    rows, chosen, failed = [], [], 0
-    for r in qualified:
-        if len(rows) == n:
-            break
-        try:
-            image = open_image(r["url"], download(r["url"], timeout, retries))
-        except (CdtoolError, ImageError):
-            failed += 1
-            continue
-        name = f"{len(rows):05d}.png"
-        _save(image, out / name)
-        rows.append({"file_name": name, "text": str(r.get("caption") or text)})
-        chosen.append({"file_name": name, "url": r["url"], "similarity": r.get("similarity")})
-    if not rows:
-        raise CdtoolError(f"none of the {len(qualified)} results from {url} could be downloaded as an image")
-    if len(rows) < n:
-        console.warn(f"only {len(rows)} of the {n} images asked for were retrieved ({failed} downloads failed)")
-    return {
-        "rows": rows,
-        "service": url,
-        "index": index,
-        "results": len(results),
-        "qualified": len(qualified),
-        "failed_downloads": failed,
-        "min_sim": min_sim,
-        "images": chosen,
-    }
 
 
 EXAMPLES = examples(

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from cdtool import console
-from cdtool.atomic import atomic_path, probe_writable
+from cdtool.atomic import probe_writable
 from cdtool.commands.common import (
     DeltaOpt,
     DeviceOpt,
@@ -28,24 +26,7 @@ from cdtool.commands.common import (
     parse_scaled,
     pick_available_model,
 )
-from cdtool.errors import CdtoolError, UsageError, read_text
-from cdtool.hashing import path_sha256
-
-PROMPTS_FILE = "prompts.json"
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a text file (one per line) or a JSON list."""
-    text = read_text(path, "prompts file")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CdtoolError(f"{path}: not valid JSON ({e}); give a list of prompt strings") from e
-        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
-            raise CdtoolError(f"{path}: expected a JSON list of prompt strings")
-        return [p.strip() for p in data if p.strip()]
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+from cdtool.errors import CdtoolError, UsageError
 
 
 def sample(
@@ -103,182 +84,39 @@ def sample(
     """
     # the library loads here, not at the top, so that `cdtool sample --help` starts without torch
     from cdtool.delta.importers import read_delta
-    from cdtool.sampling.generate import (
-        REQUEST_KEY,
-        check_size,
-        generate,
-        image_grid,
-        image_request,
-        plan_jobs,
-        save_png,
-    )
+    from cdtool.sampling.folder import PROMPTS_FILE, gather_prompts, write_samples
+    from cdtool.sampling.generate import check_size
 
-    all_prompts = list(prompts or [])
-    if prompts_file is not None:
-        all_prompts += read_prompts(prompts_file)
-    if (dreambench is None) != (subject is None):
-        raise UsageError("--dreambench and --subject go together")
-    if dreambench is not None and subject is not None:
-        from cdtool.sampling.dreambench import parse
-
-        noun, bench = parse(dreambench).prompts(subject, token)
-        console.log(f"DreamBench: {len(bench)} prompts for {subject} ({noun})")
-        all_prompts += bench
+    all_prompts = gather_prompts(prompts or [], prompts_file, dreambench, subject, token)
     if not all_prompts:
         raise UsageError("give at least one prompt, or --prompts FILE")
     if output.exists() and not output.is_dir():
         raise CdtoolError(f"{output} exists and is not a folder")
     for size, flag in ((height, "--height"), (width, "--width")):
         check_size(size, flag)
-    from cdtool.delta.base import model_fingerprint
     from cdtool.models.loading import resolve_device, resolve_dtype
 
     resolve_dtype(dtype, resolve_device(device))
-    specs = [parse_scaled(d) for d in delta or []]
-    deltas = [(read_delta(p), s) for p, s in specs]
-    model_id = pick_available_model(model, [d.base_model for d, _ in deltas])
+    deltas = [(p, read_delta(p), s) for p, s in map(parse_scaled, delta or [])]
+    model_id = pick_available_model(model, [d.base_model for _, d, _ in deltas])
     probe_writable(output / PROMPTS_FILE)
-    recorded = _claim_folder(output, force)
-    request = {
-        "model": model_id,
-        "deltas": [{"sha256": path_sha256(p), "scale": s} for p, s in specs],
-        "steps": steps,
-        "guidance": guidance,
-        "scheduler": scheduler.value,
-        "height": height,
-        "width": width,
-        "negative_prompt": negative_prompt or "",
-    }
-
-    jobs = plan_jobs(all_prompts, n, seed)
-    skipped = [] if force else _kept(output, jobs, request)
-    todo = [j for j in jobs if j.file_name not in skipped]
-
-    images: dict[str, Any] = {}
-    try:
-        if todo:
-            from cdtool.models.pipeline import load_with_deltas
-            from cdtool.sampling.generate import set_scheduler
-
-            def note_base(pipe: Any) -> None:
-                request.setdefault("base_fingerprint", model_fingerprint(model_id, pipe))
-
-            pipe = load_with_deltas(
-                model_id,
-                deltas,
-                device=device,
-                dtype=dtype,
-                ignore_base_mismatch=ignore_base_mismatch,
-                on_base=note_base,
-                encoder=encoder,
-            )
-            default = pipe.unet.config.sample_size * pipe.vae_scale_factor
-            for size, flag in ((height, "--height"), (width, "--width")):
-                check_size(size, flag, pipe.vae_scale_factor)
-            set_scheduler(pipe, scheduler.value)
-            with console.progress("sampling", len(todo), plain=True) as bar:
-                for job, image in generate(
-                    pipe,
-                    todo,
-                    steps=steps,
-                    guidance=guidance,
-                    height=height or default,
-                    width=width or default,
-                    batch_size=batch_size,
-                    negative_prompt=negative_prompt,
-                ):
-                    meta = json.dumps(image_request(request, job), sort_keys=True)
-                    save_png(image, output / job.file_name, {REQUEST_KEY: meta})
-                    images[job.file_name] = image
-                    bar.advance()
-    finally:  # complete, or a record of what was made: the same command makes the rest
-        _record(output, recorded, jobs, len(todo) - len(images))
-    if grid:
-        from cdtool.dataset.images import open_image
-
-        tiles = [images.get(j.file_name) or open_image(output / j.file_name).convert("RGB") for j in jobs]
-        save_png(image_grid(tiles, n), output / "grid.png")
+    run = write_samples(
+        output, all_prompts, deltas, model_id, n=n, steps=steps, guidance=guidance, scheduler=scheduler.value,
+        seed=seed, height=height, width=width, batch_size=batch_size, negative_prompt=negative_prompt, device=device,
+        dtype=dtype, ignore_base_mismatch=ignore_base_mismatch, force=force, grid=grid, encoder=encoder,
+    )  # fmt: skip
     if json_out:
         console.result_json(
             {
                 "output": str(output),
-                "images": [j.file_name for j in jobs],
-                "generated": [j.file_name for j in todo],
-                "skipped": skipped,
+                "images": [j.file_name for j in run.jobs],
+                "generated": [j.file_name for j in run.generated],
+                "skipped": run.kept,
                 "prompts": all_prompts,
             }
         )
     else:
         console.result(str(output))
-
-
-def _kept(output: Path, jobs: list[Any], request: dict[str, Any]) -> list[str]:
-    """The images of `jobs` already in `output`, kept because this request made them; one that
-    another request made is an error (it would be mislabelled)."""
-    from cdtool.delta.base import model_fingerprint
-    from cdtool.sampling.generate import image_request, request_differences
-
-    there = [j for j in jobs if (output / j.file_name).exists()]
-    if there:
-        request["base_fingerprint"] = model_fingerprint(request["model"])
-    for job in there:
-        differ = request_differences(output / job.file_name, image_request(request, job))
-        if differ:
-            raise CdtoolError(
-                f"{output / job.file_name} was made by another request ({', '.join(differ)} differ); pass "
-                "--force to regenerate it, or choose another --output"
-            )
-    if there:
-        console.log(
-            f"{len(there)} of {len(jobs)} images already exist in {output}, made by the same request; keeping "
-            "them (--force regenerates)"
-        )
-    return [j.file_name for j in there]
-
-
-def _claim_folder(output: Path, force: bool) -> dict[str, str]:
-    """Lock the folder for this command, remove what a killed one left in it, and return its
-    prompts.json mapping; a prompts.json that `cdtool sample` did not write (or cannot be read as
-    one) is refused before any work, and replaced only with --force."""
-    from cdtool import locks
-    from cdtool.atomic import clear_leftovers, clear_leftovers_inside
-    from cdtool.sampling.generate import read_prompt_map, written_by_sample
-
-    locks.acquire(output)
-    clear_leftovers(output, console.warn)
-    clear_leftovers_inside(output, console.warn)
-    path = output / PROMPTS_FILE
-    if not os.path.lexists(path):
-        return {}
-    try:
-        mapping = read_prompt_map(path)
-        if not path.is_file() or path.is_symlink() or not written_by_sample(mapping):
-            raise CdtoolError(f"{path}: names images that cdtool sample did not make")
-    except CdtoolError as e:
-        if force:
-            console.warn(f"{path} was not written by cdtool sample; replacing it (--force)")
-            return {}
-        raise CdtoolError(
-            f"{e}; cdtool sample keeps its own prompts.json there: move that file away, pass --force to "
-            "replace it, or choose another --output"
-        ) from None
-    return mapping
-
-
-def _record(output: Path, recorded: dict[str, str], jobs: list[Any], missing: int) -> None:
-    """prompts.json for the images of `jobs` now in the folder (all of them, unless the command
-    was stopped: then the images made so far, each recording its request, so that running the
-    same command again keeps them and makes the rest)."""
-    made = {j.file_name: j.prompt for j in jobs if (output / j.file_name).is_file()}
-    if not made:
-        return
-    with atomic_path(output / PROMPTS_FILE) as tmp:
-        tmp.write_text(json.dumps(recorded | made, indent=1, sort_keys=True), encoding="utf-8")
-    if missing:
-        console.warn(
-            f"{output}: {len(made)} of {len(jobs)} images made; prompts.json records them; the same command "
-            "makes the rest"
-        )
 
 
 EXAMPLES = examples(

@@ -27,14 +27,7 @@ from cdtool.commands.common import (
     pick_available_model,
 )
 from cdtool.errors import CdtoolError, UsageError
-from cdtool.train.recipes import (
-    CUSTOM_DIFFUSION,
-    DEFAULTS,
-    DREAMBOOTH,
-    DREAMBOOTH_LORA,
-    LORA_TARGETS,
-    TEXTUAL_INVERSION,
-)
+from cdtool.train.recipes import CUSTOM_DIFFUSION, DREAMBOOTH, DREAMBOOTH_LORA, LORA_TARGETS, TEXTUAL_INVERSION
 
 if TYPE_CHECKING:
     from cdtool.train.config import TrainConfig
@@ -281,32 +274,13 @@ def train(
     """
     # the library loads here, not at the top, so that `cdtool train --help` starts without torch
     from cdtool.models.loading import default_resolution
-    from cdtool.train.concepts import build_concepts, parse_concept, read_concepts_file
-    from cdtool.train.config import TrainConfig
+    from cdtool.train.concepts import build_concepts, concepts_from_options
+    from cdtool.train.config import training_config
     from cdtool.train.runs import load_run_config, resumed_config
 
     _check_device(device)
-
-    raw: list[dict[str, str]] = []
-    if data is not None:
-        item = {"data": str(data)}
-        for key, value in (
-            ("token", token),
-            ("class", class_noun),
-            ("reg", reg),
-            ("init", init_token),
-            ("prompt", prompt),
-        ):
-            if value is not None:
-                item[key] = str(value)
-        raw.append(item)
-    elif any(v is not None for v in (token, class_noun, reg, init_token, prompt)):
-        raise UsageError(
-            "--token, --class-noun, --reg, --init-token and --prompt describe the DATA argument; give it, or use --concept"
-        )
-    raw += [parse_concept(c) for c in concept or []]
-    if concepts_file is not None:
-        raw += read_concepts_file(concepts_file)
+    described = {"token": token, "class": class_noun, "reg": reg, "init": init_token, "prompt": prompt}
+    raw = concepts_from_options(data, described, concept or [], concepts_file)
     saved = load_run_config(resume) if resume is not None else None
     if not raw and saved is None:
         raise UsageError("give a data folder, --concept or --concepts FILE (or --resume RUN)")
@@ -318,7 +292,6 @@ def train(
     model_id = saved.model if saved is not None and model is None else pick_available_model(model)
     res = resolution or (saved.resolution if saved is not None else default_resolution(model_id))
     specs = build_concepts(raw, res, method.value) if raw else saved.concepts  # type: ignore[union-attr]
-    d = DEFAULTS[method.value]
     main = _rank() == 0  # under `accelerate launch` every process runs this command
     if not main:
         console.set_quiet(True)
@@ -327,49 +300,24 @@ def train(
             "no --reg folder: training without prior preservation; the class may drift (make one with `cdtool regset`)"
         )
     folder = resume or run_dir or output.with_name(output.stem + ".run")
-    cfg = TrainConfig(
-        concepts=specs,
-        model=model_id,
-        output=str(output),
-        run_dir=str(folder),
-        method=method.value,
-        train=(pick_alias(layers, train_alias, "--layers", "--train") or Layers.kv).value,
-        resolution=res,
-        steps=steps or d.steps_per_concept * (len(specs) if method is TrainMethodOption.custom_diffusion else 1),
-        batch_size=batch_size or d.batch_size,
-        grad_accum=grad_accum,
-        lr=d.lr if lr is None else lr,
-        scale_lr=d.scale_lr if scale_lr is None else scale_lr,
-        prior_weight=prior_weight,
-        aug=d.aug if aug is None else aug,
-        hflip=hflip,
-        seed=seed,
-        mixed_precision=mixed_precision.value,
-        gradient_checkpointing=gradient_checkpointing,
-        use_8bit_adam=use_8bit_adam,
-        early_stop=early_stop.value,
-        dvar_window=dvar_window or d.dvar_window,
-        dvar_eps=d.dvar_eps if dvar_eps is None else dvar_eps,
-        eval_batch=eval_batch,
-        checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints,
-        device=device,
-        num_vectors=num_vectors,
-        property=prop.value,
-        rank=rank,
-        lora_alpha=lora_alpha,
-        lora_targets=tuple(t.strip() for t in target.split(",") if t.strip()),
-        train_text_encoder=train_text_encoder,
+    layer_set = (pick_alias(layers, train_alias, "--layers", "--train") or Layers.kv).value
+    lora_targets = tuple(t.strip() for t in target.split(",") if t.strip())
+    cfg = training_config(
+        method.value, specs, model=model_id, output=str(output), run_dir=str(folder), resolution=res, train=layer_set,
+        steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, scale_lr=scale_lr, prior_weight=prior_weight,
+        aug=aug, hflip=hflip, seed=seed, mixed_precision=mixed_precision.value,
+        gradient_checkpointing=gradient_checkpointing, use_8bit_adam=use_8bit_adam, early_stop=early_stop.value,
+        dvar_window=dvar_window, dvar_eps=dvar_eps, eval_batch=eval_batch, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, device=device, num_vectors=num_vectors, property=prop.value, rank=rank,
+        lora_alpha=lora_alpha, lora_targets=lora_targets, train_text_encoder=train_text_encoder,
         text_encoder_lr=text_encoder_lr,
-    )
+    )  # fmt: skip
     if saved is not None:
         given = _given(ctx, bool(raw))
         _check_resume(resume, saved, cfg, given)  # type: ignore[arg-type]
         cfg = resumed_config(saved, cfg, given)
-    if main:
-        result = _claim_and_run(cfg, resume, force, [Path(s.data) for s in specs])
-    else:
-        result = _run(cfg, resume is not None, replace_output=True)
+    inputs = [Path(s.data) for s in specs]
+    result = _claim_and_run(cfg, resume, force, inputs) if main else _run(cfg, resume is not None, replace_output=True)
     if not main:
         if samples:
             console.summary(f"process {_rank()}: the sample grid is left to the main process")

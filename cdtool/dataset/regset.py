@@ -11,13 +11,14 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cdtool import __version__, console
 from cdtool.atomic import atomic_path
 from cdtool.dataset.folders import METADATA
 from cdtool.dataset.images import IMAGE_SUFFIXES, ImageError, open_image
@@ -47,6 +48,210 @@ def write_metadata(out: Path, rows: list[dict[str, Any]], provenance: dict[str, 
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     with atomic_path(out / PROVENANCE) as tmp:
         tmp.write_text(json.dumps(provenance, indent=1) + "\n", encoding="utf-8")
+
+
+def read_provenance(folder: Path) -> dict[str, Any] | None:
+    """The regset.json of an earlier set in `folder`, if there is a readable one."""
+    try:
+        doc = json.loads((folder / PROVENANCE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def write_set(out: Path, doc: dict[str, Any], config: dict[str, Any], output: Path) -> dict[str, Any]:
+    """metadata.jsonl (the set's rows, taken out of `doc`) and regset.json: what made the set
+    (`doc`, the request's `config`, cdtool's version, the folder it is meant for)."""
+    doc.update(config, created_by=f"cdtool {__version__} regset", output=str(output))
+    write_metadata(out, doc.pop("rows"), doc)
+    return doc
+
+
+@dataclass
+class Candidate:
+    """An image a retrieved set may take: its caption, how it was found (`found`: its source or
+    URL and its similarity, recorded in regset.json), and how to open it."""
+
+    caption: str
+    found: dict[str, Any]
+    open: Callable[[], Any]
+
+
+def select_images(
+    candidates: Iterable[Candidate],
+    n: int,
+    out: Path,
+    skip: tuple[type[Exception], ...],
+    on_skip: Callable[[Exception], None] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Take the first `n` candidates that open (one that raises an exception of `skip` is passed
+    over, with `on_skip`) and save them as RGB PNGs 00000.png, 00001.png, ... in `out`. Returns
+    the metadata rows (file_name, text), what each file is (file_name and how it was found), and
+    how many candidates were passed over."""
+    from cdtool.sampling.generate import save_png
+
+    rows: list[dict[str, Any]] = []
+    chosen: list[dict[str, Any]] = []
+    skipped = 0
+    for candidate in candidates:
+        if len(rows) == n:
+            break
+        try:
+            image = candidate.open()
+        except skip as e:
+            if on_skip is not None:
+                on_skip(e)
+            skipped += 1
+            continue
+        name = f"{len(rows):05d}.png"
+        save_png(image.convert("RGB"), out / name)
+        rows.append({"file_name": name, "text": candidate.caption})
+        chosen.append({"file_name": name, **candidate.found})
+    return rows, chosen, skipped
+
+
+def generate_set(
+    texts: list[str],
+    out: Path,
+    earlier: Path | None,
+    n: int,
+    *,
+    steps: int,
+    guidance: float,
+    resolution: int | None,
+    batch_size: int,
+    scheduler: str,
+    seed: int,
+    model: str,
+    device: str,
+    dtype: str,
+) -> dict[str, Any]:
+    """`n` images of the base model in `out`, image i from `texts[i % len(texts)]` with seed
+    `seed` + i; images of the same set already in `earlier` are carried over, not generated again.
+    Returns the set's rows and what made it."""
+    from cdtool.sampling.generate import Job, generate, save_png, set_scheduler
+
+    jobs = [Job(texts[i % len(texts)], 0, seed + i, f"{i:05d}.png") for i in range(n)]
+    todo = [j for j in jobs if earlier is None or not keep_image(earlier / j.file_name, out / j.file_name)]
+    if len(todo) < n:
+        console.log(f"{n - len(todo)} of {n} images already there; generating {len(todo)}")
+    if todo:
+        from cdtool.models.pipeline import load_with_deltas
+
+        pipe = load_with_deltas(model, [], device=device, dtype=dtype)
+        set_scheduler(pipe, scheduler)
+        size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        start = time.perf_counter()
+        with console.progress("generating", len(todo), plain=True) as bar:
+            for k, (job, image) in enumerate(
+                generate(
+                    pipe,
+                    todo,
+                    steps=steps,
+                    guidance=guidance,
+                    height=size,
+                    width=size,
+                    batch_size=batch_size,
+                    negative_prompt=None,
+                ),
+                1,
+            ):
+                save_png(image, out / job.file_name)
+                eta = (time.perf_counter() - start) / k * (len(todo) - k)
+                bar.advance(1, f"ETA {eta:.0f}s")
+    return {
+        "rows": [{"file_name": j.file_name, "text": j.prompt} for j in jobs],
+        "generated": len(todo),
+        "kept": n - len(todo),
+        "model": model,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "scheduler": scheduler,
+    }
+
+
+def retrieve_set(
+    collection: Path, text: str, out: Path, n: int, min_sim: float, clip_model: str, clip_pretrained: str
+) -> dict[str, Any]:
+    """Up to `n` images of a local collection whose captions reach `min_sim` CLIP similarity to
+    `text`, best first, in `out`. Returns the set's rows and what made it."""
+    from cdtool.scoring.clip_models import load_clip
+
+    items = scan_collection(collection)
+    if not items:
+        raise CdtoolError(
+            f"{collection} holds no captioned images (metadata.jsonl, .txt beside images, or .tar shards)"
+        )
+    console.log(f"{len(items)} captioned images in {collection}")
+    clip = load_clip(clip_model, clip_pretrained)
+    ranked = rank(clip, items, text, console.log)
+    qualified = [(s, it) for s, it in ranked if s >= min_sim]
+    console.log(f"{len(qualified)} of {len(items)} captions have similarity >= {min_sim} to {text!r}")
+    if not qualified:
+        raise CdtoolError(
+            f"no caption in {collection} reaches --min-sim {min_sim} for {text!r} (best {ranked[0][0]:.3f}); lower --min-sim or use a larger collection"
+        )
+    candidates = (
+        Candidate(
+            item.caption,
+            {"source": item.path + (f"::{item.member}" if item.member else ""), "similarity": sim},
+            item.open,
+        )
+        for sim, item in qualified
+    )
+    rows, chosen, unreadable = select_images(candidates, n, out, (ImageError,), lambda e: console.warn(f"skipped {e}"))
+    if len(rows) < n:
+        console.warn(f"only {len(rows)} of the {n} images asked for qualified (similarity >= {min_sim})")
+    return {
+        "rows": rows,
+        "collection": str(collection),
+        "collection_size": len(items),
+        "qualified": len(qualified),
+        "unreadable": unreadable,
+        "min_sim": min_sim,
+        "clip_model": clip_model,
+        "clip_pretrained": clip_pretrained,
+        "images": chosen,
+    }
+
+
+def knn_set(
+    url: str, text: str, out: Path, n: int, min_sim: float, index: str, timeout: float, retries: int
+) -> dict[str, Any]:
+    """Up to `n` images a clip-retrieval service finds for `text` with similarity at least
+    `min_sim`, downloaded into `out`. Returns the set's rows and what made it."""
+    results = knn_query(url, text, n * 2, index, timeout, retries)
+    qualified = [r for r in results if float(r.get("similarity", 1.0)) >= min_sim]
+    console.log(f"{len(results)} results, {len(qualified)} with similarity >= {min_sim}")
+    rows, chosen, failed = select_images(
+        _downloads(qualified, text, timeout, retries), n, out, (CdtoolError, ImageError)
+    )
+    if not rows:
+        raise CdtoolError(f"none of the {len(qualified)} results from {url} could be downloaded as an image")
+    if len(rows) < n:
+        console.warn(f"only {len(rows)} of the {n} images asked for were retrieved ({failed} downloads failed)")
+    return {
+        "rows": rows,
+        "service": url,
+        "index": index,
+        "results": len(results),
+        "qualified": len(qualified),
+        "failed_downloads": failed,
+        "min_sim": min_sim,
+        "images": chosen,
+    }
+
+
+def _downloads(results: list[dict[str, Any]], text: str, timeout: float, retries: int) -> Iterator[Candidate]:
+    """The kNN service's results as candidates, each downloaded when it is opened."""
+    for r in results:
+        url = r["url"]
+        yield Candidate(
+            str(r.get("caption") or text),
+            {"url": url, "similarity": r.get("similarity")},
+            lambda url=url: open_image(url, download(url, timeout, retries)),
+        )
 
 
 # ---- retrieval from a local collection -------------------------------------------------------

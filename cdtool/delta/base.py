@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cdtool.delta.file import Delta
+from cdtool.delta.file import FORMAT, Delta
 from cdtool.errors import CdtoolError, first_line
 from cdtool.models.loading import load_pipeline, local_path, model_location
 
@@ -209,6 +209,44 @@ def check_token_width(delta: Delta, params: Mapping[str, torch.Tensor], model: s
                     f"{delta.origin}: token {token} is {emb.shape[-1]} numbers wide; the token table of {model} "
                     f"is {table.shape[1]}; is the file for another base model (or not a token embedding)?"
                 )
+
+
+def resolve_on_base(
+    delta: Delta, model: str, *, extra: Iterable[str] = (), record: bool = False
+) -> tuple[Delta, dict[str, torch.Tensor]]:
+    """Read the base weights `delta` touches (and the `extra` names) from `model`, and make the
+    delta relative to them where it holds fine-tuned weights (official and diffusers files, run
+    checkpoints). With `record`, for a file cdtool did not write or one without a fingerprint, the
+    delta is first checked against the base (its kind, its tokens' width) and then records the
+    base: its kind, its name and its fingerprint. Every layer and token is checked to fit the base
+    (check_fits). Returns the delta and the weights read."""
+    vocab = None
+    if record:
+        from cdtool.models.loading import base_kind
+
+        kind = base_kind(model)
+        check_kind(delta, kind, model)
+        delta.base_kind = kind
+    names = fingerprint_names(delta)
+    params = load_base_params(model, [*names, *(n for n in extra if n not in names)])
+    if record and delta.tokens:
+        from cdtool.models.loading import load_text_side
+
+        check_token_width(delta, params, model)
+        vocab = len(load_text_side(model).tokenizer)
+    if delta.needs_base:
+        delta = delta.relative_to(params)
+    check_fits(delta, params, model)
+    if record and (not delta.base_fingerprint or delta.source_format != FORMAT):
+        record_base(delta, model, params, vocab)
+    return delta, params
+
+
+def record_base(delta: Delta, model: str, params: Mapping[str, torch.Tensor], vocab: int | None) -> None:
+    """Tie `delta` to its base: the base's name and the fingerprint of the weights it touches
+    (`vocab`: the base tokenizer's size, where the delta adds tokens)."""
+    delta.base_model = model
+    delta.base_fingerprint = fingerprint(params, fingerprint_names(delta), vocab)
 
 
 def model_fingerprint(model: str, pipe: Any = None) -> str:

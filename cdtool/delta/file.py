@@ -133,6 +133,47 @@ class Delta:
         return None
 
 
+def describe(delta: Delta, path: Path) -> dict[str, Any]:
+    """A JSON-ready summary of a delta read from `path` (what `cdtool info` shows)."""
+    ranks = [layer.rank for layer in delta.layers.values()]
+    return {
+        "path": str(path),
+        "format": delta.source_format,
+        "size_bytes": path.stat().st_size if path.is_file() else None,
+        "base_model": delta.base_model or None,
+        "base_fingerprint": delta.base_fingerprint or None,
+        "needs_base": delta.needs_base,
+        "created_by": delta.created_by or None,
+        "base_kind": delta.kind or None,
+        "tokens": {t: _token_doc(delta, t) for t in delta.tokens},
+        "visual": {t: {"tokens": int(v.shape[0]), "dim": int(v.shape[1])} for t, v in delta.visual.items()},
+        "encoder": delta.encoder,
+        "concepts": delta.concepts,
+        "layers": {
+            name: {
+                "shape": list(layer.shape),
+                "rank": layer.rank,
+                "dtype": str(layer.dtype).removeprefix("torch."),
+                "bias": layer.bias is not None,
+                "absolute": layer.absolute,
+            }
+            for name, layer in sorted(delta.layers.items())
+        },
+        "layer_count": len(delta.layers),
+        "low_rank_layers": sum(r is not None for r in ranks),
+        "provenance": delta.provenance,
+    }
+
+
+def _token_doc(delta: Delta, token: str) -> dict[str, int]:
+    """A token's rows: how many, and their width (in each text encoder: `dim_2` for SDXL's second)."""
+    e = delta.tokens[token]
+    doc = {"vectors": int(e.shape[0]), "dim": int(e.shape[1])}
+    if token in delta.tokens_2:
+        doc["dim_2"] = int(delta.tokens_2[token].shape[1])
+    return doc
+
+
 def base_param(base: Mapping[str, torch.Tensor], name: str, shape: torch.Size) -> torch.Tensor:
     """`base[name]`, checked against the shape the delta expects."""
     if name not in base:

@@ -7,9 +7,12 @@ smallest k whose kept share reaches the target.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
+
+from cdtool.delta.file import FORMAT, Delta, LayerDelta
 
 
 @dataclass
@@ -92,3 +95,57 @@ def factors_are_larger(shape: tuple[int, int], rank: int) -> bool:
     many numbers as the matrix itself (out·in): then the matrix is the smaller way to store it."""
     out, inp = shape
     return rank * (out + inp) >= out * inp
+
+
+@dataclass
+class Compressed:
+    """A delta with each layer truncated, and what was kept of each layer."""
+
+    delta: Delta
+    # per layer: rank, energy, fro (kept shares), shape, was_rank, stored (dense or factors), bytes
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    capped: list[str] = field(default_factory=list)  # layers smaller than the rank asked for
+
+
+def compress_delta(
+    delta: Delta,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    fro: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    method: str = "exact",
+    seed: int = 0,
+) -> Compressed:
+    """Every layer of a relative delta truncated by `truncate` (one of rank/energy/fro) and stored in
+    `dtype`: as up/down factors, or as one dense matrix where the factors would not be smaller (the
+    whole ΔW where nothing was cut, else the rank-k approximation). Tokens, concepts, the base and
+    the provenance are kept (the caller adds its own entry)."""
+    out = replace(delta, layers={}, provenance=dict(delta.provenance), created_by="", source_format=FORMAT, origin="")
+    result = Compressed(out)
+    for name, layer in sorted(delta.layers.items()):
+        t = truncate(layer.dense(), rank=rank, energy=energy, fro=fro, method=method, seed=seed)
+        if t.capped:
+            result.capped.append(name)
+        dense = factors_are_larger(layer.shape, t.rank)
+        if dense:
+            full = layer.dense() if t.rank == min(layer.shape) else t.up @ t.down
+            out.layers[name] = LayerDelta(full=full.to(dtype), bias=layer.bias)
+        else:
+            out.layers[name] = LayerDelta(up=t.up.to(dtype), down=t.down.to(dtype), bias=layer.bias)
+        result.layers[name] = {
+            "rank": t.rank,
+            "energy": t.energy,
+            "fro": t.fro,
+            "shape": list(layer.shape),
+            "was_rank": layer.rank,
+            "stored": "dense" if dense else "factors",
+            "bytes": stored_bytes(out.layers[name]),
+        }
+    return result
+
+
+def stored_bytes(layer: LayerDelta) -> int:
+    """The bytes a layer's tensors take in the file (factors or the dense ΔW, and its bias)."""
+    tensors = [t for t in (layer.full, layer.up, layer.down, layer.bias) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)

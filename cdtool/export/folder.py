@@ -5,12 +5,13 @@ its token files (cdtool/export/embeddings.py), the sample picture and the model 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
 from cdtool.atomic import inside
+from cdtool.choices import SDXL
 from cdtool.delta.file import Delta, check_finite_output, save_safetensors
 from cdtool.errors import CdtoolError
 from cdtool.export.embeddings import a1111_embeddings, is_sdxl, sdxl_embedding, token_file_stems, token_files
@@ -90,6 +91,31 @@ def export(
         written.append(SAMPLES)
     written.append(_write_card(delta, target, path, name or path.name, written, samples is not None, license))
     return [path / w for w in written]
+
+
+def base_names(delta: Delta, target: str, model: str) -> list[str]:
+    """The base weights an export reads besides those the delta touches: its `to_out.0` layers'
+    biases, and for `diffusers-custom-diffusion` every attention's query (to list the processors)."""
+    from cdtool.delta.base import unet_param_names
+
+    names = [f"{n}.bias" for n in delta.layers if n.endswith("to_out.0")]
+    if target == "diffusers-custom-diffusion":
+        names += [n for n in unet_param_names(model) if n.endswith(".to_q.weight")]
+    return names
+
+
+def kohya_layers_per_block(delta: Delta, base_model: str | None, choose_base: Callable[[], str]) -> int:
+    """The UNet's layers per block, which kohya's SDXL names count (2 for every other base): an
+    import records no kind, and where its base was read anyway (`base_model`: a Custom Diffusion
+    folder's fine-tuned weights) the base says; `choose_base` names it otherwise."""
+    if not (delta.kind == SDXL or (delta.kind == "" and base_model is not None)):
+        return 2
+    from cdtool.models.loading import base_kind, unet_config
+
+    model = base_model or choose_base()
+    if delta.kind == SDXL or base_kind(model) == SDXL:
+        return int(unet_config(model).get("layers_per_block", 2))
+    return 2
 
 
 def _write_weights(

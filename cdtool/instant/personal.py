@@ -20,11 +20,10 @@ from typing import Any
 
 import torch
 
-from cdtool import __version__
 from cdtool.dataset.folders import load_image
 from cdtool.delta.file import Delta
+from cdtool.delta.provenance import personalize_entry, stamp
 from cdtool.errors import CdtoolError
-from cdtool.hashing import file_sha256
 from cdtool.instant.adapters import Attached, BlockShape, attach, make_adapters
 from cdtool.instant.backbones import resize
 from cdtool.instant.encoders import combine_photos
@@ -53,7 +52,7 @@ def personalize(photos: Sequence[Path], encoder_dir: Path, token: str | None = N
         if not bool(torch.isfinite(t).all()):
             raise CdtoolError(f"{encoder_dir}: the encoder gave non-finite {name}; its weights are damaged")
     sha = encoder_sha256(enc.path)
-    return Delta(
+    concept = Delta(
         tokens={token: rows.float().cpu()},
         visual={token: tokens.float().cpu()},
         base_kind=s.base_kind,
@@ -69,16 +68,9 @@ def personalize(photos: Sequence[Path], encoder_dir: Path, token: str | None = N
             }
         ],
         encoder=_encoder_record(enc, sha),
-        created_by=f"cdtool {__version__} personalize",
-        provenance={
-            "personalize": {
-                "photos": [{"path": str(p), "sha256": file_sha256(Path(p))} for p in photos],
-                "encoder": str(enc.path.resolve()),
-                "encoder_sha256": sha,
-                "encoder_step": enc.progress.step,
-            }
-        },
     )
+    stamp(concept, "personalize", personalize_entry(photos, enc.path, sha, enc.progress.step), new=True)
+    return concept
 
 
 def _encoder_record(enc: EncoderFolder, sha: str) -> dict[str, Any]:

@@ -40,6 +40,23 @@ def trained_components(record: Delta) -> list[str]:
     return ["unet", *(encoders if config.get("train_text_encoder") else [])]
 
 
+def describe_model(record: Delta, path: Path) -> dict[str, Any]:
+    """A JSON-ready summary of a whole model cdtool trained (its record, cdtool.json; what `cdtool
+    info` shows of a model folder)."""
+    return {
+        "path": str(path),
+        "format": record.source_format,
+        "size_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+        "base_model": record.base_model or None,
+        "base_fingerprint": record.base_fingerprint or None,
+        "created_by": record.created_by or None,
+        "base_kind": record.kind or None,
+        "trained": trained_components(record),
+        "concepts": record.concepts,
+        "provenance": record.provenance,
+    }
+
+
 def adopt_record(delta: Delta, record: Delta, base: Any, base_model: str, warn: Callable[[str], None]) -> None:
     """A delta extracted from a whole model cdtool trained takes the model's concepts (identifier,
     class noun, prompts: what a merge builds its constraints from) and provenance, once `base` (the

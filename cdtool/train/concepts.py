@@ -37,6 +37,25 @@ class ConceptSpec:
     reg: str | None = None
 
 
+def concepts_from_options(
+    data: Path | None, described: dict[str, str | Path | None], concepts: list[str], concepts_file: Path | None
+) -> list[dict[str, str]]:
+    """The concepts a command line names, as `--concept` fields: the DATA folder with the options
+    that describe it (`described`: token, class, reg, init, prompt; None where not given), then
+    each `--concept` spec, then the concepts of a concepts file."""
+    raw: list[dict[str, str]] = []
+    if data is not None:
+        raw.append({"data": str(data), **{key: str(value) for key, value in described.items() if value is not None}})
+    elif any(value is not None for value in described.values()):
+        raise UsageError(
+            "--token, --class-noun, --reg, --init-token and --prompt describe the DATA argument; give it, or use --concept"
+        )
+    raw += [parse_concept(c) for c in concepts]
+    if concepts_file is not None:
+        raw += read_concepts_file(concepts_file)
+    return raw
+
+
 def parse_concept(spec: str) -> dict[str, str]:
     """`DIR[,token=<new2>,class=dog,reg=DIR,init=pll,prompt=...]` -> fields."""
     out: dict[str, str] = {}

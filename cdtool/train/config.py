@@ -4,7 +4,9 @@ config.json records (cdtool/train/runs.py writes and reads it, and tells what a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from cdtool.train.recipes import CUSTOM_DIFFUSION, DEFAULTS
 
 if TYPE_CHECKING:
     from cdtool.train.concepts import ConceptSpec
@@ -45,3 +47,33 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
+
+
+def training_config(
+    method: str,
+    concepts: list[ConceptSpec],
+    *,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    scale_lr: bool | None = None,
+    aug: bool | None = None,
+    dvar_window: int | None = None,
+    dvar_eps: float | None = None,
+    **settings: Any,
+) -> TrainConfig:
+    """A run's settings: those given, and for those left out (None) the method's published
+    defaults (cdtool.train.recipes.DEFAULTS); Custom Diffusion's default steps are per concept."""
+    d = DEFAULTS[method]
+    return TrainConfig(
+        concepts=concepts,
+        method=method,
+        steps=steps or d.steps_per_concept * (len(concepts) if method == CUSTOM_DIFFUSION else 1),
+        batch_size=batch_size or d.batch_size,
+        lr=d.lr if lr is None else lr,
+        scale_lr=d.scale_lr if scale_lr is None else scale_lr,
+        aug=d.aug if aug is None else aug,
+        dvar_window=dvar_window or d.dvar_window,
+        dvar_eps=d.dvar_eps if dvar_eps is None else dvar_eps,
+        **settings,
+    )

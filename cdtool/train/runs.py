@@ -269,6 +269,7 @@ def delta_from_run(path: Path) -> Delta:
     checkpoint folder; checkpoint weights are absolute, so the base is subtracted by the caller."""
     from cdtool.delta.file import Delta, LayerDelta, read_cdtool
     from cdtool.delta.importers import load_pickle
+    from cdtool.delta.provenance import checkpoint_entry, stamp
 
     run_dir = path.parent.parent if (path / STATE).exists() else path
     config = json.loads((run_dir / CONFIG).read_text())["config"]
@@ -290,7 +291,6 @@ def delta_from_run(path: Path) -> Delta:
         base_model=config["model"],
         source_format="cdtool-checkpoint",
         origin=str(ckpt),
-        created_by=f"cdtool {__version__} train (checkpoint step {state['step']})",
     )
     if config.get("method", "custom-diffusion") != "custom-diffusion":
         raise CdtoolError(
@@ -316,5 +316,6 @@ def delta_from_run(path: Path) -> Delta:
                 "prompts": sorted({e[1] for e in c["examples"]})[:20],
             }
         )
-    delta.provenance = {"train": {"checkpoint": str(ckpt), "step": int(state["step"])}}
+    step = int(state["step"])
+    stamp(delta, "train", checkpoint_entry(ckpt, step), command=f"train (checkpoint step {step})", new=True)
     return delta

@@ -28,13 +28,13 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 from diffusers import DDPMScheduler
 
-from cdtool import __version__
 from cdtool.atomic import Output, claim_output
 from cdtool.choices import SDXL
 from cdtool.dataset.folders import Example, load_image
 from cdtool.delta.base import TOKEN_EMBEDDING_2, fingerprint, fingerprint_names, pipeline_params
 from cdtool.delta.file import Delta, LayerDelta
 from cdtool.delta.importers import save_delta
+from cdtool.delta.provenance import stamp, train_entry
 from cdtool.errors import CdtoolError
 from cdtool.models.conditioning import Encoded, TextSide, encode, time_ids, unet_inputs
 from cdtool.models.finetuned import model_fingerprint, write_model_folder
@@ -665,7 +665,6 @@ def _build_delta(
         base_kind=parts.kind,
         base_model=cfg.model,
         base_fingerprint=base.fingerprint,
-        created_by=f"cdtool {__version__} train ({method.name})",
     )
     modules = {"unet": parts.unet, **parts.text.named()}
     for n in layer_names:
@@ -681,7 +680,7 @@ def _build_delta(
             delta.tokens_2[c.token] = learned[1][own].clone()
     delta.concepts = [method.concept_record(cfg, c, c in tokens.concepts) for c in cfg.concepts]
     config = {k: v for k, v in asdict(cfg).items() if k != "concepts"}
-    delta.provenance = {"train": {"config": config, **run, "method": method.name}}
+    stamp(delta, "train", train_entry(config, run, method.name), command=f"train ({method.name})", new=True)
     return delta
 
 
