@@ -50,3 +50,25 @@ def test_separately_trained_concepts_record_distinct_initialisers(cli, tmp_path)
             "--steps", 1, "--resolution", 64)  # fmt: skip
         inits.append(read_cdtool(out).concepts[0]["init_token"])
     assert inits == ["ktn", "pll"]
+
+
+def test_a_compact_vocabulary_tokenizes_its_words_as_clip_does(tmp_path):
+    """The toy text encoder's vocabulary: a cut of CLIP's that splits every word of the toy world as
+    CLIP's full vocabulary does, holds the default initialisers, and still tokenizes any text."""
+    import random
+
+    from transformers import CLIPTokenizer
+
+    from cdtool.models.clip_vocab import compact_vocab_and_merges, write_tokenizer
+    from cdtool.models.tokens import DEFAULT_INIT
+    from cdtool.toy.photos import toy_captions
+    from cdtool.toy.world import caption_words
+
+    write_tokenizer(tmp_path, *compact_vocab_and_merges(caption_words(), DEFAULT_INIT))
+    small, full = CLIPTokenizer.from_pretrained(str(tmp_path)), load_clip_tokenizer()
+    assert 512 < len(small) < 1000 and small.pad_token_id == small.eos_token_id
+    for caption in [*toy_captions(random.Random(0), None, 200), "a far away a small red and white dotted heart"]:
+        assert small.tokenize(caption) == full.tokenize(caption), caption
+    assert all(piece in small.get_vocab() for piece in DEFAULT_INIT)
+    pieces = small.tokenize("zebra crossing")  # words it never saw: smaller pieces, nothing lost
+    assert "".join(pieces).replace("</w>", " ").split() == ["zebra", "crossing"] and "<|endoftext|>" not in pieces

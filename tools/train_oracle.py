@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="where to write the weights (default: the shipped oracle's file)")
     ap.add_argument("--vae-round-trips", action="store_true", help="train on VAE round trips too (see above)")
     ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="v2: the eight suite concepts")
+    ap.add_argument("--lr", type=float, default=2e-3, help="the one-cycle schedule's peak learning rate")
     ap.add_argument(
         "--vae", type=Path, help="the model folder whose VAE makes the round trips (default: the toy model)"
     )
@@ -147,9 +148,9 @@ def main() -> None:
         x = torch.cat([x[:half], vae_round_trips(x[half:], args.seed + 3, args.vae)])
         print(f"VAE round trips of half of them ({time.perf_counter() - t0:.0f}s)")
     model = Oracle(args.world)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps = args.epochs * (args.train // 128)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
     g = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
         model.train()

@@ -71,21 +71,7 @@ def clip_tokenizer_dir() -> Path:
         raise CdtoolError(f"open_clip's BPE file gave {len(vocab)} tokens, expected {CLIP_VOCAB_SIZE}")
     # A private temp folder renamed into place, so concurrent processes never see a partial one.
     tmp = Path(tempfile.mkdtemp(prefix=".clip-tokenizer.", dir=out.parent))
-    (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": MODEL_MAX_LENGTH,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "do_lower_case": True,
-    }
-    (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-    (tmp / "special_tokens_map.json").write_text(
-        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
-    )
+    write_tokenizer(tmp, vocab, merges)
     try:
         tmp.rename(out)
     except OSError:  # another process finished first
