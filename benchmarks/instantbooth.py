@@ -210,13 +210,13 @@ def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
                 "plain_obeyed": judged[f"prior {noun}"]["prompt_fidelity"],
                 "n": judged[f"concept {token}"]["n"],
                 "seconds_to_first_sample": round(
-                    prep_seconds[token] + (reg_seconds[noun] if uses_reg else 0.0) + seconds + first, 1
+                    prep_seconds[token] + (reg_seconds[noun] if uses_reg else 0.0) + seconds + first, 3
                 ),
                 "seconds": {
                     "prep": prep_seconds[token],
                     "regset": reg_seconds[noun] if uses_reg else 0.0,
-                    "make": round(seconds, 1),
-                    "first_sample": round(first, 1),
+                    "make": round(seconds, 3),
+                    "first_sample": round(first, 3),
                 },
             }
         ib.results["methods"][method] = {"concepts": cells, "suite": _suite(cells)}

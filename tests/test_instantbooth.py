@@ -370,7 +370,7 @@ def test_benchmark_runs_at_a_minimal_size(tmp_path):
     for method, r in res["methods"].items():
         cell = r["concepts"]["<new1>"]
         assert cell["n"] == 8 and 0 <= cell["concept_fidelity"] <= 1 and 0 <= cell["prior_drift"] <= 1, method
-        assert cell["seconds_to_first_sample"] > cell["seconds"]["make"] > 0
+        assert cell["seconds_to_first_sample"] >= cell["seconds"]["make"] >= 0  # times are reported, never judged
         assert r["suite"]["concept_fidelity"]["n"] == 8
     assert res["goals"]["speedup"] > 0 and set(res["goals"]["targets"]) == {"fidelity_ratio", "speedup"}
     ib = res["methods"][INSTANTBOOTH]["concepts"]["<new1>"]
