@@ -105,6 +105,15 @@ def test_unet_rereads_a_frozen_text_encoder_and_resumes(tmp_path, text_encoder):
     meta = json.loads((run / "checkpoint.json").read_text())
     assert meta["step"] == 2 and meta["n_averaged"] == 2 and meta["settings"]["world"] == "v2"
     assert json.loads((out / "pretraining.json").read_text())["unet_steps"] == meta["done_before"] + 2
+    # as a repository keeps it: the compact copy, resumed on another machine with the folders it names moved
+    _script("tools/resumable.py", "compact", run, tmp_path / "kept")
+    text_encoder.rename(tmp_path / "moved-text")
+    _script("tools/pretrain_toy.py", "--resume", tmp_path / "kept", "--text-encoder", tmp_path / "moved-text",
+            "--out", tmp_path / "model2", "--until", 3, *common)  # fmt: skip
+    assert json.loads((tmp_path / "model2" / "pretraining.json").read_text())["unet_steps"] == meta["done_before"] + 3
+    assert json.loads((tmp_path / "kept" / "checkpoint.json").read_text())["settings"]["text_encoder"] == str(
+        tmp_path / "moved-text"
+    )
 
 
 def test_a_second_text_stage_starts_from_the_first_with_the_identity_loss(tmp_path, text_encoder):

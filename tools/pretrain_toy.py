@@ -201,7 +201,7 @@ def main() -> None:
     ap.add_argument("--until", type=int, help="stop this run once this many steps are done since --init")
     args = ap.parse_args()
     if args.resume:
-        return resume(args)
+        return resume(args, ap)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -246,17 +246,20 @@ def main() -> None:
     main_stage(args, vae, unet, text, tokenizer, 0, args.run)
 
 
-def resume(args: argparse.Namespace) -> None:
-    """Continues a --run folder: its settings (but --minutes, --threads, --save-minutes, --until), the model it
+def resume(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
+    """Continues a --run folder: its settings (but --minutes, --threads, --save-minutes, --until, and the
+    --text-encoder and --out folders where given, for a checkpoint moved to another machine), the model it
     started from, its weights, moving average, optimiser and step."""
     tensors, meta = load_checkpoint(args.resume)
     settings = {
         k: Path(v) if k in ("init", "text_encoder", "out", "run") and v is not None else v
         for k, v in meta["settings"].items()
     }
+    moved = {k: getattr(args, k) for k in ("text_encoder", "out") if getattr(args, k) != ap.get_default(k)}
     args = argparse.Namespace(
         **{
             **settings,
+            **moved,
             "minutes": args.minutes,
             "threads": args.threads,
             "save_minutes": args.save_minutes,
