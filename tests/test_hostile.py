@@ -259,9 +259,11 @@ def test_sample_never_draws_non_finite_pixels(tmp_path):
 # ---- real processes: a command paused at a chosen call, then signalled or raced ------------------
 
 # Runs `cdtool ARGS` with MODULE.FUNCTION paused before its CALL-th call: it touches READY, then
-# waits for GO (or a signal) before making that call.
+# waits for GO (or a signal) before making that call. Ctrl-C reaches it as it reaches a command typed
+# in a terminal, even when the tests themselves run in the background, where SIGINT starts ignored.
 PAUSED = """
-import importlib, os, sys, time
+import importlib, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 module, name, call, ready, go = sys.argv[1:6]
 target = importlib.import_module(module)
 original = getattr(target, name)
