@@ -28,11 +28,13 @@ def first_line(e: BaseException) -> str:
 
 class Interrupted(KeyboardInterrupt):
     """A signal that ends the command as Ctrl-C does (SIGTERM, SIGHUP): every `finally` and cleanup
-    runs, and the command exits with 128 + the signal's number."""
+    runs, and the command exits with 128 + the signal's number. `reported`: a command run inside this
+    one has already said so."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, reported: bool = False) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.reported = reported
 
 
 def read_text(path: Path, what: str = "file") -> str:

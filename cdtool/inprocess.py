@@ -54,7 +54,7 @@ class InProcess:
         )
         self.timings[key] = round(time.perf_counter() - start, 1)
         if isinstance(code, int) and code > 128:  # the command was interrupted: so is this one
-            raise Interrupted(code - 128)
+            raise Interrupted(code - 128, reported=True)  # its line is already on stderr
         if code not in (None, 0):
             raise CdtoolError(f"stopped at `cdtool {shlex.join(argv)}` (its error is above)")
         return json.loads(out.getvalue()) if out.getvalue().strip() else None

@@ -385,6 +385,17 @@ def test_sigterm_leaves_no_staged_folder(paused, tmp_path, two_deltas, command):
     assert _listing(out) == []
 
 
+def test_an_interrupted_demo_leaves_no_folder_and_says_so_once(paused, tmp_path):
+    """The demo runs its steps as commands in its process: the step that was running reports the
+    signal, the demo ends with it, and its half-built folder is gone."""
+    out = tmp_path / "demo"
+    run = paused("cdtool.atomic.publish", "demo", "-o", out, "--reg-images", 1, "--steps", 1)
+    code, stdout, stderr = run.end(signal.SIGTERM)
+    assert code == 143 and stdout == ""
+    assert stderr.count("Interrupted (SIGTERM).") == 1 and "Traceback" not in stderr
+    assert not out.exists() and _dot_files(tmp_path) == []
+
+
 def test_what_a_killed_command_left_is_removed_by_the_next(paused, cli, tmp_path, two_deltas):
     a, b = two_deltas
     out = tmp_path / "m.safetensors"

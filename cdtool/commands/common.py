@@ -188,7 +188,8 @@ def cdtool_command(func: F) -> F:
             signum = getattr(e, "signum", signal.SIGINT)
             name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
             with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
-                typer.echo(f"Interrupted{name}.", err=True)
+                if not getattr(e, "reported", False):
+                    typer.echo(f"Interrupted{name}.", err=True)
             raise typer.Exit(128 + signum) from None
         except BrokenPipeError:  # the reader of stdout stopped reading (`cdtool info X | head`): a normal end
             _discard_stdout()
