@@ -49,7 +49,8 @@ def relative_change(pipe, delta, captions: list[str], token_rows: bool = False) 
         ratio = change.norm(dim=-1) / base.norm(dim=-1).clamp(min=1e-8)
         for k, m in masks.items():
             sums[k].append(float(ratio[m].mean()))
-    return {k: sum(v) / len(v) for k, v in sums.items()}
+    # a delta without layers (textual inversion) changes no key or value: 0 by definition
+    return {k: sum(v) / len(v) if v else 0.0 for k, v in sums.items()}
 
 
 @torch.no_grad()

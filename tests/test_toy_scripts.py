@@ -130,3 +130,24 @@ def test_a_second_text_stage_starts_from_the_first_with_the_identity_loss(tmp_pa
     assert "identity.weight" in second and not torch.equal(first["identity.weight"], second["identity.weight"])
     table = "text.embeddings.token_embedding.weight"
     assert (first[table] - second[table]).abs().max() < 0.01  # started from the first stage, not afresh
+
+
+def test_delta_size_measures_the_relative_change_of_keys_and_values(tiny_pipe):
+    """research/delta_size.py's measure on known changes: a layer's delta equal to its weight changes
+    every row by 100 %, half of it by 50 %, and a delta without layers (textual inversion) by nothing."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT))
+    from research.delta_size import relative_change
+
+    name = next(n for n, _ in tiny_pipe.unet.named_modules() if n.endswith("attn2.to_k"))
+    weight = tiny_pipe.unet.get_submodule(name).weight.detach()
+
+    def delta(scale: float | None) -> SimpleNamespace:
+        layers = {} if scale is None else {f"unet.{name}": SimpleNamespace(dense=lambda: scale * weight)}
+        return SimpleNamespace(layers=layers, tokens=[])
+
+    captions = ["a small red star on a blue background", "a cat"]
+    for scale, expected in ((1.0, 1.0), (0.5, 0.5), (None, 0.0)):
+        got = relative_change(tiny_pipe, delta(scale), captions)
+        assert got == pytest.approx({"caption": expected, "padding": expected}, abs=1e-5), scale
