@@ -563,6 +563,21 @@ def test_a_run_folder_with_links_added_is_not_a_run_folder_to_replace(tmp_path):
     assert foreign_files(run) == ["data", "empty/"]
 
 
+def test_an_encoder_folder_with_links_added_is_not_an_encoder_folder_to_replace(tmp_path):
+    from cdtool.instant.folder import SETTINGS, WEIGHTS, foreign_files
+
+    folder = tmp_path / "cat-encoder"
+    folder.mkdir()
+    (folder / SETTINGS).write_text("{}")
+    (folder / WEIGHTS).write_bytes(b"")
+    (folder / f".{WEIGHTS}.x.tmp").write_bytes(b"")
+    assert foreign_files(folder) == []
+    (folder / "data").symlink_to(tmp_path)
+    (folder / "empty").mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert foreign_files(folder) == ["data", "empty/", "notes.txt"]
+
+
 def test_export_force_through_a_link_leaves_nothing_aside(cli, tmp_path, two_deltas):
     a, b = two_deltas
     real, link = tmp_path / "v1", tmp_path / "latest"

@@ -91,11 +91,14 @@ def is_encoder_folder(path: Path) -> bool:
 
 
 def foreign_files(folder: Path) -> list[str] | None:
-    """The files in an encoder folder that training does not write; None when it is not one."""
+    """What an encoder folder holds that training does not write (symbolic links and empty folders
+    included, as for a run folder); None when it is not one."""
+    from cdtool.atomic import folder_entries
+
     if not (folder / SETTINGS).is_file():
         return None
-    files = (str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    return sorted(f for f in files if f not in FILES and not (f.startswith(".") and f.endswith(".tmp")))
+    files, others = folder_entries(folder)
+    return sorted([f for f in files if f not in FILES and not (f.startswith(".") and f.endswith(".tmp"))] + others)
 
 
 def read_encoder(path: Path) -> EncoderFolder:
