@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from cdtool.delta.base import pipeline_params
 from cdtool.delta.file import read_cdtool, write_cdtool
-from cdtool.models.finetuned import RECORD, model_fingerprint, read_model_record
+from cdtool.models.finetuned import RECORD, read_model_record, unet_fingerprint
 from cdtool.models.tiny import build_tiny_pipeline
 from cdtool.train.methods import method_for
 
@@ -75,7 +75,7 @@ def test_the_record_says_how_it_was_made(trained, cli):
     doc = json.loads((out / RECORD).read_text())
     assert doc["format"] == "cdtool.model" and doc["method"] == "dreambooth" and doc["trained"] == ["unet"]
     assert doc["base_model"] == "tiny" and doc["base_kind"] == "sd1"
-    assert doc["base_fingerprint"] == model_fingerprint(pipeline_params(build_tiny_pipeline()))
+    assert doc["base_fingerprint"] == unet_fingerprint(pipeline_params(build_tiny_pipeline()))
     [concept] = doc["concepts"]
     assert concept["token"] == "sks" and concept["class_noun"] == "cat" and concept["init_token"] is None
     assert concept["prompts"] == ["photo of a sks cat"]

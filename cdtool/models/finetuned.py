@@ -27,7 +27,7 @@ def is_model_folder(path: Path) -> bool:
     return path.is_dir() and (path / MODEL_INDEX).is_file()
 
 
-def model_fingerprint(params: Mapping[str, torch.Tensor]) -> str:
+def unet_fingerprint(params: Mapping[str, torch.Tensor]) -> str:
     """The base fingerprint a whole model records: a delta's (cdtool.delta.base.fingerprint) over
     every UNet parameter of the base, the part every DreamBooth run trains."""
     return fingerprint(params, [n for n in params if n.startswith("unet.")])
@@ -63,7 +63,7 @@ def adopt_record(delta: Delta, record: Delta, base: Any, base_model: str, warn: 
     pipeline of `base_model`) is checked to be the base the model records."""
     from cdtool.delta.base import pipeline_params
 
-    if record.base_fingerprint and model_fingerprint(pipeline_params(base)) != record.base_fingerprint:
+    if record.base_fingerprint and unet_fingerprint(pipeline_params(base)) != record.base_fingerprint:
         raise CdtoolError(
             f"{record.origin} was trained from {record.base_model or 'another base'}, whose UNet is not that of "
             f"{base_model}; pass --model with the base it was trained from"

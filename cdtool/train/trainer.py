@@ -37,7 +37,7 @@ from cdtool.delta.importers import save_delta
 from cdtool.delta.provenance import stamp, train_entry
 from cdtool.errors import CdtoolError
 from cdtool.models.conditioning import Encoded, TextSide, encode, time_ids, unet_inputs
-from cdtool.models.finetuned import model_fingerprint, write_model_folder
+from cdtool.models.finetuned import unet_fingerprint, write_model_folder
 from cdtool.models.loading import base_kind, load_pipeline, pipeline_kind
 from cdtool.models.tokens import (
     TokenRows,
@@ -338,7 +338,7 @@ class _Base:
 def _record_base(method: TrainingMethod, pipe: Any, layer_names: list[str], tokens: _NewTokens) -> _Base:
     params = pipeline_params(pipe)
     if method.full_model:  # no delta: the model is written whole, and records its base by fingerprint
-        return _Base(fingerprint=model_fingerprint(params), weights={}, biases={})
+        return _Base(fingerprint=unet_fingerprint(params), weights={}, biases={})
     # the fingerprint covers what the written delta will name: layers trained as themselves carry
     # their bias's change too (to_out.0 under --train attn2), LoRA factors do not
     touched = Delta(
