@@ -151,3 +151,55 @@ def test_delta_size_measures_the_relative_change_of_keys_and_values(tiny_pipe):
     for scale, expected in ((1.0, 1.0), (0.5, 0.5), (None, 0.0)):
         got = relative_change(tiny_pipe, delta(scale), captions)
         assert got == pytest.approx({"caption": expected, "padding": expected}, abs=1e-5), scale
+
+
+def _text_module():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import pretrain_toy_text
+
+    return pretrain_toy_text
+
+
+def test_rare_names_go_before_the_first_noun_and_shift_the_caption(text_encoder):
+    mod = _text_module()
+    tok = mod.toy_tokenizer(text_encoder / "tokenizer")
+    captions = ["a small red star and a blue circle on a green background", "a circle on a red background"]
+    ids = tok(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    out = mod.with_rare_names(ids, tok, 1.0, torch.Generator().manual_seed(0))
+    for before, after in zip(ids, out, strict=True):
+        noun = int(
+            torch.isin(before, torch.tensor(tok.convert_tokens_to_ids(["star</w>", "circle</w>"]))).int().argmax()
+        )
+        assert torch.equal(after[:noun], before[:noun]) and torch.equal(after[noun + 1 :], before[noun:-1])
+        assert int(after[noun]) not in (tok.bos_token_id, tok.eos_token_id)
+    assert torch.equal(mod.with_rare_names(ids, tok, 0.0, torch.Generator().manual_seed(0)), ids)
+
+
+def test_kept_rows_loss_is_zero_for_the_teacher_itself_and_grows_as_rows_move(text_encoder):
+    from transformers import CLIPTextModel
+
+    mod = _text_module()
+    tok = mod.toy_tokenizer(text_encoder / "tokenizer")
+    teacher = CLIPTextModel.from_pretrained(str(text_encoder / "text_encoder")).eval()
+    student = CLIPTextModel.from_pretrained(str(text_encoder / "text_encoder")).eval()
+    ids = tok(["a red star on a blue background"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert float(mod.kept_rows_loss(student, teacher, ids)) < 1e-10
+    with torch.no_grad():
+        student.final_layer_norm.bias += 1.0  # every row moves by one in each feature
+    want = teacher(ids)[0]
+    expected = 1.0 / float(want.pow(2).mean())
+    assert float(mod.kept_rows_loss(student, teacher, ids)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_text_stage_with_rare_names_keeps_a_teachers_rows(tmp_path, text_encoder):
+    _script(
+        "tools/pretrain_toy_text.py", "--init", text_encoder, "--identity", 0.3, "--rare", 0.5, "--keep-from",
+        text_encoder / "text_encoder", "--keep", 5, "--steps", 2, "--width", 32, "--layers", 1, "--heads", 2,
+        "--batch", 8, "--threads", 1, "--out", tmp_path,
+    )  # fmt: skip
+    settings = json.loads((tmp_path / "checkpoint.json").read_text())["settings"]
+    assert (
+        settings["rare"] == 0.5
+        and settings["keep"] == 5
+        and settings["keep_from"] == str(text_encoder / "text_encoder")
+    )

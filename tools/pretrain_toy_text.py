@@ -126,6 +126,9 @@ def contrastive_loss(args, models, tokenizer, step: int) -> tuple[torch.Tensor, 
         Sampler(step_rng(args.seed, step)), args.batch, views=True, named_patterns=args.patterns, world=args.world
     )
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    plain = ids
+    if args.rare:
+        ids = with_rare_names(ids, tokenizer, args.rare, step_generator(args.seed + 1, step))
     hidden = text(ids)[0]
     img = F.normalize(image((x + 1) / 2), dim=-1)
     scale = heads["log_scale"].clamp(max=4.6052).exp()
@@ -137,7 +140,53 @@ def contrastive_loss(args, models, tokenizer, step: int) -> tuple[torch.Tensor, 
     top1 = float((logits.argmax(dim=1) == labels).float().mean())
     if args.identity:
         loss = loss + args.identity * identity_loss(hidden, ids, tokenizer.eos_token_id, identity, text)
+    if args.keep:
+        loss = loss + args.keep * kept_rows_loss(text, teacher_of(args), plain)
     return loss, top1
+
+
+def with_rare_names(ids: torch.Tensor, tokenizer, share: float, gen: torch.Generator) -> torch.Tensor:
+    """`ids` with, in a `share` of the captions, one random entry of the vocabulary (any but the start
+    and end markers) put before the first thing's noun ("a small ucd star on ..."), as web captions
+    name things with rare words: CLIP met every entry of its vocabulary in training, so a rare token's
+    row, the one a new token starts from, keeps its identity in any context. Captions are shifted
+    right by one; the last padding entry drops off."""
+    from cdtool.toy.world import SHAPES
+
+    nouns = torch.tensor(tokenizer.convert_tokens_to_ids([f"{s}</w>" for s in SHAPES]))
+    special = torch.tensor([tokenizer.bos_token_id, tokenizer.eos_token_id])
+    out = ids.clone()
+    for i in range(ids.shape[0]):
+        if float(torch.rand((), generator=gen)) >= share:
+            continue
+        at = int(torch.isin(ids[i], nouns).int().argmax())
+        while True:
+            name = int(torch.randint(0, len(tokenizer), (), generator=gen))
+            if name not in special:
+                break
+        out[i] = torch.cat([ids[i, :at], torch.tensor([name]), ids[i, at:-1]])
+    return out
+
+
+_TEACHER: dict = {}
+
+
+def teacher_of(args):  # -> transformers.CLIPTextModel
+    """The frozen encoder `--keep-from` names (loaded once)."""
+    from transformers import CLIPTextModel
+
+    if args.keep_from not in _TEACHER:
+        _TEACHER[args.keep_from] = CLIPTextModel.from_pretrained(args.keep_from).float().eval().requires_grad_(False)
+    return _TEACHER[args.keep_from]
+
+
+def kept_rows_loss(text, teacher, ids: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of every row (words, end-of-text and padding) of the ordinary captions
+    `ids` from the frozen `teacher`'s, over the rows' mean square: a UNet trained on the teacher
+    keeps reading these captions as it learned to."""
+    with torch.no_grad():
+        want = teacher(ids)[0]
+    return F.mse_loss(text(ids)[0], want) / want.pow(2).mean()
 
 
 def identity_loss(hidden: torch.Tensor, ids: torch.Tensor, eos_id: int, head: torch.nn.Linear, text) -> torch.Tensor:
@@ -171,6 +220,16 @@ def main() -> None:
         default=0.0,
         help="weight of the loss that keeps each word's row its token's (see identity_loss); 0: contrastive only",
     )
+    ap.add_argument(
+        "--rare",
+        type=float,
+        default=0.0,
+        help="share of captions with a random vocabulary entry as a name (see with_rare_names)",
+    )
+    ap.add_argument(
+        "--keep-from", help="a text_encoder folder whose rows of ordinary captions to keep (see kept_rows_loss)"
+    )
+    ap.add_argument("--keep", type=float, default=0.0, help="weight of keeping --keep-from's rows")
     ap.add_argument("--init", type=Path, help="start from another run's weights (a new schedule, a fresh optimiser)")
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run")
     ap.add_argument("--until", type=int, help="stop this run at this step (default: --steps)")
