@@ -155,3 +155,24 @@ def test_oracle_does_not_read_other_tones_as_the_concepts():
     seen = read(load_oracle(), [render(s) for s in scenes])
     wrong = sum(bool(set(got["fills"]) & set(PATTERNS)) for got in seen)
     assert wrong <= 10, wrong
+
+
+def test_look_words_name_a_two_tone_look_no_suite_concept_has():
+    from cdtool.toy.oracle import OTHER_PATTERN, fill_of
+    from cdtool.toy.world import KIND_WORDS, LOOKS, SUITE_TONES, caption_words
+
+    assert set(LOOKS) <= set(caption_words())
+    for word, (kind, tones) in LOOKS.items():
+        assert (kind, frozenset(tones)) not in SUITE_TONES and all(t in COLOURS for t in tones), word
+    sampler = Sampler(random.Random(5))
+    for _ in range(100):
+        scene = sampler.with_look(sampler.scene())
+        first = scene.things[0]
+        assert (first.pattern, first.pair) == LOOKS[first.look]
+        caption = scene.caption()
+        assert f"{first.look} {first.shape}" in caption and KIND_WORDS[first.pattern] not in caption.split()
+        assert scene.background not in first.pair and fill_of(first) == OTHER_PATTERN
+    image = render(scene, 64)  # drawn in the look's two tones
+    pixels = {tuple(int(v) for v in p) for p in np.asarray(image).reshape(-1, 3)}
+    for name in first.pair:
+        assert any(sum(abs(a - b) for a, b in zip(p, COLOURS[name], strict=True)) < 30 for p in pixels), name

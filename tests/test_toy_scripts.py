@@ -109,11 +109,11 @@ def test_unet_rereads_a_frozen_text_encoder_and_resumes(tmp_path, text_encoder):
     _script("tools/resumable.py", "compact", run, tmp_path / "kept")
     text_encoder.rename(tmp_path / "moved-text")
     _script("tools/pretrain_toy.py", "--resume", tmp_path / "kept", "--text-encoder", tmp_path / "moved-text",
-            "--out", tmp_path / "model2", "--until", 3, *common)  # fmt: skip
+            "--out", tmp_path / "model2", "--until", 3, "--looks", 0.5, *common)  # fmt: skip
     assert json.loads((tmp_path / "model2" / "pretraining.json").read_text())["unet_steps"] == meta["done_before"] + 3
-    assert json.loads((tmp_path / "kept" / "checkpoint.json").read_text())["settings"]["text_encoder"] == str(
-        tmp_path / "moved-text"
-    )
+    kept = json.loads((tmp_path / "kept" / "checkpoint.json").read_text())["settings"]
+    assert kept["text_encoder"] == str(tmp_path / "moved-text") and kept["looks"] == 0.5  # a new stage of the run
+    assert meta["settings"].get("looks", 0.0) == 0.0
 
 
 def test_a_second_text_stage_starts_from_the_first_with_the_identity_loss(tmp_path, text_encoder):
@@ -183,23 +183,49 @@ def test_kept_rows_loss_is_zero_for_the_teacher_itself_and_grows_as_rows_move(te
     teacher = CLIPTextModel.from_pretrained(str(text_encoder / "text_encoder")).eval()
     student = CLIPTextModel.from_pretrained(str(text_encoder / "text_encoder")).eval()
     ids = tok(["a red star on a blue background"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    assert float(mod.kept_rows_loss(student, teacher, ids)) < 1e-10
+    assert float(mod.kept_rows_loss(student, ids, teacher, ids)) < 1e-10
     with torch.no_grad():
         student.final_layer_norm.bias += 1.0  # every row moves by one in each feature
     want = teacher(ids)[0]
     expected = 1.0 / float(want.pow(2).mean())
-    assert float(mod.kept_rows_loss(student, teacher, ids)) == pytest.approx(expected, rel=1e-4)
+    assert float(mod.kept_rows_loss(student, ids, teacher, ids)) == pytest.approx(expected, rel=1e-4)
 
 
-def test_a_text_stage_with_rare_names_keeps_a_teachers_rows(tmp_path, text_encoder):
+class _Vocab:
+    def __init__(self, vocab: dict[str, int]) -> None:
+        self.vocab = vocab
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.vocab
+
+
+def test_a_grown_table_carries_each_kept_entry_s_row_to_its_new_place():
+    mod = _text_module()
+    old = torch.arange(6.0).reshape(3, 2)  # rows of a=0, b=1, c=2
+    start = {"text.embeddings.token_embedding.weight": old}
+    fresh = torch.full((4, 2), -1.0)
+    mod.grown_table(start, {"a": 0, "b": 1, "c": 2}, _Vocab({"b": 0, "new": 1, "a": 2, "c": 3}), fresh)
+    table = start["text.embeddings.token_embedding.weight"]
+    assert torch.equal(table, torch.tensor([[2.0, 3.0], [-1.0, -1.0], [0.0, 1.0], [4.0, 5.0]]))
+
+
+def test_a_tokenizer_without_the_look_words_needs_growth(tmp_path, text_encoder):
+    from cdtool.models.clip_vocab import compact_vocab_and_merges, write_tokenizer
+    from cdtool.models.tokens import DEFAULT_INIT
+    from cdtool.toy.world import LOOKS, caption_words
+
+    mod = _text_module()
+    assert not mod.needs_growth(text_encoder / "tokenizer")
+    write_tokenizer(tmp_path, *compact_vocab_and_merges(set(caption_words()) - set(LOOKS), DEFAULT_INIT))
+    assert mod.needs_growth(tmp_path)
+
+
+def test_a_text_stage_with_rare_names_and_looks_keeps_a_teachers_rows(tmp_path, text_encoder):
     _script(
-        "tools/pretrain_toy_text.py", "--init", text_encoder, "--identity", 0.3, "--rare", 0.5, "--keep-from",
-        text_encoder / "text_encoder", "--keep", 5, "--steps", 2, "--width", 32, "--layers", 1, "--heads", 2,
+        "tools/pretrain_toy_text.py", "--init", text_encoder, "--identity", 0.3, "--rare", 0.5, "--looks", 0.5,
+        "--keep-from", text_encoder, "--keep", 5, "--steps", 2, "--width", 32, "--layers", 1, "--heads", 2,
         "--batch", 8, "--threads", 1, "--out", tmp_path,
     )  # fmt: skip
     settings = json.loads((tmp_path / "checkpoint.json").read_text())["settings"]
-    assert (
-        settings["rare"] == 0.5
-        and settings["keep"] == 5
-        and settings["keep_from"] == str(text_encoder / "text_encoder")
-    )
+    assert settings["rare"] == 0.5 and settings["looks"] == 0.5
+    assert settings["keep"] == 5 and settings["keep_from"] == str(text_encoder)

@@ -119,14 +119,21 @@ def pattern_world(world: str) -> tuple[tuple[str, ...], frozenset]:
 
 
 def batch(
-    sampler, n: int, patterned: float = 0.0, views: bool = False, named_patterns: float = 0.0, world: str = "v1"
+    sampler,
+    n: int,
+    patterned: float = 0.0,
+    views: bool = False,
+    named_patterns: float = 0.0,
+    world: str = "v1",
+    looks: float = 0.0,
 ) -> tuple[torch.Tensor, list[str]]:
     """N rendered scenes as [-1, 1] pixels, with their captions; a `patterned` share of them shows a
     patterned thing of any shape (used for the VAE only, see the module docstring). With `views`,
     some scenes are shrunk or zoomed in (see `view`), some captions start with "photo of", and a
     single thing's size word is left out of three captions in ten ("a red star on a blue background"
     is a caption users write). A `named_patterns` share shows a two-tone thing in named colours with
-    its words in the caption (see cdtool.toy.world.PATTERN_WORDS; never the concepts' tones)."""
+    its words in the caption (see cdtool.toy.world.PATTERN_WORDS; never the concepts' tones), a `looks`
+    share a thing in one of the LOOKS, named by its one word ("a small tiger square")."""
     from cdtool.toy.world import PATTERNS, PHOTO_OF_SHARE, UNSIZED_SHARE, render
 
     rng = sampler.rng
@@ -138,6 +145,8 @@ def batch(
     scenes = [
         sampler.with_pretraining_pattern(s, kinds, excluded) if rng.random() < named_patterns else s for s in scenes
     ]
+    if looks:  # drawn only when asked, so that runs without looks keep their data stream
+        scenes = [sampler.with_look(s) if rng.random() < looks else s for s in scenes]
     images, captions = [], []
     for s in scenes:
         zoom, prefix = view(rng) if views else (1.0, "")
@@ -195,6 +204,13 @@ def main() -> None:
         "concepts' own tones; the shipped model's last stage: 0.3)",
     )
     ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="which pattern kinds --patterns shows")
+    ap.add_argument(
+        "--looks",
+        type=float,
+        default=0.0,
+        help="share of UNet scenes with a thing in one of cdtool.toy.world.LOOKS, named by its word (given with "
+        "--resume, a new stage of the run)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "cdtool" / "data" / "toy" / "model")
     ap.add_argument("--run", type=Path, help="a folder for resumable checkpoints (tools/resumable.py)")
     ap.add_argument("--resume", type=Path, help="a --run folder to continue, with its settings")
@@ -249,15 +265,17 @@ def main() -> None:
 def resume(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
     """Continues a --run folder: its settings (but --minutes, --threads, --save-minutes, --until, and the
     --text-encoder and --out folders where given, for a checkpoint moved to another machine), the model it
-    started from, its weights, moving average, optimiser and step."""
+    started from, its weights, moving average, optimiser and step. A --looks given starts a new stage of
+    the data stream (the share of scenes with a LOOKS word)."""
     tensors, meta = load_checkpoint(args.resume)
     settings = {
         k: Path(v) if k in ("init", "text_encoder", "out", "run") and v is not None else v
         for k, v in meta["settings"].items()
     }
-    moved = {k: getattr(args, k) for k in ("text_encoder", "out") if getattr(args, k) != ap.get_default(k)}
+    moved = {k: getattr(args, k) for k in ("text_encoder", "out", "looks") if getattr(args, k) != ap.get_default(k)}
     args = argparse.Namespace(
         **{
+            "looks": 0.0,
             **settings,
             **moved,
             "minutes": args.minutes,
@@ -368,7 +386,9 @@ def main_stage(args, vae, unet, text, tokenizer, done: int, run: Path | None, sa
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 250)
         rng, gen = step_rng(args.seed, step), step_generator(args.seed, step)
-        x, captions = batch(Sampler(rng), args.batch, views=args.views, named_patterns=args.patterns, world=args.world)
+        x, captions = batch(
+            Sampler(rng), args.batch, views=args.views, named_patterns=args.patterns, world=args.world, looks=args.looks
+        )
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
             dist = vae.encode(x).latent_dist

@@ -119,14 +119,18 @@ def build(args, tokenizer) -> tuple:
 
 def contrastive_loss(args, models, tokenizer, step: int) -> tuple[torch.Tensor, float]:
     """The loss of step `step` (its batch drawn from (seed, step)) and the caption-to-image top-1."""
-    from cdtool.toy.world import Sampler
+    from cdtool.toy.world import LOOKS, Sampler
 
     text, image, text_proj, heads, identity = models
     x, captions = batch(
-        Sampler(step_rng(args.seed, step)), args.batch, views=True, named_patterns=args.patterns, world=args.world
+        Sampler(step_rng(args.seed, step)),
+        args.batch,
+        views=True,
+        named_patterns=args.patterns,
+        world=args.world,
+        looks=getattr(args, "looks", 0.0),
     )
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    plain = ids
     if args.rare:
         ids = with_rare_names(ids, tokenizer, args.rare, step_generator(args.seed + 1, step))
     hidden = text(ids)[0]
@@ -141,7 +145,11 @@ def contrastive_loss(args, models, tokenizer, step: int) -> tuple[torch.Tensor, 
     if args.identity:
         loss = loss + args.identity * identity_loss(hidden, ids, tokenizer.eos_token_id, identity, text)
     if args.keep:
-        loss = loss + args.keep * kept_rows_loss(text, teacher_of(args), plain)
+        teacher, teacher_tokenizer = teacher_of(args)
+        ordinary = [c for c in captions if not set(c.split()) & set(LOOKS)]
+        teacher_ids = teacher_tokenizer(ordinary, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        own = tokenizer(ordinary, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        loss = loss + args.keep * kept_rows_loss(text, own, teacher, teacher_ids)
     return loss, top1
 
 
@@ -171,22 +179,51 @@ def with_rare_names(ids: torch.Tensor, tokenizer, share: float, gen: torch.Gener
 _TEACHER: dict = {}
 
 
-def teacher_of(args):  # -> transformers.CLIPTextModel
-    """The frozen encoder `--keep-from` names (loaded once)."""
-    from transformers import CLIPTextModel
+def teacher_of(args) -> tuple:
+    """(the frozen encoder `--keep-from` names, its tokenizer), loaded once: a model folder or a text
+    run folder, holding text_encoder/ and tokenizer/."""
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     if args.keep_from not in _TEACHER:
-        _TEACHER[args.keep_from] = CLIPTextModel.from_pretrained(args.keep_from).float().eval().requires_grad_(False)
+        folder = Path(args.keep_from)
+        model = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).float().eval().requires_grad_(False)
+        _TEACHER[args.keep_from] = (model, CLIPTokenizer.from_pretrained(str(folder / "tokenizer")))
     return _TEACHER[args.keep_from]
 
 
-def kept_rows_loss(text, teacher, ids: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance of every row (words, end-of-text and padding) of the ordinary captions
-    `ids` from the frozen `teacher`'s, over the rows' mean square: a UNet trained on the teacher
-    keeps reading these captions as it learned to."""
+def kept_rows_loss(text, ids: torch.Tensor, teacher, teacher_ids: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of every row (words, end-of-text and padding) of ordinary captions, `ids`
+    in this encoder's vocabulary and `teacher_ids` the same captions in the frozen `teacher`'s, from
+    the teacher's rows, over their mean square: a UNet trained on the teacher keeps reading these
+    captions as it learned to, whatever entries the vocabulary gained."""
     with torch.no_grad():
-        want = teacher(ids)[0]
+        want = teacher(teacher_ids)[0]
     return F.mse_loss(text(ids)[0], want) / want.pow(2).mean()
+
+
+def needs_growth(folder: Path) -> bool:
+    """Whether the tokenizer in `folder` lacks an entry the toy world's words need now."""
+    from transformers import CLIPTokenizer
+
+    from cdtool.models.clip_vocab import compact_vocab_and_merges
+    from cdtool.models.tokens import DEFAULT_INIT
+    from cdtool.toy.world import caption_words
+
+    have = CLIPTokenizer.from_pretrained(str(folder)).get_vocab()
+    return any(entry not in have for entry in compact_vocab_and_merges(caption_words(), DEFAULT_INIT)[0])
+
+
+def grown_table(start: dict[str, torch.Tensor], old_vocab: dict[str, int], tokenizer, fresh: torch.Tensor) -> None:
+    """Carries the embedding rows of `start` (a checkpoint over `old_vocab`) to the entries of
+    `tokenizer`'s vocabulary that had them, in place; the new entries keep their rows in `fresh` (the
+    new table, freshly initialised). Used when the world's words gained entries (LOOKS)."""
+    key = "text.embeddings.token_embedding.weight"
+    old = start[key].float()
+    table = fresh.detach().clone()
+    for entry, new_id in tokenizer.get_vocab().items():
+        if entry in old_vocab:
+            table[new_id] = old[old_vocab[entry]]
+    start[key] = table
 
 
 def identity_loss(hidden: torch.Tensor, ids: torch.Tensor, eos_id: int, head: torch.nn.Linear, text) -> torch.Tensor:
@@ -227,7 +264,11 @@ def main() -> None:
         help="share of captions with a random vocabulary entry as a name (see with_rare_names)",
     )
     ap.add_argument(
-        "--keep-from", help="a text_encoder folder whose rows of ordinary captions to keep (see kept_rows_loss)"
+        "--looks", type=float, default=0.0, help="share of captions naming a thing by a LOOKS word (pretrain_toy.batch)"
+    )
+    ap.add_argument(
+        "--keep-from",
+        help="a model or text run folder whose encoder's rows of ordinary captions to keep (see kept_rows_loss)",
     )
     ap.add_argument("--keep", type=float, default=0.0, help="weight of keeping --keep-from's rows")
     ap.add_argument("--init", type=Path, help="start from another run's weights (a new schedule, a fresh optimiser)")
@@ -250,11 +291,16 @@ def main() -> None:
             **{**vars(args), **meta["settings"], "minutes": args.minutes, "threads": args.threads}
         )
     torch.manual_seed(args.seed)
-    tokenizer = toy_tokenizer((args.resume or args.init or out) / "tokenizer")
+    grow = args.init is not None and not args.resume and needs_growth(args.init / "tokenizer")
+    tokenizer = toy_tokenizer((args.resume or (None if grow else args.init) or out) / "tokenizer")
     models = build(args, tokenizer)
     text, image, text_proj, heads, identity = models
     parts = (("text", text), ("image", image), ("text_proj", text_proj), ("heads", heads), ("identity", identity))
     start = load_checkpoint(args.init)[0] if args.init and not args.resume else saved
+    if grow:
+        old_vocab = toy_tokenizer(args.init / "tokenizer").get_vocab()
+        grown_table(start, old_vocab, tokenizer, text.get_input_embeddings().weight)
+        print(f"vocabulary grown from {len(old_vocab)} to {len(tokenizer)} entries", flush=True)
     for prefix, module in parts:
         load_into(module, prefix, start)
     named = trainable(parts)

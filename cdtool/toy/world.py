@@ -7,7 +7,8 @@ in tones that pretraining never shows on that pattern. The shipped toy model kno
 (`CONCEPTS`): a star split into a magenta top and a cyan bottom ("<new1> star"), and a circle with
 black and white quadrants, a 2x2 checkerboard ("<new2> circle"). The suite (`SUITE`) has eight, over
 four pattern kinds (split, checker, striped, dotted) and every shape, with four pairs of them for
-merges (`PAIRS`), the way DreamBench and CustomConcept101 give many subjects.
+merges (`PAIRS`), the way DreamBench and CustomConcept101 give many subjects. Pretraining of the
+suite's world also shows `LOOKS`: words that name a two-tone look on their own.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Thing:
     pattern: str | None = None
     pair: tuple[str, str] | None = None  # TONES names of a pattern's two tones (pretraining patterns, the suite)
     concept: str | None = None  # the suite concept's token when the thing is one (its caption names the token)
+    look: str | None = None  # a LOOKS word when the thing is one (its caption names the word)
 
 
 # Pretraining with `patterns` (tools/pretrain_toy.py --patterns) shows the pattern kinds in named
@@ -96,6 +98,21 @@ SUITE = (
 )
 PAIRS = (("<new1>", "<new2>"), ("<new3>", "<new4>"), ("<new5>", "<new6>"), ("<new7>", "<new8>"))
 SUITE_TONES = frozenset((c.kind, frozenset(c.tones)) for c in SUITE)
+# Words that name a two-tone look by themselves ("a small tiger square"), as Stable Diffusion's captions
+# hold words like zebra, ladybug or chessboard: a single text row that stands for a pattern in two
+# tones, what a personal concept's one new token must become. Each is a (kind, tones) of named colours
+# that no suite concept has, on every shape (pretrain_toy.py --looks).
+LOOKS = {
+    "tiger": ("striped", ("orange", "black")),
+    "bee": ("striped", ("yellow", "black")),
+    "police": ("striped", ("blue", "white")),
+    "ladybug": ("dotted", ("red", "black")),
+    "daisy": ("dotted", ("white", "yellow")),
+    "ocean": ("split", ("blue", "green")),
+    "cherry": ("split", ("red", "green")),
+    "tartan": ("checker", ("green", "blue")),
+    "brick": ("checker", ("red", "orange")),
+}
 
 
 def suite_concept(token: str) -> Concept:
@@ -118,6 +135,8 @@ class Scene:
         for t in self.things:
             if t.concept:
                 words = f"{t.concept} {t.shape}"
+            elif t.look:
+                words = f"{t.look} {t.shape}"
             elif t.pattern and t.pair:
                 words = f"{t.pair[0]} and {t.pair[1]} {KIND_WORDS[t.pattern]} {t.shape}"
             elif t.pattern:
@@ -203,6 +222,16 @@ class Sampler:
             if (kind, frozenset(pair)) not in excluded:
                 break
         things = (replace(first, pattern=kind, pair=pair), *scene.things[1:])
+        used = {t.colour for t in things[1:]} | set(pair)
+        return Scene(things, self.rng.choice([c for c in COLOURS if c not in used]), scene.token)
+
+
+    def with_look(self, scene: Scene) -> Scene:
+        """`scene` with its first thing in one of the LOOKS, named by its word, the background chosen
+        again to differ from its tones."""
+        word = self.rng.choice(sorted(LOOKS))
+        kind, pair = LOOKS[word]
+        things = (replace(scene.things[0], pattern=kind, pair=pair, look=word), *scene.things[1:])
         used = {t.colour for t in things[1:]} | set(pair)
         return Scene(things, self.rng.choice([c for c in COLOURS if c not in used]), scene.token)
 
@@ -297,6 +326,7 @@ def caption_words() -> list[str]:
 
     words = {"a", "an", "and", "on", "background", "photo", "of"}
     words |= set(COLOURS) | set(SHAPES) | {f"{s}s" for s in SHAPES} | set(SIZES) | set(KIND_WORDS.values())
+    words |= set(LOOKS)
     for prefix in (*FAR, *NEAR):
         words |= set(prefix.split())
     return sorted(words)
