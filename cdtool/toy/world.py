@@ -225,7 +225,6 @@ class Sampler:
         used = {t.colour for t in things[1:]} | set(pair)
         return Scene(things, self.rng.choice([c for c in COLOURS if c not in used]), scene.token)
 
-
     def with_look(self, scene: Scene) -> Scene:
         """`scene` with its first thing in one of the LOOKS, named by its word, the background chosen
         again to differ from its tones."""
