@@ -1,6 +1,6 @@
 """Whether a toy-world model can draw each suite concept's look from words, before any fine-tuning.
 
-    python research/concept_words.py MODEL --oracle ORACLE [--n 16] [--steps 20] [--guidance 4]
+    python research/concept_words.py MODEL --oracle ORACLE [--n 16] [--steps 20] [--guidance 4] [--looks]
 
 For each concept of the suite (cdtool.toy.world.SUITE) it samples N images of "a small <tone> and
 <tone> <kind> <shape> on a <colour> background" in the concept's own tones (those pretraining never
@@ -9,6 +9,9 @@ the share the oracle reads as the concept and as any two-tone thing. A model tha
 words has what a fine-tune needs to find; one that cannot gives every method a head start of nothing.
 The concepts whose tones are not both named colours (magenta and cyan) have no words: only their
 comparison row is reported.
+
+`--looks` asks instead for each of the world's look words (cdtool.toy.world.LOOKS, "a small tiger
+square on ..."): the share read as a two-tone thing tells whether one word brings a look.
 """
 
 from __future__ import annotations
@@ -29,11 +32,20 @@ def prompts(concept, tones: tuple[str, str], n: int) -> list[str]:
     return [f"a small {words} on a {free[i % len(free)]} background" for i in range(n)]
 
 
+def sample(pipe, asked: list[str], args) -> list:
+    """One image per prompt, seeded by its place."""
+    from cdtool.sampling.generate import Job, generate
+
+    jobs = [Job(p, i, args.seed + i, f"{i}.png") for i, p in enumerate(asked)]
+    with torch.no_grad():
+        return [im for _, im in generate(pipe, jobs, steps=args.steps, guidance=args.guidance,
+                                         height=32, width=32, batch_size=16, negative_prompt=None)]  # fmt: skip
+
+
 def main() -> None:
     from cdtool.models.loading import load_pipeline
-    from cdtool.sampling.generate import Job, generate
     from cdtool.toy.oracle import load_oracle, read
-    from cdtool.toy.world import COLOURS, SUITE, SUITE_TONES
+    from cdtool.toy.world import COLOURS, LOOKS, SHAPES, SUITE, SUITE_TONES
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -42,13 +54,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--looks", action="store_true", help="ask for the look words instead (see the module docstring)")
     args = ap.parse_args()
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     oracle = load_oracle(args.oracle)
     rng = random.Random(0)
     rows = []
-    for concept in SUITE:
+    if args.looks:
+        for word, (kind, tones) in LOOKS.items():
+            free = [c for c in COLOURS if c not in tones]
+            shapes = sorted(SHAPES)
+            asked = [f"a small {word} {shapes[i % 5]} on a {free[i % len(free)]} background" for i in range(args.n)]
+            fills = [set(r["fills"]) for r in read(oracle, sample(pipe, asked, args))]
+            rows.append(
+                {"look": word, "kind": kind, "read_as_two_tone": sum(bool(f & oracle.patterns) for f in fills) / args.n}
+            )
+        concepts = ()
+    else:
+        concepts = SUITE
+    for concept in concepts:
         while True:
             seen = tuple(rng.sample(list(COLOURS), 2))
             if (concept.kind, frozenset(seen)) not in SUITE_TONES:
@@ -58,11 +83,7 @@ def main() -> None:
             cases = {"concept's tones": concept.tones, **cases}
         for which, tones in cases.items():
             asked = prompts(concept, tones, args.n)
-            jobs = [Job(p, i, args.seed + i, f"{i}.png") for i, p in enumerate(asked)]
-            with torch.no_grad():
-                images = [im for _, im in generate(pipe, jobs, steps=args.steps, guidance=args.guidance,
-                                                   height=32, width=32, batch_size=16, negative_prompt=None)]  # fmt: skip
-            fills = [set(r["fills"]) for r in read(oracle, images)]
+            fills = [set(r["fills"]) for r in read(oracle, sample(pipe, asked, args))]
             rows.append(
                 {
                     "concept": concept.token,
