@@ -201,9 +201,7 @@ class Sampler:
             pair=concept.tones,
             concept=concept.token,
         )
-        things = (first, *base.things[1:])
-        used = {t.colour for t in things[1:]} | set(concept.tones)
-        return Scene(things, self.rng.choice([c for c in COLOURS if c not in used]), concept.token)
+        return self._with_first(base, first, concept.token)
 
     def with_pretraining_pattern(
         self,
@@ -221,18 +219,21 @@ class Sampler:
             pair = tuple(self.rng.sample(list(COLOURS), 2))
             if (kind, frozenset(pair)) not in excluded:
                 break
-        things = (replace(first, pattern=kind, pair=pair), *scene.things[1:])
-        used = {t.colour for t in things[1:]} | set(pair)
-        return Scene(things, self.rng.choice([c for c in COLOURS if c not in used]), scene.token)
+        return self._with_first(scene, replace(first, pattern=kind, pair=pair), scene.token)
 
     def with_look(self, scene: Scene) -> Scene:
         """`scene` with its first thing in one of the LOOKS, named by its word, the background chosen
         again to differ from its tones."""
         word = self.rng.choice(sorted(LOOKS))
         kind, pair = LOOKS[word]
-        things = (replace(scene.things[0], pattern=kind, pair=pair, look=word), *scene.things[1:])
-        used = {t.colour for t in things[1:]} | set(pair)
-        return Scene(things, self.rng.choice([c for c in COLOURS if c not in used]), scene.token)
+        return self._with_first(scene, replace(scene.things[0], pattern=kind, pair=pair, look=word), scene.token)
+
+    def _with_first(self, scene: Scene, first: Thing, token: str | None) -> Scene:
+        """`scene` with `first` (a two-tone thing) for its first thing, its background drawn again
+        to differ from the other things' colours and from `first`'s tones."""
+        assert first.pair is not None
+        used = {t.colour for t in scene.things[1:]} | set(first.pair)
+        return Scene((first, *scene.things[1:]), self.rng.choice([c for c in COLOURS if c not in used]), token)
 
 
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
