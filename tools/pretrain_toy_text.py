@@ -128,11 +128,10 @@ def contrastive_loss(args, models, tokenizer, step: int) -> tuple[torch.Tensor, 
         views=True,
         named_patterns=args.patterns,
         world=args.world,
-        looks=getattr(args, "looks", 0.0),
+        looks=args.looks,
     )
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    if args.rare:
-        ids = with_rare_names(ids, tokenizer, args.rare, step_generator(args.seed + 1, step))
+    plain = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = with_rare_names(plain, tokenizer, args.rare, step_generator(args.seed + 1, step)) if args.rare else plain
     hidden = text(ids)[0]
     img = F.normalize(image((x + 1) / 2), dim=-1)
     scale = heads["log_scale"].clamp(max=4.6052).exp()
@@ -146,10 +145,11 @@ def contrastive_loss(args, models, tokenizer, step: int) -> tuple[torch.Tensor, 
         loss = loss + args.identity * identity_loss(hidden, ids, tokenizer.eos_token_id, identity, text)
     if args.keep:
         teacher, teacher_tokenizer = teacher_of(args)
-        ordinary = [c for c in captions if not set(c.split()) & set(LOOKS)]
-        teacher_ids = teacher_tokenizer(ordinary, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        own = tokenizer(ordinary, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        loss = loss + args.keep * kept_rows_loss(text, own, teacher, teacher_ids)
+        ordinary = [i for i, c in enumerate(captions) if not set(c.split()) & set(LOOKS)]
+        teacher_ids = teacher_tokenizer(
+            [captions[i] for i in ordinary], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        loss = loss + args.keep * kept_rows_loss(text, plain[ordinary], teacher, teacher_ids)
     return loss, top1
 
 
