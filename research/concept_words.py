@@ -42,38 +42,32 @@ def sample(pipe, asked: list[str], args) -> list:
                                          height=32, width=32, batch_size=16, negative_prompt=None)]  # fmt: skip
 
 
-def main() -> None:
-    from cdtool.models.loading import load_pipeline
-    from cdtool.toy.oracle import load_oracle, read
-    from cdtool.toy.world import COLOURS, LOOKS, SHAPES, SUITE, SUITE_TONES
+def look_rows(pipe, oracle, args) -> list[dict]:
+    """For each look word, the share of its N samples read as a two-tone thing."""
+    from cdtool.toy.oracle import read
+    from cdtool.toy.world import COLOURS, LOOKS, SHAPES
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--oracle", required=True, help="the suite's oracle (tools/train_oracle.py --world v2)")
-    ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=4.0)
-    ap.add_argument("--seed", type=int, default=100)
-    ap.add_argument("--looks", action="store_true", help="ask for the look words instead (see the module docstring)")
-    args = ap.parse_args()
-    pipe = load_pipeline(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    oracle = load_oracle(args.oracle)
+    shapes = sorted(SHAPES)
+    rows = []
+    for word, (kind, tones) in LOOKS.items():
+        free = [c for c in COLOURS if c not in tones]
+        asked = [
+            f"a small {word} {shapes[i % len(shapes)]} on a {free[i % len(free)]} background" for i in range(args.n)
+        ]
+        fills = [set(r["fills"]) for r in read(oracle, sample(pipe, asked, args))]
+        rows.append({"look": word, "kind": kind, "read_as_two_tone": two_tone_share(fills, oracle)})
+    return rows
+
+
+def concept_rows(pipe, oracle, args) -> list[dict]:
+    """For each suite concept, in its own tones (where named) and in a pair pretraining shows, the
+    shares of its N samples read as the concept and as a two-tone thing."""
+    from cdtool.toy.oracle import read
+    from cdtool.toy.world import COLOURS, SUITE, SUITE_TONES
+
     rng = random.Random(0)
     rows = []
-    if args.looks:
-        for word, (kind, tones) in LOOKS.items():
-            free = [c for c in COLOURS if c not in tones]
-            shapes = sorted(SHAPES)
-            asked = [f"a small {word} {shapes[i % 5]} on a {free[i % len(free)]} background" for i in range(args.n)]
-            fills = [set(r["fills"]) for r in read(oracle, sample(pipe, asked, args))]
-            rows.append(
-                {"look": word, "kind": kind, "read_as_two_tone": sum(bool(f & oracle.patterns) for f in fills) / args.n}
-            )
-        concepts = ()
-    else:
-        concepts = SUITE
-    for concept in concepts:
+    for concept in SUITE:
         while True:
             seen = tuple(rng.sample(list(COLOURS), 2))
             if (concept.kind, frozenset(seen)) not in SUITE_TONES:
@@ -89,10 +83,35 @@ def main() -> None:
                     "concept": concept.token,
                     "tones": which,
                     "prompt": asked[0],
-                    "read_as_the_concept": sum(concept.fill in f for f in fills) / args.n,
-                    "read_as_two_tone": sum(bool(f & oracle.patterns) for f in fills) / args.n,
+                    "read_as_the_concept": sum(concept.fill in f for f in fills) / len(fills),
+                    "read_as_two_tone": two_tone_share(fills, oracle),
                 }
             )
+    return rows
+
+
+def two_tone_share(fills: list[set[str]], oracle) -> float:
+    """The share of readings with any fill that is not a plain colour."""
+    return sum(bool(f & oracle.patterns) for f in fills) / len(fills)
+
+
+def main() -> None:
+    from cdtool.models.loading import load_pipeline
+    from cdtool.toy.oracle import load_oracle
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--oracle", required=True, help="the suite's oracle (tools/train_oracle.py --world v2)")
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--looks", action="store_true", help="ask for the look words instead (see the module docstring)")
+    args = ap.parse_args()
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    oracle = load_oracle(args.oracle)
+    rows = (look_rows if args.looks else concept_rows)(pipe, oracle, args)
     print(json.dumps({"model": args.model, "n": args.n, "rows": rows}, indent=1))
 
 
