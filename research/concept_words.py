@@ -11,7 +11,10 @@ The concepts whose tones are not both named colours (magenta and cyan) have no w
 comparison row is reported.
 
 `--looks` asks instead for each of the world's look words (cdtool.toy.world.LOOKS, "a small tiger
-square on ..."): the share read as a two-tone thing tells whether one word brings a look.
+square on ..."): the share read as a two-tone thing tells whether one word brings a look; and for the
+word alone ("a small tiger on ...", cdtool.toy.world.LOOK_SHAPES), the share read as a two-tone thing
+of the word's own shape: whether one row in a noun's place brings a shape and a look, what a
+textual-inversion token must become.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ def sample(pipe, asked: list[str], args) -> list:
 
 
 def look_rows(pipe, oracle, args) -> list[dict]:
-    """For each look word, the share of its N samples read as a two-tone thing."""
+    """For each look word, the share of its N samples read as a two-tone thing, and of N samples of the
+    word alone as a two-tone thing of its own shape."""
     from cdtool.toy.oracle import read
-    from cdtool.toy.world import COLOURS, LOOKS, SHAPES
+    from cdtool.toy.world import COLOURS, LOOK_SHAPES, LOOKS, SHAPES
 
     shapes = sorted(SHAPES)
     rows = []
@@ -55,7 +59,18 @@ def look_rows(pipe, oracle, args) -> list[dict]:
             f"a small {word} {shapes[i % len(shapes)]} on a {free[i % len(free)]} background" for i in range(args.n)
         ]
         fills = [set(r["fills"]) for r in read(oracle, sample(pipe, asked, args))]
-        rows.append({"look": word, "kind": kind, "read_as_two_tone": two_tone_share(fills, oracle)})
+        alone = read(
+            oracle, sample(pipe, [f"a small {word} on a {free[i % len(free)]} background" for i in range(args.n)], args)
+        )
+        in_shape = [set(r["fills"]) if LOOK_SHAPES[word] in r["shapes"] else set() for r in alone]
+        rows.append(
+            {
+                "look": word,
+                "kind": kind,
+                "read_as_two_tone": two_tone_share(fills, oracle),
+                "alone_read_as_two_tone_in_its_shape": two_tone_share(in_shape, oracle),
+            }
+        )
     return rows
 
 

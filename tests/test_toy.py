@@ -103,6 +103,21 @@ def test_parse_prompt_reads_every_caption_the_world_writes():
     assert parse_prompt("photo of a dog") is None
 
 
+def test_a_token_without_a_shape_word_names_a_thing_of_any_shape():
+    from cdtool.toy.judge import judge, parse_prompt
+
+    asked = parse_prompt("a small <new1> on a red background")
+    assert asked == judge_mod.Asked("red", ((None, "split", "<new1>"),))
+    assert parse_prompt("a photo of a <zz>", {}) == judge_mod.Asked(None, ((None, "*", "<zz>"),))
+    assert parse_prompt("a <new1> and a blue heart") == judge_mod.Asked(
+        None, ((None, "split", "<new1>"), ("heart", "blue", None))
+    )
+    seen = {"background": "red", "count": 1, "shapes": ["circle"], "fills": ["split"]}
+    verdict = judge(asked, seen)
+    assert verdict["concept"] and verdict["shapes"] and verdict["concept_shape"] and verdict["prompt"]
+    assert not judge(asked, {**seen, "fills": ["red"]})["concept"]
+
+
 def test_judge_with_the_oracle_on_renders():
     from cdtool.toy.judge import judge, parse_prompt, summarise
 
@@ -176,3 +191,19 @@ def test_look_words_name_a_two_tone_look_no_suite_concept_has():
     pixels = {tuple(int(v) for v in p) for p in np.asarray(image).reshape(-1, 3)}
     for name in first.pair:
         assert any(sum(abs(a - b) for a, b in zip(p, COLOURS[name], strict=True)) < 30 for p in pixels), name
+
+
+def test_a_look_word_alone_names_a_thing_of_its_own_shape():
+    from cdtool.toy.judge import parse_prompt
+    from cdtool.toy.world import LOOK_SHAPES, LOOKS, SHAPES
+
+    assert set(LOOK_SHAPES) == set(LOOKS) and set(LOOK_SHAPES.values()) <= set(SHAPES)
+    sampler = Sampler(random.Random(6))
+    for _ in range(50):
+        scene = sampler.with_look(sampler.scene(), alone=True)
+        first = scene.things[0]
+        assert first.shape == LOOK_SHAPES[first.look] and (first.pattern, first.pair) == LOOKS[first.look]
+        words = scene.caption().split()
+        assert words[words.index(first.look) + 1] in ("on", "and")  # no shape word after it
+        asked = parse_prompt(scene.caption())  # a word, not a token: not a thing the judge asks about
+        assert len(asked.things if asked else ()) == len(scene.things) - 1

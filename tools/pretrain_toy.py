@@ -118,6 +118,12 @@ def pattern_world(world: str) -> tuple[tuple[str, ...], frozenset]:
     return KINDS, SUITE_TONES
 
 
+def draw(rng, share: float) -> bool:
+    """True with probability `share`; no draw at all when `share` is 0, so that runs without the
+    setting keep their data stream."""
+    return bool(share) and rng.random() < share
+
+
 def batch(
     sampler,
     n: int,
@@ -126,6 +132,7 @@ def batch(
     named_patterns: float = 0.0,
     world: str = "v1",
     looks: float = 0.0,
+    look_nouns: float = 0.0,
 ) -> tuple[torch.Tensor, list[str]]:
     """N rendered scenes as [-1, 1] pixels, with their captions; a `patterned` share of them shows a
     patterned thing of any shape (used for the VAE only, see the module docstring). With `views`,
@@ -133,7 +140,8 @@ def batch(
     single thing's size word is left out of three captions in ten ("a red star on a blue background"
     is a caption users write). A `named_patterns` share shows a two-tone thing in named colours with
     its words in the caption (see cdtool.toy.world.PATTERN_WORDS; never the concepts' tones), a `looks`
-    share a thing in one of the LOOKS, named by its one word ("a small tiger square")."""
+    share a thing in one of the LOOKS, named by its one word ("a small tiger square"), and a
+    `look_nouns` share of those by the word alone ("a small tiger": its LOOK_SHAPES shape)."""
     from cdtool.toy.world import PATTERNS, PHOTO_OF_SHARE, UNSIZED_SHARE, render
 
     rng = sampler.rng
@@ -146,7 +154,7 @@ def batch(
         sampler.with_pretraining_pattern(s, kinds, excluded) if rng.random() < named_patterns else s for s in scenes
     ]
     if looks:  # drawn only when asked, so that runs without looks keep their data stream
-        scenes = [sampler.with_look(s) if rng.random() < looks else s for s in scenes]
+        scenes = [sampler.with_look(s, alone=draw(rng, look_nouns)) if rng.random() < looks else s for s in scenes]
     images, captions = [], []
     for s in scenes:
         zoom, prefix = view(rng) if views else (1.0, "")
@@ -211,6 +219,13 @@ def main() -> None:
         help="share of UNet scenes with a thing in one of cdtool.toy.world.LOOKS, named by its word (given with "
         "--resume, a new stage of the run)",
     )
+    ap.add_argument(
+        "--look-nouns",
+        type=float,
+        default=0.0,
+        help='share of --looks scenes whose word names the thing alone, as a noun ("a small tiger": '
+        "cdtool.toy.world.LOOK_SHAPES; given with --resume, a new stage of the run)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "cdtool" / "data" / "toy" / "model")
     ap.add_argument("--run", type=Path, help="a folder for resumable checkpoints (tools/resumable.py)")
     ap.add_argument("--resume", type=Path, help="a --run folder to continue, with its settings")
@@ -266,16 +281,17 @@ def resume(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
     """Continues a --run folder: its settings (but --minutes, --threads, --save-minutes, --until, and the
     --text-encoder and --out folders where given, for a checkpoint moved to another machine), the model it
     started from, its weights, moving average, optimiser and step. A --looks given starts a new stage of
-    the data stream (the share of scenes with a LOOKS word)."""
+    the data stream (the share of scenes with a LOOKS word), as does a --look-nouns."""
     tensors, meta = load_checkpoint(args.resume)
     settings = {
         k: Path(v) if k in ("init", "text_encoder", "out", "run") and v is not None else v
         for k, v in meta["settings"].items()
     }
-    moved = {k: getattr(args, k) for k in ("text_encoder", "out", "looks") if getattr(args, k) != ap.get_default(k)}
+    stages = ("looks", "look_nouns")
+    moved = {k: getattr(args, k) for k in ("text_encoder", "out", *stages) if getattr(args, k) != ap.get_default(k)}
     args = argparse.Namespace(
         **{
-            "looks": 0.0,
+            **{k: 0.0 for k in stages},
             **settings,
             **moved,
             "minutes": args.minutes,
@@ -387,7 +403,13 @@ def main_stage(args, vae, unet, text, tokenizer, done: int, run: Path | None, sa
             group["lr"] = args.lr * min(1.0, (step + 1) / 250)
         rng, gen = step_rng(args.seed, step), step_generator(args.seed, step)
         x, captions = batch(
-            Sampler(rng), args.batch, views=args.views, named_patterns=args.patterns, world=args.world, looks=args.looks
+            Sampler(rng),
+            args.batch,
+            views=args.views,
+            named_patterns=args.patterns,
+            world=args.world,
+            looks=args.looks,
+            look_nouns=args.look_nouns,
         )
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():

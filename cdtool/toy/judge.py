@@ -24,22 +24,26 @@ class Asked:
     neither; `token` is the modifier token that asked for a pattern."""
 
     background: str | None
-    things: tuple[tuple[str, str | None, str | None], ...]  # (shape, fill, token)
+    things: tuple[tuple[str | None, str | None, str | None], ...]  # (shape or None for any, fill, token)
 
 
 def parse_prompt(prompt: str, patterns: Mapping[str, str] | None = None) -> Asked | None:
-    """What a toy-world prompt asks for; None when it names no shape. `patterns` maps modifier
-    tokens to pattern names (default: the toy world's concepts); an unknown token asks for any pattern."""
+    """What a toy-world prompt asks for; None when it names no shape and no token. `patterns` maps
+    modifier tokens to pattern names (default: the toy world's concepts); an unknown token asks for any
+    pattern. A token with no shape word after it names a thing by itself, as a textual-inversion token
+    does ("a small <new3> on a red background"): its pattern on a thing of any shape."""
     patterns = {t: p for t, (_, p) in CONCEPTS.items()} if patterns is None else patterns
     m = re.search(r"\bon an? (\w+) background\b", prompt.lower())
     background = m.group(1) if m and m.group(1) in COLOURS else None
     words = prompt.replace(",", " ").split()
     lowered = [w.lower() for w in words]
-    things = []
+    things: list[tuple[str | None, str | None, str | None]] = []
     for i, w in enumerate(lowered):
-        if w not in SHAPES and w.rstrip("s") not in SHAPES:
+        shape = _shape(w)
+        if shape is None and _TOKEN.match(words[i]) and (i + 1 == len(words) or _shape(lowered[i + 1]) is None):
+            things.append((None, patterns.get(words[i], "*"), words[i]))
+        if shape is None:
             continue
-        shape = w if w in SHAPES else w.rstrip("s")
         fill = token = None
         if i > 0 and _TOKEN.match(words[i - 1]):
             token = words[i - 1]
@@ -50,6 +54,13 @@ def parse_prompt(prompt: str, patterns: Mapping[str, str] | None = None) -> Aske
     if not things:
         return None
     return Asked(background, tuple(things))
+
+
+def _shape(word: str) -> str | None:
+    """The SHAPES entry `word` names, singular or plural; None for any other word."""
+    if word in SHAPES:
+        return word
+    return word.rstrip("s") if word.rstrip("s") in SHAPES else None
 
 
 def judge(asked: Asked, seen: Mapping[str, Any], pattern_fills: Set[str] = frozenset(PATTERNS)) -> dict[str, bool]:
@@ -71,7 +82,7 @@ def judge(asked: Asked, seen: Mapping[str, Any], pattern_fills: Set[str] = froze
     colours = [f for _, f, t in asked.things if t is None and f is not None]
     if colours:
         out["colours"] = all(c in fills for c in colours)
-    out["shapes"] = all(s in shapes for s, _, _ in asked.things)
+    out["shapes"] = all(s in shapes for s, _, _ in asked.things if s is not None)
     out["count"] = seen["count"] == len(asked.things)
     if wanted_patterns:
         out["concept_shape"] = out["concept"] and out["shapes"]

@@ -54,6 +54,7 @@ class Thing:
     pair: tuple[str, str] | None = None  # TONES names of a pattern's two tones (pretraining patterns, the suite)
     concept: str | None = None  # the suite concept's token when the thing is one (its caption names the token)
     look: str | None = None  # a LOOKS word when the thing is one (its caption names the word)
+    alone: bool = False  # the caption names the look word alone, as a noun ("a small tiger")
 
 
 # Pretraining with `patterns` (tools/pretrain_toy.py --patterns) shows the pattern kinds in named
@@ -113,6 +114,20 @@ LOOKS = {
     "tartan": ("checker", ("green", "blue")),
     "brick": ("checker", ("red", "orange")),
 }
+# A look word alone names a thing, as "a zebra" is an animal where "a zebra sofa" is a sofa: "a small
+# tiger on a blue background" is a star in the tiger's look (pretrain_toy.py --look-nouns). What a
+# textual-inversion token becomes: one row in a noun's place standing for a shape and its look.
+LOOK_SHAPES = {
+    "tiger": "star",
+    "bee": "heart",
+    "police": "square",
+    "ladybug": "circle",
+    "daisy": "star",
+    "ocean": "square",
+    "cherry": "circle",
+    "tartan": "triangle",
+    "brick": "square",
+}
 
 
 def suite_concept(token: str) -> Concept:
@@ -136,7 +151,7 @@ class Scene:
             if t.concept:
                 words = f"{t.concept} {t.shape}"
             elif t.look:
-                words = f"{t.look} {t.shape}"
+                words = t.look if t.alone else f"{t.look} {t.shape}"
             elif t.pattern and t.pair:
                 words = f"{t.pair[0]} and {t.pair[1]} {KIND_WORDS[t.pattern]} {t.shape}"
             elif t.pattern:
@@ -221,12 +236,16 @@ class Sampler:
                 break
         return self._with_first(scene, replace(first, pattern=kind, pair=pair), scene.token)
 
-    def with_look(self, scene: Scene) -> Scene:
+    def with_look(self, scene: Scene, alone: bool = False) -> Scene:
         """`scene` with its first thing in one of the LOOKS, named by its word, the background chosen
-        again to differ from its tones."""
+        again to differ from its tones; `alone`, the word names the thing by itself (its LOOK_SHAPES
+        shape, no shape word)."""
         word = self.rng.choice(sorted(LOOKS))
         kind, pair = LOOKS[word]
-        return self._with_first(scene, replace(scene.things[0], pattern=kind, pair=pair, look=word), scene.token)
+        first = replace(scene.things[0], pattern=kind, pair=pair, look=word, alone=alone)
+        if alone:
+            first = replace(first, shape=LOOK_SHAPES[word])
+        return self._with_first(scene, first, scene.token)
 
     def _with_first(self, scene: Scene, first: Thing, token: str | None) -> Scene:
         """`scene` with `first` (a two-tone thing) for its first thing, its background drawn again
