@@ -1,6 +1,7 @@
 """Quality of cdtool's Custom Diffusion on the built-in toy model, judged by the toy world's oracle.
 
     python benchmarks/quality.py [--out bench-quality] [--ci] [--suite --model DIR --oracle FILE]
+    python benchmarks/quality.py --rescore bench-quality [--oracle FILE]
 
 Everything runs through the cdtool commands a user types (in this process): prep the five "photos"
 of each personal concept, regset, train (with and without the regularisation set, jointly, with
@@ -25,6 +26,9 @@ variant the test suite runs (fewer steps and samples).
 jointly pair by pair), on a model of the suite's world judged by that world's oracle (`--oracle`);
 `n` is then per concept, and the summary's `suite` gives each headline as the mean over the concepts
 (or pairs) with its spread and the total number of samples. DVAR runs on every concept there.
+
+`--rescore OUT` judges an earlier run's samples again with `--oracle` (an oracle retrained to read
+what the last one could not), sampling nothing anew, and writes OUT/quality-rescored.json.
 """
 
 from __future__ import annotations
@@ -177,11 +181,16 @@ class Bench:
             "sample", *base, *delta_args, "--prompts", prompt_file, "-o", folder, "--n", max(1, (n or self.s.n) // 8), "--steps",
             self.s.sample_steps, "--guidance", self.s.guidance, "--seed", self.s.seed, "--batch-size", 32,
         )  # fmt: skip
-        oracle = ("--oracle", self.s.oracle) if self.s.oracle else ()
-        doc = self.run("score", folder, "--metrics", "oracle", "--per-image", "--batch-size", 256, *oracle)
-        rows = doc["runs"][0]["images"]
+        return self.judge(name, groups)
+
+    def judge(self, name: str, groups: list[str]) -> dict[str, Any]:
+        """Score the samples of variant `name` with the oracle, summarised per prompt group."""
         from cdtool.toy.judge import summarise
 
+        oracle = ("--oracle", self.s.oracle) if self.s.oracle else ()
+        folder = self.out / "samples" / name
+        doc = self.run("score", folder, "--metrics", "oracle", "--per-image", "--batch-size", 256, *oracle)
+        rows = doc["runs"][0]["images"]
         out: dict[str, Any] = {}
         for g in groups:
             wanted = set(self.groups[g])
@@ -235,6 +244,21 @@ def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
     b.results["summary"] = summary(b.results, s)
     (out / "quality.json").write_text(json.dumps(b.results, indent=1) + "\n")
     return b.results
+
+
+def rescore(out: Path, oracle: str | None, quiet: bool = False) -> dict[str, Any]:
+    """An earlier run's samples (OUT/quality.json and OUT/samples/) judged again by another `oracle`,
+    nothing sampled anew; returns (and writes to OUT/quality-rescored.json) the results."""
+    res = json.loads((out / "quality.json").read_text())
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in res["settings"].items() if k in fields}
+    b = Bench(out, Settings(**{**settings, "oracle": oracle}), quiet)
+    for name, groups in res["variants"].items():
+        b.judge(name, list(groups))
+    res |= {"settings": asdict(b.s), "variants": b.results["variants"], "rescored": oracle}
+    res["summary"] = summary(res, b.s)
+    (out / "quality-rescored.json").write_text(json.dumps(res, indent=1) + "\n")
+    return res
 
 
 def prepare(
@@ -451,7 +475,11 @@ def main() -> None:
     ap.add_argument("--suite", action="store_true", help="the suite's eight concepts and four pairs")
     ap.add_argument("--oracle", help="the oracle's weights (tools/train_oracle.py --world v2 for --suite)")
     ap.add_argument("-q", "--quiet", action="store_true")
+    ap.add_argument("--rescore", type=Path, help="judge an earlier run's samples (its --out) again with --oracle")
     args = ap.parse_args()
+    if args.rescore:
+        print(json.dumps(rescore(args.rescore, args.oracle, args.quiet)["summary"], indent=1))
+        return
     base = CI if args.ci else Settings()
     changes: dict[str, Any] = {"model": args.model, "aug": args.aug, "suite": args.suite, "oracle": args.oracle}
     if args.steps:

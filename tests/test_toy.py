@@ -207,3 +207,36 @@ def test_a_look_word_alone_names_a_thing_of_its_own_shape():
         assert words[words.index(first.look) + 1] in ("on", "and")  # no shape word after it
         asked = parse_prompt(scene.caption())  # a word, not a token: not a thing the judge asks about
         assert len(asked.things if asked else ()) == len(scene.things) - 1
+
+
+def test_two_things_can_both_take_a_look():
+    from cdtool.toy.world import LOOKS
+
+    sampler = Sampler(random.Random(7))
+    for _ in range(50):
+        scene = sampler.with_look(sampler.scene(count=2), both=True)
+        first, second = scene.things
+        assert first.look and second.look and first.look != second.look
+        assert (second.pattern, second.pair) == LOOKS[second.look] and not second.alone
+        assert f"{first.look} {first.shape} and " in scene.caption()
+        assert f"{second.look} {second.shape} on " in scene.caption()
+        assert scene.background not in {*first.pair, *second.pair}
+    one = sampler.with_look(sampler.scene(count=1), both=True)  # a single thing: nothing to pair
+    assert len(one.things) == 1 and one.things[0].look
+
+
+def test_a_suite_scene_can_hold_two_concepts():
+    from cdtool.toy.judge import parse_prompt
+    from cdtool.toy.oracle import WORLD_FILLS, WORLD_TOKENS, targets
+    from cdtool.toy.world import SUITE
+
+    sampler = Sampler(random.Random(8))
+    for a, b in zip(SUITE, SUITE[::-1], strict=True):
+        scene = sampler.suite_scene(a, second=b)
+        first, second = scene.things
+        assert (first.concept, first.shape, second.concept, second.shape) == (a.token, a.shape, b.token, b.shape)
+        assert scene.background not in {*a.tones, *b.tones}
+        asked = parse_prompt(scene.caption(), WORLD_TOKENS["v2"])
+        assert [fill for _, fill, _ in asked.things] == [a.fill, b.fill]
+        fills = targets(scene, WORLD_FILLS["v2"])["fills"]
+        assert fills[WORLD_FILLS["v2"].index(a.fill)] == 1 and fills[WORLD_FILLS["v2"].index(b.fill)] == 1

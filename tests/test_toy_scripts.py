@@ -109,11 +109,12 @@ def test_unet_rereads_a_frozen_text_encoder_and_resumes(tmp_path, text_encoder):
     _script("tools/resumable.py", "compact", run, tmp_path / "kept")
     text_encoder.rename(tmp_path / "moved-text")
     _script("tools/pretrain_toy.py", "--resume", tmp_path / "kept", "--text-encoder", tmp_path / "moved-text",
-            "--out", tmp_path / "model2", "--until", 3, "--looks", 0.5, "--look-nouns", 0.25, *common)  # fmt: skip
+            "--out", tmp_path / "model2", "--until", 3, "--looks", 0.5, "--look-nouns", 0.25,
+            "--look-pairs", 0.5, *common)  # fmt: skip
     assert json.loads((tmp_path / "model2" / "pretraining.json").read_text())["unet_steps"] == meta["done_before"] + 3
     kept = json.loads((tmp_path / "kept" / "checkpoint.json").read_text())["settings"]
     assert kept["text_encoder"] == str(tmp_path / "moved-text") and kept["looks"] == 0.5  # a new stage of the run
-    assert kept["look_nouns"] == 0.25 and meta["settings"].get("look_nouns", 0.0) == 0.0
+    assert kept["look_nouns"] == 0.25 and kept["look_pairs"] == 0.5 and meta["settings"].get("look_nouns", 0.0) == 0.0
     assert meta["settings"].get("looks", 0.0) == 0.0
 
 
@@ -152,6 +153,23 @@ def test_delta_size_measures_the_relative_change_of_keys_and_values(tiny_pipe):
     for scale, expected in ((1.0, 1.0), (0.5, 0.5), (None, 0.0)):
         got = relative_change(tiny_pipe, delta(scale), captions)
         assert got == pytest.approx({"caption": expected, "padding": expected}, abs=1e-5), scale
+
+
+def test_the_suites_oracle_trains_on_two_concepts_and_two_looks_in_one_image():
+    """A prompt for two personal concepts is judged by reading both in one image: the oracle's
+    training scenes hold such pairs (and pairs of other two-tone things)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import random
+
+    from train_oracle import scenes_v2
+
+    from cdtool.toy.world import Sampler
+
+    scenes = scenes_v2(Sampler(random.Random(0)), 240)
+    concept_pairs = [s for s in scenes if len(s.things) == 2 and all(t.concept for t in s.things)]
+    look_pairs = [s for s in scenes if len(s.things) == 2 and all(t.look for t in s.things)]
+    assert len(concept_pairs) == len(look_pairs) == 20
+    assert len({(s.things[0].concept, s.things[1].concept) for s in concept_pairs}) > 10
 
 
 def _text_module():

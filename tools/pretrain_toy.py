@@ -133,6 +133,7 @@ def batch(
     world: str = "v1",
     looks: float = 0.0,
     look_nouns: float = 0.0,
+    look_pairs: float = 0.0,
 ) -> tuple[torch.Tensor, list[str]]:
     """N rendered scenes as [-1, 1] pixels, with their captions; a `patterned` share of them shows a
     patterned thing of any shape (used for the VAE only, see the module docstring). With `views`,
@@ -140,8 +141,9 @@ def batch(
     single thing's size word is left out of three captions in ten ("a red star on a blue background"
     is a caption users write). A `named_patterns` share shows a two-tone thing in named colours with
     its words in the caption (see cdtool.toy.world.PATTERN_WORDS; never the concepts' tones), a `looks`
-    share a thing in one of the LOOKS, named by its one word ("a small tiger square"), and a
-    `look_nouns` share of those by the word alone ("a small tiger": its LOOK_SHAPES shape)."""
+    share a thing in one of the LOOKS, named by its one word ("a small tiger square"), a `look_nouns`
+    share of those by the word alone ("a small tiger": its LOOK_SHAPES shape), and in a `look_pairs`
+    share of those with two things, the second in another look ("a tiger square and a bee heart")."""
     from cdtool.toy.world import PATTERNS, PHOTO_OF_SHARE, UNSIZED_SHARE, render
 
     rng = sampler.rng
@@ -154,7 +156,10 @@ def batch(
         sampler.with_pretraining_pattern(s, kinds, excluded) if rng.random() < named_patterns else s for s in scenes
     ]
     if looks:  # drawn only when asked, so that runs without looks keep their data stream
-        scenes = [sampler.with_look(s, alone=draw(rng, look_nouns)) if rng.random() < looks else s for s in scenes]
+        scenes = [
+            sampler.with_look(s, alone=draw(rng, look_nouns), both=draw(rng, look_pairs)) if rng.random() < looks else s
+            for s in scenes
+        ]
     images, captions = [], []
     for s in scenes:
         zoom, prefix = view(rng) if views else (1.0, "")
@@ -226,6 +231,13 @@ def main() -> None:
         help='share of --looks scenes whose word names the thing alone, as a noun ("a small tiger": '
         "cdtool.toy.world.LOOK_SHAPES; given with --resume, a new stage of the run)",
     )
+    ap.add_argument(
+        "--look-pairs",
+        type=float,
+        default=0.0,
+        help="share of --looks scenes whose second thing, where there are two, takes another look (given with "
+        "--resume, a new stage of the run)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "cdtool" / "data" / "toy" / "model")
     ap.add_argument("--run", type=Path, help="a folder for resumable checkpoints (tools/resumable.py)")
     ap.add_argument("--resume", type=Path, help="a --run folder to continue, with its settings")
@@ -281,13 +293,13 @@ def resume(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
     """Continues a --run folder: its settings (but --minutes, --threads, --save-minutes, --until, and the
     --text-encoder and --out folders where given, for a checkpoint moved to another machine), the model it
     started from, its weights, moving average, optimiser and step. A --looks given starts a new stage of
-    the data stream (the share of scenes with a LOOKS word), as does a --look-nouns."""
+    the data stream (the share of scenes with a LOOKS word), as do --look-nouns and --look-pairs."""
     tensors, meta = load_checkpoint(args.resume)
     settings = {
         k: Path(v) if k in ("init", "text_encoder", "out", "run") and v is not None else v
         for k, v in meta["settings"].items()
     }
-    stages = ("looks", "look_nouns")
+    stages = ("looks", "look_nouns", "look_pairs")
     moved = {k: getattr(args, k) for k in ("text_encoder", "out", *stages) if getattr(args, k) != ap.get_default(k)}
     args = argparse.Namespace(
         **{
@@ -410,6 +422,7 @@ def main_stage(args, vae, unet, text, tokenizer, done: int, run: Path | None, sa
             world=args.world,
             looks=args.looks,
             look_nouns=args.look_nouns,
+            look_pairs=args.look_pairs,
         )
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():

@@ -35,17 +35,23 @@ def scenes_v1(sampler, n: int) -> list:
 
 def scenes_v2(sampler, n: int) -> list:
     """A third show a suite concept (taking turns; on any shape, so it is read wherever it appears,
-    and on its own shape), a quarter a two-tone thing in named colours of any kind (`pattern`, which
-    must not be read as a concept: the most varied class, hence the larger share), the rest plain."""
+    and on its own shape), one in four of those beside a second concept (so that two are read in one
+    image, as a prompt for two personal concepts asks); a quarter a two-tone thing in named colours of
+    any kind (`pattern`, which must not be read as a concept: the most varied class, hence the larger
+    share), a third of those two such things (two look words); the rest plain."""
     from cdtool.toy.world import KINDS, SUITE, SUITE_TONES
 
     out = []
     for i in range(n):
         if i % 12 in (0, 3, 6, 9):
-            concept = SUITE[(i // 12 * 4 + i % 12 // 3) % len(SUITE)]
-            out.append(sampler.suite_scene(concept, any_shape=(i // 24) % 2 == 0))
-        elif i % 12 in (1, 5, 10):
+            at = i // 12 * 4 + i % 12 // 3
+            concept, any_shape = SUITE[at % len(SUITE)], (i // 24) % 2 == 0
+            second = SUITE[(at + 1 + (i // 12) % (len(SUITE) - 1)) % len(SUITE)] if i % 12 == 6 else None
+            out.append(sampler.suite_scene(concept, any_shape=any_shape, second=second))
+        elif i % 12 in (1, 5):
             out.append(sampler.with_pretraining_pattern(sampler.scene(), KINDS, SUITE_TONES))
+        elif i % 12 == 10:
+            out.append(sampler.with_look(sampler.scene(count=2), both=True))
         else:
             out.append(sampler.scene())
     return out

@@ -205,18 +205,18 @@ class Sampler:
         background = self.rng.choice([c for c in COLOURS if c not in used])
         return Scene(things, background, concept)
 
-    def suite_scene(self, concept: Concept, count: int | None = None, any_shape: bool = False) -> Scene:
+    def suite_scene(
+        self, concept: Concept, count: int | None = None, any_shape: bool = False, second: Concept | None = None
+    ) -> Scene:
         """A random scene whose first thing is the suite's `concept`, captioned with its token; with
-        `any_shape` its look on a thing of any shape (what the oracle must also recognise)."""
-        base = self.scene(count=count)
-        first = replace(
-            base.things[0],
-            shape=base.things[0].shape if any_shape else concept.shape,
-            pattern=concept.kind,
-            pair=concept.tones,
-            concept=concept.token,
-        )
-        return self._with_first(base, first, concept.token)
+        `any_shape` its look on a thing of any shape (what the oracle must also recognise); with
+        `second`, two things, the second that concept ("a <new3> square and a <new4> heart", what a
+        prompt for two personal concepts asks)."""
+        base = self.scene(count=2 if second else count)
+        if second:
+            both = (base.things[0], _as_concept(base.things[1], second, any_shape))
+            base = Scene(both, base.background, base.token)
+        return self._with_first(base, _as_concept(base.things[0], concept, any_shape), concept.token)
 
     def with_pretraining_pattern(
         self,
@@ -236,23 +236,37 @@ class Sampler:
                 break
         return self._with_first(scene, replace(first, pattern=kind, pair=pair), scene.token)
 
-    def with_look(self, scene: Scene, alone: bool = False) -> Scene:
+    def with_look(self, scene: Scene, alone: bool = False, both: bool = False) -> Scene:
         """`scene` with its first thing in one of the LOOKS, named by its word, the background chosen
         again to differ from its tones; `alone`, the word names the thing by itself (its LOOK_SHAPES
-        shape, no shape word)."""
+        shape, no shape word); `both`, a second thing takes another look too ("a tiger square and a
+        bee heart", as two personal concepts are asked for in one prompt)."""
         word = self.rng.choice(sorted(LOOKS))
-        kind, pair = LOOKS[word]
-        first = replace(scene.things[0], pattern=kind, pair=pair, look=word, alone=alone)
-        if alone:
-            first = replace(first, shape=LOOK_SHAPES[word])
-        return self._with_first(scene, first, scene.token)
+        first = _in_look(scene.things[0], word, alone)
+        rest = scene.things[1:]
+        if both and rest:
+            rest = (_in_look(rest[0], self.rng.choice(sorted(set(LOOKS) - {word})), False), *rest[1:])
+        return self._with_first(Scene((scene.things[0], *rest), scene.background, scene.token), first, scene.token)
 
     def _with_first(self, scene: Scene, first: Thing, token: str | None) -> Scene:
         """`scene` with `first` (a two-tone thing) for its first thing, its background drawn again
-        to differ from the other things' colours and from `first`'s tones."""
+        to differ from the other things' colours (or tones) and from `first`'s tones."""
         assert first.pair is not None
-        used = {t.colour for t in scene.things[1:]} | set(first.pair)
+        used = {c for t in scene.things[1:] for c in (t.pair or (t.colour,))} | set(first.pair)
         return Scene((first, *scene.things[1:]), self.rng.choice([c for c in COLOURS if c not in used]), token)
+
+
+def _as_concept(thing: Thing, concept: Concept, any_shape: bool) -> Thing:
+    """`thing` as the suite's `concept` (its look; its shape too unless `any_shape`)."""
+    shape = thing.shape if any_shape else concept.shape
+    return replace(thing, shape=shape, pattern=concept.kind, pair=concept.tones, concept=concept.token)
+
+
+def _in_look(thing: Thing, word: str, alone: bool) -> Thing:
+    """`thing` in the look `word` names; `alone`, of the word's own shape (LOOK_SHAPES)."""
+    kind, pair = LOOKS[word]
+    thing = replace(thing, pattern=kind, pair=pair, look=word, alone=alone)
+    return replace(thing, shape=LOOK_SHAPES[word]) if alone else thing
 
 
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
