@@ -172,6 +172,19 @@ def test_the_suites_oracle_trains_on_two_concepts_and_two_looks_in_one_image():
     assert len({(s.things[0].concept, s.things[1].concept) for s in concept_pairs}) > 10
 
 
+def test_pair_accuracy_counts_scenes_whose_two_concepts_are_both_read():
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from train_oracle import pair_accuracy
+
+    model = SimpleNamespace(fill_names=["red", "new1", "new2", "pattern"], tokens={"<new1>": "new1", "<new2>": "new2"})
+    fills = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0]])  # three pairs, one single
+    read = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 1], [1, 1, 0, 0], [1, 1, 1, 0]]).bool()
+    assert pair_accuracy(model, read, fills) == {"concept_pairs": pytest.approx(2 / 3)}
+    assert pair_accuracy(model, read[2:3], fills[2:3]) == {}  # no pair to judge
+
+
 def _text_module():
     sys.path.insert(0, str(ROOT / "tools"))
     import pretrain_toy_text

@@ -121,7 +121,20 @@ def accuracy(model, x, y) -> dict[str, float]:
             acc[k] = float((o.argmax(1) == y[k]).float().mean())
         else:  # the whole set right
             acc[k] = float(((o > 0).float() == y[k]).all(1).float().mean())
+        if k == "fills":
+            acc |= pair_accuracy(model, o > 0, y[k])
     return acc
+
+
+def pair_accuracy(model, read: torch.Tensor, fills: torch.Tensor) -> dict[str, float]:
+    """Of the scenes holding two suite concepts (none in the shipped world), the share whose two
+    concepts are both read: what judges a prompt for two personal concepts."""
+    concepts = [i for i, name in enumerate(model.fill_names) if name in set(model.tokens.values())]
+    pairs = fills[:, concepts].sum(1) == 2
+    if not concepts or not pairs.any():
+        return {}
+    both = (read[:, concepts] & fills[:, concepts].bool()).sum(1) == 2
+    return {"concept_pairs": float(both[pairs].float().mean())}
 
 
 def main() -> None:
