@@ -1,12 +1,14 @@
 """How much the judge's verdicts on generated samples depend on which oracle judges them.
 
     python tools/train_oracle.py --seed 1 --out oracle-seed1.safetensors
-    python research/oracle_agreement.py oracle-seed1.safetensors bench-quality/samples [--against OTHER]
+    python research/oracle_agreement.py oracle-seed1.safetensors bench-quality/samples [--against OTHER] [--grid DIR]
 
 Reads every sample folder (PNGs and the prompts.json that `cdtool sample` writes) under SAMPLES with
 the shipped oracle (or --against's) and with another one, and prints, per folder, the share of images each finds
 showing the asked concept (and the asked prompt), and how often the two verdicts agree. Held-out
-renders cannot show this: samples are off the renders' distribution.
+renders cannot show this: samples are off the renders' distribution. Either oracle may be the suite's
+(`tools/train_oracle.py --world v2`). `--grid DIR` writes, per folder, the samples enlarged with both
+concept verdicts under each (first / other, Y or n), to read by eye: what calibrates a judge.
 """
 
 from __future__ import annotations
@@ -22,23 +24,18 @@ VERDICTS = ("concept", "prompt")
 
 def main() -> None:
     from PIL import Image
-    from safetensors.torch import load_file
 
     from cdtool.toy.judge import judge, parse_prompt
-    from cdtool.toy.oracle import Oracle, load_oracle, read
+    from cdtool.toy.oracle import load_oracle, read
 
     ap = argparse.ArgumentParser()
     ap.add_argument("weights", type=Path, help="the other oracle's weights")
     ap.add_argument("samples", type=Path, help="a folder of sample folders (e.g. bench-quality/samples)")
     ap.add_argument("--against", type=Path, help="weights of the first oracle (default: the shipped one)")
+    ap.add_argument("--grid", type=Path, help="write each folder's samples with both verdicts here (see above)")
     args = ap.parse_args()
 
-    def load(path: Path) -> Oracle:
-        model = Oracle()
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
-
-    judges = (load(args.against) if args.against else load_oracle(), load(args.weights))
+    judges = (load_oracle(str(args.against)) if args.against else load_oracle(), load_oracle(str(args.weights)))
     agree = {k: [0, 0] for k in VERDICTS}
     print("| samples | " + " | ".join(f"{k}: first / other / agree" for k in VERDICTS) + " |")
     print("| --- |" + " ---: |" * len(VERDICTS))
@@ -47,9 +44,14 @@ def main() -> None:
         images = [Image.open(folder / name).convert("RGB") for name in prompts]
         with torch.no_grad():
             verdicts = [
-                [judge(parse_prompt(prompts[n]), seen) for n, seen in zip(prompts, read(o, images), strict=True)]
+                [
+                    judge(parse_prompt(prompts[n], o.tokens), seen, o.patterns)
+                    for n, seen in zip(prompts, read(o, images), strict=True)
+                ]
                 for o in judges
             ]
+        if args.grid:
+            write_grid(args.grid / f"{folder.name}.png", images, verdicts)
         cells = []
         for k in VERDICTS:
             pairs = [(a[k], b[k]) for a, b in zip(*verdicts, strict=True) if k in a]
@@ -63,6 +65,24 @@ def main() -> None:
             cells.append(f"{sum(a for a, _ in pairs) / n:.2f} / {sum(b for _, b in pairs) / n:.2f} / {same / n:.2f}")
         print(f"| {folder.name} | " + " | ".join(cells) + " |")
     print("agreement over all images: " + ", ".join(f"{k} {a / n:.3f}" for k, (a, n) in agree.items() if n))
+
+
+def write_grid(path: Path, images: list, verdicts: list[list[dict]], cols: int = 8) -> None:
+    """The images at 4x, each captioned "<index> <first> / <other>" with Y or n for the concept verdict
+    (- where the prompt asks for none)."""
+    from PIL import Image, ImageDraw
+
+    size, label = 128, 14
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * size, rows * (size + label)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (im, a, b) in enumerate(zip(images, *verdicts, strict=True)):
+        x, y = (i % cols) * size, (i // cols) * (size + label)
+        grid.paste(im.resize((size, size), Image.Resampling.NEAREST), (x, y))
+        marks = ["-" if "concept" not in v else "Y" if v["concept"] else "n" for v in (a, b)]
+        draw.text((x + 2, y + size), f"{i} {marks[0]} / {marks[1]}", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
 
 
 if __name__ == "__main__":

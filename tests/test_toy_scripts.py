@@ -185,6 +185,20 @@ def test_pair_accuracy_counts_scenes_whose_two_concepts_are_both_read():
     assert pair_accuracy(model, read[2:3], fills[2:3]) == {}  # no pair to judge
 
 
+def test_the_agreement_grid_shows_each_sample_with_both_verdicts(tmp_path):
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from research.oracle_agreement import write_grid
+
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "green")]
+    verdicts = [[{"concept": True}, {"concept": False}, {}], [{"concept": True}, {"concept": True}, {}]]
+    write_grid(tmp_path / "g" / "s.png", images, verdicts, cols=2)
+    grid = Image.open(tmp_path / "g" / "s.png").convert("RGB")
+    assert grid.size == (256, 2 * (128 + 14))
+    assert grid.getpixel((200, 60)) == (0, 0, 255) and grid.getpixel((60, 200)) == (0, 128, 0)  # enlarged in place
+
+
 def _text_module():
     sys.path.insert(0, str(ROOT / "tools"))
     import pretrain_toy_text
