@@ -129,9 +129,10 @@ def accuracy(model, x, y) -> dict[str, float]:
 def pair_accuracy(model, read: torch.Tensor, fills: torch.Tensor) -> dict[str, float]:
     """Of the scenes holding two suite concepts (none in the shipped world), the share whose two
     concepts are both read: what judges a prompt for two personal concepts."""
-    concepts = [i for i, name in enumerate(model.fill_names) if name in set(model.tokens.values())]
+    names = set(model.tokens.values())
+    concepts = [i for i, name in enumerate(model.fill_names) if name in names]
     pairs = fills[:, concepts].sum(1) == 2
-    if not concepts or not pairs.any():
+    if not pairs.any():
         return {}
     both = (read[:, concepts] & fills[:, concepts].bool()).sum(1) == 2
     return {"concept_pairs": float(both[pairs].float().mean())}

@@ -212,11 +212,10 @@ class Sampler:
         `any_shape` its look on a thing of any shape (what the oracle must also recognise); with
         `second`, two things, the second that concept ("a <new3> square and a <new4> heart", what a
         prompt for two personal concepts asks)."""
-        base = self.scene(count=2 if second else count)
+        things = self.scene(count=2 if second else count).things
         if second:
-            both = (base.things[0], _as_concept(base.things[1], second, any_shape))
-            base = Scene(both, base.background, base.token)
-        return self._with_first(base, _as_concept(base.things[0], concept, any_shape), concept.token)
+            things = (things[0], _as_concept(things[1], second, any_shape))
+        return self._with_things((_as_concept(things[0], concept, any_shape), *things[1:]), concept.token)
 
     def with_pretraining_pattern(
         self,
@@ -234,7 +233,7 @@ class Sampler:
             pair = tuple(self.rng.sample(list(COLOURS), 2))
             if (kind, frozenset(pair)) not in excluded:
                 break
-        return self._with_first(scene, replace(first, pattern=kind, pair=pair), scene.token)
+        return self._with_things((replace(first, pattern=kind, pair=pair), *scene.things[1:]), scene.token)
 
     def with_look(self, scene: Scene, alone: bool = False, both: bool = False) -> Scene:
         """`scene` with its first thing in one of the LOOKS, named by its word, the background chosen
@@ -242,18 +241,18 @@ class Sampler:
         shape, no shape word); `both`, a second thing takes another look too ("a tiger square and a
         bee heart", as two personal concepts are asked for in one prompt)."""
         word = self.rng.choice(sorted(LOOKS))
-        first = _in_look(scene.things[0], word, alone)
-        rest = scene.things[1:]
-        if both and rest:
-            rest = (_in_look(rest[0], self.rng.choice(sorted(set(LOOKS) - {word})), False), *rest[1:])
-        return self._with_first(Scene((scene.things[0], *rest), scene.background, scene.token), first, scene.token)
+        things = (_in_look(scene.things[0], word, alone), *scene.things[1:])
+        if both and len(things) > 1:
+            second = _in_look(things[1], self.rng.choice(sorted(set(LOOKS) - {word})), False)
+            things = (things[0], second, *things[2:])
+        return self._with_things(things, scene.token)
 
-    def _with_first(self, scene: Scene, first: Thing, token: str | None) -> Scene:
-        """`scene` with `first` (a two-tone thing) for its first thing, its background drawn again
-        to differ from the other things' colours (or tones) and from `first`'s tones."""
-        assert first.pair is not None
-        used = {c for t in scene.things[1:] for c in (t.pair or (t.colour,))} | set(first.pair)
-        return Scene((first, *scene.things[1:]), self.rng.choice([c for c in COLOURS if c not in used]), token)
+    def _with_things(self, things: tuple[Thing, ...], token: str | None) -> Scene:
+        """A scene of `things` (the first a two-tone thing), its background drawn again to differ from
+        every thing's colour, or both tones of a two-tone one."""
+        assert things[0].pair is not None
+        used = {c for t in things for c in (t.pair or (t.colour,))}
+        return Scene(things, self.rng.choice([c for c in COLOURS if c not in used]), token)
 
 
 def _as_concept(thing: Thing, concept: Concept, any_shape: bool) -> Thing:
