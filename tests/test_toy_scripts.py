@@ -275,3 +275,70 @@ def test_a_text_stage_with_rare_names_and_looks_keeps_a_teachers_rows(tmp_path, 
     settings = json.loads((tmp_path / "checkpoint.json").read_text())["settings"]
     assert settings["rare"] == 0.5 and settings["looks"] == 0.5
     assert settings["keep"] == 5 and settings["keep_from"] == str(text_encoder)
+
+
+def test_calibration_agreement_counts_each_eye_label_apart():
+    sys.path.insert(0, str(ROOT))
+    from research.judge_calibration import agreement
+
+    got = agreement([True, True, False, True, False, False, True, False], ["Y", "Y", "Y", "n", "n", "n", "?", "?"])
+    assert got == pytest.approx(
+        {"recall": 2 / 3, "false": 1 / 3, "unsure": 1 / 2, "fidelity": 4 / 8, "eye_low": 3 / 8, "eye_high": 5 / 8}
+    )
+
+
+def test_a_packed_calibration_set_gives_back_each_sample_with_its_prompt_and_label(tmp_path):
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from research.judge_calibration import load_set, pack
+
+    folder = tmp_path / "samples" / "new3-square"
+    folder.mkdir(parents=True)
+    prompts = {}
+    for i, colour in enumerate(("red", "blue", "green")):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+        prompts[f"{i}.png"] = f"a small <new3> square on a {colour} background"
+    (folder / "prompts.json").write_text(json.dumps(prompts))
+    assert pack(tmp_path / "samples", {"new3-square/2": "?", "new3-square/0": "Y"}, tmp_path / "set") == 2
+    tiles, rows = load_set(tmp_path / "set")
+    assert [r["eye"] for r in rows] == ["Y", "?"] and "green" in rows[1]["prompt"]
+    assert tiles[0].getpixel((5, 5)) == (255, 0, 0) and tiles[1].getpixel((20, 30)) == (0, 128, 0)
+    with pytest.raises(ValueError, match="not one of"):
+        pack(tmp_path / "samples", {"new3-square/1": "maybe"}, tmp_path / "bad")
+
+
+def test_the_suites_judge_agrees_with_samples_read_by_eye():
+    """The judge of the suite's benchmark, on 448 of its samples read by eye: it finds most clear
+    concepts and reads few clear misses as the concept (research/judge_calibration.py)."""
+    sys.path.insert(0, str(ROOT))
+    from research.judge_calibration import JUDGE, agreement, concept_verdicts, load_set
+
+    tiles, rows = load_set()
+    got = agreement(concept_verdicts(str(JUDGE), tiles, rows), [r["eye"] for r in rows])
+    assert got["recall"] >= 0.8 and got["false"] <= 0.1, got
+
+
+def test_near_misses_of_a_concept_are_read_as_another_pattern_and_own_tones_as_the_concept():
+    """A concept's near misses (tones swapped, or one replaced, sometimes by the background's colour:
+    a band missing) are labelled `pattern`; the concept on a background in one of its own tones is
+    labelled the concept (a right render whose band merges into the background)."""
+    import random
+
+    from cdtool.toy.oracle import fill_of
+    from cdtool.toy.world import SUITE, Sampler, suite_concept
+
+    sampler = Sampler(random.Random(0))
+    for concept in SUITE:
+        misses = [sampler.near_miss(concept).things[0] for _ in range(40)]
+        assert {fill_of(t) for t in misses} == {"pattern"}
+        assert all(t.pattern == concept.kind and t.pair != concept.tones for t in misses)
+        swapped = [t for t in misses if t.pair == concept.tones[::-1]]
+        assert (concept.kind == "checker") == (not swapped)  # a checker's swap is its mirror image
+        own = sampler.on_own_tone(concept)
+        assert fill_of(own.things[0]) == concept.fill
+    assert {sampler.on_own_tone(suite_concept("<new3>")).background for _ in range(20)} == {"yellow", "blue"}
+    blank = [
+        s for s in (sampler.near_miss(suite_concept("<new3>")) for _ in range(80)) if s.background in s.things[0].pair
+    ]
+    assert blank and all(s.things[0].pair != ("yellow", "blue") for s in blank)

@@ -1,0 +1,132 @@
+"""How well an oracle's concept verdicts on generated samples agree with samples read by eye.
+
+    python research/judge_calibration.py pack SAMPLES LABELS.json OUT     # a labelled set, once
+    python research/judge_calibration.py measure [ORACLE ...] [--set OUT]
+
+Held-out renders cannot calibrate a judge: generated samples are off their distribution (blurred,
+bands missing, tones swapped). A calibration set is samples read by eye, each marked `Y` (clearly
+shows the asked concept: its two tones in its pattern's arrangement), `n` (clearly not) or `?` (in
+between, or a right render that a background in one of the concept's tones makes look like a miss).
+`pack` stores the labelled samples of a `quality.py` run as one lossless mosaic of 32 px tiles beside a
+JSON list of (folder, prompt, label); LABELS.json maps "FOLDER/INDEX" (the index in the folder's
+prompts.json) to its label. `measure` prints, per oracle, the share of `Y` it reads as the concept
+(recall), the share of `n` it reads as the concept (false readings), its reading of `?`, and the
+concept fidelity it gives against the eye's bracket (clear `Y` only, `Y` and `?`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SET = ROOT / "research" / "calibration" / "suite-53657"
+# the suite benchmark's judge (benchmarks/quality.py --suite --oracle)
+JUDGE = ROOT / "tools" / "checkpoints" / "toy2" / "oracle.safetensors"
+TILE, PER_ROW = 32, 16
+LABELS = ("Y", "n", "?")
+
+
+def pack(samples: Path, labels: dict[str, str], out: Path) -> int:
+    """Writes OUT.png (the labelled samples as 32 px tiles, PER_ROW a row) and OUT.json; returns the
+    number of tiles."""
+    from PIL import Image
+
+    rows, images = [], []
+    for key, label in sorted(labels.items(), key=lambda kv: _order(kv[0])):
+        if label not in LABELS:
+            raise ValueError(f"{key}: label {label!r} is not one of {LABELS}")
+        folder, index = key.rsplit("/", 1)
+        prompts = json.loads((samples / folder / "prompts.json").read_text())
+        name = list(prompts)[int(index)]
+        images.append(Image.open(samples / folder / name).convert("RGB"))
+        rows.append({"folder": folder, "index": int(index), "prompt": prompts[name], "eye": label})
+    sheet = Image.new("RGB", (PER_ROW * TILE, -(-len(images) // PER_ROW) * TILE))
+    for i, im in enumerate(images):
+        sheet.paste(im.resize((TILE, TILE)), ((i % PER_ROW) * TILE, (i // PER_ROW) * TILE))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out.with_suffix(".png"))
+    out.with_suffix(".json").write_text(json.dumps({"tiles": rows}, indent=1) + "\n")
+    return len(rows)
+
+
+def _order(key: str) -> tuple[str, int]:
+    folder, index = key.rsplit("/", 1)
+    return folder, int(index)
+
+
+def load_set(path: Path = SET) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The tiles (PIL images) and their rows (folder, index, prompt, eye) of a packed set."""
+    from PIL import Image
+
+    rows = json.loads(path.with_suffix(".json").read_text())["tiles"]
+    sheet = Image.open(path.with_suffix(".png")).convert("RGB")
+    tiles = [
+        sheet.crop(((i % PER_ROW) * TILE, (i // PER_ROW) * TILE, (i % PER_ROW + 1) * TILE, (i // PER_ROW + 1) * TILE))
+        for i in range(len(rows))
+    ]
+    return tiles, rows
+
+
+def agreement(verdicts: Sequence[bool], eye: Sequence[str]) -> dict[str, float]:
+    """Recall on the eye's `Y`, false readings on its `n`, readings of its `?`; the oracle's fidelity
+    and the eye's bracket for it (`Y` only; `Y` and `?`)."""
+
+    def share(label: str) -> float:
+        picked = [v for v, e in zip(verdicts, eye, strict=True) if e == label]
+        return sum(picked) / len(picked) if picked else float("nan")
+
+    n = len(eye)
+    return {
+        "recall": share("Y"),
+        "false": share("n"),
+        "unsure": share("?"),
+        "fidelity": sum(verdicts) / n,
+        "eye_low": eye.count("Y") / n,
+        "eye_high": (eye.count("Y") + eye.count("?")) / n,
+    }
+
+
+def concept_verdicts(weights: str | None, tiles: list[Any], rows: list[dict[str, Any]]) -> list[bool]:
+    """The judge's concept verdict on each tile, with the oracle in `weights`."""
+    from cdtool.toy.judge import judge, parse_prompt
+    from cdtool.toy.oracle import load_oracle, read
+
+    oracle = load_oracle(weights)
+    seen = read(oracle, tiles)
+    asked = [parse_prompt(r["prompt"], oracle.tokens) for r in rows]
+    return [judge(a, s, oracle.patterns)["concept"] for a, s in zip(asked, seen, strict=True)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack")
+    p.add_argument("samples", type=Path)
+    p.add_argument("labels", type=Path)
+    p.add_argument("out", type=Path)
+    m = sub.add_parser("measure")
+    m.add_argument("oracles", nargs="*", help="oracle weights (default: the suite's judge)")
+    m.add_argument("--set", type=Path, default=SET)
+    args = ap.parse_args()
+    if args.command == "pack":
+        print(f"{pack(args.samples, json.loads(args.labels.read_text()), args.out)} tiles -> {args.out}.png")
+        return
+    tiles, rows = load_set(args.set)
+    eye = [r["eye"] for r in rows]
+    print(f"{len(rows)} samples: {eye.count('Y')} Y, {eye.count('n')} n, {eye.count('?')} ?")
+    print("| oracle | recall on Y | false on n | reads ? | fidelity | eye: Y .. Y+? |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for weights in args.oracles or [str(JUDGE.relative_to(ROOT))]:
+        a = agreement(concept_verdicts(weights, tiles, rows), eye)
+        print(
+            f"| {weights} | {a['recall']:.2f} | {a['false']:.2f} | {a['unsure']:.2f} | {a['fidelity']:.2f} |"
+            f" {a['eye_low']:.2f} .. {a['eye_high']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
