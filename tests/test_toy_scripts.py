@@ -320,9 +320,10 @@ def test_the_suites_judge_agrees_with_samples_read_by_eye():
 
 
 def test_near_misses_of_a_concept_are_read_as_another_pattern_and_own_tones_as_the_concept():
-    """A concept's near misses (tones swapped, or one replaced, sometimes by the background's colour:
-    a band missing) are labelled `pattern`; the concept on a background in one of its own tones is
-    labelled the concept (a right render whose band merges into the background)."""
+    """A concept's near misses (tones swapped, sometimes on a background in one of them, or one tone
+    replaced; with `missing`, sometimes by the background's colour: a band missing) are labelled
+    `pattern`; the concept on a background in one of its own tones is labelled the concept (a right
+    render whose band merges into the background)."""
     import random
 
     from cdtool.toy.oracle import fill_of
@@ -338,7 +339,8 @@ def test_near_misses_of_a_concept_are_read_as_another_pattern_and_own_tones_as_t
         own = sampler.on_own_tone(concept)
         assert fill_of(own.things[0]) == concept.fill
     assert {sampler.on_own_tone(suite_concept("<new3>")).background for _ in range(20)} == {"yellow", "blue"}
-    blank = [
-        s for s in (sampler.near_miss(suite_concept("<new3>")) for _ in range(80)) if s.background in s.things[0].pair
-    ]
-    assert blank and all(s.things[0].pair != ("yellow", "blue") for s in blank)
+    stripes = [sampler.near_miss(suite_concept("<new3>")) for _ in range(80)]
+    assert {s.background for s in stripes if s.things[0].pair == ("blue", "yellow")} > {"blue", "yellow"}
+    assert all(s.background not in s.things[0].pair for s in stripes if s.things[0].pair != ("blue", "yellow"))
+    blank = [sampler.near_miss(suite_concept("<new3>"), missing=True) for _ in range(80)]
+    assert any(s.background in s.things[0].pair and s.things[0].pair != ("blue", "yellow") for s in blank)

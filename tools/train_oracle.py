@@ -33,22 +33,22 @@ def scenes_v1(sampler, n: int) -> list:
     return [sampler.scene(pattern=list(PATTERNS)[(i // 4) % len(PATTERNS)] if i % 4 == 0 else None) for i in range(n)]
 
 
-def scenes_v2(sampler, n: int, near_misses: bool = False) -> list:
+def scenes_v2(sampler, n: int, near_misses: bool = False, missing: bool = False) -> list:
     """A third show a suite concept (taking turns; on any shape, so it is read wherever it appears,
     and on its own shape), one in four of those beside a second concept (so that two are read in one
     image, as a prompt for two personal concepts asks); a quarter a two-tone thing in named colours of
     any kind (`pattern`, which must not be read as a concept: the most varied class, hence the larger
     share), a third of those two such things (two look words); the rest plain. With `near_misses`,
-    one in twelve is a near miss of a concept (`Sampler.near_miss`, read as `pattern`) and one in
-    twelve a concept on a background in one of its own tones (`Sampler.on_own_tone`), in place of
-    plain scenes."""
+    one in twelve is a near miss of a concept (`Sampler.near_miss`, read as `pattern`; with `missing`
+    some with a band missing) and one in twelve a concept on a background in one of its own tones
+    (`Sampler.on_own_tone`), in place of plain scenes."""
     from cdtool.toy.world import KINDS, SUITE, SUITE_TONES
 
     out = []
     for i in range(n):
         concept, any_shape = SUITE[i // 12 % len(SUITE)], (i // 96) % 2 == 0
         if near_misses and i % 12 == 2:
-            out.append(sampler.near_miss(concept, any_shape))
+            out.append(sampler.near_miss(concept, any_shape, missing))
         elif near_misses and i % 12 == 8:
             out.append(sampler.on_own_tone(concept, any_shape))
         elif i % 12 in (0, 3, 6, 9):
@@ -66,13 +66,13 @@ def scenes_v2(sampler, n: int, near_misses: bool = False) -> list:
 
 
 def dataset(
-    n: int, seed: int, world: str = "v1", near_misses: bool = False
+    n: int, seed: int, world: str = "v1", near_misses: bool = False, missing: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from cdtool.toy.oracle import WORLD_FILLS, targets, to_tensor
     from cdtool.toy.world import Sampler, render
 
     sampler = Sampler(random.Random(seed))
-    scenes = scenes_v2(sampler, n, near_misses) if world == "v2" else scenes_v1(sampler, n)
+    scenes = scenes_v2(sampler, n, near_misses, missing) if world == "v2" else scenes_v1(sampler, n)
     x = to_tensor([render(s, 32) for s in scenes])
     ys = [targets(s, WORLD_FILLS[world]) for s in scenes]
     return x, {k: torch.stack([y[k] for y in ys]) for k in ys[0]}
@@ -163,6 +163,9 @@ def main() -> None:
     ap.add_argument(
         "--near-misses", action="store_true", help="v2: train on concepts' near misses and own-tone backgrounds too"
     )
+    ap.add_argument(
+        "--missing-bands", action="store_true", help="with --near-misses: some near misses with a band missing"
+    )
     ap.add_argument("--lr", type=float, default=2e-3, help="the one-cycle schedule's peak learning rate")
     ap.add_argument(
         "--vae", type=Path, help="the model folder whose VAE makes the round trips (default: the toy model)"
@@ -172,8 +175,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    x, y = dataset(args.train, args.seed, args.world, args.near_misses)
-    xt, yt = dataset(args.test, args.seed + 1, args.world, args.near_misses)
+    x, y = dataset(args.train, args.seed, args.world, args.near_misses, args.missing_bands)
+    xt, yt = dataset(args.test, args.seed + 1, args.world, args.near_misses, args.missing_bands)
     print(f"rendered {args.train}+{args.test} scenes in {time.perf_counter() - t0:.0f}s")
     xt_vae = vae_round_trips(xt, args.seed + 2, args.vae)
     if args.vae_round_trips:

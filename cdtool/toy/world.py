@@ -217,19 +217,22 @@ class Sampler:
             things = (things[0], _as_concept(things[1], second, any_shape))
         return self._with_things((_as_concept(things[0], concept, any_shape), *things[1:]), concept.token)
 
-    def near_miss(self, concept: Concept, any_shape: bool = False) -> Scene:
+    def near_miss(self, concept: Concept, any_shape: bool = False, missing: bool = False) -> Scene:
         """A single thing that almost is the suite's `concept`, what a fine-tune's sample often is and
         the oracle must not read as the concept: its kind with its tones swapped (not for a checker,
-        whose swap is its mirror image), or one tone replaced by another colour, half the time the
-        background's (a band or part missing)."""
+        whose swap is its mirror image), half the time on a background in one of its tones (two blue
+        bars on yellow: the striped square's swap), or one tone replaced by another colour; with
+        `missing`, half of those on the replacement's colour (a band or part missing)."""
         thing = _as_concept(self.scene(count=1).things[0], concept, any_shape)
         a, b = concept.tones
-        ways = ("swap", "first", "second") if concept.kind != "checker" else ("first", "second")
-        way = self.rng.choice(ways)
+        way = self.rng.choice(("swap", "first", "second") if concept.kind != "checker" else ("first", "second"))
         other = self.rng.choice([c for c in COLOURS if c not in concept.tones])
         pair = (b, a) if way == "swap" else (other, b) if way == "first" else (a, other)
         thing = replace(thing, pair=pair, concept=None)
-        if way != "swap" and self.rng.random() < 0.5:
+        tones = [t for t in concept.tones if t in COLOURS]
+        if way == "swap" and tones and self.rng.random() < 0.5:
+            return Scene((thing,), self.rng.choice(tones), None)
+        if way != "swap" and missing and self.rng.random() < 0.5:
             return Scene((thing,), other, None)
         return self._with_things((thing,), None)
 
