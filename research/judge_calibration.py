@@ -32,21 +32,25 @@ LABELS = ("Y", "n", "?")
 
 def pack(samples: Path, labels: dict[str, str], out: Path) -> int:
     """Writes OUT.png (the labelled samples as 32 px tiles, PER_ROW a row) and OUT.json; returns the
-    number of tiles."""
+    number of tiles. Every sample must be 32 px: the tiles are the samples, pixel for pixel."""
     from PIL import Image
 
-    rows, images = [], []
+    rows, images, prompts = [], [], {}
     for key, label in sorted(labels.items(), key=lambda kv: _order(kv[0])):
         if label not in LABELS:
             raise ValueError(f"{key}: label {label!r} is not one of {LABELS}")
         folder, index = key.rsplit("/", 1)
-        prompts = json.loads((samples / folder / "prompts.json").read_text())
-        name = list(prompts)[int(index)]
-        images.append(Image.open(samples / folder / name).convert("RGB"))
-        rows.append({"folder": folder, "index": int(index), "prompt": prompts[name], "eye": label})
+        if folder not in prompts:
+            prompts[folder] = json.loads((samples / folder / "prompts.json").read_text())
+        name = list(prompts[folder])[int(index)]
+        image = Image.open(samples / folder / name).convert("RGB")
+        if image.size != (TILE, TILE):
+            raise ValueError(f"{samples / folder / name} is {image.size[0]}x{image.size[1]}, not {TILE} px")
+        images.append(image)
+        rows.append({"folder": folder, "index": int(index), "prompt": prompts[folder][name], "eye": label})
     sheet = Image.new("RGB", (PER_ROW * TILE, -(-len(images) // PER_ROW) * TILE))
-    for i, im in enumerate(images):
-        sheet.paste(im.resize((TILE, TILE)), ((i % PER_ROW) * TILE, (i // PER_ROW) * TILE))
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % PER_ROW) * TILE, (i // PER_ROW) * TILE))
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out.with_suffix(".png"))
     out.with_suffix(".json").write_text(json.dumps({"tiles": rows}, indent=1) + "\n")
@@ -120,7 +124,7 @@ def main() -> None:
     print(f"{len(rows)} samples: {eye.count('Y')} Y, {eye.count('n')} n, {eye.count('?')} ?")
     print("| oracle | recall on Y | false on n | reads ? | fidelity | eye: Y .. Y+? |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for weights in args.oracles or [str(JUDGE.relative_to(ROOT))]:
+    for weights in args.oracles or [str(JUDGE)]:
         a = agreement(concept_verdicts(weights, tiles, rows), eye)
         print(
             f"| {weights} | {a['recall']:.2f} | {a['false']:.2f} | {a['unsure']:.2f} | {a['fidelity']:.2f} |"

@@ -287,7 +287,9 @@ def test_calibration_agreement_counts_each_eye_label_apart():
     )
 
 
-def test_a_packed_calibration_set_gives_back_each_sample_with_its_prompt_and_label(tmp_path):
+def test_a_packed_calibration_set_gives_back_each_sample_pixel_for_pixel_with_its_prompt_and_label(tmp_path):
+    import random
+
     from PIL import Image
 
     sys.path.insert(0, str(ROOT))
@@ -295,17 +297,25 @@ def test_a_packed_calibration_set_gives_back_each_sample_with_its_prompt_and_lab
 
     folder = tmp_path / "samples" / "new3-square"
     folder.mkdir(parents=True)
-    prompts = {}
-    for i, colour in enumerate(("red", "blue", "green")):
-        Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
-        prompts[f"{i}.png"] = f"a small <new3> square on a {colour} background"
+    rng, prompts, originals = random.Random(0), {}, []
+    for i in range(20):  # more than one row of tiles, each with its own noise
+        image = Image.frombytes("RGB", (32, 32), bytes(rng.randrange(256) for _ in range(32 * 32 * 3)))
+        image.save(folder / f"{i:02d}.png")
+        prompts[f"{i:02d}.png"] = f"a small <new3> square, sample {i}"
+        originals.append(image)
     (folder / "prompts.json").write_text(json.dumps(prompts))
-    assert pack(tmp_path / "samples", {"new3-square/2": "?", "new3-square/0": "Y"}, tmp_path / "set") == 2
+    labels = {f"new3-square/{i}": "Y?n"[i % 3] for i in reversed(range(1, 20))}
+    assert pack(tmp_path / "samples", labels, tmp_path / "set") == 19
     tiles, rows = load_set(tmp_path / "set")
-    assert [r["eye"] for r in rows] == ["Y", "?"] and "green" in rows[1]["prompt"]
-    assert tiles[0].getpixel((5, 5)) == (255, 0, 0) and tiles[1].getpixel((20, 30)) == (0, 128, 0)
+    assert [r["index"] for r in rows] == list(range(1, 20))
+    assert [r["eye"] for r in rows] == ["Y?n"[i % 3] for i in range(1, 20)]
+    assert all(r["prompt"].endswith(f"sample {r['index']}") for r in rows)
+    assert all(t.tobytes() == originals[r["index"]].tobytes() for t, r in zip(tiles, rows, strict=True))
     with pytest.raises(ValueError, match="not one of"):
         pack(tmp_path / "samples", {"new3-square/1": "maybe"}, tmp_path / "bad")
+    originals[0].resize((64, 64)).save(folder / "00.png")
+    with pytest.raises(ValueError, match="not 32 px"):
+        pack(tmp_path / "samples", {"new3-square/0": "Y"}, tmp_path / "bad")
 
 
 def test_the_suites_judge_agrees_with_samples_read_by_eye():
@@ -331,11 +341,17 @@ def test_near_misses_of_a_concept_are_read_as_another_pattern_and_own_tones_as_t
 
     sampler = Sampler(random.Random(0))
     for concept in SUITE:
-        misses = [sampler.near_miss(concept).things[0] for _ in range(40)]
+        scenes = [sampler.near_miss(concept, any_shape=k % 2 == 1) for k in range(40)]
+        misses = [s.things[0] for s in scenes]
         assert {fill_of(t) for t in misses} == {"pattern"}
         assert all(t.pattern == concept.kind and t.pair != concept.tones for t in misses)
         swapped = [t for t in misses if t.pair == concept.tones[::-1]]
         assert (concept.kind == "checker") == (not swapped)  # a checker's swap is its mirror image
+        # a split's one visible half could be either half: its swap never stands on one of its tones
+        own_tone_swaps = [
+            s for s in scenes if s.things[0].pair == concept.tones[::-1] and s.background in concept.tones
+        ]
+        assert (concept.kind == "split") == (not own_tone_swaps) or concept.kind == "checker"
         own = sampler.on_own_tone(concept)
         assert fill_of(own.things[0]) == concept.fill
     assert {sampler.on_own_tone(suite_concept("<new3>")).background for _ in range(20)} == {"yellow", "blue"}
@@ -344,3 +360,21 @@ def test_near_misses_of_a_concept_are_read_as_another_pattern_and_own_tones_as_t
     assert all(s.background not in s.things[0].pair for s in stripes if s.things[0].pair != ("blue", "yellow"))
     blank = [sampler.near_miss(suite_concept("<new3>"), missing=True) for _ in range(80)]
     assert any(s.background in s.things[0].pair and s.things[0].pair != ("blue", "yellow") for s in blank)
+
+
+def test_the_oracles_near_miss_scenes_take_their_turns_among_the_others():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import random
+
+    from train_oracle import scenes_v2
+
+    from cdtool.toy.oracle import fill_of
+    from cdtool.toy.world import SUITE, Sampler
+
+    scenes = scenes_v2(Sampler(random.Random(0)), 192, near_misses=True)
+    misses, own = scenes[2::12], scenes[8::12]
+    assert {fill_of(s.things[0]) for s in misses} == {"pattern"}
+    assert [fill_of(s.things[0]) for s in own] == [c.fill for c in SUITE] * 2
+    assert all(s.background in c.tones for s, c in zip(own, SUITE * 2, strict=True) if c.tones[0] != "magenta")
+    plain = scenes_v2(Sampler(random.Random(0)), 192)
+    assert [s.caption() for s in plain[:2]] == [s.caption() for s in scenes[:2]]  # the same stream until then

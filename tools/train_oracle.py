@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cdtool.toy.world import Sampler, Scene
 
-def scenes_v1(sampler, n: int) -> list:
+
+def scenes_v1(sampler: Sampler, n: int) -> list[Scene]:
     from cdtool.toy.world import PATTERNS
 
     # a quarter show a patterned thing of any shape (the patterns taking turns), so patterns are read
@@ -33,7 +35,7 @@ def scenes_v1(sampler, n: int) -> list:
     return [sampler.scene(pattern=list(PATTERNS)[(i // 4) % len(PATTERNS)] if i % 4 == 0 else None) for i in range(n)]
 
 
-def scenes_v2(sampler, n: int, near_misses: bool = False, missing: bool = False) -> list:
+def scenes_v2(sampler: Sampler, n: int, near_misses: bool = False, missing: bool = False) -> list[Scene]:
     """A third show a suite concept (taking turns; on any shape, so it is read wherever it appears,
     and on its own shape), one in four of those beside a second concept (so that two are read in one
     image, as a prompt for two personal concepts asks); a quarter a two-tone thing in named colours of
@@ -46,11 +48,11 @@ def scenes_v2(sampler, n: int, near_misses: bool = False, missing: bool = False)
 
     out = []
     for i in range(n):
-        concept, any_shape = SUITE[i // 12 % len(SUITE)], (i // 96) % 2 == 0
+        turn, anywhere = SUITE[i // 12 % len(SUITE)], (i // 96) % 2 == 0
         if near_misses and i % 12 == 2:
-            out.append(sampler.near_miss(concept, any_shape, missing))
+            out.append(sampler.near_miss(turn, anywhere, missing))
         elif near_misses and i % 12 == 8:
-            out.append(sampler.on_own_tone(concept, any_shape))
+            out.append(sampler.on_own_tone(turn, anywhere))
         elif i % 12 in (0, 3, 6, 9):
             at = i // 12 * 4 + i % 12 // 3
             concept, any_shape = SUITE[at % len(SUITE)], (i // 24) % 2 == 0

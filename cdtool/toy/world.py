@@ -221,15 +221,16 @@ class Sampler:
         """A single thing that almost is the suite's `concept`, what a fine-tune's sample often is and
         the oracle must not read as the concept: its kind with its tones swapped (not for a checker,
         whose swap is its mirror image), half the time on a background in one of its tones (two blue
-        bars on yellow: the striped square's swap), or one tone replaced by another colour; with
-        `missing`, half of those on the replacement's colour (a band or part missing)."""
+        bars on yellow: the striped square's swap; not for a split, whose one visible half could be
+        either), or one tone replaced by another colour; with `missing`, half of those on the
+        replacement's colour (a band or part missing)."""
         thing = _as_concept(self.scene(count=1).things[0], concept, any_shape)
         a, b = concept.tones
         way = self.rng.choice(("swap", "first", "second") if concept.kind != "checker" else ("first", "second"))
         other = self.rng.choice([c for c in COLOURS if c not in concept.tones])
         pair = (b, a) if way == "swap" else (other, b) if way == "first" else (a, other)
         thing = replace(thing, pair=pair, concept=None)
-        tones = [t for t in concept.tones if t in COLOURS]
+        tones = [t for t in concept.tones if t in COLOURS and concept.kind != "split"]
         if way == "swap" and tones and self.rng.random() < 0.5:
             return Scene((thing,), self.rng.choice(tones), None)
         if way != "swap" and missing and self.rng.random() < 0.5:
