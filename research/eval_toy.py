@@ -33,8 +33,8 @@ import torch
 def main() -> None:
     from cdtool.models.loading import load_pipeline
     from cdtool.sampling.generate import Job, generate
-    from cdtool.toy.judge import judge, parse_prompt
-    from cdtool.toy.oracle import load_oracle, read
+    from cdtool.toy.judge import judge_all
+    from cdtool.toy.oracle import load_oracle
     from cdtool.toy.world import Sampler
 
     ap = argparse.ArgumentParser()
@@ -76,11 +76,8 @@ def main() -> None:
                 negative_prompt=None,
             )
         ]
-    oracle = load_oracle(args.oracle)
-    seen = read(oracle, images)
     hits = {"background": 0, "shape": 0, "colour": 0, "count": 0, "all": 0}
-    for caption, got in zip(captions, seen, strict=True):
-        v = judge(parse_prompt(caption, oracle.tokens), got, oracle.patterns)
+    for v in judge_all(load_oracle(args.oracle), captions, images):
         ok = {"background": v["background"], "shape": v["shapes"], "colour": v["colours"], "count": v["count"]}
         for k, hit in ok.items():
             hits[k] += hit

@@ -50,11 +50,16 @@ def pack(samples: Path, labels: dict[str, str], out: Path) -> int:
         rows.append({"folder": folder, "index": int(index), "prompt": prompts[folder][name], "eye": label})
     sheet = Image.new("RGB", (PER_ROW * TILE, -(-len(images) // PER_ROW) * TILE))
     for i, image in enumerate(images):
-        sheet.paste(image, ((i % PER_ROW) * TILE, (i // PER_ROW) * TILE))
+        sheet.paste(image, _corner(i))
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out.with_suffix(".png"))
     out.with_suffix(".json").write_text(json.dumps({"tiles": rows}, indent=1) + "\n")
     return len(rows)
+
+
+def _corner(i: int) -> tuple[int, int]:
+    """Where tile i sits in the mosaic (its top-left pixel)."""
+    return (i % PER_ROW) * TILE, (i // PER_ROW) * TILE
 
 
 def _order(key: str) -> tuple[str, int]:
@@ -68,11 +73,8 @@ def load_set(path: Path = SET) -> tuple[list[Any], list[dict[str, Any]]]:
 
     rows = json.loads(path.with_suffix(".json").read_text())["tiles"]
     sheet = Image.open(path.with_suffix(".png")).convert("RGB")
-    tiles = [
-        sheet.crop(((i % PER_ROW) * TILE, (i // PER_ROW) * TILE, (i % PER_ROW + 1) * TILE, (i // PER_ROW + 1) * TILE))
-        for i in range(len(rows))
-    ]
-    return tiles, rows
+    corners = [_corner(i) for i in range(len(rows))]
+    return [sheet.crop((x, y, x + TILE, y + TILE)) for x, y in corners], rows
 
 
 def agreement(verdicts: Sequence[bool], eye: Sequence[str]) -> dict[str, float]:
@@ -96,13 +98,10 @@ def agreement(verdicts: Sequence[bool], eye: Sequence[str]) -> dict[str, float]:
 
 def concept_verdicts(weights: str | None, tiles: list[Any], rows: list[dict[str, Any]]) -> list[bool]:
     """The judge's concept verdict on each tile, with the oracle in `weights`."""
-    from cdtool.toy.judge import judge, parse_prompt
-    from cdtool.toy.oracle import load_oracle, read
+    from cdtool.toy.judge import judge_all
+    from cdtool.toy.oracle import load_oracle
 
-    oracle = load_oracle(weights)
-    seen = read(oracle, tiles)
-    asked = [parse_prompt(r["prompt"], oracle.tokens) for r in rows]
-    return [judge(a, s, oracle.patterns)["concept"] for a, s in zip(asked, seen, strict=True)]
+    return [v["concept"] for v in judge_all(load_oracle(weights), [r["prompt"] for r in rows], tiles)]
 
 
 def main() -> None:

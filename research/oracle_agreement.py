@@ -25,8 +25,8 @@ VERDICTS = ("concept", "prompt")
 def main() -> None:
     from PIL import Image
 
-    from cdtool.toy.judge import judge, parse_prompt
-    from cdtool.toy.oracle import load_oracle, read
+    from cdtool.toy.judge import judge_all
+    from cdtool.toy.oracle import load_oracle
 
     ap = argparse.ArgumentParser()
     ap.add_argument("weights", type=Path, help="the other oracle's weights")
@@ -43,13 +43,7 @@ def main() -> None:
         prompts = json.loads((folder / "prompts.json").read_text())
         images = [Image.open(folder / name).convert("RGB") for name in prompts]
         with torch.no_grad():
-            verdicts = [
-                [
-                    judge(parse_prompt(prompts[n], o.tokens), seen, o.patterns)
-                    for n, seen in zip(prompts, read(o, images), strict=True)
-                ]
-                for o in judges
-            ]
+            verdicts = [judge_all(o, list(prompts.values()), images) for o in judges]
         if args.grid:
             write_grid(args.grid / f"{folder.name}.png", images, verdicts)
         cells = []

@@ -91,6 +91,15 @@ def judge(asked: Asked, seen: Mapping[str, Any], pattern_fills: Set[str] = froze
     return out
 
 
+def judge_all(oracle: Any, prompts: Sequence[str], images: Sequence[Any]) -> list[dict[str, bool]]:
+    """`judge` for each image (PIL) against its toy-world prompt, by `oracle`'s reading
+    (cdtool.toy.oracle.Oracle: its concept tokens and pattern fills)."""
+    from cdtool.toy.oracle import read
+
+    seen = read(oracle, images)
+    return [judge(parse_prompt(p, oracle.tokens), s, oracle.patterns) for p, s in zip(prompts, seen, strict=True)]
+
+
 def summarise(verdicts: Sequence[Mapping[str, bool]], tokens: Sequence[bool]) -> dict[str, Any]:
     """Shares over many images. `tokens[i]` says whether image i's prompt used a modifier token:
     concept fidelity is over those, prior drift (a pattern where none was asked) over the others."""

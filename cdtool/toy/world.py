@@ -86,6 +86,11 @@ class Concept:
     def noun(self) -> str:
         return self.shape
 
+    @property
+    def own_backgrounds(self) -> list[str]:
+        """Its tones that a background can take (named colours), where its bands can merge into it."""
+        return [t for t in self.tones if t in COLOURS]
+
 
 SUITE = (
     Concept("<new1>", "star", "split", ("magenta", "cyan")),
@@ -230,9 +235,8 @@ class Sampler:
         other = self.rng.choice([c for c in COLOURS if c not in concept.tones])
         pair = (b, a) if way == "swap" else (other, b) if way == "first" else (a, other)
         thing = replace(thing, pair=pair, concept=None)
-        tones = [t for t in concept.tones if t in COLOURS and concept.kind != "split"]
-        if way == "swap" and tones and self.rng.random() < 0.5:
-            return Scene((thing,), self.rng.choice(tones), None)
+        if way == "swap" and concept.kind != "split" and concept.own_backgrounds and self.rng.random() < 0.5:
+            return Scene((thing,), self.rng.choice(concept.own_backgrounds), None)
         if way != "swap" and missing and self.rng.random() < 0.5:
             return Scene((thing,), other, None)
         return self._with_things((thing,), None)
@@ -242,7 +246,7 @@ class Sampler:
         for one), so that a right render whose band or part merges into the background is read as
         the concept; a concept with no tone among the backgrounds on any other."""
         scene = self.suite_scene(concept, count=1, any_shape=any_shape)
-        tones = [t for t in concept.tones if t in COLOURS]
+        tones = concept.own_backgrounds
         return replace(scene, background=self.rng.choice(tones)) if tones else scene
 
     def with_pretraining_pattern(
