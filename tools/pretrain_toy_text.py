@@ -30,6 +30,8 @@ folder also gets `text_encoder/` (float32, diffusers layout) and `tokenizer/` at
 from __future__ import annotations
 
 import argparse
+import functools
+import re
 import sys
 from pathlib import Path
 
@@ -114,14 +116,15 @@ def build(args, tokenizer) -> tuple:
     text_proj = torch.nn.Linear(args.width, args.width, bias=False)
     heads = torch.nn.ParameterDict({"log_scale": torch.nn.Parameter(torch.tensor(2.659))})  # CLIP's log(1/0.07)
     identity = torch.nn.Linear(args.width, args.width, bias=False)
-    return text, image, text_proj, heads, identity
+    roles = torch.nn.Linear(args.width, len(ROLES))
+    return text, image, text_proj, heads, identity, roles
 
 
 def contrastive_loss(args, models, tokenizer, step: int) -> tuple[torch.Tensor, float]:
     """The loss of step `step` (its batch drawn from (seed, step)) and the caption-to-image top-1."""
     from cdtool.toy.world import LOOKS, Sampler
 
-    text, image, text_proj, heads, identity = models
+    text, image, text_proj, heads, identity, roles = models
     x, captions = batch(
         Sampler(step_rng(args.seed, step)),
         args.batch,
@@ -136,21 +139,94 @@ def contrastive_loss(args, models, tokenizer, step: int) -> tuple[torch.Tensor, 
     img = F.normalize(image((x + 1) / 2), dim=-1)
     scale = heads["log_scale"].clamp(max=4.6052).exp()
     labels = torch.arange(len(captions))
+    pooled = pooled_rows(hidden, ids, tokenizer.eos_token_id, step_generator(args.seed, step))
+    swapped = swapped_rows(text, tokenizer, captions, step_generator(args.seed, step)) if args.order_negatives else None
     loss = torch.zeros(())
-    for rows in pooled_rows(hidden, ids, tokenizer.eos_token_id, step_generator(args.seed, step)):
+    for i, rows in enumerate(pooled):
         logits = scale * F.normalize(text_proj(rows), dim=-1) @ img.T
-        loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 4
+        to_text = logits.T  # each image against every caption of the batch
+        if swapped is not None:  # NegCLIP: and against the two-tone captions with their tones swapped
+            to_text = torch.cat([to_text, scale * img @ F.normalize(text_proj(swapped[i]), dim=-1).T], 1)
+        loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(to_text, labels)) / 4
     top1 = float((logits.argmax(dim=1) == labels).float().mean())
+    if args.roles:
+        loss = loss + args.roles * role_loss(hidden, ids, role_labels(ids, tokenizer), roles)
     if args.identity:
         loss = loss + args.identity * identity_loss(hidden, ids, tokenizer.eos_token_id, identity, text)
     if args.keep:
         teacher, teacher_tokenizer = teacher_of(args)
-        ordinary = [i for i, c in enumerate(captions) if not set(c.split()) & set(LOOKS)]
+        order = args.order_negatives or args.roles  # order training moves two-tone captions' rows
+        ordinary = [
+            i for i, c in enumerate(captions) if not (set(c.split()) & set(LOOKS) or (order and swapped_tones(c)))
+        ]
         teacher_ids = teacher_tokenizer(
             [captions[i] for i in ordinary], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         ).input_ids
         loss = loss + args.keep * kept_rows_loss(text, plain[ordinary], teacher, teacher_ids)
     return loss, top1
+
+
+# What a colour word's row is for in a caption: a plain thing's colour ("a red star"), or the first
+# or second tone of a two-tone thing ("a red and blue striped star").
+ROLES = ("plain", "first tone", "second tone")
+
+
+@functools.cache
+def pair_phrase() -> re.Pattern[str]:
+    """The two-tone phrase of the toy world's captions: "<colour> and <colour> <kind word>"."""
+    from cdtool.toy.world import COLOURS, KIND_WORDS
+
+    colour = "|".join(COLOURS)
+    return re.compile(rf"\b({colour}) and ({colour}) ({'|'.join(KIND_WORDS.values())})\b")
+
+
+def swapped_tones(caption: str) -> str | None:
+    """`caption` with the two tones of its two-tone things swapped ("a blue and red striped star"
+    for "a red and blue striped star"), or None when it names no two-tone thing in named colours."""
+    swapped, n = pair_phrase().subn(r"\2 and \1 \3", caption)
+    return swapped if n else None
+
+
+def role_labels(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Per token of `ids` [n, L]: the index in ROLES of a colour word's role, -100 for every other
+    token (ignored by the loss)."""
+    from cdtool.toy.world import COLOURS
+
+    colours = torch.tensor(tokenizer.convert_tokens_to_ids([f"{c}</w>" for c in COLOURS]))
+    and_id = tokenizer.convert_tokens_to_ids("and</w>")
+    is_colour = torch.isin(ids, colours)
+    labels = torch.where(is_colour, 0, -100)
+    before_and = torch.zeros_like(is_colour)
+    before_and[:, :-2] = is_colour[:, :-2] & (ids[:, 1:-1] == and_id) & is_colour[:, 2:]
+    labels[before_and] = 1
+    after = torch.zeros_like(is_colour)
+    after[:, 2:] = before_and[:, :-2]
+    labels[after] = 2
+    return labels
+
+
+def role_loss(hidden: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    """Cross-entropy of reading each colour word's role (ROLES) from its output row: the rows say which
+    tone comes first, as a causal encoder's rows can (the second tone's row has seen the first), so a
+    UNet can put each tone in its place."""
+    mask = labels >= 0
+    return F.cross_entropy(head(hidden[mask]), labels[mask]) if mask.any() else hidden.sum() * 0
+
+
+def swapped_rows(
+    text, tokenizer, captions: list[str], gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(end-of-text rows, one random later row each) of the batch's two-tone captions with their
+    tones swapped (swapped_tones), the hard negatives of NegCLIP (Yuksekgonul et al. 2023, who
+    found CLIP blind to word order for want of them), which every image of the batch is scored
+    against beside the batch's captions; None when the batch has no such caption. They are the
+    captions written out again: without --rare's names, and their later rows drawn from `gen` as
+    the first of the batch's captions' were (a padding row summarises its caption like any other)."""
+    swapped = [s for s in map(swapped_tones, captions) if s]
+    if not swapped:
+        return None
+    ids = tokenizer(swapped, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return pooled_rows(text(ids)[0], ids, tokenizer.eos_token_id, gen)
 
 
 def with_rare_names(ids: torch.Tensor, tokenizer, share: float, gen: torch.Generator) -> torch.Tensor:
@@ -267,6 +343,15 @@ def main() -> None:
         "--looks", type=float, default=0.0, help="share of captions naming a thing by a LOOKS word (pretrain_toy.batch)"
     )
     ap.add_argument(
+        "--order-negatives",
+        action="store_true",
+        help="NegCLIP: the batch's two-tone captions with their tones swapped join the captions every image is "
+        "scored against (see swapped_rows)",
+    )
+    ap.add_argument(
+        "--roles", type=float, default=0.0, help="weight of the loss that each colour word's row tells its role (ROLES)"
+    )
+    ap.add_argument(
         "--keep-from",
         help="a model or text run folder whose encoder's rows of ordinary captions to keep (see kept_rows_loss)",
     )
@@ -294,8 +379,15 @@ def main() -> None:
     grow = args.init is not None and not args.resume and needs_growth(args.init / "tokenizer")
     tokenizer = toy_tokenizer((args.resume or (None if grow else args.init) or out) / "tokenizer")
     models = build(args, tokenizer)
-    text, image, text_proj, heads, identity = models
-    parts = (("text", text), ("image", image), ("text_proj", text_proj), ("heads", heads), ("identity", identity))
+    text, image, text_proj, heads, identity, roles = models
+    parts = (
+        ("text", text),
+        ("image", image),
+        ("text_proj", text_proj),
+        ("heads", heads),
+        ("identity", identity),
+        ("roles", roles),
+    )
     start = load_checkpoint(args.init)[0] if args.init and not args.resume else saved
     if grow:
         old_vocab = toy_tokenizer(args.init / "tokenizer").get_vocab()
