@@ -8,7 +8,11 @@ shows on that kind), and for comparison in a pair of named colours pretraining d
 the share the oracle reads as the concept and as any two-tone thing. A model that draws the look from
 words has what a fine-tune needs to find; one that cannot gives every method a head start of nothing.
 The concepts whose tones are not both named colours (magenta and cyan) have no words: only their
-comparison row is reported.
+comparison row is reported. For those with words, a third row asks for the concept's tones in the
+other order ("a small blue and yellow striped square" for the yellow-and-blue one): a model that puts
+each tone where the words say draws the concept far less often there; one whose text rows do not
+say which tone comes first draws it as often (the judge permitting: read how it reads swapped renders
+with `research/judge_calibration.py swaps`).
 
 `--looks` asks instead for each of the world's look words (cdtool.toy.world.LOOKS, "a small tiger
 square on ..."): the share read as a two-tone thing tells whether one word brings a look; and for the
@@ -89,7 +93,7 @@ def concept_rows(pipe, oracle, args) -> list[dict]:
                 break
         cases = {"seen tones": seen}
         if all(t in COLOURS for t in concept.tones):
-            cases = {"concept's tones": concept.tones, **cases}
+            cases = {"concept's tones": concept.tones, "concept's tones swapped": concept.tones[::-1], **cases}
         for which, tones in cases.items():
             asked = prompts(concept, tones, args.n)
             fills = [set(r["fills"]) for r in read(oracle, sample(pipe, asked, args))]

@@ -13,7 +13,11 @@ another oracle's weights (tools/train_oracle.py --world v2 for a model of the su
 `--rows` reports, without sampling, what the text encoder gives the UNet: the cosine of each padding
 row to the caption's end-of-text row (Stable Diffusion's CLIP pads with end-of-text, and the
 closed-form merge holds the rows up to it), and how much a word's row changes with its context (the
-shape word's row across the N captions, against its row in "photo of a <shape>").
+shape word's row across the N captions, against its row in "photo of a <shape>"), and whether a tone
+word's row says which tone of a two-tone thing it is ("a yellow and blue striped square": yellow is the
+outer bands, blue the middle one): the cosine of a colour's mean row as first tone and as second tone,
+and the accuracy of a linear probe reading first/second from the row on colours it was not fitted on.
+A UNet can put each tone in its place only if the rows tell them apart; CLIP's causal rows can.
 
 `--padding` asks where the UNet reads a caption: `empty` swaps each caption's rows after its
 end-of-text (padding) for the empty caption's, `only` swaps the rows up to end-of-text instead, so
@@ -120,7 +124,97 @@ def text_rows(pipe, scenes) -> dict:
     def stats(v: list[float]) -> dict:
         return {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
 
-    return {"padding_to_end_of_text": stats(pad_cos), "shape_word_across_contexts": stats(word_cos)}
+    return {
+        "padding_to_end_of_text": stats(pad_cos),
+        "shape_word_across_contexts": stats(word_cos),
+        "tone_order": tone_order(tok, enc),
+    }
+
+
+@torch.no_grad()
+def tone_rows(tok, enc, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+    """The rows of the first and second tone word in captions of every ordered pair of named colours
+    on every pattern kind (wordings, shapes and backgrounds drawn with `seed`): (rows [m, d], role [m]
+    (0 first, 1 second), the colour of each row, its position in the caption [m])."""
+    import itertools
+
+    from cdtool.toy.world import COLOURS, KIND_WORDS, SHAPES, with_article
+
+    rng = random.Random(seed)
+    rows, roles, words, places = [], [], [], []
+    for a, b in itertools.permutations(COLOURS, 2):
+        for kind in KIND_WORDS.values():
+            size = rng.choice(("small ", "large ", ""))
+            bg = rng.choice([c for c in COLOURS if c not in (a, b)])
+            thing = with_article(f"{size}{a} and {b} {kind} {rng.choice(SHAPES)}")
+            caption = f"{rng.choice(('', 'photo of '))}{thing} on {with_article(bg)} background"
+            ids = tok([caption], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+            hidden = enc(ids)[0][0].float()
+            first = tok.convert_ids_to_tokens(ids[0].tolist()).index(f"{a}</w>")
+            second = first + 2  # "<a> and <b>"
+            rows += [hidden[first], hidden[second]]
+            roles += [0, 1]
+            words += [a, b]
+            places += [first, second]
+    return torch.stack(rows), torch.tensor(roles), words, torch.tensor(places)
+
+
+def tone_order(tok, enc) -> dict:
+    """How much a tone word's row says whether it is the first or second tone (see the module docstring):
+    the cosine of each colour's mean rows in the two roles (mean, min-max over colours) and a linear
+    probe's accuracy on held-out colours (four folds of two colours each), over every row and over the
+    rows at the positions where both roles occur (a row's position alone tells the roles apart in
+    three cases in four: its own position embedding is in it)."""
+    from cdtool.toy.world import COLOURS
+
+    rows, roles, words, places = tone_rows(tok, enc)
+    cos = []
+    for c in COLOURS:
+        as_first = rows[[i for i, w in enumerate(words) if w == c and roles[i] == 0]].mean(0)
+        as_second = rows[[i for i, w in enumerate(words) if w == c and roles[i] == 1]].mean(0)
+        cos.append(float(torch.nn.functional.cosine_similarity(as_first, as_second, dim=0)))
+    shared = torch.isin(places, places[roles == 0]) & torch.isin(places, places[roles == 1])
+    return {
+        "first_vs_second_cosine": {"mean": sum(cos) / len(cos), "min": min(cos), "max": max(cos)},
+        "probe_accuracy_on_held_out_colours": held_out_probe(rows, roles, words),
+        "the_same_at_shared_positions": held_out_probe(
+            rows[shared], roles[shared], [w for w, k in zip(words, shared.tolist(), strict=True) if k]
+        ),
+    }
+
+
+def held_out_probe(rows: torch.Tensor, roles: torch.Tensor, words: list[str]) -> float:
+    """Accuracy of a logistic probe reading the role from the row, each colour's rows read by a probe
+    fitted without them (four folds of two of the eight colours)."""
+    from cdtool.toy.world import COLOURS
+
+    colours = list(COLOURS)
+    right = total = 0
+    for fold in range(4):
+        held = set(colours[2 * fold : 2 * fold + 2])
+        test = torch.tensor([w in held for w in words])
+        w, b = fit_logistic(rows[~test], roles[~test])
+        right += int((((rows[test] @ w + b) > 0).long() == roles[test]).sum())
+        total += int(test.sum())
+    return right / total
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """A binary logistic regression (L2 1e-3) of y on x, standardised by x's statistics; returns weights
+    and bias in x's own units."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z = (x - mean) / std
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=1e-2)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y.float()) + 1e-3 * w.pow(2).sum()
+            loss.backward()
+            opt.step()
+    w = w.detach() / std
+    return w, b.detach() - (mean * w).sum()
 
 
 def swap_rows(pipe, padding: bool) -> None:

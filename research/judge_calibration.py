@@ -2,6 +2,7 @@
 
     python research/judge_calibration.py pack SAMPLES LABELS.json OUT     # a labelled set, once
     python research/judge_calibration.py measure [ORACLE ...] [--set OUT]
+    python research/judge_calibration.py swaps [ORACLE ...] [--n 64]           # renders, right and swapped
 
 Held-out renders cannot calibrate a judge: generated samples are off their distribution (blurred,
 bands missing, tones swapped). A calibration set is samples read by eye, each marked `Y` (clearly
@@ -11,7 +12,11 @@ between, or a right render that a background in one of the concept's tones makes
 JSON list of (folder, prompt, label); LABELS.json maps "FOLDER/INDEX" (the index in the folder's
 prompts.json) to its label. `measure` prints, per oracle, the share of `Y` it reads as the concept
 (recall), the share of `n` it reads as the concept (false readings), its reading of `?`, and the
-concept fidelity it gives against the eye's bracket (clear `Y` only, `Y` and `?`).
+concept fidelity it gives against the eye's bracket (clear `Y` only, `Y` and `?`). `swaps` prints, per
+concept, the share of clean renders an oracle reads as the concept, and of the same renders with the
+two tones swapped: a judge that reads a swap as the concept cannot tell a model that puts each tone
+in its place from one that does not. (A checker's swap is its mirror image; the oracles read it as
+another pattern, as the photos only ever show one phase.)
 """
 
 from __future__ import annotations
@@ -104,6 +109,29 @@ def concept_verdicts(weights: str | None, tiles: list[Any], rows: list[dict[str,
     return [v["concept"] for v in judge_all(load_oracle(weights), [r["prompt"] for r in rows], tiles)]
 
 
+def swap_readings(weights: str | None, n: int = 64, seed: int = 1) -> dict[str, dict[str, float]]:
+    """Per suite concept: the share of N clean renders (one thing, its own shape) the oracle in
+    `weights` reads as the concept, and of the same renders with the two tones swapped."""
+    import random
+    from dataclasses import replace
+
+    from cdtool.toy.oracle import load_oracle, read
+    from cdtool.toy.world import SUITE, Sampler, render
+
+    oracle = load_oracle(weights)
+    out = {}
+    for concept in SUITE:
+        sampler = Sampler(random.Random(seed))
+        scenes = [sampler.suite_scene(concept, count=1) for _ in range(n)]
+        swapped = [replace(s, things=(replace(s.things[0], pair=concept.tones[::-1], concept=None),)) for s in scenes]
+        shares = [
+            sum(concept.fill in r["fills"] for r in read(oracle, [render(s) for s in group])) / n
+            for group in (scenes, swapped)
+        ]
+        out[concept.token] = {"kind": concept.kind, "right": shares[0], "swapped": shares[1]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="command", required=True)
@@ -114,9 +142,18 @@ def main() -> None:
     m = sub.add_parser("measure")
     m.add_argument("oracles", nargs="*", help="oracle weights (default: the suite's judge)")
     m.add_argument("--set", type=Path, default=SET)
+    w = sub.add_parser("swaps")
+    w.add_argument("oracles", nargs="*", help="oracle weights (default: the suite's judge)")
+    w.add_argument("--n", type=int, default=64)
     args = ap.parse_args()
     if args.command == "pack":
         print(f"{pack(args.samples, json.loads(args.labels.read_text()), args.out)} tiles -> {args.out}.png")
+        return
+    if args.command == "swaps":
+        for weights in args.oracles or [str(JUDGE)]:
+            print(f"{weights} (n = {args.n} each): concept, right renders read as it / swapped read as it")
+            for token, r in swap_readings(weights, args.n).items():
+                print(f"  {token} {r['kind']:8s} {r['right']:.2f} / {r['swapped']:.2f}")
         return
     tiles, rows = load_set(args.set)
     eye = [r["eye"] for r in rows]
