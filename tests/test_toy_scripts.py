@@ -337,7 +337,7 @@ def test_near_misses_of_a_concept_are_read_as_another_pattern_and_own_tones_as_t
     import random
 
     from cdtool.toy.oracle import fill_of
-    from cdtool.toy.world import SUITE, Sampler, suite_concept
+    from cdtool.toy.world import LOOK_ALIKES, SUITE, Sampler, suite_concept
 
     sampler = Sampler(random.Random(0))
     for concept in SUITE:
@@ -345,6 +345,9 @@ def test_near_misses_of_a_concept_are_read_as_another_pattern_and_own_tones_as_t
         misses = [s.things[0] for s in scenes]
         assert {fill_of(t) for t in misses} == {"pattern"}
         assert all(t.pattern == concept.kind and t.pair != concept.tones for t in misses)
+        for t in misses:  # a replaced tone is never replaced by its look-alike (orange for yellow)
+            for mine, theirs in zip(concept.tones, t.pair, strict=True):
+                assert theirs not in LOOK_ALIKES.get(mine, set()) or t.pair == concept.tones[::-1]
         swapped = [t for t in misses if t.pair == concept.tones[::-1]]
         assert (concept.kind == "checker") == (not swapped)  # a checker's swap is its mirror image
         # a split's one visible half could be either half: its swap never stands on one of its tones
@@ -378,3 +381,123 @@ def test_the_oracles_near_miss_scenes_take_their_turns_among_the_others():
     assert all(s.background in c.tones for s, c in zip(own, SUITE * 2, strict=True) if c.tones[0] != "magenta")
     plain = scenes_v2(Sampler(random.Random(0)), 192)
     assert [s.caption() for s in plain[:2]] == [s.caption() for s in scenes[:2]]  # the same stream until then
+
+
+def test_swapped_tones_swap_a_two_tone_things_colours_and_nothing_else():
+    mod = _text_module()
+    assert mod.swapped_tones("photo of a small yellow and blue striped square on a red background") == (
+        "photo of a small blue and yellow striped square on a red background"
+    )
+    assert mod.swapped_tones("a red and green checkered star and a blue circle on a white background") == (
+        "a green and red checkered star and a blue circle on a white background"
+    )
+    assert mod.swapped_tones("a red star and a blue circle on a white background") is None
+    assert mod.swapped_tones("a small tiger square on a blue background") is None
+
+
+def test_role_labels_mark_first_and_second_tones_and_plain_colours(text_encoder):
+    mod = _text_module()
+    tok = mod.toy_tokenizer(text_encoder / "tokenizer")
+    captions = [
+        "a small yellow and blue striped square on a red background",
+        "a red star and a blue circle on a green background",
+    ]
+    ids = tok(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    labels = mod.role_labels(ids, tok)
+    for i, caption in enumerate(captions):
+        marked = {
+            tok.convert_ids_to_tokens(int(t)).removesuffix("</w>"): int(r)
+            for t, r in zip(ids[i], labels[i], strict=True)
+            if r >= 0
+        }
+        want = {"yellow": 1, "blue": 2, "red": 0} if i == 0 else {"red": 0, "blue": 0, "green": 0}
+        assert marked == want, caption
+    assert int((labels >= 0).sum()) == 6
+
+
+def test_role_loss_falls_when_the_rows_carry_the_roles():
+    mod = _text_module()
+    head = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        head.weight.copy_(10 * torch.eye(3))
+        head.bias.zero_()
+    labels = torch.tensor([[0, 1, 2, -100]])
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    telling = torch.eye(3)[[0, 1, 2, 0]][None]
+    blind = torch.ones(1, 4, 3)
+    with torch.no_grad():
+        assert float(mod.role_loss(telling, ids, labels, head)) < 1e-3
+        assert float(mod.role_loss(blind, ids, labels, head)) == pytest.approx(
+            float(torch.log(torch.tensor(3.0))), rel=1e-5
+        )
+
+
+def test_a_text_stage_with_order_negatives_and_roles_saves_the_role_head(tmp_path, text_encoder):
+    _script(
+        "tools/pretrain_toy_text.py", "--init", text_encoder, "--identity", 0.3, "--order-negatives", "--roles", 0.3,
+        "--keep-from", text_encoder, "--keep", 5, "--steps", 2, "--width", 32, "--layers", 1, "--heads", 2,
+        "--batch", 16, "--threads", 1, "--out", tmp_path,
+    )  # fmt: skip
+    from safetensors import safe_open
+
+    settings = json.loads((tmp_path / "checkpoint.json").read_text())["settings"]
+    assert settings["order_negatives"] is True and settings["roles"] == 0.3
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
+        assert "roles.weight" in set(f.keys())
+
+
+def test_a_logistic_probe_separates_what_is_separable_in_the_datas_own_units():
+    sys.path.insert(0, str(ROOT / "research"))
+    from eval_toy import fit_logistic
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g) * torch.tensor([1.0, 100.0, 1.0, 1.0, 0.01]) + 50
+    y = (x[:, 4] > 50).long()  # told by a feature a hundredth the scale of the others
+    w, b = fit_logistic(x, y)
+    assert float((((x @ w + b) > 0).long() == y).float().mean()) > 0.95
+
+
+class _RowsOfTokens:
+    """A stand-in text encoder: each row is its token's one-hot; with `roles`, a second tone's row (a
+    colour after "<colour> and") also carries a feature of its own."""
+
+    def __init__(self, tok, roles: bool) -> None:
+        from cdtool.toy.world import COLOURS
+
+        self.colours = torch.tensor(tok.convert_tokens_to_ids([f"{c}</w>" for c in COLOURS]))
+        self.and_id, self.width, self.roles = tok.convert_tokens_to_ids("and</w>"), len(tok) + 1, roles
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor]:
+        rows = torch.nn.functional.one_hot(ids, self.width).float()
+        if self.roles:
+            second = (
+                torch.isin(ids[:, 2:], self.colours)
+                & (ids[:, 1:-1] == self.and_id)
+                & torch.isin(ids[:, :-2], self.colours)
+            )
+            rows[:, 2:, -1] = 3.0 * second
+        return (rows,)
+
+
+def test_the_tone_order_report_tells_rows_that_carry_the_role_from_rows_that_do_not(text_encoder):
+    sys.path.insert(0, str(ROOT / "research"))
+    from eval_toy import tone_order, tone_rows
+
+    tok = _text_module().toy_tokenizer(text_encoder / "tokenizer")
+    rows, roles, words, places = tone_rows(tok, _RowsOfTokens(tok, roles=False))
+    assert rows.shape[0] == 2 * 8 * 7 * 4 and roles.tolist()[:4] == [0, 1, 0, 1] and words[:2] == ["red", "green"]
+    assert torch.equal(places[1::2], places[0::2] + 2)
+    blind = tone_order(tok, _RowsOfTokens(tok, roles=False))
+    assert blind["first_vs_second_cosine"]["min"] == pytest.approx(1.0)
+    assert blind["the_same_at_shared_positions"] <= 0.6  # identical rows: no probe can read the role
+    telling = tone_order(tok, _RowsOfTokens(tok, roles=True))
+    assert telling["first_vs_second_cosine"]["max"] < 0.9
+    assert telling["probe_accuracy_on_held_out_colours"] == 1.0 and telling["the_same_at_shared_positions"] == 1.0
+
+
+def test_the_suites_judge_reads_clean_renders_and_the_swap_readings_are_shares():
+    from research.judge_calibration import JUDGE, swap_readings
+
+    shares = swap_readings(str(JUDGE), n=8)
+    assert len(shares) == 8 and all(r["right"] == 1.0 for r in shares.values())
+    assert all(r["swapped"] == 0.0 for r in shares.values() if r["kind"] in ("dotted", "checker"))
