@@ -17,7 +17,8 @@ shape word's row across the N captions, against its row in "photo of a <shape>")
 word's row says which tone of a two-tone thing it is ("a yellow and blue striped square": yellow is the
 outer bands, blue the middle one): the cosine of a colour's mean row as first tone and as second tone,
 and the accuracy of a linear probe reading first/second from the row on colours it was not fitted on.
-A UNet can put each tone in its place only if the rows tell them apart; CLIP's causal rows can.
+A UNet can put each tone in its place only if the rows tell them apart; a causal encoder's rows can
+(the second tone's row has seen the first), as CLIP's do, where its training asks for it.
 
 `--padding` asks where the UNet reads a caption: `empty` swaps each caption's rows after its
 end-of-text (padding) for the empty caption's, `only` swaps the rows up to end-of-text instead, so
