@@ -214,7 +214,7 @@ def main() -> None:
         type=float,
         default=0.0,
         help="share of UNet scenes with a two-tone thing in named colours, named in the caption (never the "
-        "concepts' own tones; the shipped model's last stage: 0.3)",
+        "concepts' own tones; the shipped model's last stage: 0.3; given with --resume, a new stage of the run)",
     )
     ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="which pattern kinds --patterns shows")
     ap.add_argument(
@@ -293,14 +293,15 @@ def resume(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
     """Continues a --run folder: its settings (but --minutes, --threads, --save-minutes, --until, and the
     --text-encoder and --out folders where given, for a checkpoint moved to another machine), the model it
     started from, its weights, moving average, optimiser and step. A --looks given starts a new stage of
-    the data stream (the share of scenes with a LOOKS word), as do --look-nouns and --look-pairs."""
+    the data stream (the share of scenes with a LOOKS word), as do --look-nouns, --look-pairs and --patterns."""
     tensors, meta = load_checkpoint(args.resume)
     settings = {
         k: Path(v) if k in ("init", "text_encoder", "out", "run") and v is not None else v
         for k, v in meta["settings"].items()
     }
     stages = ("looks", "look_nouns", "look_pairs")
-    moved = {k: getattr(args, k) for k in ("text_encoder", "out", *stages) if getattr(args, k) != ap.get_default(k)}
+    given = ("text_encoder", "out", "patterns", *stages)
+    moved = {k: getattr(args, k) for k in given if getattr(args, k) != ap.get_default(k)}
     args = argparse.Namespace(
         **{
             **{k: 0.0 for k in stages},
