@@ -338,7 +338,7 @@ def test_near_misses_of_a_concept_are_read_as_another_pattern_and_own_tones_as_t
     import random
 
     from cdtool.toy.oracle import fill_of
-    from cdtool.toy.world import LOOK_ALIKES, SUITE, Sampler, suite_concept
+    from cdtool.toy.world import SUITE, Sampler, suite_concept
 
     sampler = Sampler(random.Random(0))
     for concept in SUITE:
@@ -346,9 +346,6 @@ def test_near_misses_of_a_concept_are_read_as_another_pattern_and_own_tones_as_t
         misses = [s.things[0] for s in scenes]
         assert {fill_of(t) for t in misses} == {"pattern"}
         assert all(t.pattern == concept.kind and t.pair != concept.tones for t in misses)
-        for t in misses:  # a replaced tone is never replaced by its look-alike (orange for yellow)
-            for mine, theirs in zip(concept.tones, t.pair, strict=True):
-                assert theirs not in LOOK_ALIKES.get(mine, set()) or t.pair == concept.tones[::-1]
         swapped = [t for t in misses if t.pair == concept.tones[::-1]]
         assert (concept.kind == "checker") == (not swapped)  # a checker's swap is its mirror image
         # a split's one visible half could be either half: its swap never stands on one of its tones

@@ -29,12 +29,6 @@ COLOURS = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
 }
-# Colours a generated tone can fall between (orange lies between red and yellow, and a VAE round trip
-# moves a tone toward its neighbour): a near miss never replaces a tone by its look-alike, a miss the
-# eye could hardly tell from the concept (the oracles trained with such misses lose clean renders of
-# the yellow-and-blue striped square and the red-and-yellow checker square, research/judge_calibration.py
-# swaps; the suspected cause).
-LOOK_ALIKES = {"red": {"orange"}, "orange": {"red", "yellow"}, "yellow": {"orange"}}
 SIZES = {"small": 0.22, "large": 0.38}  # radius as a share of the image side
 PATTERNS = {
     "split": ((230, 40, 200), (40, 220, 230)),  # magenta top, cyan bottom
@@ -233,15 +227,12 @@ class Sampler:
         the oracle must not read as the concept: its kind with its tones swapped (not for a checker,
         whose swap is its mirror image), half the time on a background in one of its tones (two blue
         bars on yellow: the striped square's swap; not for a split, whose one visible half could be
-        either), or one tone replaced by another colour (not its look-alike, LOOK_ALIKES); with
-        `missing`, half of those on the replacement's colour (a band or part missing)."""
+        either), or one tone replaced by another colour; with `missing`, half of those on the
+        replacement's colour (a band or part missing)."""
         thing = _as_concept(self.scene(count=1).things[0], concept, any_shape)
         a, b = concept.tones
         way = self.rng.choice(("swap", "first", "second") if concept.kind != "checker" else ("first", "second"))
-        replaced = a if way == "first" else b
-        other = self.rng.choice(
-            [c for c in COLOURS if c not in concept.tones and c not in LOOK_ALIKES.get(replaced, ())]
-        )
+        other = self.rng.choice([c for c in COLOURS if c not in concept.tones])
         pair = (b, a) if way == "swap" else (other, b) if way == "first" else (a, other)
         thing = replace(thing, pair=pair, concept=None)
         if way == "swap" and concept.kind != "split" and concept.own_backgrounds and self.rng.random() < 0.5:
