@@ -117,6 +117,10 @@ def test_unet_rereads_a_frozen_text_encoder_and_resumes(tmp_path, text_encoder):
     assert kept["look_nouns"] == 0.25 and kept["look_pairs"] == 0.5 and meta["settings"].get("look_nouns", 0.0) == 0.0
     assert meta["settings"].get("looks", 0.0) == 0.0 and meta["settings"]["patterns"] == 1.0
     assert kept["patterns"] == 0.6
+    _script("tools/pretrain_toy.py", "--resume", tmp_path / "kept", "--text-encoder", tmp_path / "moved-text",
+            "--out", tmp_path / "model2", "--until", 4, "--patterns", 0, *common)  # fmt: skip
+    kept = json.loads((tmp_path / "kept" / "checkpoint.json").read_text())["settings"]
+    assert kept["patterns"] == 0.0 and kept["looks"] == 0.5  # a share given as 0 ends its stage; others stay
 
 
 def test_a_second_text_stage_starts_from_the_first_with_the_identity_loss(tmp_path, text_encoder):

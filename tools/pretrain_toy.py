@@ -301,7 +301,8 @@ def resume(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
     }
     stages = ("looks", "look_nouns", "look_pairs")
     given = ("text_encoder", "out", "patterns", *stages)
-    moved = {k: getattr(args, k) for k in given if getattr(args, k) != ap.get_default(k)}
+    typed = ap.parse_args(namespace=argparse.Namespace(**dict.fromkeys(given)))  # None where not given
+    moved = {k: getattr(typed, k) for k in given if getattr(typed, k) is not None}
     args = argparse.Namespace(
         **{
             **{k: 0.0 for k in stages},
