@@ -1,6 +1,6 @@
 """Whether a toy-world model can draw each suite concept's look from words, before any fine-tuning.
 
-    python research/concept_words.py MODEL --oracle ORACLE [--n 16] [--steps 20] [--guidance 4] [--looks]
+    python research/concept_words.py MODEL --oracle ORACLE [--n 16] [--steps 20] [--guidance 4] [--looks | --pairs]
 
 For each concept of the suite (cdtool.toy.world.SUITE) it samples N images of "a small <tone> and
 <tone> <kind> <shape> on a <colour> background" in the concept's own tones (those pretraining never
@@ -19,6 +19,13 @@ square on ..."): the share read as a two-tone thing tells whether one word bring
 word alone ("a small tiger on ...", cdtool.toy.world.LOOK_SHAPES), the share read as a two-tone thing
 of the word's own shape: whether one row in a noun's place brings a shape and a look, what a
 textual-inversion token must become.
+
+`--pairs` asks for two concepts' looks in one caption, as the world captions two things ("a yellow and
+blue striped square and a red and white dotted heart on a green background"), for each of the suite's
+pairs (cdtool.toy.world.PAIRS) whose tones are all named colours, and reports the share read as both
+concepts and as each: whether the base can compose two looks from words, the head start of every
+method asked for two personal concepts in one prompt. Judge it with an oracle that reads both of a pair
+(tools/checkpoints/toy2/oracle-near-misses.safetensors).
 """
 
 from __future__ import annotations
@@ -32,11 +39,52 @@ import torch
 
 def prompts(concept, tones: tuple[str, str], n: int) -> list[str]:
     """N prompts asking for the concept's shape in `tones` on its kind, over backgrounds in turn."""
-    from cdtool.toy.world import COLOURS, KIND_WORDS
+    from cdtool.toy.world import COLOURS, with_article
 
     free = [c for c in COLOURS if c not in tones]
-    words = f"{tones[0]} and {tones[1]} {KIND_WORDS[concept.kind]} {concept.shape}"
-    return [f"a small {words} on a {free[i % len(free)]} background" for i in range(n)]
+    return [f"a small {look_words(concept, tones)} on {with_article(free[i % len(free)])} background" for i in range(n)]
+
+
+def look_words(concept, tones: tuple[str, str]) -> str:
+    """The words for the concept's look in `tones`: "yellow and blue striped square"."""
+    from cdtool.toy.world import KIND_WORDS
+
+    return f"{tones[0]} and {tones[1]} {KIND_WORDS[concept.kind]} {concept.shape}"
+
+
+def pair_prompts(first, second, n: int) -> list[str]:
+    """N prompts asking for two concepts' looks in their own tones in one caption, worded as the world
+    captions two things, over backgrounds in none of their tones in turn."""
+    from cdtool.toy.world import COLOURS, with_article
+
+    free = [c for c in COLOURS if c not in (*first.tones, *second.tones)]
+    things = f"{with_article(look_words(first, first.tones))} and {with_article(look_words(second, second.tones))}"
+    return [f"{things} on {with_article(free[i % len(free)])} background" for i in range(n)]
+
+
+def pair_rows(pipe, oracle, args) -> list[dict]:
+    """For each suite pair with named tones, the shares of its N samples read as both concepts and as
+    each."""
+    from cdtool.toy.oracle import read
+    from cdtool.toy.world import COLOURS, PAIRS, suite_concept
+
+    rows = []
+    for tokens in PAIRS:
+        first, second = map(suite_concept, tokens)
+        if not all(t in COLOURS for t in (*first.tones, *second.tones)):
+            continue
+        asked = pair_prompts(first, second, args.n)
+        fills = [set(r["fills"]) for r in read(oracle, sample(pipe, asked, args))]
+        rows.append(
+            {
+                "pair": list(tokens),
+                "prompt": asked[0],
+                "read_as_both": sum({first.fill, second.fill} <= f for f in fills) / len(fills),
+                "read_as_first": sum(first.fill in f for f in fills) / len(fills),
+                "read_as_second": sum(second.fill in f for f in fills) / len(fills),
+            }
+        )
+    return rows
 
 
 def sample(pipe, asked: list[str], args) -> list:
@@ -53,18 +101,22 @@ def look_rows(pipe, oracle, args) -> list[dict]:
     """For each look word, the share of its N samples read as a two-tone thing, and of N samples of the
     word alone as a two-tone thing of its own shape."""
     from cdtool.toy.oracle import read
-    from cdtool.toy.world import COLOURS, LOOK_SHAPES, LOOKS, SHAPES
+    from cdtool.toy.world import COLOURS, LOOK_SHAPES, LOOKS, SHAPES, with_article
 
     shapes = sorted(SHAPES)
     rows = []
     for word, (kind, tones) in LOOKS.items():
         free = [c for c in COLOURS if c not in tones]
         asked = [
-            f"a small {word} {shapes[i % len(shapes)]} on a {free[i % len(free)]} background" for i in range(args.n)
+            f"a small {word} {shapes[i % len(shapes)]} on {with_article(free[i % len(free)])} background"
+            for i in range(args.n)
         ]
         fills = [set(r["fills"]) for r in read(oracle, sample(pipe, asked, args))]
         alone = read(
-            oracle, sample(pipe, [f"a small {word} on a {free[i % len(free)]} background" for i in range(args.n)], args)
+            oracle,
+            sample(
+                pipe, [f"a small {word} on {with_article(free[i % len(free)])} background" for i in range(args.n)], args
+            ),
         )
         in_shape = [set(r["fills"]) if LOOK_SHAPES[word] in r["shapes"] else set() for r in alone]
         rows.append(
@@ -125,12 +177,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=100)
-    ap.add_argument("--looks", action="store_true", help="ask for the look words instead (see the module docstring)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--looks", action="store_true", help="ask for the look words instead (see the module docstring)")
+    which.add_argument("--pairs", action="store_true", help="ask for two concepts' looks in one caption (see above)")
     args = ap.parse_args()
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     oracle = load_oracle(args.oracle)
-    rows = (look_rows if args.looks else concept_rows)(pipe, oracle, args)
+    rows = (look_rows if args.looks else pair_rows if args.pairs else concept_rows)(pipe, oracle, args)
     print(json.dumps({"model": args.model, "n": args.n, "rows": rows}, indent=1))
 
 

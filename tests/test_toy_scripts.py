@@ -503,3 +503,30 @@ def test_the_suites_judge_reads_clean_renders_and_the_swap_readings_are_shares()
     shares = swap_readings(str(JUDGE), n=8)
     assert len(shares) == 8 and all(r["right"] == 1.0 for r in shares.values())
     assert all(r["swapped"] == 0.0 for r in shares.values() if r["kind"] in ("dotted", "checker"))
+
+
+def _research(name: str):
+    sys.path.insert(0, str(ROOT / "research"))
+    return __import__(name)
+
+
+def test_concept_words_prompts_are_worded_as_the_world_captions_its_scenes():
+    from cdtool.toy.world import PAIRS, Scene, Thing, suite_concept
+
+    mod = _research("concept_words")
+
+    def background(prompt: str) -> str:
+        return prompt.removesuffix(" background").rsplit(" ", 1)[1]
+
+    for tokens in PAIRS[1:]:  # the first pair's split star has tones no caption names
+        first, second = map(suite_concept, tokens)
+        things = tuple(
+            Thing(c.shape, "red", "small", x, 0.5, pattern=c.kind, pair=c.tones)
+            for c, x in ((first, 0.28), (second, 0.72))
+        )
+        asked = mod.pair_prompts(first, second, 12)
+        assert all(p == Scene(things, background(p)).caption() for p in asked)
+        assert not {background(p) for p in asked} & {*first.tones, *second.tones}
+        assert len({background(p) for p in asked}) > 1  # backgrounds in turn
+        alone = mod.prompts(first, first.tones, 8)
+        assert all(p == Scene(things[:1], background(p)).caption() for p in alone)  # "an orange background"
