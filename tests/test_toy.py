@@ -225,6 +225,37 @@ def test_two_things_can_both_take_a_look():
     assert len(one.things) == 1 and one.things[0].look
 
 
+def test_two_things_can_both_take_a_named_pattern_and_one_keeps_the_stream():
+    from dataclasses import replace
+
+    from cdtool.toy.world import KIND_WORDS, KINDS, SUITE_TONES, with_article
+
+    sampler = Sampler(random.Random(8))
+    for _ in range(50):
+        scene = sampler.with_pretraining_pattern(sampler.scene(count=2), KINDS, SUITE_TONES, both=True)
+        first, second = scene.things
+        for t in (first, second):
+            assert t.pattern in KINDS and (t.pattern, frozenset(t.pair)) not in SUITE_TONES
+        assert scene.caption().startswith(f"{with_article(first.pair[0])} and {first.pair[1]} ")
+        assert (
+            f" and {with_article(second.pair[0])} and {second.pair[1]} {KIND_WORDS[second.pattern]} " in scene.caption()
+        )
+        assert scene.background not in {*first.pair, *second.pair}
+    # without `both`, the draws of a first thing alone (kind and pair until allowed, then the
+    # background), as runs before `both` drew them: their data stream is kept
+    sampler, rng = Sampler(random.Random(9)), random.Random(9)
+    for _ in range(50):
+        got = sampler.with_pretraining_pattern(sampler.scene(count=2), KINDS, SUITE_TONES)
+        scene = Sampler(rng).scene(count=2)
+        while True:
+            kind, pair = rng.choice(list(KINDS)), tuple(rng.sample(list(COLOURS), 2))
+            if (kind, frozenset(pair)) not in SUITE_TONES:
+                break
+        used = {*pair, scene.things[1].colour}
+        assert got.things == (replace(scene.things[0], pattern=kind, pair=pair), scene.things[1])
+        assert got.background == rng.choice([c for c in COLOURS if c not in used])
+
+
 def test_a_suite_scene_can_hold_two_concepts():
     from cdtool.toy.judge import parse_prompt
     from cdtool.toy.oracle import WORLD_FILLS, WORLD_TOKENS, targets

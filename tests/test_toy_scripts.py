@@ -110,13 +110,13 @@ def test_unet_rereads_a_frozen_text_encoder_and_resumes(tmp_path, text_encoder):
     text_encoder.rename(tmp_path / "moved-text")
     _script("tools/pretrain_toy.py", "--resume", tmp_path / "kept", "--text-encoder", tmp_path / "moved-text",
             "--out", tmp_path / "model2", "--until", 3, "--looks", 0.5, "--look-nouns", 0.25,
-            "--look-pairs", 0.5, "--patterns", 0.6, *common)  # fmt: skip
+            "--look-pairs", 0.5, "--patterns", 0.6, "--pattern-pairs", 0.5, *common)  # fmt: skip
     assert json.loads((tmp_path / "model2" / "pretraining.json").read_text())["unet_steps"] == meta["done_before"] + 3
     kept = json.loads((tmp_path / "kept" / "checkpoint.json").read_text())["settings"]
     assert kept["text_encoder"] == str(tmp_path / "moved-text") and kept["looks"] == 0.5  # a new stage of the run
     assert kept["look_nouns"] == 0.25 and kept["look_pairs"] == 0.5 and meta["settings"].get("look_nouns", 0.0) == 0.0
     assert meta["settings"].get("looks", 0.0) == 0.0 and meta["settings"]["patterns"] == 1.0
-    assert kept["patterns"] == 0.6
+    assert kept["patterns"] == 0.6 and kept["pattern_pairs"] == 0.5 and meta["settings"]["pattern_pairs"] == 0.0
     _script("tools/pretrain_toy.py", "--resume", tmp_path / "kept", "--text-encoder", tmp_path / "moved-text",
             "--out", tmp_path / "model2", "--until", 4, "--patterns", 0, *common)  # fmt: skip
     kept = json.loads((tmp_path / "kept" / "checkpoint.json").read_text())["settings"]

@@ -134,6 +134,7 @@ def batch(
     looks: float = 0.0,
     look_nouns: float = 0.0,
     look_pairs: float = 0.0,
+    pattern_pairs: float = 0.0,
 ) -> tuple[torch.Tensor, list[str]]:
     """N rendered scenes as [-1, 1] pixels, with their captions; a `patterned` share of them shows a
     patterned thing of any shape (used for the VAE only, see the module docstring). With `views`,
@@ -143,7 +144,8 @@ def batch(
     its words in the caption (see cdtool.toy.world.PATTERN_WORDS; never the concepts' tones), a `looks`
     share a thing in one of the LOOKS, named by its one word ("a small tiger square"), a `look_nouns`
     share of those by the word alone ("a small tiger": its LOOK_SHAPES shape), and in a `look_pairs`
-    share of those with two things, the second in another look ("a tiger square and a bee heart")."""
+    share of those with two things, the second in another look ("a tiger square and a bee heart"); a
+    `pattern_pairs` share of the `named_patterns` scenes with two things has both in named patterns."""
     from cdtool.toy.world import PATTERNS, PHOTO_OF_SHARE, UNSIZED_SHARE, render
 
     rng = sampler.rng
@@ -153,7 +155,10 @@ def batch(
         for _ in range(n)
     ]
     scenes = [
-        sampler.with_pretraining_pattern(s, kinds, excluded) if rng.random() < named_patterns else s for s in scenes
+        sampler.with_pretraining_pattern(s, kinds, excluded, both=draw(rng, pattern_pairs))
+        if rng.random() < named_patterns
+        else s
+        for s in scenes
     ]
     if looks:  # drawn only when asked, so that runs without looks keep their data stream
         scenes = [
@@ -238,6 +243,13 @@ def main() -> None:
         help="share of --looks scenes whose second thing, where there are two, takes another look (given with "
         "--resume, a new stage of the run)",
     )
+    ap.add_argument(
+        "--pattern-pairs",
+        type=float,
+        default=0.0,
+        help="share of --patterns scenes with two things whose second thing takes a named pattern too (given "
+        "with --resume, a new stage of the run)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "cdtool" / "data" / "toy" / "model")
     ap.add_argument("--run", type=Path, help="a folder for resumable checkpoints (tools/resumable.py)")
     ap.add_argument("--resume", type=Path, help="a --run folder to continue, with its settings")
@@ -293,13 +305,14 @@ def resume(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
     """Continues a --run folder: its settings (but --minutes, --threads, --save-minutes, --until, and the
     --text-encoder and --out folders where given, for a checkpoint moved to another machine), the model it
     started from, its weights, moving average, optimiser and step. A --looks given starts a new stage of
-    the data stream (the share of scenes with a LOOKS word), as do --look-nouns, --look-pairs and --patterns."""
+    the data stream (the share of scenes with a LOOKS word), as do --look-nouns, --look-pairs, --patterns
+    and --pattern-pairs."""
     tensors, meta = load_checkpoint(args.resume)
     settings = {
         k: Path(v) if k in ("init", "text_encoder", "out", "run") and v is not None else v
         for k, v in meta["settings"].items()
     }
-    stages = ("looks", "look_nouns", "look_pairs")
+    stages = ("looks", "look_nouns", "look_pairs", "pattern_pairs")
     given = ("text_encoder", "out", "patterns", *stages)
     typed = ap.parse_args(namespace=argparse.Namespace(**dict.fromkeys(given)))  # None where not given
     moved = {k: getattr(typed, k) for k in given if getattr(typed, k) is not None}
@@ -425,6 +438,7 @@ def main_stage(args, vae, unet, text, tokenizer, done: int, run: Path | None, sa
             looks=args.looks,
             look_nouns=args.look_nouns,
             look_pairs=args.look_pairs,
+            pattern_pairs=args.pattern_pairs,
         )
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():

@@ -254,18 +254,26 @@ class Sampler:
         scene: Scene,
         kinds: tuple[str, ...] = tuple(PATTERN_WORDS),
         excluded: frozenset | set = frozenset(CONCEPT_TONES),
+        both: bool = False,
     ) -> Scene:
         """`scene` with its first thing in a two-tone pattern of named colours (any of `kinds`, any shape
         and pair except the `excluded` (kind, tones) of the concepts), the background chosen again to
         differ from them. The shipped toy model saw two kinds; the suite's world uses `KINDS` and
-        excludes `SUITE_TONES`."""
-        first = scene.things[0]
+        excludes `SUITE_TONES`. With `both`, a second thing takes a pattern too ("a red and green
+        striped star and a blue and white dotted circle", as two personal concepts are asked for in
+        one prompt)."""
+        things = (self._patterned(scene.things[0], kinds, excluded), *scene.things[1:])
+        if both and len(things) > 1:
+            things = (things[0], self._patterned(things[1], kinds, excluded), *things[2:])
+        return self._with_things(things, scene.token)
+
+    def _patterned(self, thing: Thing, kinds: tuple[str, ...], excluded: frozenset | set) -> Thing:
+        """`thing` in a random two-tone pattern of named colours, of any of `kinds`, not `excluded`."""
         while True:
             kind = self.rng.choice(list(kinds))
             pair = tuple(self.rng.sample(list(COLOURS), 2))
             if (kind, frozenset(pair)) not in excluded:
-                break
-        return self._with_things((replace(first, pattern=kind, pair=pair), *scene.things[1:]), scene.token)
+                return replace(thing, pattern=kind, pair=pair)
 
     def with_look(self, scene: Scene, alone: bool = False, both: bool = False) -> Scene:
         """`scene` with its first thing in one of the LOOKS, named by its word, the background chosen
