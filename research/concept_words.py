@@ -33,33 +33,42 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from cdtool.toy.world import Thing
+
+
+def in_turn(things: Sequence[tuple[Thing, ...]], avoid: Iterable[str], n: int) -> list[str]:
+    """N captions worded as the toy world words them (Scene.caption), of each of `things` and over
+    backgrounds in none of the `avoid` colours, both in turn."""
+    from cdtool.toy.world import COLOURS, Scene
+
+    free = [c for c in COLOURS if c not in set(avoid)]
+    return [Scene(things[i % len(things)], free[i % len(free)]).caption() for i in range(n)]
+
+
+def small(shape: str, **look: Any) -> Thing:
+    """A small thing of `shape` in the look given (pattern and pair, or a LOOKS word), placed anywhere:
+    only its caption is used."""
+    from cdtool.toy.world import Thing
+
+    return Thing(shape, "red", "small", 0.5, 0.5, **look)
 
 
 def prompts(concept, tones: tuple[str, str], n: int) -> list[str]:
     """N prompts asking for the concept's shape in `tones` on its kind, over backgrounds in turn."""
-    from cdtool.toy.world import COLOURS, with_article
-
-    free = [c for c in COLOURS if c not in tones]
-    return [f"a small {look_words(concept, tones)} on {with_article(free[i % len(free)])} background" for i in range(n)]
-
-
-def look_words(concept, tones: tuple[str, str]) -> str:
-    """The words for the concept's look in `tones`: "yellow and blue striped square"."""
-    from cdtool.toy.world import KIND_WORDS
-
-    return f"{tones[0]} and {tones[1]} {KIND_WORDS[concept.kind]} {concept.shape}"
+    return in_turn([(small(concept.shape, pattern=concept.kind, pair=tones),)], tones, n)
 
 
 def pair_prompts(first, second, n: int) -> list[str]:
     """N prompts asking for two concepts' looks in their own tones in one caption, worded as the world
     captions two things, over backgrounds in none of their tones in turn."""
-    from cdtool.toy.world import COLOURS, with_article
-
-    free = [c for c in COLOURS if c not in (*first.tones, *second.tones)]
-    things = f"{with_article(look_words(first, first.tones))} and {with_article(look_words(second, second.tones))}"
-    return [f"{things} on {with_article(free[i % len(free)])} background" for i in range(n)]
+    things = tuple(small(c.shape, pattern=c.kind, pair=c.tones) for c in (first, second))
+    return in_turn([things], (*first.tones, *second.tones), n)
 
 
 def pair_rows(pipe, oracle, args) -> list[dict]:
@@ -101,22 +110,14 @@ def look_rows(pipe, oracle, args) -> list[dict]:
     """For each look word, the share of its N samples read as a two-tone thing, and of N samples of the
     word alone as a two-tone thing of its own shape."""
     from cdtool.toy.oracle import read
-    from cdtool.toy.world import COLOURS, LOOK_SHAPES, LOOKS, SHAPES, with_article
+    from cdtool.toy.world import LOOK_SHAPES, LOOKS, SHAPES
 
-    shapes = sorted(SHAPES)
     rows = []
     for word, (kind, tones) in LOOKS.items():
-        free = [c for c in COLOURS if c not in tones]
-        asked = [
-            f"a small {word} {shapes[i % len(shapes)]} on {with_article(free[i % len(free)])} background"
-            for i in range(args.n)
-        ]
+        asked = in_turn([(small(shape, look=word),) for shape in sorted(SHAPES)], tones, args.n)
         fills = [set(r["fills"]) for r in read(oracle, sample(pipe, asked, args))]
         alone = read(
-            oracle,
-            sample(
-                pipe, [f"a small {word} on {with_article(free[i % len(free)])} background" for i in range(args.n)], args
-            ),
+            oracle, sample(pipe, in_turn([(small(LOOK_SHAPES[word], look=word, alone=True),)], tones, args.n), args)
         )
         in_shape = [set(r["fills"]) if LOOK_SHAPES[word] in r["shapes"] else set() for r in alone]
         rows.append(
