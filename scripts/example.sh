@@ -2,8 +2,9 @@
 # Every command scripted from a shell on the built-in tiny model (random weights, no downloads: it
 # checks the plumbing, not quality; `cdtool demo` does the main job on the toy model that can see):
 # photos prepared, regularisation sets generated, two concepts trained with prior preservation,
-# merged in closed form, compressed, sampled, scored and exported; an InstantBooth encoder trained and
-# a concept personalised with it.
+# merged in closed form, compressed, sampled, scored and exported; a DreamBooth model trained and its
+# key/value delta extracted and merged; an InstantBooth encoder trained and a concept personalised
+# with it. (`cdtool demo`, the one command left out, is `make demo`.)
 set -euo pipefail
 out=${1:-example-out}
 rm -rf "$out"
@@ -50,6 +51,12 @@ cdtool info "$out/pets.r4.safetensors"
 cdtool sample "photo of a <new1> cat" "a <new1> cat next to a <new2> dog" --delta "$out/pets.r4.safetensors" \
     -o "$out/samples" --n 2 --steps 10 --grid
 cdtool export "$out/pets.r4.safetensors" --to diffusers-lora -o "$out/pets-lora"
+# DreamBooth as its paper trains it (every UNet weight, a whole model out), and the key/value delta
+# get-deltas extracts from that model, merged with the Custom Diffusion concept.
+cdtool train "$out/data/dog" --reg "$out/reg/dog" --method dreambooth -o "$out/dog-model" --steps 10 --batch-size 2 -q
+cdtool info "$out/dog-model"
+cdtool get-deltas "$out/dog-model" -o "$out/dog-kv.safetensors"
+cdtool merge "$out/cat.safetensors+$out/dog-kv.safetensors" -o "$out/cat-dogmodel.safetensors" --method sum
 # The built-in model is random, so the scores only show the plumbing: a tiny random CLIP stands in
 # for ViT-B-32 (use the defaults with real weights on a real model).
 cdtool score "$out/samples" --ref "$out/data/cat" --clip-model cdtool-tiny --clip-pretrained none \

@@ -95,7 +95,7 @@ def merge(
     two target prompts exactly and otherwise stays as close as possible to the base model on 1200
     varied captions. least-squares fits every row the UNet reads for each concept's recorded captions
     and target prompts, and the base's on the captions, in one weighted least-squares solve; it keeps
-    concepts that live beyond the target rows (see README, "Which merge"). Tokens used by two inputs
+    concepts that live beyond the target rows (see docs/merging.md, "Which merge"). Tokens used by two inputs
     are renamed to the next free <newK>.
     """
     specs = split_inputs(inputs)

@@ -43,7 +43,8 @@ def score(
     metrics: Annotated[
         str,
         typer.Option(
-            "--metrics", help="Comma-separated: clip-t, clip-i, dino, kid; oracle (toy-world samples: see the README)."
+            "--metrics",
+            help="Comma-separated: clip-t, clip-i, dino, kid; oracle (toy-world samples: see docs/toy-world.md).",
         ),
     ] = "clip-t,clip-i,dino,kid",
     per_image: Annotated[bool, typer.Option("--per-image", help="Include a row per image in --json.")] = False,

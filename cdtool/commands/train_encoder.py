@@ -88,7 +88,10 @@ def train_encoder(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[
         Path | None,
-        typer.Option("--resume", help="Continue the encoder in this folder (--steps, --minutes may change)."),
+        typer.Option(
+            "--resume",
+            help="Continue the encoder in this folder (--steps, --minutes, --checkpoint-minutes, --device may change).",
+        ),
     ] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
