@@ -20,7 +20,11 @@ ranks, sample and score with the oracle. Reports, per model variant:
 The headline cells (each concept alone, after each merge and joint training; plain prompts and prior
 drift for each; both concepts in one prompt) take `n` samples each (default 128: standard error at
 most 0.045); the no-regularisation, compression and DVAR cells take `n_small`. `--ci` is the small
-variant the test suite runs (fewer steps and samples).
+variant the test suite runs (fewer steps and samples). Every cell samples its prompts at the seeds
+--seed, --seed + 1, ..., so a prompt's k-th sample starts from the same noise in every cell, and
+which seeds a concept comes out at varies more than chance over 8 backgrounds would say: a
+compression or checkpoint cell (n_small) is read against the full delta's samples at its own seeds
+(`rank_fidelity["full"]`, `fidelity_by_steps` at the fixed steps), not against all of them.
 
 `--suite` runs it over the toy world's suite of eight concepts and its four pairs (merged and trained
 jointly pair by pair), on a model of the suite's world judged by that world's oracle (`--oracle`);
@@ -192,12 +196,34 @@ class Bench:
         doc = self.run("score", folder, "--metrics", "oracle", "--per-image", "--batch-size", 256, *oracle)
         rows = doc["runs"][0]["images"]
         out: dict[str, Any] = {}
+        small = small_cell_seeds(self.s)
         for g in groups:
             wanted = set(self.groups[g])
             judged = [r["oracle"] for r in rows if r["prompt"] in wanted and "oracle" in r]
             out[g] = summarise(judged, ["concept" in v for v in judged])
+            # the same prompts at the seeds the small cells sample (one per prompt at the headline n
+            # of 32): a prompt's samples share their starting noise across cells, so a small cell is
+            # read against the same seeds of the full one, not against all of its seeds
+            same = [
+                r["oracle"] for r in rows if r["prompt"] in wanted and "oracle" in r and seed_of(r["file"]) in small
+            ]
+            if any("concept" in v for v in same):
+                out[g]["concept_fidelity_small_seeds"] = summarise(same, ["concept" in v for v in same])[
+                    "concept_fidelity"
+                ]
         self.results["variants"][name] = out
         return out
+
+
+def small_cell_seeds(s: Settings) -> set[int]:
+    """The seeds of the small cells' samples (n_small per group of 8 prompts, `sample --n
+    n_small // 8` from --seed)."""
+    return set(range(s.seed, s.seed + max(1, s.n_small // 8)))
+
+
+def seed_of(file: str) -> int:
+    """The seed `cdtool sample` wrote into a sample's file name (`...-s<seed>.png`)."""
+    return int(file.rsplit("-s", 1)[1].split(".")[0])
 
 
 def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
@@ -398,8 +424,10 @@ def summary(res: dict[str, Any], s: Settings) -> dict[str, Any]:
         ranks = {
             k.rsplit("-r", 1)[1]: v[k][f"concept {token}"]["concept_fidelity"] for k in v if k.startswith(f"{name}-r")
         }
+        same_seeds = v[name][f"concept {token}"].get("concept_fidelity_small_seeds", c["single"])
         if ranks:
-            c["rank_fidelity"] = {**ranks, "full": c["single"]}
+            # "full": the uncompressed delta at the ranks' own prompts and seeds
+            c["rank_fidelity"] = {**ranks, "full": same_seeds}
         if f"{name}-dvar" in v:
             c["dvar_steps"] = res["training"][f"{name}-dvar"]["steps"]
             c["fixed_steps"] = res["training"][name]["steps"]
@@ -408,7 +436,7 @@ def summary(res: dict[str, Any], s: Settings) -> dict[str, Any]:
                 k.rsplit("-step", 1)[1]: v[k][f"concept {token}"]["concept_fidelity"]
                 for k in v
                 if k.startswith(f"{name}-step")
-            } | {str(c["fixed_steps"]): c["single"]}
+            } | {str(c["fixed_steps"]): same_seeds}  # at the checkpoints' own prompts and seeds
         out[token] = c
     for pair in pairs_of(s):
         tag = pair_tag(s, pair)
