@@ -42,6 +42,7 @@ import dataclasses
 import json
 import math
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -196,23 +197,40 @@ class Bench:
         doc = self.run("score", folder, "--metrics", "oracle", "--per-image", "--batch-size", 256, *oracle)
         rows = doc["runs"][0]["images"]
         out: dict[str, Any] = {}
-        small = small_cell_seeds(self.s)
         for g in groups:
             wanted = set(self.groups[g])
-            judged = [r["oracle"] for r in rows if r["prompt"] in wanted and "oracle" in r]
+            mine = [r for r in rows if r["prompt"] in wanted and "oracle" in r]
+            judged = [r["oracle"] for r in mine]
             out[g] = summarise(judged, ["concept" in v for v in judged])
-            # the same prompts at the seeds the small cells sample (one per prompt at the headline n
-            # of 32): a prompt's samples share their starting noise across cells, so a small cell is
-            # read against the same seeds of the full one, not against all of its seeds
-            same = [
-                r["oracle"] for r in rows if r["prompt"] in wanted and "oracle" in r and seed_of(r["file"]) in small
-            ]
-            if any("concept" in v for v in same):
-                out[g]["concept_fidelity_small_seeds"] = summarise(same, ["concept" in v for v in same])[
-                    "concept_fidelity"
-                ]
+            # A prompt's k-th sample starts from seed k's noise in every cell: the shares per seed are
+            # the clusters of the standard error, and a small cell is read against the same seeds of a
+            # full one (small_cell_seeds), not against all of them
+            by_seed = concept_by_seed(mine)
+            if by_seed:
+                out[g]["concept_by_seed"] = by_seed
+                small = [by_seed[str(k)] for k in small_cell_seeds(self.s) if str(k) in by_seed]
+                out[g]["concept_fidelity_small_seeds"] = statistics.fmean(small) if small else float("nan")
         self.results["variants"][name] = out
         return out
+
+
+def concept_by_seed(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Concept fidelity of the per-image rows of `score --per-image` at each seed (by the seed in
+    their file names), over the rows whose prompt used a token."""
+    hits: dict[str, list[bool]] = {}
+    for r in rows:
+        if "concept" in r["oracle"]:
+            hits.setdefault(str(seed_of(r["file"])), []).append(bool(r["oracle"]["concept"]))
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items(), key=lambda kv: int(kv[0]))}
+
+
+def clustered_standard_error(cluster_means: list[float]) -> float:
+    """The standard error of the mean of equal-sized clusters' means (samples within a cluster share
+    what makes them alike, here a seed's noise): their standard deviation over the root of their
+    count."""
+    if len(cluster_means) < 2:
+        return float("nan")
+    return statistics.stdev(cluster_means) / math.sqrt(len(cluster_means))
 
 
 def small_cell_seeds(s: Settings) -> set[int]:
@@ -424,6 +442,10 @@ def summary(res: dict[str, Any], s: Settings) -> dict[str, Any]:
         ranks = {
             k.rsplit("-r", 1)[1]: v[k][f"concept {token}"]["concept_fidelity"] for k in v if k.startswith(f"{name}-r")
         }
+        c["single_seeds"] = list(v[name][f"concept {token}"].get("concept_by_seed", {}).values())
+        for m in MERGES:
+            if f"{m}{tag}" in v:
+                c[f"{m}_seeds"] = list(v[f"{m}{tag}"][f"concept {token}"].get("concept_by_seed", {}).values())
         same_seeds = v[name][f"concept {token}"].get("concept_fidelity_small_seeds", c["single"])
         if ranks:
             # "full": the uncompressed delta at the ranks' own prompts and seeds
@@ -432,6 +454,7 @@ def summary(res: dict[str, Any], s: Settings) -> dict[str, Any]:
             c["dvar_steps"] = res["training"][f"{name}-dvar"]["steps"]
             c["fixed_steps"] = res["training"][name]["steps"]
             c["dvar_fidelity"] = v[f"{name}-dvar"][f"concept {token}"]["concept_fidelity"]
+            c["dvar_fidelity_seeds"] = list(v[f"{name}-dvar"][f"concept {token}"].get("concept_by_seed", {}).values())
             c["fidelity_by_steps"] = {
                 k.rsplit("-step", 1)[1]: v[k][f"concept {token}"]["concept_fidelity"]
                 for k in v
@@ -460,6 +483,10 @@ def suite_summary(per: dict[str, Any], s: Settings) -> dict[str, Any]:
         vals = [float(per[t][key]) for t in tokens if per[t].get(key) is not None and not math.isnan(per[t][key])]
         if vals:
             out[key] = spread(vals, per[tokens[0]]["n"])
+    for key in ("single", *MERGES, "dvar_fidelity"):
+        clusters = [x for t in tokens for x in per[t].get(f"{key}_seeds", [])]
+        if key in out and len(clusters) > 1:
+            out[key]["se_clustered"] = round(clustered_standard_error(clusters), 4)
     for m in ("base", *MERGES):
         vals = [per[f"both_{m}{pair_tag(s, p)}"] for p in pairs_of(s) if f"both_{m}{pair_tag(s, p)}" in per]
         if vals:

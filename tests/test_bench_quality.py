@@ -26,3 +26,26 @@ def test_small_cells_are_read_against_the_full_delta_at_their_own_seeds(monkeypa
     cell = b.judge("new2-circle", ["concept <new2>"])["concept <new2>"]
     assert cell["concept_fidelity"] == 0.25
     assert cell["concept_fidelity_small_seeds"] == 1.0
+    assert cell["concept_by_seed"] == {"0": 1.0, "1": 0.0, "2": 0.0, "3": 0.0}
+
+
+def test_clustered_standard_error_is_the_spread_of_cluster_means():
+    import math
+    import random
+    import statistics
+
+    # clusters that agree carry no sampling error between them
+    assert quality.clustered_standard_error([0.5, 0.5, 0.5]) == 0.0
+    assert math.isnan(quality.clustered_standard_error([0.3]))
+    means = [0.875, 0.0, 0.375, 0.25]
+    direct = math.sqrt(sum((m - statistics.fmean(means)) ** 2 for m in means) / 3 / 4)
+    assert math.isclose(quality.clustered_standard_error(means), direct)
+    # independent samples in clusters of 8: close to the binomial standard error of all of them
+    rng = random.Random(0)
+    p, k = 0.4, 400
+    clusters = [sum(rng.random() < p for _ in range(8)) / 8 for _ in range(k)]
+    binomial = math.sqrt(p * (1 - p) / (8 * k))
+    assert abs(quality.clustered_standard_error(clusters) / binomial - 1) < 0.1
+    # a shared cluster effect (a seed where the concept shows on every prompt, or on none) widens it
+    shared = [float(rng.random() < p) for _ in range(k)]
+    assert quality.clustered_standard_error(shared) > 2.5 * binomial
