@@ -24,7 +24,9 @@ variant the test suite runs (fewer steps and samples). Every cell samples its pr
 --seed, --seed + 1, ..., so a prompt's k-th sample starts from the same noise in every cell, and
 which seeds a concept comes out at varies more than chance over 8 backgrounds would say: a
 compression or checkpoint cell (n_small) is read against the full delta's samples at its own seeds
-(`rank_fidelity["full"]`, `fidelity_by_steps` at the fixed steps), not against all of them.
+(`rank_fidelity["full"]`, `fidelity_by_steps` at the fixed steps), not against all of them. With
+`--suite`, single concepts are also read apart on the backgrounds in one of the concept's own tones
+(`single_own_tones`) and on the others (`single_other_backgrounds`).
 
 `--suite` runs it over the toy world's suite of eight concepts and its four pairs (merged and trained
 jointly pair by pair), on a model of the suite's world judged by that world's oracle (`--oracle`);
@@ -154,11 +156,26 @@ def prompt_groups(s: Settings) -> dict[str, list[str]]:
     return groups
 
 
+def own_tone_prompts(s: Settings) -> dict[str, set[str]]:
+    """Per suite concept, its prompts whose background is one of its own tones (a red and white dotted
+    heart on a red background), where the concept is hard to draw and to read."""
+    if not s.suite:
+        return {}
+    from cdtool.toy.world import SUITE
+
+    tones = {c.token: set(c.tones) for c in SUITE}
+    return {
+        token: {p for p in prompt_groups(s)[f"concept {token}"] if any(f" {t} background" in p for t in tones[token])}
+        for token, _, _ in concepts_of(s)
+    }
+
+
 class Bench:
     def __init__(self, out: Path, s: Settings, quiet: bool) -> None:
         self.out, self.s = out, s
         self.run = InProcess(quiet)
         self.groups = prompt_groups(s)
+        self.own_tones = own_tone_prompts(s)
         self.results: dict[str, Any] = {"settings": asdict(self.s), "variants": {}, "training": {}}
 
     def train(self, name: str, *args: Any, steps: int | None = None, lr_factor: float = 1.0) -> Path:
@@ -205,6 +222,11 @@ class Bench:
             # A prompt's k-th sample starts from seed k's noise in every cell: the shares per seed are
             # the clusters of the standard error, and a small cell is read against the same seeds of a
             # full one (small_cell_seeds), not against all of them
+            own = self.own_tones.get(g.removeprefix("concept "), set()) if g.startswith("concept ") else set()
+            for key, keep in (("own_tones", True), ("other_backgrounds", False)):
+                part = [r["oracle"] for r in mine if (r["prompt"] in own) == keep]
+                if own and part:
+                    out[g][f"concept_fidelity_{key}"] = summarise(part, [True] * len(part))["concept_fidelity"]
             by_seed = concept_by_seed(mine)
             if by_seed:
                 out[g]["concept_by_seed"] = by_seed
@@ -442,6 +464,10 @@ def summary(res: dict[str, Any], s: Settings) -> dict[str, Any]:
         ranks = {
             k.rsplit("-r", 1)[1]: v[k][f"concept {token}"]["concept_fidelity"] for k in v if k.startswith(f"{name}-r")
         }
+        # (a concept with no tone among the backgrounds has all of its prompts on other backgrounds)
+        other_default = c["single"] if s.suite else float("nan")
+        for key, default in (("own_tones", float("nan")), ("other_backgrounds", other_default)):
+            c[f"single_{key}"] = v[name][f"concept {token}"].get(f"concept_fidelity_{key}", default)
         c["single_seeds"] = list(v[name][f"concept {token}"].get("concept_by_seed", {}).values())
         for m in MERGES:
             if f"{m}{tag}" in v:
@@ -483,6 +509,10 @@ def suite_summary(per: dict[str, Any], s: Settings) -> dict[str, Any]:
         vals = [float(per[t][key]) for t in tokens if per[t].get(key) is not None and not math.isnan(per[t][key])]
         if vals:
             out[key] = spread(vals, per[tokens[0]]["n"])
+    own = sum(len(p) for p in own_tone_prompts(s).values()) * max(1, s.n // 8)  # samples on own-tone backgrounds
+    for key, n in (("single_own_tones", own), ("single_other_backgrounds", len(tokens) * s.n - own)):
+        if key in out:
+            out[key]["n"] = n
     for key in ("single", *MERGES, "dvar_fidelity"):
         clusters = [x for t in tokens for x in per[t].get(f"{key}_seeds", [])]
         if key in out and len(clusters) > 1:

@@ -49,3 +49,24 @@ def test_clustered_standard_error_is_the_spread_of_cluster_means():
     # a shared cluster effect (a seed where the concept shows on every prompt, or on none) widens it
     shared = [float(rng.random() < p) for _ in range(k)]
     assert quality.clustered_standard_error(shared) > 2.5 * binomial
+
+
+def test_a_suite_concepts_own_tone_backgrounds_are_read_apart(monkeypatch, tmp_path):
+    s = quality.Settings(n=32, n_small=8, suite=True)
+    own = quality.own_tone_prompts(s)
+    assert own["<new4>"] == {"a small <new4> heart on a red background", "a small <new4> heart on a white background"}
+    assert own["<new1>"] == set()  # magenta and cyan are no background
+    assert quality.own_tone_prompts(quality.Settings()) == {}
+
+    b = quality.Bench(tmp_path, s, quiet=True)
+    prompts = b.groups["concept <new4>"]
+    # drawn on every background but its own two tones
+    images = [
+        {"file": f"{i:03d}-x-s0.png", "prompt": p, "oracle": {"concept": p not in own["<new4>"]}}
+        for i, p in enumerate(prompts)
+    ]
+    monkeypatch.setattr(b, "run", lambda *a, **kw: {"runs": [{"images": images}]})
+    cell = b.judge("dotted-heart", ["concept <new4>"])["concept <new4>"]
+    assert cell["concept_fidelity"] == 0.75
+    assert cell["concept_fidelity_own_tones"] == 0.0
+    assert cell["concept_fidelity_other_backgrounds"] == 1.0
