@@ -231,7 +231,8 @@ class Bench:
             if by_seed:
                 out[g]["concept_by_seed"] = by_seed
                 small = [by_seed[str(k)] for k in small_cell_seeds(self.s) if str(k) in by_seed]
-                out[g]["concept_fidelity_small_seeds"] = statistics.fmean(small) if small else float("nan")
+                if small:
+                    out[g]["concept_fidelity_small_seeds"] = statistics.fmean(small)
         self.results["variants"][name] = out
         return out
 
@@ -464,10 +465,11 @@ def summary(res: dict[str, Any], s: Settings) -> dict[str, Any]:
         ranks = {
             k.rsplit("-r", 1)[1]: v[k][f"concept {token}"]["concept_fidelity"] for k in v if k.startswith(f"{name}-r")
         }
-        # (a concept with no tone among the backgrounds has all of its prompts on other backgrounds)
-        other_default = c["single"] if s.suite else float("nan")
-        for key, default in (("own_tones", float("nan")), ("other_backgrounds", other_default)):
-            c[f"single_{key}"] = v[name][f"concept {token}"].get(f"concept_fidelity_{key}", default)
+        if s.suite:  # (a concept with no tone among the backgrounds has every prompt on another one)
+            cell = v[name][f"concept {token}"]
+            if "concept_fidelity_own_tones" in cell:
+                c["single_own_tones"] = cell["concept_fidelity_own_tones"]
+            c["single_other_backgrounds"] = cell.get("concept_fidelity_other_backgrounds", c["single"])
         c["single_seeds"] = list(v[name][f"concept {token}"].get("concept_by_seed", {}).values())
         for m in MERGES:
             if f"{m}{tag}" in v:
@@ -503,7 +505,8 @@ def suite_summary(per: dict[str, Any], s: Settings) -> dict[str, Any]:
     max) and the samples behind it."""
 
     tokens = [t for t, _, _ in concepts_of(s)]
-    keys = [k for k, val in per[tokens[0]].items() if isinstance(val, float | int) and k != "n"]
+    keys = list(dict.fromkeys(k for t in tokens for k, val in per[t].items() if isinstance(val, float | int)))
+    keys = [k for k in keys if k != "n"]
     out: dict[str, Any] = {}
     for key in keys:
         vals = [float(per[t][key]) for t in tokens if per[t].get(key) is not None and not math.isnan(per[t][key])]
