@@ -32,6 +32,7 @@ compression or checkpoint cell (n_small) is read against the full delta's sample
 jointly pair by pair), on a model of the suite's world judged by that world's oracle (`--oracle`);
 `n` is then per concept, and the summary's `suite` gives each headline as the mean over the concepts
 (or pairs) with its spread and the total number of samples. DVAR runs on every concept there.
+`--pairs 2,4` runs only those of the suite's pairs (and their concepts), for a quicker probe.
 
 `--rescore OUT` judges an earlier run's samples again with `--oracle` (an oracle retrained to read
 what the last one could not), sampling nothing anew, and writes OUT/quality-rescored.json.
@@ -93,6 +94,7 @@ class Settings:
     model: str = "toy"
     suite: bool = False  # the suite's eight concepts and four pairs (a model of the suite's world)
     oracle: str | None = None  # the oracle's weights (None: the shipped oracle)
+    pairs: tuple[int, ...] = ()  # with suite: the pairs to run, numbered from 1 (empty: all four)
     # The shipped toy model was pretrained from scratch at lr 1e-3: its fine-tuning needs a larger base
     # lr than Stable Diffusion's 1e-5 (measured in RESULTS.md: 1e-5 learned nothing in 150 steps); the
     # suite's model learns at SUITE_LR (below)
@@ -113,13 +115,20 @@ CI = Settings(
 
 
 def concepts_of(s: Settings) -> tuple[Concept, ...]:
-    return SUITE_PERSONAL if s.suite else PERSONAL
+    """The concepts trained: the suite's (those of its chosen pairs), or the shipped world's two."""
+    if not s.suite:
+        return PERSONAL
+    chosen = {c[0] for pair in pairs_of(s) for c in pair}
+    return tuple(c for c in SUITE_PERSONAL if c[0] in chosen)
 
 
 def pairs_of(s: Settings) -> tuple[tuple[Concept, Concept], ...]:
-    """The pairs merged and trained jointly: the suite's four, or the shipped world's one."""
-    by_token = {c[0]: c for c in concepts_of(s)}
-    return tuple((by_token[a], by_token[b]) for a, b in PAIRS) if s.suite else ((PERSONAL[0], PERSONAL[1]),)
+    """The pairs merged and trained jointly: the suite's four (or those `s.pairs` numbers, from 1), or
+    the shipped world's one."""
+    if not s.suite:
+        return ((PERSONAL[0], PERSONAL[1]),)
+    by_token = {c[0]: c for c in SUITE_PERSONAL}
+    return tuple((by_token[a], by_token[b]) for i, (a, b) in enumerate(PAIRS, 1) if not s.pairs or i in s.pairs)
 
 
 def pair_tag(s: Settings, pair: tuple[Concept, Concept]) -> str:
@@ -562,6 +571,7 @@ def main() -> None:
     ap.add_argument("--aug", action="store_true", help="train with the paper's size augmentation")
     ap.add_argument("--suite", action="store_true", help="the suite's eight concepts and four pairs")
     ap.add_argument("--oracle", help="the oracle's weights (tools/train_oracle.py --world v2 for --suite)")
+    ap.add_argument("--pairs", help="with --suite: which of its four pairs to run, e.g. 2,4 (default: all)")
     ap.add_argument("-q", "--quiet", action="store_true")
     ap.add_argument("--rescore", type=Path, help="judge an earlier run's samples (its --out) again with --oracle")
     args = ap.parse_args()
@@ -570,6 +580,12 @@ def main() -> None:
         return
     base = CI if args.ci else Settings()
     changes: dict[str, Any] = {"model": args.model, "aug": args.aug, "suite": args.suite, "oracle": args.oracle}
+    if args.pairs:
+        if not args.suite:
+            ap.error("--pairs belongs to --suite")
+        changes["pairs"] = tuple(int(x) for x in args.pairs.split(","))
+        if not set(changes["pairs"]) <= set(range(1, len(PAIRS) + 1)):
+            ap.error(f"--pairs: numbers from 1 to {len(PAIRS)}")
     if args.steps:
         changes |= {"steps": args.steps, "joint_steps": 2 * args.steps}
     for key in ("n", "n_small", "base_weight"):

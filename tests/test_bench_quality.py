@@ -70,3 +70,14 @@ def test_a_suite_concepts_own_tone_backgrounds_are_read_apart(monkeypatch, tmp_p
     assert cell["concept_fidelity"] == 0.75
     assert cell["concept_fidelity_own_tones"] == 0.0
     assert cell["concept_fidelity_other_backgrounds"] == 1.0
+
+
+def test_suite_pairs_choose_the_concepts_and_their_prompts():
+    s = quality.Settings(suite=True, pairs=(2, 4))
+    assert [c[0] for c in quality.concepts_of(s)] == ["<new3>", "<new4>", "<new7>", "<new8>"]
+    assert [tuple(c[0] for c in p) for p in quality.pairs_of(s)] == [("<new3>", "<new4>"), ("<new7>", "<new8>")]
+    groups = quality.prompt_groups(s)
+    assert "concept <new3>" in groups and "concept <new1>" not in groups
+    assert sorted(g for g in groups if g.startswith("both")) == ["both-new3+new4", "both-new7+new8"]
+    every = quality.Settings(suite=True)
+    assert len(quality.concepts_of(every)) == 8 and len(quality.pairs_of(every)) == 4
