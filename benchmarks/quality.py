@@ -209,7 +209,7 @@ class Bench:
         base = ("--model", model or self.s.model) if model or not deltas else ()
         delta_args = [a for d in deltas for a in ("--delta", d)]
         self.run(
-            "sample", *base, *delta_args, "--prompts", prompt_file, "-o", folder, "--n", max(1, (n or self.s.n) // 8), "--steps",
+            "sample", *base, *delta_args, "--prompts", prompt_file, "-o", folder, "--n", per_prompt(n or self.s.n), "--steps",
             self.s.sample_steps, "--guidance", self.s.guidance, "--seed", self.s.seed, "--batch-size", 32,
         )  # fmt: skip
         return self.judge(name, groups)
@@ -228,14 +228,11 @@ class Bench:
             mine = [r for r in rows if r["prompt"] in wanted and "oracle" in r]
             judged = [r["oracle"] for r in mine]
             out[g] = summarise(judged, ["concept" in v for v in judged])
+            if g.startswith("concept ") and (own := self.own_tones.get(g.removeprefix("concept "))):
+                out[g] |= fidelity_by_background(mine, own)
             # A prompt's k-th sample starts from seed k's noise in every cell: the shares per seed are
             # the clusters of the standard error, and a small cell is read against the same seeds of a
             # full one (small_cell_seeds), not against all of them
-            own = self.own_tones.get(g.removeprefix("concept "), set()) if g.startswith("concept ") else set()
-            for key, keep in (("own_tones", True), ("other_backgrounds", False)):
-                part = [r["oracle"] for r in mine if (r["prompt"] in own) == keep]
-                if own and part:
-                    out[g][f"concept_fidelity_{key}"] = summarise(part, [True] * len(part))["concept_fidelity"]
             by_seed = concept_by_seed(mine)
             if by_seed:
                 out[g]["concept_by_seed"] = by_seed
@@ -244,6 +241,19 @@ class Bench:
                     out[g]["concept_fidelity_small_seeds"] = statistics.fmean(small)
         self.results["variants"][name] = out
         return out
+
+
+def fidelity_by_background(rows: list[dict[str, Any]], own: set[str]) -> dict[str, float]:
+    """Concept fidelity of the per-image rows of a concept's prompts on the backgrounds in its own
+    tones (`own`: those prompts) and on the others."""
+    from cdtool.toy.judge import summarise
+
+    out = {}
+    for key, keep in (("own_tones", True), ("other_backgrounds", False)):
+        part = [r["oracle"] for r in rows if (r["prompt"] in own) == keep]
+        if part:
+            out[f"concept_fidelity_{key}"] = summarise(part, [True] * len(part))["concept_fidelity"]
+    return out
 
 
 def concept_by_seed(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -256,6 +266,11 @@ def concept_by_seed(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(hits.items(), key=lambda kv: int(kv[0]))}
 
 
+def seed_shares(cell: dict[str, Any]) -> list[float]:
+    """A judged cell's concept fidelity at each of its seeds (the clusters of clustered_standard_error)."""
+    return list(cell.get("concept_by_seed", {}).values())
+
+
 def clustered_standard_error(cluster_means: list[float]) -> float:
     """The standard error of the mean of equal-sized clusters' means (samples within a cluster share
     what makes them alike, here a seed's noise): their standard deviation over the root of their
@@ -265,10 +280,14 @@ def clustered_standard_error(cluster_means: list[float]) -> float:
     return statistics.stdev(cluster_means) / math.sqrt(len(cluster_means))
 
 
+def per_prompt(n: int) -> int:
+    """Samples per prompt of a cell of n samples per group of 8 prompts (`sample --n`)."""
+    return max(1, n // 8)
+
+
 def small_cell_seeds(s: Settings) -> set[int]:
-    """The seeds of the small cells' samples (n_small per group of 8 prompts, `sample --n
-    n_small // 8` from --seed)."""
-    return set(range(s.seed, s.seed + max(1, s.n_small // 8)))
+    """The seeds of the small cells' samples (`sample --n per_prompt(n_small)` from --seed)."""
+    return set(range(s.seed, s.seed + per_prompt(s.n_small)))
 
 
 def seed_of(file: str) -> int:
@@ -474,16 +493,16 @@ def summary(res: dict[str, Any], s: Settings) -> dict[str, Any]:
         ranks = {
             k.rsplit("-r", 1)[1]: v[k][f"concept {token}"]["concept_fidelity"] for k in v if k.startswith(f"{name}-r")
         }
+        single = v[name][f"concept {token}"]
         if s.suite:  # (a concept with no tone among the backgrounds has every prompt on another one)
-            cell = v[name][f"concept {token}"]
-            if "concept_fidelity_own_tones" in cell:
-                c["single_own_tones"] = cell["concept_fidelity_own_tones"]
-            c["single_other_backgrounds"] = cell.get("concept_fidelity_other_backgrounds", c["single"])
-        c["single_seeds"] = list(v[name][f"concept {token}"].get("concept_by_seed", {}).values())
+            if "concept_fidelity_own_tones" in single:
+                c["single_own_tones"] = single["concept_fidelity_own_tones"]
+            c["single_other_backgrounds"] = single.get("concept_fidelity_other_backgrounds", c["single"])
+        c["single_seeds"] = seed_shares(single)
         for m in MERGES:
             if f"{m}{tag}" in v:
-                c[f"{m}_seeds"] = list(v[f"{m}{tag}"][f"concept {token}"].get("concept_by_seed", {}).values())
-        same_seeds = v[name][f"concept {token}"].get("concept_fidelity_small_seeds", c["single"])
+                c[f"{m}_seeds"] = seed_shares(v[f"{m}{tag}"][f"concept {token}"])
+        same_seeds = single.get("concept_fidelity_small_seeds", c["single"])
         if ranks:
             # "full": the uncompressed delta at the ranks' own prompts and seeds
             c["rank_fidelity"] = {**ranks, "full": same_seeds}
@@ -491,7 +510,7 @@ def summary(res: dict[str, Any], s: Settings) -> dict[str, Any]:
             c["dvar_steps"] = res["training"][f"{name}-dvar"]["steps"]
             c["fixed_steps"] = res["training"][name]["steps"]
             c["dvar_fidelity"] = v[f"{name}-dvar"][f"concept {token}"]["concept_fidelity"]
-            c["dvar_fidelity_seeds"] = list(v[f"{name}-dvar"][f"concept {token}"].get("concept_by_seed", {}).values())
+            c["dvar_fidelity_seeds"] = seed_shares(v[f"{name}-dvar"][f"concept {token}"])
             c["fidelity_by_steps"] = {
                 k.rsplit("-step", 1)[1]: v[k][f"concept {token}"]["concept_fidelity"]
                 for k in v
@@ -521,7 +540,7 @@ def suite_summary(per: dict[str, Any], s: Settings) -> dict[str, Any]:
         vals = [float(per[t][key]) for t in tokens if per[t].get(key) is not None and not math.isnan(per[t][key])]
         if vals:
             out[key] = spread(vals, per[tokens[0]]["n"])
-    own = sum(len(p) for p in own_tone_prompts(s).values()) * max(1, s.n // 8)  # samples on own-tone backgrounds
+    own = sum(len(p) for p in own_tone_prompts(s).values()) * per_prompt(s.n)  # samples on own-tone backgrounds
     for key, n in (("single_own_tones", own), ("single_other_backgrounds", len(tokens) * s.n - own)):
         if key in out:
             out[key]["n"] = n

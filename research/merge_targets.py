@@ -107,16 +107,19 @@ def main() -> None:
     heads = " | ".join(f"`{token}` {noun}" for token, noun, _ in concepts)
     print(f"| targets | rows | {heads} | mean | mean regularisation drift | plain prompts obeyed |")
     print("| --- | ---: |" + " ---: |" * (len(names) + 3))
+    # the base's weights and the regularisation captions' Gram matrix, the same for every merge (the
+    # captions hold no new token); each merge adds its tokens to a text encoder loaded afresh
+    pipe = load_pipeline(args.model)
+    base = {f"unet.{n}": p.detach().float() for n, p in pipe.unet.named_parameters()}
+    plain = TextSide.of(pipe)
+    reg_gram, _ = gram(feature_rows(plain.tokenizer, plain.encoder, captions))
     for variant in args.variants.split(","):
         kind, who, *k = variant.split(":")
         merges = [[i] for i in range(len(names))] if who == "each" else [[0, 1] if who == "both" else [int(who) - 1]]
         fid, drifts, obeyed, rows = {}, [], [], 0
         for picked in merges:
             tag = variant.replace(":", "-") + ("" if who != "each" else f"-{names[picked[0]]}")
-            pipe = load_pipeline(args.model)
-            text = TextSide.of(pipe)
-            base = {f"unet.{n}": p.detach().float() for n, p in pipe.unet.named_parameters()}
-            reg_gram, _ = gram(feature_rows(text.tokenizer, text.encoder, captions))
+            text = TextSide.of(load_pipeline(args.model))
             deltas = [read_delta(args.bench / f"{names[i]}.safetensors") for i in picked]
             add_delta_tokens(text, deltas)
             c, owner = target_rows(kind, k, deltas, text, bench)
