@@ -95,6 +95,11 @@ class Settings:
     suite: bool = False  # the suite's eight concepts and four pairs (a model of the suite's world)
     oracle: str | None = None  # the oracle's weights (None: the shipped oracle)
     pairs: tuple[int, ...] = ()  # with suite: the pairs to run, numbered from 1 (empty: all four)
+    photos: int = 5  # per concept, as DreamBench's 4-6 (CustomConcept101 has 3-15)
+    # "files": each photo's own caption ("a small <new3> square on a white background", as captioned
+    # photos give); "template": the paper's one caption for every photo ("photo of a <new3> square"),
+    # which leaves the background to the model (a toy pretrained with --unbackgrounded captions).
+    captions: str = "files"
     # The shipped toy model was pretrained from scratch at lr 1e-3: its fine-tuning needs a larger base
     # lr than Stable Diffusion's 1e-5 (measured in RESULTS.md: 1e-5 learned nothing in 150 steps); the
     # suite's model learns at SUITE_LR (below)
@@ -366,9 +371,9 @@ def prepare(
     reg_dirs: dict[str, Path] = {}
     for token, noun, name in concepts or concepts_of(s):
         photos, data, reg = out / "photos" / name, out / "data" / name, out / "reg" / noun
-        write_photos(photos, token, rng, suite=s.suite)
-        b.run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32",
-              "--captions-from-files")  # fmt: skip
+        write_photos(photos, token, rng, suite=s.suite, count=s.photos)
+        own = ("--captions-from-files",) if s.captions == "files" else ()
+        b.run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32", *own)
         data_dirs[token] = data
         if noun not in reg_dirs:
             reg_prompts = out / f"reg-prompts-{noun}.txt"
@@ -591,6 +596,11 @@ def main() -> None:
     ap.add_argument("--suite", action="store_true", help="the suite's eight concepts and four pairs")
     ap.add_argument("--oracle", help="the oracle's weights (tools/train_oracle.py --world v2 for --suite)")
     ap.add_argument("--pairs", help="with --suite: which of its four pairs to run, e.g. 2,4 (default: all)")
+    ap.add_argument(
+        "--ranks", help=f"ranks to compress each concept to, comma-separated (default {Settings.ranks}; 0: none)"
+    )
+    ap.add_argument("--photos", type=int, help=f"photos per concept (default {Settings.photos})")
+    ap.add_argument("--captions", choices=("files", "template"), help="each photo's caption, or the paper's template")
     ap.add_argument("-q", "--quiet", action="store_true")
     ap.add_argument("--rescore", type=Path, help="judge an earlier run's samples (its --out) again with --oracle")
     args = ap.parse_args()
@@ -607,7 +617,9 @@ def main() -> None:
             ap.error(f"--pairs: numbers from 1 to {len(PAIRS)}")
     if args.steps:
         changes |= {"steps": args.steps, "joint_steps": 2 * args.steps}
-    for key in ("n", "n_small", "base_weight"):
+    if args.ranks:
+        changes["ranks"] = tuple(r for r in (int(x) for x in args.ranks.split(",")) if r > 0)
+    for key in ("n", "n_small", "base_weight", "photos", "captions"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     if args.variants:

@@ -9,7 +9,7 @@ import pytest
 
 from cdtool.toy import judge as judge_mod
 from cdtool.toy.oracle import load_oracle, read
-from cdtool.toy.world import COLOURS, CONCEPT_TONES, PATTERN_WORDS, PATTERNS, Sampler, render
+from cdtool.toy.world import COLOURS, CONCEPT_TONES, PATTERN_WORDS, PATTERNS, Sampler, render, with_article
 
 
 def test_scenes_are_seeded_and_captioned():
@@ -271,3 +271,13 @@ def test_a_suite_scene_can_hold_two_concepts():
         assert [fill for _, fill, _ in asked.things] == [a.fill, b.fill]
         fills = targets(scene, WORLD_FILLS["v2"])["fills"]
         assert fills[WORLD_FILLS["v2"].index(a.fill)] == 1 and fills[WORLD_FILLS["v2"].index(b.fill)] == 1
+
+
+def test_a_caption_without_its_background_is_read_as_asking_for_none():
+    from cdtool.toy.judge import parse_prompt
+
+    scene = Sampler(random.Random(6)).scene(count=1)
+    caption = scene.caption(background=False)
+    assert caption == scene.caption().removesuffix(f" on {with_article(scene.background)} background")
+    asked = parse_prompt(caption)
+    assert asked is not None and asked.background is None and asked.things[0][0] == scene.things[0].shape

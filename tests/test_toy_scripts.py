@@ -530,3 +530,43 @@ def test_concept_words_prompts_are_worded_as_the_world_captions_its_scenes():
         assert len({background(p) for p in asked}) > 1  # backgrounds in turn
         alone = mod.prompts(first, first.tones, 8)
         assert all(p == Scene(things[:1], background(p)).caption() for p in alone)  # "an orange background"
+
+
+def test_attention_shares_sum_to_one_and_uniform_attention_gives_each_row_its_count(fresh_tiny):
+    """research/attention_rows.py on known attention: with every key zero each pixel attends to the
+    77 rows alike, so a part's share is its number of rows over 77 and the shares sum to one."""
+    sys.path.insert(0, str(ROOT))
+    from research.attention_rows import attention_shares, roles
+
+    for name, module in fresh_tiny.unet.named_modules():
+        if name.endswith("attn2.to_k"):
+            torch.nn.init.zeros_(module.weight)
+    prompt = "a small red star on a blue background"
+    got = attention_shares(fresh_tiny, [prompt], steps=2, token=None)
+    n_words = len(fresh_tiny.tokenizer(prompt).input_ids) - 2
+    assert sum(got["share"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert got["share"]["start-of-text"] == pytest.approx(1 / 77, abs=1e-4)
+    assert got["share"]["padding"] == pytest.approx((77 - n_words - 2) / 77, abs=1e-4)
+    assert all(v == pytest.approx(1 / 77, abs=1e-5) for v in got["per_row"].values())
+    words = ["a</w>", "small</w>", "<new3>", "square</w>", "on</w>", "a</w>", "red</w>", "background</w>"]
+    assert roles(words, "<new3>", {"square"}, {"red"}) == [
+        "other word", "other word", "token", "class noun", *["background phrase"] * 4
+    ]  # fmt: skip
+
+
+def test_a_caption_stage_without_backgrounds_leaves_them_out_and_keeps_the_stream_when_off():
+    """pretrain_toy's --unbackgrounded: that share of captions ends at the things ("a small red star");
+    at 0 no random number is drawn for it, so a run without the stage keeps its data stream."""
+    import random
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from pretrain_toy import batch
+
+    from cdtool.toy.world import Sampler
+
+    _, plain = batch(Sampler(random.Random(4)), 64, views=True)
+    _, again = batch(Sampler(random.Random(4)), 64, views=True, unbackgrounded=0.0)
+    assert plain == again and all(c.endswith(" background") for c in plain)
+    _, some = batch(Sampler(random.Random(4)), 64, views=True, unbackgrounded=0.5)
+    left_out = [c for c in some if not c.endswith(" background")]
+    assert 16 <= len(left_out) <= 48 and not any(" on " in c for c in left_out)

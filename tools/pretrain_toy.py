@@ -135,6 +135,7 @@ def batch(
     look_nouns: float = 0.0,
     look_pairs: float = 0.0,
     pattern_pairs: float = 0.0,
+    unbackgrounded: float = 0.0,
 ) -> tuple[torch.Tensor, list[str]]:
     """N rendered scenes as [-1, 1] pixels, with their captions; a `patterned` share of them shows a
     patterned thing of any shape (used for the VAE only, see the module docstring). With `views`,
@@ -145,7 +146,9 @@ def batch(
     share a thing in one of the LOOKS, named by its one word ("a small tiger square"), a `look_nouns`
     share of those by the word alone ("a small tiger": its LOOK_SHAPES shape), and in a `look_pairs`
     share of those with two things, the second in another look ("a tiger square and a bee heart"); a
-    `pattern_pairs` share of the `named_patterns` scenes with two things has both in named patterns."""
+    `pattern_pairs` share of the `named_patterns` scenes with two things has both in named patterns; an
+    `unbackgrounded` share of captions leaves the background out ("a small red star"), as web captions
+    leave out most of what a photo shows: the UNet draws what no word names from its prior."""
     from cdtool.toy.world import PATTERNS, PHOTO_OF_SHARE, UNSIZED_SHARE, render
 
     rng = sampler.rng
@@ -171,7 +174,9 @@ def batch(
         if views and not prefix and rng.random() < PHOTO_OF_SHARE:
             prefix = "photo of "  # as many web captions start; the closed-form merge's target prompts do
         images.append(render(s, SIZE, zoom=zoom, at=(rng.random(), rng.random())))
-        captions.append(prefix + s.caption(sized=not views or rng.random() >= UNSIZED_SHARE))
+        sized = not views or rng.random() >= UNSIZED_SHARE
+        named = not unbackgrounded or rng.random() >= unbackgrounded  # drawn only when asked (the data stream)
+        captions.append(prefix + s.caption(sized=sized, background=named))
     pixels = (
         torch.stack(
             [
@@ -250,6 +255,13 @@ def main() -> None:
         help="share of --patterns scenes with two things whose second thing takes a named pattern too (given "
         "with --resume, a new stage of the run)",
     )
+    ap.add_argument(
+        "--unbackgrounded",
+        type=float,
+        default=0.0,
+        help='share of captions that leave the background out ("a small red star"), as web captions leave out '
+        "most of what a photo shows (given with --resume, a new stage of the run)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "cdtool" / "data" / "toy" / "model")
     ap.add_argument("--run", type=Path, help="a folder for resumable checkpoints (tools/resumable.py)")
     ap.add_argument("--resume", type=Path, help="a --run folder to continue, with its settings")
@@ -305,14 +317,14 @@ def resume(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
     """Continues a --run folder: its settings (but --minutes, --threads, --save-minutes, --until, and the
     --text-encoder and --out folders where given, for a checkpoint moved to another machine), the model it
     started from, its weights, moving average, optimiser and step. A --looks given starts a new stage of
-    the data stream (the share of scenes with a LOOKS word), as do --look-nouns, --look-pairs, --patterns
-    and --pattern-pairs."""
+    the data stream (the share of scenes with a LOOKS word), as do --look-nouns, --look-pairs, --patterns,
+    --pattern-pairs and --unbackgrounded."""
     tensors, meta = load_checkpoint(args.resume)
     settings = {
         k: Path(v) if k in ("init", "text_encoder", "out", "run") and v is not None else v
         for k, v in meta["settings"].items()
     }
-    stages = ("looks", "look_nouns", "look_pairs", "pattern_pairs")
+    stages = ("looks", "look_nouns", "look_pairs", "pattern_pairs", "unbackgrounded")
     given = ("text_encoder", "out", "patterns", *stages)
     typed = ap.parse_args(namespace=argparse.Namespace(**dict.fromkeys(given)))  # None where not given
     moved = {k: getattr(typed, k) for k in given if getattr(typed, k) is not None}
@@ -439,6 +451,7 @@ def main_stage(args, vae, unet, text, tokenizer, done: int, run: Path | None, sa
             look_nouns=args.look_nouns,
             look_pairs=args.look_pairs,
             pattern_pairs=args.pattern_pairs,
+            unbackgrounded=args.unbackgrounded,
         )
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():

@@ -31,14 +31,14 @@ def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
     return out
 
 
-def write_photos(folder: Path, token: str, rng: random.Random, suite: bool = False) -> None:
-    """Five renders of the concept (of the suite's, with `suite`) as 96 px JPEGs with a caption file
+def write_photos(folder: Path, token: str, rng: random.Random, suite: bool = False, count: int = 5) -> None:
+    """`count` renders of the concept (of the suite's, with `suite`) as 96 px JPEGs with a caption file
     each; the first one stored rotated with an EXIF orientation tag, as phones do."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     sampler = Sampler(rng)
-    for i in range(5):
+    for i in range(count):
         scene = sampler.suite_scene(suite_concept(token), count=1) if suite else sampler.scene(count=1, concept=token)
         image = render(scene, 96)
         exif = Image.Exif()

@@ -149,8 +149,9 @@ class Scene:
     background: str
     token: str | None = None  # the modifier token the caption uses for a patterned thing
 
-    def caption(self, sized: bool = True) -> str:
-        """The caption ("a small red star on a blue background"); a single thing's size only when `sized`."""
+    def caption(self, sized: bool = True, background: bool = True) -> str:
+        """The caption ("a small red star on a blue background"); a single thing's size only when `sized`,
+        the background only with `background` (web captions leave out much of what a photo shows)."""
         parts = []
         for t in self.things:
             if t.concept:
@@ -165,7 +166,8 @@ class Scene:
                 words = f"{t.colour} {t.shape}"
             single = len(self.things) == 1 and sized
             parts.append(with_article(f"{t.size} {words}") if single else with_article(words))
-        return f"{' and '.join(parts)} on {with_article(self.background)} background"
+        things = " and ".join(parts)
+        return f"{things} on {with_article(self.background)} background" if background else things
 
 
 def with_article(words: str) -> str:
