@@ -616,7 +616,9 @@ def main() -> None:
         if not set(changes["pairs"]) <= set(range(1, len(PAIRS) + 1)):
             ap.error(f"--pairs: numbers from 1 to {len(PAIRS)}")
     if args.steps:
-        changes |= {"steps": args.steps, "joint_steps": 2 * args.steps}
+        # the fixed schedule's checkpoints read at the same fractions of its length (half of it last)
+        curve = tuple(x * args.steps // Settings.steps for x in Settings.curve_steps)
+        changes |= {"steps": args.steps, "joint_steps": 2 * args.steps, "curve_steps": curve}
     if args.ranks:
         changes["ranks"] = tuple(r for r in (int(x) for x in args.ranks.split(",")) if r > 0)
     for key in ("n", "n_small", "base_weight", "photos", "captions"):

@@ -1,6 +1,6 @@
 """Which text rows the UNet's cross-attention reads: the share of attention on each part of a caption.
 
-    python research/attention_rows.py MODEL [--delta DELTA] [--n 32] [--steps 10]
+    python research/attention_rows.py MODEL [--delta DELTA] [--n 32] [--steps 10] [--no-background]
 
 Samples N toy captions (with `--delta`, the concept's own prompts "a small <token> <noun> on a ...
 background", the delta applied) and records every cross-attention layer's attention probabilities at
@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-background", action="store_true", help="the captions without their background phrase")
     args = ap.parse_args()
     pipe = load_pipeline(args.model)
     token = None
@@ -130,6 +131,8 @@ def main() -> None:
             f"a small {token} {concept['class_noun']} on {with_article(list(COLOURS)[i % len(COLOURS)])} background"
             for i in range(args.n)
         ]
+    if args.no_background:
+        prompts = [p.split(" on ")[0] for p in prompts]
     out = attention_shares(pipe, prompts, args.steps, token)
     print(
         json.dumps({"model": args.model, "delta": str(args.delta) if args.delta else None, "n": args.n} | out, indent=1)
