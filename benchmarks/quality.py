@@ -581,7 +581,7 @@ def standard_error(share: float, n: int) -> float:
     return math.sqrt(max(share * (1 - share), 0.0) / n) if n else float("nan")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-quality"))
     ap.add_argument("--ci", action="store_true", help="the small variant the test suite runs")
@@ -603,10 +603,11 @@ def main() -> None:
     ap.add_argument("--captions", choices=("files", "template"), help="each photo's caption, or the paper's template")
     ap.add_argument("-q", "--quiet", action="store_true")
     ap.add_argument("--rescore", type=Path, help="judge an earlier run's samples (its --out) again with --oracle")
-    args = ap.parse_args()
-    if args.rescore:
-        print(json.dumps(rescore(args.rescore, args.oracle, args.quiet)["summary"], indent=1))
-        return
+    return ap
+
+
+def settings_from(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Settings:
+    """The run's settings: the defaults (or the CI variant's) with what the command line changes."""
     base = CI if args.ci else Settings()
     changes: dict[str, Any] = {"model": args.model, "aug": args.aug, "suite": args.suite, "oracle": args.oracle}
     if args.pairs:
@@ -628,7 +629,16 @@ def main() -> None:
         changes["variants"] = tuple(args.variants.split(","))
     if args.lr or args.suite:
         changes["lr"] = args.lr or SUITE_LR
-    res = run(args.out, dataclasses.replace(base, **changes), args.quiet)
+    return dataclasses.replace(base, **changes)
+
+
+def main() -> None:
+    ap = parser()
+    args = ap.parse_args()
+    if args.rescore:
+        print(json.dumps(rescore(args.rescore, args.oracle, args.quiet)["summary"], indent=1))
+        return
+    res = run(args.out, settings_from(args, ap), args.quiet)
     print(json.dumps(res["summary"] | ({"dvar_curve": res["dvar_curve"]} if "dvar_curve" in res else {}), indent=1))
 
 

@@ -81,3 +81,12 @@ def test_suite_pairs_choose_the_concepts_and_their_prompts():
     assert sorted(g for g in groups if g.startswith("both")) == ["both-new3+new4", "both-new7+new8"]
     every = quality.Settings(suite=True)
     assert len(quality.concepts_of(every)) == 8 and len(quality.pairs_of(every)) == 4
+
+
+def test_a_longer_schedule_reads_its_curve_at_the_same_fractions_and_ranks_0_skips_compression():
+    ap = quality.parser()
+    s = quality.settings_from(ap.parse_args(["--suite", "--steps", "500", "--ranks", "0", "--photos", "10"]), ap)
+    assert s.steps == 500 and s.joint_steps == 1000 and s.curve_steps == (100, 200, 250)
+    assert s.ranks == () and s.photos == 10 and s.lr == quality.SUITE_LR and s.captions == "files"
+    default = quality.settings_from(ap.parse_args([]), ap)
+    assert default.curve_steps == (50, 100, 125) and default.ranks == (1, 2, 4, 8) and default.lr == 3e-4
