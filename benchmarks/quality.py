@@ -617,11 +617,16 @@ def settings_from(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Sett
         if not set(changes["pairs"]) <= set(range(1, len(PAIRS) + 1)):
             ap.error(f"--pairs: numbers from 1 to {len(PAIRS)}")
     if args.steps:
+        if args.steps < 10:
+            ap.error("--steps: at least 10")
         # the fixed schedule's checkpoints read at the same fractions of its length (half of it last)
-        curve = tuple(x * args.steps // Settings.steps for x in Settings.curve_steps)
+        curve = tuple(x * args.steps // base.steps for x in base.curve_steps)
         changes |= {"steps": args.steps, "joint_steps": 2 * args.steps, "curve_steps": curve}
     if args.ranks:
-        changes["ranks"] = tuple(r for r in (int(x) for x in args.ranks.split(",")) if r > 0)
+        try:
+            changes["ranks"] = tuple(r for r in (int(x) for x in args.ranks.split(",")) if r > 0)
+        except ValueError:
+            ap.error(f"--ranks: whole numbers separated by commas, not {args.ranks!r}")
     for key in ("n", "n_small", "base_weight", "photos", "captions"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)

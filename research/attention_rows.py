@@ -3,9 +3,9 @@
     python research/attention_rows.py MODEL [--delta DELTA] [--n 32] [--steps 10] [--no-background]
 
 Samples N toy captions (with `--delta`, the concept's own prompts "a small <token> <noun> on a ...
-background", the delta applied) and records every cross-attention layer's attention probabilities at
-every sampling step, averaged over pixels, heads, layers and steps: the share of attention on
-start-of-text, each word of the caption by its role (the new token, the class noun, colour and
+background", the delta applied) without guidance and records every cross-attention layer's attention
+probabilities at every sampling step, averaged over pixels, heads, layers and steps: the share of
+attention on start-of-text, each word of the caption by its role (the new token, the class noun, colour and
 pattern words, the background phrase, other words), end-of-text and the padding after it. Stable
 Diffusion's cross-attention puts most of its mass on start-of-text, and Custom Diffusion's concept is
 read from the token's row and the rows after it; a toy that reads its captions from elsewhere (the
@@ -42,36 +42,53 @@ class Recorder:
         if encoder_hidden_states is not None:
             q = attn.head_to_batch_dim(attn.to_q(hidden_states))
             k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-            probs = attn.get_attention_scores(q, k, None)  # [batch x heads, pixels, rows]
             b = hidden_states.shape[0]
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[1], b) if attention_mask is not None else None
+            probs = attn.get_attention_scores(q, k, mask)  # [batch x heads, pixels, rows]
             self.sink.append(probs.mean(1).reshape(b, attn.heads, -1).mean(1))  # [batch, rows]
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kw)
 
 
-def roles(words: list[str], token: str | None, noun_words: set[str], colour_words: set[str]) -> list[str]:
-    """Each word piece's role in a toy caption (start- and end-of-text excluded)."""
-    out, in_background = [], False
-    for w in words:
-        bare = w.removesuffix("</w>")
-        if bare == "on":
-            in_background = True
-        if token and w == token:
-            out.append("token")
+def words_of(pieces: list[str]) -> list[list[int]]:
+    """The indices of a tokenized caption's word pieces grouped into words (a CLIP piece that ends a
+    word ends with "</w>"; a new token is a word by itself)."""
+    words: list[list[int]] = [[]]
+    for i, piece in enumerate(pieces):
+        words[-1].append(i)
+        if piece.endswith("</w>") or piece.startswith("<"):
+            words.append([])
+    return [w for w in words if w]
+
+
+def roles(pieces: list[str], token: str | None, noun_words: set[str], colour_words: set[str]) -> list[str]:
+    """Each word piece's role in a toy caption (start- and end-of-text excluded), read word by word:
+    the new token, the class noun, colour and pattern words ("and" between two tones included), the
+    background phrase (from "on" to the end), other words."""
+    words = words_of(pieces)
+    text = ["".join(pieces[i] for i in w).removesuffix("</w>") for w in words]
+    out: list[str] = []
+    in_background = False
+    for k, (word, indices) in enumerate(zip(text, words, strict=True)):
+        in_background = in_background or word == "on"
+        between_tones = word == "and" and 0 < k < len(text) - 1 and {text[k - 1], text[k + 1]} <= colour_words
+        if token and word == token:
+            role = "token"
         elif in_background:
-            out.append("background phrase")
-        elif bare in noun_words:
-            out.append("class noun")
-        elif bare in colour_words:
-            out.append("colour or look")
+            role = "background phrase"
+        elif word in noun_words:
+            role = "class noun"
+        elif word in colour_words or between_tones:
+            role = "colour or look"
         else:
-            out.append("other word")
+            role = "other word"
+        out += [role] * len(indices)
     return out
 
 
 @torch.no_grad()
 def attention_shares(pipe: Any, prompts: list[str], steps: int, token: str | None) -> dict[str, Any]:
     """Mean share of cross-attention on each part of the prompts (see the module docstring)."""
-    from cdtool.toy.world import COLOURS, LOOKS, PATTERNS, SHAPES, SUITE
+    from cdtool.toy.world import COLOURS, KIND_WORDS, LOOKS, SHAPES, SUITE
 
     tok = pipe.tokenizer
     sink: list[torch.Tensor] = []
@@ -83,8 +100,10 @@ def attention_shares(pipe: Any, prompts: list[str], steps: int, token: str | Non
     finally:
         pipe.unet.set_attn_processor(originals)
     mass = torch.stack(sink).mean(0)  # [prompts, rows], each row of a prompt's mass summing to 1
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-    colour_words = {*COLOURS, *PATTERNS, *LOOKS, *(c.kind for c in SUITE), *(t for c in SUITE for t in c.tones), "and"}
+    ids = tok(
+        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    colour_words = {*COLOURS, *KIND_WORDS.values(), *LOOKS, *(t for c in SUITE for t in c.tones)}
     shares: dict[str, list[float]] = defaultdict(list)
     per_row: dict[str, list[float]] = defaultdict(list)
     for p, row_ids in enumerate(ids):

@@ -110,13 +110,14 @@ def test_unet_rereads_a_frozen_text_encoder_and_resumes(tmp_path, text_encoder):
     text_encoder.rename(tmp_path / "moved-text")
     _script("tools/pretrain_toy.py", "--resume", tmp_path / "kept", "--text-encoder", tmp_path / "moved-text",
             "--out", tmp_path / "model2", "--until", 3, "--looks", 0.5, "--look-nouns", 0.25,
-            "--look-pairs", 0.5, "--patterns", 0.6, "--pattern-pairs", 0.5, *common)  # fmt: skip
+            "--look-pairs", 0.5, "--patterns", 0.6, "--pattern-pairs", 0.5, "--unbackgrounded", 0.3, *common)  # fmt: skip
     assert json.loads((tmp_path / "model2" / "pretraining.json").read_text())["unet_steps"] == meta["done_before"] + 3
     kept = json.loads((tmp_path / "kept" / "checkpoint.json").read_text())["settings"]
     assert kept["text_encoder"] == str(tmp_path / "moved-text") and kept["looks"] == 0.5  # a new stage of the run
     assert kept["look_nouns"] == 0.25 and kept["look_pairs"] == 0.5 and meta["settings"].get("look_nouns", 0.0) == 0.0
     assert meta["settings"].get("looks", 0.0) == 0.0 and meta["settings"]["patterns"] == 1.0
     assert kept["patterns"] == 0.6 and kept["pattern_pairs"] == 0.5 and meta["settings"]["pattern_pairs"] == 0.0
+    assert kept["unbackgrounded"] == 0.3 and meta["settings"].get("unbackgrounded", 0.0) == 0.0
     _script("tools/pretrain_toy.py", "--resume", tmp_path / "kept", "--text-encoder", tmp_path / "moved-text",
             "--out", tmp_path / "model2", "--until", 4, "--patterns", 0, *common)  # fmt: skip
     kept = json.loads((tmp_path / "kept" / "checkpoint.json").read_text())["settings"]
@@ -532,9 +533,34 @@ def test_concept_words_prompts_are_worded_as_the_world_captions_its_scenes():
         assert all(p == Scene(things[:1], background(p)).caption() for p in alone)  # "an orange background"
 
 
+def test_the_attention_recorder_records_what_the_layer_computes(tiny_pipe):
+    """research/attention_rows.py's Recorder: the attention each text row receives, averaged over
+    pixels and heads, equals softmax(q kᵀ · scale) computed by hand from the layer's own weights, and
+    the layer's output is the wrapped processor's."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    sys.path.insert(0, str(ROOT))
+    from research.attention_rows import Recorder
+
+    attn = next(m for n, m in tiny_pipe.unet.named_modules() if n.endswith("attn2"))
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 16, attn.to_q.in_features, generator=g)
+    text = torch.randn(2, 77, attn.to_k.in_features, generator=g)
+    sink: list[torch.Tensor] = []
+    with torch.no_grad():
+        out = Recorder(AttnProcessor(), sink)(attn, pixels, text)
+        q = attn.to_q(pixels).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # [b, heads, pixels, d]
+        k = attn.to_k(text).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+        assert torch.allclose(out, AttnProcessor()(attn, pixels, text), atol=1e-6)
+    assert len(sink) == 1 and torch.allclose(sink[0], probs.mean(2).mean(1), atol=1e-6)
+    assert not torch.allclose(sink[0], torch.full_like(sink[0], 1 / 77), atol=1e-4)  # keys that matter
+
+
 def test_attention_shares_sum_to_one_and_uniform_attention_gives_each_row_its_count(fresh_tiny):
-    """research/attention_rows.py on known attention: with every key zero each pixel attends to the
-    77 rows alike, so a part's share is its number of rows over 77 and the shares sum to one."""
+    """research/attention_rows.py's bookkeeping on known attention: with every key zero each pixel
+    attends to the 77 rows alike, so a part's share is its number of rows over 77; word pieces are
+    labelled by the word they belong to."""
     sys.path.insert(0, str(ROOT))
     from research.attention_rows import attention_shares, roles
 
@@ -548,15 +574,26 @@ def test_attention_shares_sum_to_one_and_uniform_attention_gives_each_row_its_co
     assert got["share"]["start-of-text"] == pytest.approx(1 / 77, abs=1e-4)
     assert got["share"]["padding"] == pytest.approx((77 - n_words - 2) / 77, abs=1e-4)
     assert all(v == pytest.approx(1 / 77, abs=1e-5) for v in got["per_row"].values())
-    words = ["a</w>", "small</w>", "<new3>", "square</w>", "on</w>", "a</w>", "red</w>", "background</w>"]
-    assert roles(words, "<new3>", {"square"}, {"red"}) == [
-        "other word", "other word", "token", "class noun", *["background phrase"] * 4
+    pieces = fresh_tiny.tokenizer.tokenize(
+        "a small cyan and magenta checkered square and a red star on a red background"
+    )
+    assert pieces[2:4] == ["cy", "an</w>"]  # a tone split into pieces is still a tone
+    tones, nouns = {"cyan", "magenta", "checkered", "red"}, {"square", "star"}
+    assert roles(pieces, None, nouns, tones) == [
+        "other word", "other word", *["colour or look"] * 6, "class noun",  # "and" between two tones
+        "other word", "other word", "colour or look", "class noun", *["background phrase"] * 4,  # "and" between things
     ]  # fmt: skip
+
+
+# The first 16 hex digits of the sha256 of pretrain_toy's batch(Sampler(Random(4)), 64, views=True)
+# captions, joined by newlines, as every run before the --unbackgrounded stage drew them.
+PLAIN_CAPTIONS_SEED_4 = "f87e3aa3b4c10fb9"
 
 
 def test_a_caption_stage_without_backgrounds_leaves_them_out_and_keeps_the_stream_when_off():
     """pretrain_toy's --unbackgrounded: that share of captions ends at the things ("a small red star");
     at 0 no random number is drawn for it, so a run without the stage keeps its data stream."""
+    import hashlib
     import random
 
     sys.path.insert(0, str(ROOT / "tools"))
@@ -565,8 +602,11 @@ def test_a_caption_stage_without_backgrounds_leaves_them_out_and_keeps_the_strea
     from cdtool.toy.world import Sampler
 
     _, plain = batch(Sampler(random.Random(4)), 64, views=True)
-    _, again = batch(Sampler(random.Random(4)), 64, views=True, unbackgrounded=0.0)
-    assert plain == again and all(c.endswith(" background") for c in plain)
+    # the stream as it was before the stage existed (a hash of these captions, pinned)
+    assert all(c.endswith(" background") for c in plain)
+    assert hashlib.sha256("\n".join(plain).encode()).hexdigest()[:16] == PLAIN_CAPTIONS_SEED_4
+    _, drawn = batch(Sampler(random.Random(4)), 64, views=True, unbackgrounded=1e-9)
+    assert drawn != plain and all(c.endswith(" background") for c in drawn)  # drawing shifts the stream
     _, some = batch(Sampler(random.Random(4)), 64, views=True, unbackgrounded=0.5)
     left_out = [c for c in some if not c.endswith(" background")]
     assert 16 <= len(left_out) <= 48 and not any(" on " in c for c in left_out)
