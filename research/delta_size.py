@@ -6,9 +6,10 @@ For each delta, over N ordinary toy captions (no modifier token) and each key/va
 the size of the change of the layer's output, ||ΔW c|| / ||W c||, per text row c, split into the
 rows up to end-of-text and the padding rows after it, and the same on the concept's own prompts
 ("a small <token> <noun> on a ... background": the token's row); and the cosine of the token's row in
-its training captions (those the delta records) to its row in those sampling prompts. Stable
-Diffusion's Custom Diffusion
-fine-tunes change ordinary captions' keys and values by little while the token's row carries the
+its training captions (those the delta records) to its row in those sampling prompts. Beside them,
+`ordinary_attention_output`: the relative change of the cross-attention layers' outputs while 16 of
+the ordinary captions are sampled (6 steps, no guidance), the change once attention has weighed the
+rows. Stable Diffusion's Custom Diffusion fine-tunes change ordinary captions' keys and values by little while the token's row carries the
 concept; a toy whose fine-tunes change every caption's by tens of percent cannot show what a merge
 of such deltas keeps.
 """
@@ -20,6 +21,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,6 +71,62 @@ def token_row_cosine(pipe, token: str, trained: list[str], sampled: list[str]) -
     return {"mean": float(cos.mean()), "min": float(cos.min()), "max": float(cos.max())}
 
 
+class BaseBeside:
+    """An attention processor that computes its cross-attention layer as the wrapped processor does
+    (the delta's keys and values) and beside it with the base's key/value weights, recording the
+    relative change of the layer's output, ||out - out_base|| / ||out_base||."""
+
+    def __init__(self, inner: Any, w_k: torch.Tensor, w_v: torch.Tensor, sink: list[float]) -> None:
+        self.inner, self.w_k, self.w_v, self.sink = inner, w_k, w_v, sink
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:  # fmt: skip
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kw)
+        if encoder_hidden_states is not None:
+            q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            k = attn.head_to_batch_dim(encoder_hidden_states @ self.w_k.T)
+            v = attn.head_to_batch_dim(encoder_hidden_states @ self.w_v.T)
+            base = attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(q, k, None), v))
+            base = attn.to_out[1](attn.to_out[0](base))
+            self.sink.append(float((out - base).norm() / base.norm().clamp(min=1e-8)))
+        return out
+
+
+@torch.no_grad()
+def output_change(pipe: Any, delta: Any, captions: list[str], steps: int = 6) -> float:
+    """Mean relative change of the cross-attention layers' outputs (over the layers the delta changes
+    and the sampling steps) while sampling `captions` with the delta applied: what a change of keys and
+    values does once attention has weighed the rows (a row few pixels attend to changes little)."""
+    unet = pipe.unet
+    originals = dict(unet.attn_processors)
+    sink: list[float] = []
+    changed = {n.removeprefix("unet.").rsplit(".", 1)[0] for n in delta.layers}  # ...attn2
+    params = dict(unet.named_parameters())
+    procs = {}
+    for name, proc in originals.items():
+        module = name.removesuffix(".processor")
+        if module in changed:
+            w_k, w_v = (params[f"{module}.{p}.weight"].detach().clone() for p in ("to_k", "to_v"))
+            procs[name] = BaseBeside(proc, w_k, w_v, sink)
+        else:
+            procs[name] = proc
+    added = []
+    for name, layer in delta.layers.items():
+        weight = params[name.removeprefix("unet.") + ".weight"]
+        added.append((weight, layer.dense().to(weight.dtype)))
+    unet.set_attn_processor(procs)
+    try:
+        for weight, d in added:
+            weight.add_(d)
+        pipe(captions, num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
+             generator=torch.Generator().manual_seed(0))  # fmt: skip
+    finally:
+        for weight, d in added:
+            weight.sub_(d)
+        unet.set_attn_processor(originals)
+    return sum(sink) / len(sink) if sink else 0.0
+
+
 def main() -> None:
     from cdtool.delta.importers import read_delta
     from cdtool.models.apply import apply_deltas
@@ -93,6 +151,7 @@ def main() -> None:
             for bg in COLOURS
         ]
         out[str(path)] = {"ordinary": relative_change(pipe, delta, captions)}
+        out[str(path)]["ordinary_attention_output"] = output_change(pipe, delta, captions[:16])
         if concept.get("token"):
             trained = [p.replace("{token}", concept["token"]) for p in concept.get("prompts", [])]
             out[str(path)]["concept_prompts"] = relative_change(pipe, delta, own, token_rows=True)

@@ -610,3 +610,29 @@ def test_a_caption_stage_without_backgrounds_leaves_them_out_and_keeps_the_strea
     _, some = batch(Sampler(random.Random(4)), 64, views=True, unbackgrounded=0.5)
     left_out = [c for c in some if not c.endswith(" background")]
     assert 16 <= len(left_out) <= 48 and not any(" on " in c for c in left_out)
+
+
+def test_output_change_is_zero_for_no_change_and_one_when_the_values_double(fresh_tiny):
+    """research/delta_size.py's through-attention measure: a delta adding each value weight to itself
+    (keys unchanged, so attention is the same) doubles every cross-attention layer's output (its
+    output bias zeroed), a change of 100 %; no change is 0; the weights are restored afterwards."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT))
+    from research.delta_size import output_change
+
+    unet = fresh_tiny.unet
+    values = {n: m.weight for n, m in unet.named_modules() if n.endswith("attn2.to_v")}
+    for n in values:
+        torch.nn.init.zeros_(unet.get_submodule(n.replace("to_v", "to_out.0")).bias)
+    before = {n: w.detach().clone() for n, w in values.items()}
+
+    def delta(scale: float) -> SimpleNamespace:
+        return SimpleNamespace(
+            layers={f"unet.{n}": SimpleNamespace(dense=lambda w=w: scale * w.detach()) for n, w in values.items()}
+        )
+
+    captions = ["a small red star on a blue background", "a cat"]
+    assert output_change(fresh_tiny, delta(1.0), captions, steps=2) == pytest.approx(1.0, abs=1e-4)
+    assert output_change(fresh_tiny, delta(0.0), captions, steps=2) == pytest.approx(0.0, abs=1e-6)
+    assert all(torch.equal(w, before[n]) for n, w in values.items())
