@@ -5,12 +5,12 @@
 Samples N toy captions (with `--delta`, the concept's own prompts "a small <token> <noun> on a ...
 background", the delta applied) without guidance and records every cross-attention layer's attention
 probabilities at every sampling step, averaged over pixels, heads, layers and steps: the share of
-attention on start-of-text, each word of the caption by its role (the new token, the class noun, colour and
-pattern words, the background phrase, other words), end-of-text and the padding after it. Stable
-Diffusion's cross-attention puts most of its mass on start-of-text, and Custom Diffusion's concept is
-read from the token's row and the rows after it; a toy that reads its captions from elsewhere (the
-padding, a sentence summary at end-of-text) makes a fine-tune change something else than it does
-on Stable Diffusion.
+attention on start-of-text, each word of the caption by its role (the new token, the class noun,
+colour and pattern words, the background phrase, other words), end-of-text and the padding after
+it. Stable Diffusion's cross-attention puts most of its mass on start-of-text, and Custom
+Diffusion's concept is read from the token's row and the rows after it; a toy that reads its
+captions from elsewhere (the padding, a sentence summary at end-of-text) makes a fine-tune change
+something else than it does on Stable Diffusion.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import random
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,30 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def attention_probs(
+    attn: Any, hidden_states: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The cross-attention layer `attn`'s probabilities [batch x heads, pixels, rows] of its pixels'
+    queries over `keys` [batch, rows, inner] (its own keys, or others to compare with)."""
+    q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+    k = attn.head_to_batch_dim(keys)
+    if mask is not None:
+        mask = attn.prepare_attention_mask(mask, k.shape[1], hidden_states.shape[0])
+    return attn.get_attention_scores(q, k, mask)
+
+
+def sample_with(pipe: Any, prompts: list[str], steps: int, wrap: Callable[[str, Any], Any]) -> None:
+    """Sample `prompts` (latents only, no guidance, seed 0) with each attention processor replaced by
+    `wrap(name, processor)`; the pipeline's own processors are back afterwards."""
+    originals = dict(pipe.unet.attn_processors)
+    pipe.unet.set_attn_processor({n: wrap(n, p) for n, p in originals.items()})
+    try:
+        pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
+             generator=torch.Generator().manual_seed(0))  # fmt: skip
+    finally:
+        pipe.unet.set_attn_processor(originals)
 
 
 class Recorder:
@@ -40,11 +65,8 @@ class Recorder:
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:  # fmt: skip
         if encoder_hidden_states is not None:
-            q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-            k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+            probs = attention_probs(attn, hidden_states, attn.to_k(encoder_hidden_states), attention_mask)
             b = hidden_states.shape[0]
-            mask = attn.prepare_attention_mask(attention_mask, k.shape[1], b) if attention_mask is not None else None
-            probs = attn.get_attention_scores(q, k, mask)  # [batch x heads, pixels, rows]
             self.sink.append(probs.mean(1).reshape(b, attn.heads, -1).mean(1))  # [batch, rows]
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kw)
 
@@ -92,13 +114,7 @@ def attention_shares(pipe: Any, prompts: list[str], steps: int, token: str | Non
 
     tok = pipe.tokenizer
     sink: list[torch.Tensor] = []
-    originals = dict(pipe.unet.attn_processors)
-    pipe.unet.set_attn_processor({n: Recorder(p, sink) if "attn2" in n else p for n, p in originals.items()})
-    try:
-        pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
-             generator=torch.Generator().manual_seed(0))  # fmt: skip
-    finally:
-        pipe.unet.set_attn_processor(originals)
+    sample_with(pipe, prompts, steps, lambda name, proc: Recorder(proc, sink) if "attn2" in name else proc)
     mass = torch.stack(sink).mean(0)  # [prompts, rows], each row of a prompt's mass summing to 1
     ids = tok(
         prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"

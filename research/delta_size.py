@@ -9,9 +9,9 @@ rows up to end-of-text and the padding rows after it, and the same on the concep
 its training captions (those the delta records) to its row in those sampling prompts. Beside them,
 `ordinary_attention_output`: the relative change of the cross-attention layers' outputs while 16 of
 the ordinary captions are sampled (6 steps, no guidance), the change once attention has weighed the
-rows. Stable Diffusion's Custom Diffusion fine-tunes change ordinary captions' keys and values by little while the token's row carries the
-concept; a toy whose fine-tunes change every caption's by tens of percent cannot show what a merge
-of such deltas keeps.
+rows. Stable Diffusion's Custom Diffusion fine-tunes change ordinary captions' keys and values by
+little while the token's row carries the concept; a toy whose fine-tunes change every caption's by
+tens of percent cannot show what a merge of such deltas keeps.
 """
 
 from __future__ import annotations
@@ -81,13 +81,13 @@ class BaseBeside:
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:  # fmt: skip
+        from research.attention_rows import attention_probs
+
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kw)
         if encoder_hidden_states is not None:
-            q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-            k = attn.head_to_batch_dim(encoder_hidden_states @ self.w_k.T)
+            probs = attention_probs(attn, hidden_states, encoder_hidden_states @ self.w_k.T)
             v = attn.head_to_batch_dim(encoder_hidden_states @ self.w_v.T)
-            base = attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(q, k, None), v))
-            base = attn.to_out[1](attn.to_out[0](base))
+            base = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v))))
             self.sink.append(float((out - base).norm() / base.norm().clamp(min=1e-8)))
         return out
 
@@ -97,33 +97,25 @@ def output_change(pipe: Any, delta: Any, captions: list[str], steps: int = 6) ->
     """Mean relative change of the cross-attention layers' outputs (over the layers the delta changes
     and the sampling steps) while sampling `captions` with the delta applied: what a change of keys and
     values does once attention has weighed the rows (a row few pixels attend to changes little)."""
-    unet = pipe.unet
-    originals = dict(unet.attn_processors)
-    sink: list[float] = []
+    from research.attention_rows import sample_with
+
+    params = dict(pipe.unet.named_parameters())
     changed = {n.removeprefix("unet.").rsplit(".", 1)[0] for n in delta.layers}  # ...attn2
-    params = dict(unet.named_parameters())
-    procs = {}
-    for name, proc in originals.items():
+    bases = {m: tuple(params[f"{m}.{p}.weight"].detach().clone() for p in ("to_k", "to_v")) for m in changed}
+    sink: list[float] = []
+
+    def wrap(name: str, proc: Any) -> Any:
         module = name.removesuffix(".processor")
-        if module in changed:
-            w_k, w_v = (params[f"{module}.{p}.weight"].detach().clone() for p in ("to_k", "to_v"))
-            procs[name] = BaseBeside(proc, w_k, w_v, sink)
-        else:
-            procs[name] = proc
-    added = []
-    for name, layer in delta.layers.items():
-        weight = params[name.removeprefix("unet.") + ".weight"]
-        added.append((weight, layer.dense().to(weight.dtype)))
-    unet.set_attn_processor(procs)
+        return BaseBeside(proc, *bases[module], sink) if module in bases else proc
+
+    added = [(params[n.removeprefix("unet.") + ".weight"], layer.dense()) for n, layer in delta.layers.items()]
     try:
         for weight, d in added:
-            weight.add_(d)
-        pipe(captions, num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
-             generator=torch.Generator().manual_seed(0))  # fmt: skip
+            weight.add_(d.to(weight.dtype))
+        sample_with(pipe, captions, steps, wrap)
     finally:
         for weight, d in added:
-            weight.sub_(d)
-        unet.set_attn_processor(originals)
+            weight.sub_(d.to(weight.dtype))
     return sum(sink) / len(sink) if sink else 0.0
 
 
