@@ -1,7 +1,7 @@
 """InstantBooth against the fine-tuning methods, on held-out concepts of the toy world's suite, judged
 by that world's oracle.
 
-    python benchmarks/instantbooth.py --model DIR --oracle FILE [--out bench-instantbooth]
+    python benchmarks/instantbooth.py [--model DIR --oracle FILE] [--out bench-instantbooth]
         [--encoders DIR] [--encoder-minutes M | --encoder-steps N] [--concepts <new1>,<new3>] [--n 128]
 
 1. One encoder per class noun (InstantBooth: one category per encoder; on the toy world a category is
@@ -78,7 +78,7 @@ class InstantSettings:
     # per method: (steps, --lr or None for cdtool's default); Custom Diffusion as quality.py trains it
     recipes: dict[str, tuple[int, float | None]] = dataclasses.field(
         default_factory=lambda: {
-            "custom-diffusion": (250, 3e-4),
+            "custom-diffusion": (250, None),
             "textual-inversion": (3000, None),
             "dreambooth-lora": (500, None),
             DREAMBOOTH: (500, None),
@@ -269,8 +269,8 @@ def _suite(cells: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-instantbooth"))
-    ap.add_argument("--model", required=True, help="the toy model of the suite's world")
-    ap.add_argument("--oracle", help="that world's oracle (tools/train_oracle.py --world v2)")
+    ap.add_argument("--model", default="toy", help="the toy model of the suite's world (default: the shipped one)")
+    ap.add_argument("--oracle", help="that world's oracle (default: the shipped one)")
     ap.add_argument("--encoders", help="a folder of encoders by shape; missing ones are trained into it")
     ap.add_argument("--encoder-steps", type=int)
     ap.add_argument("--encoder-minutes", type=float, help="per encoder (default 600 without --encoder-steps)")

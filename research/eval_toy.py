@@ -8,7 +8,8 @@ background") and reports the share of images whose background, shape, fill colou
 the oracle reads as asked (chance: 1/8 background, 1/5 shape, 1/8 colour). `--two` asks for two
 ordinary things in one caption ("a red star and a blue circle on a green background"): composition,
 all right when both shapes, both colours, the count and the background are. `--oracle` judges with
-another oracle's weights (tools/train_oracle.py --world v2 for a model of the suite's world).
+another oracle's weights (tools/checkpoints/toy1/oracle.safetensors for the v1 toy model; by default
+the shipped oracle, of the suite's world).
 
 `--rows` reports, without sampling, what the text encoder gives the UNet: the cosine of each padding
 row to the caption's end-of-text row (Stable Diffusion's CLIP pads with end-of-text, and the
@@ -52,7 +53,7 @@ def main() -> None:
     ap.add_argument("--prefix", default="", help='put before every caption, e.g. "photo of " or "zoomed in "')
     ap.add_argument("--padding", choices=["own", "empty", "only"], default="own", help="see the module docstring")
     ap.add_argument("--two", action="store_true", help="two ordinary things in each caption (composition)")
-    ap.add_argument("--oracle", help="the oracle's weights (default: the shipped oracle)")
+    ap.add_argument("--oracle", help="the oracle's weights (default: the shipped oracle, of the suite's world)")
     ap.add_argument("--rows", action="store_true", help="report the text rows the UNet reads; no sampling")
     args = ap.parse_args()
     sampler = Sampler(random.Random(args.seed))

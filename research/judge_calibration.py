@@ -29,8 +29,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SET = ROOT / "research" / "calibration" / "suite-53657"
-# the suite benchmark's judge (benchmarks/quality.py --suite --oracle)
-JUDGE = ROOT / "tools" / "checkpoints" / "toy2" / "oracle.safetensors"
+# the suite benchmark's judge: the shipped toy world's oracle
+JUDGE = ROOT / "cdtool" / "data" / "toy" / "oracle.safetensors"
 TILE, PER_ROW = 32, 16
 LABELS = ("Y", "n", "?")
 

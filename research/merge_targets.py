@@ -1,10 +1,13 @@
 """Which text rows the closed-form merge must hold for a toy concept to survive it.
 
     python benchmarks/quality.py --out bench-quality          # the deltas and merge captions
-    python research/merge_targets.py bench-quality [--variants paper:1,paper:2,...] [--n 16] [--model toy]
-    python research/merge_targets.py BENCH --suite --model MODEL --oracle ORACLE --variants paper:each,captions:each --n 32
+    python research/merge_targets.py bench-quality --suite --variants paper:each,captions:each --n 32
+    python benchmarks/quality.py --v1 --model V1 --oracle V1_ORACLE --out bench-v1
+    python research/merge_targets.py bench-v1 --model V1 --oracle V1_ORACLE [--variants paper:1,paper:2,...] [--n 16]
 
-Merges the benchmark's single-concept deltas (new1-star, new2-circle; with --suite the suite's eight)
+Merges the benchmark's single-concept deltas (with --suite the suite's eight, of the benchmark's
+default run; without it the v1 world's two, new1-star and new2-circle, of a `--v1` run on the v1 toy
+model and its oracle in tools/checkpoints/toy1: V1, V1_ORACLE)
 with cdtool's closed-form solver (cdtool.merge.deltas.solve_merge) under different target rows, samples
 and scores each result as the benchmark does, and prints one table row per variant. A variant is
 TARGETS:WHO[:K], WHO being 1 (`<new1>` alone), 2 (`<new2>` alone), ..., both (the first two
@@ -92,7 +95,11 @@ def main() -> None:
     ap.add_argument("--variants", default=DEFAULT)
     ap.add_argument("--n", type=int, default=16, help="samples per prompt group")
     ap.add_argument("--model", default="toy", help="the base the benchmark was run on (quality.py --model)")
-    ap.add_argument("--suite", action="store_true", help="the benchmark ran with --suite: its eight concepts")
+    ap.add_argument(
+        "--suite",
+        action="store_true",
+        help="the benchmark ran on the suite (its default): its eight concepts; without it, a --v1 run's two",
+    )
     ap.add_argument("--oracle", help="the oracle the benchmark judged with (quality.py --oracle)")
     args = ap.parse_args()
     out = args.bench / "merge-targets"

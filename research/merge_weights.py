@@ -1,9 +1,10 @@
 """How the least-squares merge's base weight trades concept retention against plain prompts.
 
-    cdtool demo -o demo-out                       # (or benchmarks/quality.py --out bench-quality)
-    python research/merge_weights.py demo-out [--weights 0.01,0.03,0.1,0.3,1] [--n 64]
+    python benchmarks/quality.py --v1 --model V1 --oracle V1_ORACLE --out bench-v1
+    python research/merge_weights.py bench-v1 --model V1 --oracle V1_ORACLE [--weights 0.01,0.03,0.1,0.3,1] [--n 64]
 
-Merges the folder's two single-concept deltas (new1-star, new2-circle) with `merge --method
+On the v1 toy world (its model and oracle in tools/checkpoints/toy1: V1, V1_ORACLE), merges the
+folder's two single-concept deltas (new1-star, new2-circle) with `merge --method
 least-squares --base-weight W` for each W, and with the closed form and the sum for comparison,
 samples the quality benchmark's prompt groups (each concept, plain prompts of its class, both
 concepts in one prompt) and prints one line per concept alone and one table row per merge. The captions are the folder's
@@ -23,19 +24,22 @@ if str(ROOT) not in sys.path:
 
 def main() -> None:
     from benchmarks.quality import Bench, Settings, standard_error
-    from cdtool.toy.photos import PERSONAL
+    from cdtool.toy.photos import V1_PERSONAL as PERSONAL
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folder", type=Path, help="a demo or quality benchmark output folder")
+    ap.add_argument("folder", type=Path, help="a v1 quality benchmark (or v1 demo) output folder")
     ap.add_argument("--weights", default="0.01,0.03,0.1,0.3,1")
     ap.add_argument("--n", type=int, default=64, help="samples per prompt group")
-    ap.add_argument("--model", default="toy")
+    ap.add_argument("--model", default=str(ROOT / "tools/checkpoints/toy1/model"))
+    ap.add_argument("--oracle", default=str(ROOT / "tools/checkpoints/toy1/oracle.safetensors"))
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     captions = next(p for p in (args.folder / "toy-captions.txt", args.folder / "merge-captions.txt") if p.exists())
     deltas = "+".join(str(args.folder / f"{name}.safetensors") for _, _, name in PERSONAL)
     bench = Bench(
-        args.folder / "merge-weights", Settings(n=args.n, sample_steps=15, model=args.model, seed=args.seed), True
+        args.folder / "merge-weights",
+        Settings(n=args.n, sample_steps=15, model=args.model, seed=args.seed, suite=False, oracle=args.oracle),
+        True,
     )
     bench.out.mkdir(parents=True, exist_ok=True)
     groups = [f"concept {t}" for t, _, _ in PERSONAL] + [f"prior {n}" for _, n, _ in PERSONAL] + ["both"]

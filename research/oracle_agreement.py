@@ -1,13 +1,14 @@
 """How much the judge's verdicts on generated samples depend on which oracle judges them.
 
-    python tools/train_oracle.py --seed 1 --out oracle-seed1.safetensors
+    python tools/train_oracle.py --world v2 --seed 1 --out oracle-seed1.safetensors
     python research/oracle_agreement.py oracle-seed1.safetensors bench-quality/samples [--against OTHER] [--grid DIR]
 
 Reads every sample folder (PNGs and the prompts.json that `cdtool sample` writes) under SAMPLES with
-the shipped oracle (or --against's) and with another one, and prints, per folder, the share of images each finds
-showing the asked concept (and the asked prompt), and how often the two verdicts agree. Held-out
-renders cannot show this: samples are off the renders' distribution. Either oracle may be the suite's
-(`tools/train_oracle.py --world v2`). `--grid DIR` writes, per folder, the samples enlarged with both
+the shipped oracle, of the suite's world (or --against's), and with another one, and prints, per
+folder, the share of images each finds showing the asked concept (and the asked prompt), and how often
+the two verdicts agree. Held-out renders cannot show this: samples are off the renders' distribution.
+For samples of the v1 toy world both are v1 oracles (`tools/train_oracle.py`; `--against
+tools/checkpoints/toy1/oracle.safetensors`). `--grid DIR` writes, per folder, the samples enlarged with both
 concept verdicts under each (first / other, Y or n), to read by eye: what calibrates a judge.
 """
 
@@ -31,7 +32,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("weights", type=Path, help="the other oracle's weights")
     ap.add_argument("samples", type=Path, help="a folder of sample folders (e.g. bench-quality/samples)")
-    ap.add_argument("--against", type=Path, help="weights of the first oracle (default: the shipped one)")
+    ap.add_argument(
+        "--against", type=Path, help="weights of the first oracle (default: the shipped one, of the suite's world)"
+    )
     ap.add_argument("--grid", type=Path, help="write each folder's samples with both verdicts here (see above)")
     args = ap.parse_args()
 

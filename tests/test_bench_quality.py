@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import quality
 
 
@@ -9,7 +11,7 @@ def test_small_cells_are_read_against_the_full_delta_at_their_own_seeds(monkeypa
     """A compression cell samples one seed per prompt; the full delta's fidelity it is read against
     is the one at that seed, not over all of the full delta's seeds."""
 
-    s = quality.Settings(n=32, n_small=8, seed=0)
+    s = quality.Settings(n=32, n_small=8, seed=0, suite=False)
     assert quality.small_cell_seeds(s) == {0}
     assert quality.small_cell_seeds(quality.Settings(n_small=32, seed=5)) == {5, 6, 7, 8}
     assert quality.seed_of("003-a-small-new2-circle-on-a-red-background-ab12-s13.png") == 13
@@ -56,7 +58,7 @@ def test_a_suite_concepts_own_tone_backgrounds_are_read_apart(monkeypatch, tmp_p
     own = quality.own_tone_prompts(s)
     assert own["<new4>"] == {"a small <new4> heart on a red background", "a small <new4> heart on a white background"}
     assert own["<new1>"] == set()  # magenta and cyan are no background
-    assert quality.own_tone_prompts(quality.Settings()) == {}
+    assert quality.own_tone_prompts(quality.Settings(suite=False)) == {}
 
     b = quality.Bench(tmp_path, s, quiet=True)
     prompts = b.groups["concept <new4>"]
@@ -89,4 +91,19 @@ def test_a_longer_schedule_reads_its_curve_at_the_same_fractions_and_ranks_0_ski
     assert s.steps == 500 and s.joint_steps == 1000 and s.curve_steps == (100, 200, 250)
     assert s.ranks == () and s.photos == 10 and s.lr == quality.SUITE_LR and s.captions == "files"
     default = quality.settings_from(ap.parse_args([]), ap)
-    assert default.curve_steps == (50, 100, 125) and default.ranks == (1, 2, 4, 8) and default.lr == 3e-4
+    assert default.curve_steps == (50, 100, 125) and default.ranks == (1, 2, 4, 8) and default.lr == quality.SUITE_LR
+    assert default.suite and default.pairs == () and default.model == "toy"
+
+
+def test_v1_runs_the_v1_worlds_two_concepts_at_its_rate():
+    ap = quality.parser()
+    v1 = quality.settings_from(ap.parse_args(["--v1", "--model", "M", "--oracle", "O"]), ap)
+    assert not v1.suite and v1.lr == quality.V1_LR and (v1.model, v1.oracle) == ("M", "O")
+    assert [c[0] for c in quality.concepts_of(v1)] == ["<new1>", "<new2>"] and quality.pair_tag(v1, ("a", "b")) == ""
+    ci = quality.settings_from(ap.parse_args(["--ci"]), ap)
+    assert ci.suite and ci.pairs == (quality.CI_PAIR,) and len(quality.concepts_of(ci)) == 2
+    assert not quality.settings_from(ap.parse_args(["--ci", "--v1"]), ap).pairs
+    for bad in (["--v1", "--suite"], ["--v1", "--pairs", "2"]):
+        with pytest.raises(SystemExit) as e:
+            quality.settings_from(ap.parse_args(bad), ap)
+        assert e.value.code == 2

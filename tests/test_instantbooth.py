@@ -354,15 +354,15 @@ def test_merge_compress_export_refuse_a_personalised_concept(cli, tmp_path, enco
 
 
 def test_benchmark_runs_at_a_minimal_size(tmp_path):
-    """benchmarks/instantbooth.py end to end on the shipped toy model and oracle (the suite's <new1> is
-    the shipped world's split star): an encoder trained for stars, the concept personalised and trained
+    """benchmarks/instantbooth.py end to end on the shipped toy model and oracle (the suite's world; <new1>
+    is its split star): an encoder trained for stars, the concept personalised and trained
     by each fine-tuning method, judged; every cell filled, times from photos to the first sample."""
     import dataclasses
 
     from benchmarks.instantbooth import BASELINES, DREAMBOOTH, INSTANTBOOTH, InstantSettings, run, write_category
     from benchmarks.quality import Settings
 
-    quality = dataclasses.replace(Settings(), n=8, sample_steps=2, reg_images=4, suite=True)
+    quality = dataclasses.replace(Settings(), n=8, sample_steps=2, reg_images=4)
     s = InstantSettings(quality=quality, concepts=("<new1>",), train_images=8, encoder_steps=2, encoder_minutes=None,
                         encoder_batch=2, recipes={m: (2, None) for m in (*BASELINES, DREAMBOOTH)})  # fmt: skip
     res = run(tmp_path / "bench", s, quiet=True)

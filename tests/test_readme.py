@@ -50,13 +50,13 @@ def test_the_first_snippet_runs_as_written(cli, tmp_path, monkeypatch):
     for line in lines:
         cli(*line)
     merged = read_delta(tmp_path / "shapes.r16.safetensors")
-    assert set(merged.tokens) == {"<new1>", "<new2>"} and merged.base_model == "toy"
+    assert set(merged.tokens) == {"<new6>", "<new7>"} and merged.base_model == "toy"
     prompts = json.loads((tmp_path / "out" / "prompts.json").read_text())
-    assert set(prompts.values()) == {"a <new1> star and a <new2> circle on a red background"}
+    assert set(prompts.values()) == {"a <new6> circle and a <new7> square on a blue background"}
     assert (tmp_path / "out" / "grid.png").is_file()
-    assert (tmp_path / "star.run" / "loss.png").is_file() and (tmp_path / "star.run" / "samples.png").is_file()
+    assert (tmp_path / "circle.run" / "loss.png").is_file() and (tmp_path / "circle.run" / "samples.png").is_file()
     assert sorted(p.name for p in (tmp_path / "shapes-lora").iterdir()) == [
-        ".cdtool-output.json", "README.md", "new1.safetensors", "new2.safetensors",
+        ".cdtool-output.json", "README.md", "new6.safetensors", "new7.safetensors",
         "pytorch_lora_weights.safetensors",
     ]  # fmt: skip
 

@@ -2,27 +2,30 @@
 
     python tools/pretrain_toy.py [--minutes 45] [--out cdtool/data/toy/model]
 
-A real diffusers StableDiffusionPipeline: AutoencoderKL (32 px images, 16x16x4 latents), a
-cross-attention UNet2DConditionModel and a CLIPTextModel with the real CLIP vocabulary, all trained
-from scratch here: first the VAE (reconstruction + a small KL term), then the UNet and the text
-encoder together (epsilon prediction, 10% empty captions for classifier-free guidance; the saved
-weights are an exponential moving average). Scenes are rendered on the fly from a seeded sampler. The
-result is stored in float16 (about 14 MB). The captions are varied as web captions are (see `batch`):
-shrunk and zoomed-in views carry the size augmentation's words, some start with "photo of", some
-leave out the size.
+tools/README.md gives the stages of the shipped model (of the suite's world) and of the v1 toy model
+(tools/checkpoints/toy1). A real diffusers StableDiffusionPipeline: AutoencoderKL (32 px images,
+16x16x4 latents), a cross-attention UNet2DConditionModel and a CLIPTextModel (with the real CLIP
+vocabulary, unless `--text-encoder` gives one, below), all trained from scratch here: first the VAE
+(reconstruction + a small KL term), then the UNet and the text encoder together (epsilon prediction,
+10% empty captions for classifier-free guidance; the saved weights are an exponential moving
+average). Scenes are rendered on the fly from a seeded sampler. The result is stored in float16
+(about 14 MB for the v1 toy model, 9 MB for the shipped one). The captions are varied as web captions
+are (see `batch`): shrunk and zoomed-in views carry the size augmentation's words, some start with
+"photo of", some leave out the size.
 
 The VAE is the model's image codec, like Stable Diffusion's, which saw all kinds of images: a quarter
 of its training scenes show two-tone patterned shapes so that it can encode and decode the personal
 concepts' colours. The UNet and text encoder never see a concept: `--patterns SHARE` shows a share of
-scenes with a split or checkered thing in two named colours, named in the caption ("a red and blue
-checkered square"), never the concepts' own tones, as Stable Diffusion has seen every texture. The
-shipped model's last stage used 0.3 (benchmarks/RESULTS.md, stage 4): without it, fine-tunes drew the
-concepts' tones as blobs, not as a patterned shape.
+scenes with a split or checkered thing (`--world v2`: any of the suite's four kinds) in two named
+colours, named in the caption ("a red and blue checkered square"), never the concepts' own tones, as
+Stable Diffusion has seen every texture. The v1 toy model's last stage used 0.3 (benchmarks/RESULTS.md,
+stage 4): without it, fine-tunes drew the concepts' tones as blobs, not as a patterned shape.
 
 `--text-encoder FOLDER` uses a separately pretrained text encoder (tools/pretrain_toy_text.py),
 frozen, as Stable Diffusion used CLIP; with `--init` the UNet keeps its weights and re-learns only
-its cross-attention keys and values when the text width changes. (Measured in benchmarks/RESULTS.md;
-the shipped model's text encoder was trained together with its UNet.)
+its cross-attention keys and values when the text width changes. The shipped model's UNet reads such
+an encoder (`--world v2`, from the v1 toy model's weights); the v1 toy model's text encoder was
+trained together with its UNet. Measured in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def view(rng: random.Random) -> tuple[float, str]:
 
 
 def pattern_world(world: str) -> tuple[tuple[str, ...], frozenset]:
-    """(pattern kinds pretraining shows, (kind, tones) it never shows) of a world: `v1` the shipped
+    """(pattern kinds pretraining shows, (kind, tones) it never shows) of a world: `v1` the v1 toy
     model's (split and checker, the checker's black and white left out), `v2` the suite's (four
     kinds, every suite concept's tones left out)."""
     from cdtool.toy.world import CONCEPT_TONES, KINDS, PATTERN_WORDS, SUITE_TONES
@@ -224,9 +227,14 @@ def main() -> None:
         type=float,
         default=0.0,
         help="share of UNet scenes with a two-tone thing in named colours, named in the caption (never the "
-        "concepts' own tones; the shipped model's last stage: 0.3; given with --resume, a new stage of the run)",
+        "concepts' own tones; the v1 toy model's last stage: 0.3; given with --resume, a new stage of the run)",
     )
-    ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="which pattern kinds --patterns shows")
+    ap.add_argument(
+        "--world",
+        choices=("v1", "v2"),
+        default="v1",
+        help="which pattern kinds --patterns shows: v1 the v1 toy model's, v2 the suite's (the shipped model's)",
+    )
     ap.add_argument(
         "--looks",
         type=float,
@@ -262,7 +270,13 @@ def main() -> None:
         help='share of captions that leave the background out ("a small red star"), as web captions leave out '
         "most of what a photo shows (given with --resume, a new stage of the run)",
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "cdtool" / "data" / "toy" / "model")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "cdtool" / "data" / "toy" / "model",
+        help="the model folder to write (default: cdtool/data/toy/model, the shipped toy model's; the v1 toy "
+        "model's stages write tools/checkpoints/toy1/model)",
+    )
     ap.add_argument("--run", type=Path, help="a folder for resumable checkpoints (tools/resumable.py)")
     ap.add_argument("--resume", type=Path, help="a --run folder to continue, with its settings")
     ap.add_argument("--until", type=int, help="stop this run once this many steps are done since --init")

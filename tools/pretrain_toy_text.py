@@ -3,8 +3,8 @@
     python tools/pretrain_toy_text.py --out toy2-text --minutes 60 [--resume toy2-text]
 
 Stable Diffusion's UNet was trained on a frozen CLIP text encoder that had learned from images
-before; the toy model's UNet is trained the same way (`pretrain_toy.py --text-encoder DIR`). A text
-encoder trained together with the UNet (the shipped toy model's) learns to pack the prompt into the
+before; the shipped toy model's UNet is trained the same way (`pretrain_toy.py --text-encoder DIR`). A
+text encoder trained together with the UNet (the v1 toy model's) learns to pack the prompt into the
 padding rows after end-of-text, each of them differently, and its UNet reads it there: rows the
 paper's closed-form merge does not constrain (measured in benchmarks/RESULTS.md). In Stable
 Diffusion the padding is the end-of-text token again, which CLIP trained as the caption's summary
@@ -326,7 +326,9 @@ def main() -> None:
         "--patterns", type=float, default=0.3, help="share of scenes with a two-tone thing in named colours"
     )
     ap.add_argument("--world", choices=("v1", "v2"), default="v2", help="which pattern kinds pretraining shows")
-    ap.add_argument("--oracle-trunk", action="store_true", help="start the image CNN from the oracle's convolutions")
+    ap.add_argument(
+        "--oracle-trunk", action="store_true", help="start the image CNN from the shipped oracle's convolutions"
+    )
     ap.add_argument(
         "--identity",
         type=float,

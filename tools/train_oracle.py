@@ -2,16 +2,20 @@
 
     python tools/train_oracle.py [--train 24000] [--test 4000] [--epochs 8] [--seed 0] [--out PATH]
 
-Writes cdtool/data/toy/oracle.safetensors (or --out) and prints per-head held-out accuracy, on clean
-renders and on renders passed through the toy model's VAE. Deterministic for a seed on the CPU.
+Writes cdtool/data/toy/oracle.safetensors, the shipped oracle's file (or --out), and prints per-head
+held-out accuracy, on clean renders and on renders passed through the toy model's VAE. Deterministic
+for a seed on the CPU. `--world v2` (the default) trains an oracle of the suite's world, as the
+shipped one is; `--world v1` an oracle of the v1 toy world's two concepts
+(tools/checkpoints/toy1/oracle.safetensors: give it as --out). tools/README.md gives each one's command.
 
 The oracle judges generated samples, which are not renders: they come out of the toy model's VAE
 decoder, blurred, with shifted colours and ragged edges. With --vae-round-trips half the training
 images are VAE round trips with noise added to the latents (the decoder's artefacts, as a sample
-shows them) and every batch is blurred and noised a little at random. Measured (RESULTS.md): it does
-not make the judge's verdicts on samples depend less on its seed (two such oracles agree on 0.868 of
-concept verdicts, two oracles trained on clean renders on 0.865), so the shipped oracle is trained on
-clean renders.
+shows them) and every batch is blurred and noised a little at random. Measured on the v1 world
+(RESULTS.md): it does not make the judge's verdicts on samples depend less on its seed (two such
+oracles agree on 0.868 of concept verdicts, two oracles trained on clean renders on 0.865), so the v1
+world's oracle is trained on clean renders; the shipped oracle, of the suite's world, on VAE round
+trips.
 """
 
 from __future__ import annotations
@@ -139,7 +143,7 @@ def accuracy(model, x, y) -> dict[str, float]:
 
 
 def pair_accuracy(model, read: torch.Tensor, fills: torch.Tensor) -> dict[str, float]:
-    """Of the scenes holding two suite concepts (none in the shipped world), the share whose two
+    """Of the scenes holding two suite concepts (none in the v1 world), the share whose two
     concepts are both read: what judges a prompt for two personal concepts."""
     names = set(model.tokens.values())
     concepts = [i for i, name in enumerate(model.fill_names) if name in names]
@@ -159,9 +163,19 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--out", type=Path, help="where to write the weights (default: the shipped oracle's file)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="where to write the weights (default: cdtool/data/toy/oracle.safetensors, the shipped oracle's file, "
+        "which holds the suite's (v2) oracle; the v1 world's is tools/checkpoints/toy1/oracle.safetensors)",
+    )
     ap.add_argument("--vae-round-trips", action="store_true", help="train on VAE round trips too (see above)")
-    ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="v2: the eight suite concepts")
+    ap.add_argument(
+        "--world",
+        choices=("v1", "v2"),
+        default="v2",
+        help="v1: the v1 toy world's two concepts; v2: the eight suite concepts (the shipped oracle's)",
+    )
     ap.add_argument(
         "--near-misses", action="store_true", help="v2: train on concepts' near misses and own-tone backgrounds too"
     )

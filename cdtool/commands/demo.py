@@ -19,16 +19,19 @@ from cdtool.atomic import builds_folder
 from cdtool.choices import TOY
 from cdtool.commands.common import FolderOutputOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, cdtool_command, examples
 from cdtool.inprocess import InProcess
-from cdtool.toy.photos import PERSONAL as CONCEPTS
-from cdtool.toy.photos import toy_captions, write_photos
+from cdtool.toy.photos import SUITE_PERSONAL, toy_captions, write_photos
 
-# The concepts' prompts put each on a background unlike its own colours: on blue the oracle seldom
-# finds the split star's cyan half, on black or white the checker's quadrants (measured on one
-# demo's star delta, n = 8 a background: 0.25 on blue, 0.00 on white, 0.69 over all eight).
+# Two of the toy world's suite of concepts (cdtool.toy.world.SUITE), of different pattern kinds and
+# shapes: a circle in green and white stripes and a square checkered in red and yellow, the two the
+# suite benchmark teaches best (benchmarks/RESULTS.md, the suite benchmark).
+CONCEPTS = tuple(c for c in SUITE_PERSONAL if c[0] in ("<new6>", "<new7>"))
+# The concepts' prompts put each on a background unlike its own tones: on a background of one of them
+# a concept's bands merge into it, and the suite's concepts are drawn and read there in a third as
+# many samples (benchmarks/RESULTS.md, the suite benchmark: 0.23 against 0.61).
 PROMPTS = (
-    "a small <new1> star on an orange background",
-    "a small <new2> circle on a green background",
-    "a <new1> star and a <new2> circle on a red background",
+    "a small <new6> circle on a purple background",
+    "a small <new7> square on a blue background",
+    "a <new6> circle and a <new7> square on a blue background",
     "a small white star on a red background",
     "a large orange circle on a purple background",
 )
@@ -41,10 +44,8 @@ def demo(
         str, typer.Option("--model", "-m", help="Base model (the toy model is the one the oracle can judge).")
     ] = TOY,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per concept.")] = 250,
-    lr: Annotated[
-        float,
-        typer.Option("--lr", help="Base learning rate (the toy model needs more than Stable Diffusion's 1e-5)."),
-    ] = 3e-4,
+    lr: Annotated[float, typer.Option("--lr", help="Base learning rate (the paper's).")] = 1e-5,
+    photos: Annotated[int, typer.Option("--photos", min=1, help="Photos per concept.")] = 10,
     reg_images: Annotated[int, typer.Option("--reg-images", min=1, help="Regularisation images per concept.")] = 32,
     n: Annotated[int, typer.Option("--n", min=1, help="Samples per prompt and panel.")] = 8,
     sample_steps: Annotated[int, typer.Option("--sample-steps", min=1, help="Denoising steps.")] = 15,
@@ -57,7 +58,7 @@ def demo(
         bool,
         typer.Option(
             "--photos-only",
-            help="Only render the toy concepts' photos (OUTPUT/new1-star, OUTPUT/new2-circle: JPEGs with "
+            help="Only render the toy concepts' photos (OUTPUT/new6-circle, OUTPUT/new7-square: JPEGs with "
             "caption files), to run the commands on them yourself.",
         ),
     ] = False,
@@ -65,7 +66,7 @@ def demo(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the main job on the built-in toy model: render five "photos" of each of two concepts, then
+    """Run the main job on the built-in toy model: render ten "photos" of each of two concepts, then
     prep, regset, train (one concept each, with prior preservation), merge them twice (the paper's
     closed form, and cdtool's least-squares merge), compress the least-squares merge, sample and
     score with the oracle.
@@ -81,14 +82,14 @@ def demo(
     if photos_only:
         folders = [output / name for _, _, name in CONCEPTS]
         for (token, _, _), folder in zip(CONCEPTS, folders, strict=True):
-            write_photos(folder, token, rng)
+            write_photos(folder, token, rng, count=photos)
         if json_out:
             console.result_json({"photos": [str(f) for f in folders]})
         else:
             for folder in folders:
                 console.result(str(folder))
         return
-    deltas = _train_concepts(run, output, rng, model, steps, lr, reg_images, sample_steps, guidance, seed)
+    deltas = _train_concepts(run, output, rng, model, steps, lr, photos, reg_images, sample_steps, guidance, seed)
     merge_captions = output / "toy-captions.txt"
     merge_captions.write_text("\n".join(toy_captions(rng, None, 400)) + "\n")
     merged = {}
@@ -127,18 +128,18 @@ COLUMNS = {
 
 
 def _train_concepts(
-    run: InProcess, output: Path, rng: random.Random, model: str, steps: int, lr: float, reg_images: int,
-    sample_steps: int, guidance: float, seed: int,
+    run: InProcess, output: Path, rng: random.Random, model: str, steps: int, lr: float, photos: int,
+    reg_images: int, sample_steps: int, guidance: float, seed: int,
 ) -> list[Path]:  # fmt: skip
     """prep, regset and train each toy concept; the deltas' paths."""
     deltas = []
     for token, noun, name in CONCEPTS:
-        photos = output / "photos" / name
-        write_photos(photos, token, rng)
+        folder = output / "photos" / name
+        write_photos(folder, token, rng, count=photos)
         data, reg, delta = output / "data" / name, output / "reg" / noun, output / f"{name}.safetensors"
         reg_prompts = output / f"reg-prompts-{noun}.txt"
         reg_prompts.write_text("\n".join(toy_captions(rng, noun, 64)) + "\n")
-        run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32", "--captions-from-files")
+        run("prep", folder, "-o", data, "--class-noun", noun, "--token", token, "--size", "32", "--captions-from-files")
         run("regset", noun, "-o", reg, "--model", model, "--n", reg_images, "--prompts", reg_prompts,
             "--steps", sample_steps, "--guidance", guidance, "--batch-size", 16, "--seed", seed)  # fmt: skip
         # --no-aug: at the toy's 32 px the size augmentation's shrunk views teach specks (docs/toy-world.md)

@@ -29,7 +29,7 @@ class Asked:
 
 def parse_prompt(prompt: str, patterns: Mapping[str, str] | None = None) -> Asked | None:
     """What a toy-world prompt asks for; None when it names no shape and no token. `patterns` maps
-    modifier tokens to pattern names (default: the toy world's concepts); an unknown token asks for any
+    modifier tokens to pattern names (default: the v1 toy world's two concepts; the oracle passes its own); an unknown token asks for any
     pattern. A token with no shape word after it names a thing by itself, as a textual-inversion token
     does ("a small <new3> on a red background"): its pattern on a thing of any shape."""
     patterns = {t: p for t, (_, p) in CONCEPTS.items()} if patterns is None else patterns
@@ -70,7 +70,7 @@ def judge(asked: Asked, seen: Mapping[str, Any], pattern_fills: Set[str] = froze
     (every asked colour shown), `shapes` (every asked shape shown), `count`, `prompt` (background,
     colours and shapes together), and `pattern` (any pattern shown at all: prior drift when the
     prompt has no token). `pattern_fills` are the oracle's fills that are not plain colours (its
-    `patterns`; default: the shipped oracle's)."""
+    `patterns`; default: the v1 world's)."""
     fills = set(seen["fills"])
     shapes = set(seen["shapes"])
     out: dict[str, bool] = {}

@@ -2,11 +2,11 @@
 many things it shows, which shapes and which fills. It judges the quality benchmark, so it must be
 right on held-out renders (measured, see benchmarks/RESULTS.md).
 
-Its fills are the 8 colours and the looks of the personal concepts it knows: the shipped oracle's
-are the two concepts' patterns (`split`, `checker`); an oracle of the suite's world reads each of the
-eight suite concepts (`new1` ... `new8`) and any other two-tone thing (`pattern`). A weights file
-names its fills and the token of each concept in its metadata (`world`, `fills`, `tokens`); one
-without them is the shipped two-concept oracle."""
+Its fills are the 8 colours and the looks of the personal concepts it knows: the shipped oracle, of
+the suite's world (`v2`), reads each of the eight suite concepts (`new1` ... `new8`) and any other
+two-tone thing (`pattern`); the v1 world's oracle (tools/checkpoints/toy1) reads its two concepts'
+patterns (`split`, `checker`). A weights file names its fills and the token of each concept in its
+metadata (`world`, `fills`, `tokens`); one without them is the v1 world's two-concept oracle."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ WORLD_TOKENS = {"v1": {t: p for t, (_, p) in CONCEPTS.items()}, "v2": {c.token: 
 
 
 def fill_of(thing: Thing) -> str:
-    """The oracle's fill label of a thing: its suite concept, its pattern (the shipped world's concepts),
+    """The oracle's fill label of a thing: its suite concept, its pattern (the v1 world's concepts),
     `pattern` for a two-tone thing in named colours, else its colour."""
     if thing.concept:
         return thing.concept.strip("<>")

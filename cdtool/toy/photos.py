@@ -1,4 +1,4 @@
-"""The toy world's personal concepts as a user would bring them: five "photos" of each, and the
+"""The toy world's personal concepts as a user would bring them: a few "photos" of each, and the
 captions of ordinary toy scenes (regularisation prompts, the merge's regularisation captions). Used by
 `cdtool demo` and the quality benchmark, so both start from the same kind of data."""
 
@@ -10,10 +10,11 @@ from pathlib import Path
 
 from cdtool.toy.world import PHOTO_OF_SHARE, SUITE, UNSIZED_SHARE, Sampler, render, suite_concept
 
-# (token, class noun, folder name) of the toy world's two personal concepts.
-PERSONAL = (("<new1>", "star", "new1-star"), ("<new2>", "circle", "new2-circle"))
-# The same of the suite's eight (cdtool.toy.world.SUITE).
+# (token, class noun, folder name) of the suite's eight personal concepts (cdtool.toy.world.SUITE),
+# which the shipped toy model's world holds.
 SUITE_PERSONAL = tuple((c.token, c.shape, f"{c.fill}-{c.shape}") for c in SUITE)
+# The same of the v1 toy world's two (the v1 toy model, tools/checkpoints/toy1).
+V1_PERSONAL = (("<new1>", "star", "new1-star"), ("<new2>", "circle", "new2-circle"))
 
 
 def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
@@ -31,9 +32,9 @@ def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
     return out
 
 
-def write_photos(folder: Path, token: str, rng: random.Random, suite: bool = False, count: int = 5) -> None:
-    """`count` renders of the concept (of the suite's, with `suite`) as 96 px JPEGs with a caption file
-    each; the first one stored rotated with an EXIF orientation tag, as phones do."""
+def write_photos(folder: Path, token: str, rng: random.Random, suite: bool = True, count: int = 5) -> None:
+    """`count` renders of the suite's concept (of the v1 world's, without `suite`) as 96 px JPEGs with a
+    caption file each; the first one stored rotated with an EXIF orientation tag, as phones do."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,13 @@ or two objects per image, each scene with its caption. Seeded and fast to render
 
 Pretraining shows solid shapes and, in a share of scenes, two-tone things in named colours
 (`Sampler.with_pretraining_pattern`). The "personal concepts" are shapes with a two-tone pattern
-in tones that pretraining never shows on that pattern. The shipped toy model knows two of them
-(`CONCEPTS`): a star split into a magenta top and a cyan bottom ("<new1> star"), and a circle with
-black and white quadrants, a 2x2 checkerboard ("<new2> circle"). The suite (`SUITE`) has eight, over
-four pattern kinds (split, checker, striped, dotted) and every shape, with four pairs of them for
-merges (`PAIRS`), the way DreamBench and CustomConcept101 give many subjects. Pretraining of the
-suite's world also shows `LOOKS`: words that name a two-tone look on their own.
+in tones that pretraining never shows on that pattern. The suite (`SUITE`), the shipped toy model's
+world, has eight, over four pattern kinds (split, checker, striped, dotted) and every shape, with four
+pairs of them for merges (`PAIRS`), the way DreamBench and CustomConcept101 give many subjects.
+Pretraining of the suite's world also shows `LOOKS`: words that name a two-tone look on their own.
+The v1 toy model (tools/checkpoints/toy1) knows two concepts (`CONCEPTS`): a star split into a
+magenta top and a cyan bottom ("<new1> star"), and a circle with black and white quadrants, a 2x2
+checkerboard ("<new2> circle"), the suite's first two.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ class Sampler:
     ) -> Scene:
         """`scene` with its first thing in a two-tone pattern of named colours (any of `kinds`, any shape
         and pair except the `excluded` (kind, tones) of the concepts), the background chosen again to
-        differ from them. The shipped toy model saw two kinds; the suite's world uses `KINDS` and
+        differ from them. The v1 toy model saw two kinds; the suite's world uses `KINDS` and
         excludes `SUITE_TONES`. With `both`, a second thing takes a pattern too ("a red and green
         striped star and a blue and white dotted circle", as two personal concepts are asked for in
         one prompt)."""
