@@ -1,8 +1,7 @@
 """Quality of cdtool's Custom Diffusion on the built-in toy model, judged by the toy world's oracle.
 
     python benchmarks/quality.py [--out bench-quality] [--ci] [--pairs 2,4] [--model DIR --oracle FILE]
-    python benchmarks/quality.py --v1 --model tools/checkpoints/toy1/model \
-        --oracle tools/checkpoints/toy1/oracle.safetensors
+    python benchmarks/quality.py --v1 [--ci] [--out bench-v1]
     python benchmarks/quality.py --rescore bench-quality [--oracle FILE]
 
 Everything runs through the cdtool commands a user types (in this process): prep the "photos" of
@@ -34,8 +33,8 @@ The suite's pairs are merged and trained jointly pair by pair; `n` is per concep
 `suite` gives each headline as the mean over the concepts (or pairs) with its spread and the total
 number of samples. DVAR runs on every concept. `--pairs 2,4` runs only those of the suite's pairs
 (and their concepts), for a quicker probe. `--v1` runs the v1 toy world's two concepts (the split
-star and the checker circle, one pair; DVAR on the checker circle) on the v1 toy model kept in
-tools/checkpoints/toy1, which needs its own `--model` and `--oracle`.
+star and the checker circle, one pair; DVAR on the checker circle) on the v1 toy model and its
+oracle, kept in tools/checkpoints/toy1, at its lr (3e-4).
 
 `--rescore OUT` judges an earlier run's samples again with `--oracle` (an oracle retrained to read
 what the last one could not), sampling nothing anew, and writes OUT/quality-rescored.json.
@@ -117,6 +116,9 @@ class Settings:
 # with seven times the change to ordinary captions' keys and values (RESULTS.md, the suite's toy model).
 SUITE_LR = 1e-5
 V1_LR = 3e-4
+# The v1 toy model and its oracle (--v1), kept in the repository to reproduce the figures measured on it.
+V1_MODEL = str(ROOT / "tools" / "checkpoints" / "toy1" / "model")
+V1_ORACLE = str(ROOT / "tools" / "checkpoints" / "toy1" / "oracle.safetensors")
 
 # One pair of the suite, the split triangle and the striped circle, with ten photos each, as `cdtool demo`;
 # without the no-regularisation cells: on this model neither concept leaks into its class without the
@@ -125,6 +127,12 @@ CI_PAIR = 3
 CI = Settings(
     steps=250, reg_images=24, n=16, n_small=16, sample_steps=12, ranks=(4,), variants=("least-squares", "sum"),
     pairs=(CI_PAIR,), photos=10,
+)  # fmt: skip
+# The v1 toy world's CI variant (--ci --v1): its two concepts with five photos each, and the
+# no-regularisation cells, where its split star leaks into plain stars without the set.
+V1_CI = dataclasses.replace(
+    CI, variants=("noreg", "least-squares", "sum"), pairs=(), photos=5, suite=False, lr=V1_LR, model=V1_MODEL,
+    oracle=V1_ORACLE,
 )  # fmt: skip
 
 
@@ -356,12 +364,13 @@ def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
 
 
 def rescore(out: Path, oracle: str | None, quiet: bool = False) -> dict[str, Any]:
-    """An earlier run's samples (OUT/quality.json and OUT/samples/) judged again by another `oracle`,
-    nothing sampled anew; returns (and writes to OUT/quality-rescored.json) the results."""
+    """An earlier run's samples (OUT/quality.json and OUT/samples/) judged again by another `oracle`
+    (None: the run's own), nothing sampled anew; returns (and writes to OUT/quality-rescored.json) the results."""
     res = json.loads((out / "quality.json").read_text())
     fields = {f.name for f in dataclasses.fields(Settings)}
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in res["settings"].items() if k in fields}
-    b = Bench(out, Settings(**{**settings, "oracle": oracle}), quiet)
+    # judged by `oracle`, else by the one the run was judged by (None: the shipped oracle)
+    b = Bench(out, Settings(**{**settings, "oracle": oracle or settings.get("oracle")}), quiet)
     for name, groups in res["variants"].items():
         b.judge(name, list(groups))
     res |= {"settings": asdict(b.s), "variants": b.results["variants"], "rescored": oracle}
@@ -594,7 +603,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-quality"))
     ap.add_argument("--ci", action="store_true", help="the small variant the test suite runs")
-    ap.add_argument("--model", default="toy")
+    ap.add_argument("--model", help=f"the toy model (default: the shipped one; with --v1 {V1_MODEL})")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--n", type=int, help="samples per headline cell")
     ap.add_argument("--n-small", type=int, help="samples per other cell")
@@ -608,7 +617,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the v1 toy world's two concepts (its model and oracle: tools/checkpoints/toy1)",
     )
-    ap.add_argument("--oracle", help="the oracle's weights (default: the shipped one)")
+    ap.add_argument("--oracle", help=f"the oracle's weights (default: the shipped one; with --v1 {V1_ORACLE})")
     ap.add_argument("--pairs", help="which of the suite's four pairs to run, e.g. 2,4 (default: all)")
     ap.add_argument(
         "--ranks", help=f"ranks to compress each concept to, comma-separated (default {Settings.ranks}; 0: none)"
@@ -616,18 +625,24 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--photos", type=int, help=f"photos per concept (default {Settings.photos})")
     ap.add_argument("--captions", choices=("files", "template"), help="each photo's caption, or the paper's template")
     ap.add_argument("-q", "--quiet", action="store_true")
-    ap.add_argument("--rescore", type=Path, help="judge an earlier run's samples (its --out) again with --oracle")
+    ap.add_argument(
+        "--rescore", type=Path, help="judge an earlier run's samples (its --out) again with --oracle (default: its own)"
+    )
     return ap
 
 
 def settings_from(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Settings:
     """The run's settings: the defaults (or the CI variant's) with what the command line changes."""
-    base = CI if args.ci else Settings()
     if args.v1 and args.suite:
         ap.error("--v1 and --suite: choose one world")
-    changes: dict[str, Any] = {"model": args.model, "aug": args.aug, "suite": not args.v1, "oracle": args.oracle}
     if args.v1:
-        changes["pairs"] = ()
+        base = V1_CI if args.ci else Settings(suite=False, lr=V1_LR, model=V1_MODEL, oracle=V1_ORACLE)
+    else:
+        base = CI if args.ci else Settings()
+    changes: dict[str, Any] = {"aug": args.aug}
+    for key in ("model", "oracle", "lr"):
+        if getattr(args, key):
+            changes[key] = getattr(args, key)
     if args.pairs:
         if args.v1:
             ap.error("--pairs belongs to the suite, not --v1")
@@ -650,8 +665,6 @@ def settings_from(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Sett
             changes[key] = getattr(args, key)
     if args.variants:
         changes["variants"] = tuple(args.variants.split(","))
-    if args.lr or args.v1:
-        changes["lr"] = args.lr or V1_LR
     return dataclasses.replace(base, **changes)
 
 

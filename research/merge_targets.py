@@ -1,14 +1,13 @@
 """Which text rows the closed-form merge must hold for a toy concept to survive it.
 
     python benchmarks/quality.py --out bench-quality          # the deltas and merge captions
-    python research/merge_targets.py bench-quality --suite --variants paper:each,captions:each --n 32
-    python benchmarks/quality.py --v1 --model V1 --oracle V1_ORACLE --out bench-v1
-    python research/merge_targets.py bench-v1 --model V1 --oracle V1_ORACLE [--variants paper:1,paper:2,...] [--n 16]
+    python research/merge_targets.py bench-quality --variants paper:each,captions:each --n 32
+    python benchmarks/quality.py --v1 --out bench-v1
+    python research/merge_targets.py bench-v1 --v1 [--variants paper:1,paper:2,...] [--n 16]
 
-Merges the benchmark's single-concept deltas (with --suite the suite's eight, of the benchmark's
-default run; without it the v1 world's two, new1-star and new2-circle, of a `--v1` run on the v1 toy
-model and its oracle in tools/checkpoints/toy1: V1, V1_ORACLE)
-with cdtool's closed-form solver (cdtool.merge.deltas.solve_merge) under different target rows, samples
+Merges the benchmark's single-concept deltas (the suite's eight; with --v1 the v1 world's two,
+new1-star and new2-circle, of a `quality.py --v1` run on the v1 toy model and its oracle in
+tools/checkpoints/toy1) with cdtool's closed-form solver (cdtool.merge.deltas.solve_merge) under different target rows, samples
 and scores each result as the benchmark does, and prints one table row per variant. A variant is
 TARGETS:WHO[:K], WHO being 1 (`<new1>` alone), 2 (`<new2>` alone), ..., both (the first two
 together) or each (every concept alone in turn, one merge each):
@@ -82,7 +81,7 @@ def target_rows(kind: str, k: list[str], deltas: list, text: Any, bench: Any) ->
 
 
 def main() -> None:
-    from benchmarks.quality import Bench, Settings, concepts_of
+    from benchmarks.quality import V1_MODEL, V1_ORACLE, Bench, Settings, concepts_of
     from cdtool.delta.file import write_cdtool
     from cdtool.delta.importers import read_delta
     from cdtool.merge.deltas import add_delta_tokens, solve_merge
@@ -94,18 +93,16 @@ def main() -> None:
     ap.add_argument("bench", type=Path, help="a quality benchmark's output folder")
     ap.add_argument("--variants", default=DEFAULT)
     ap.add_argument("--n", type=int, default=16, help="samples per prompt group")
-    ap.add_argument("--model", default="toy", help="the base the benchmark was run on (quality.py --model)")
-    ap.add_argument(
-        "--suite",
-        action="store_true",
-        help="the benchmark ran on the suite (its default): its eight concepts; without it, a --v1 run's two",
-    )
-    ap.add_argument("--oracle", help="the oracle the benchmark judged with (quality.py --oracle)")
+    ap.add_argument("--model", help="the base the benchmark was run on (quality.py --model; default: its default)")
+    ap.add_argument("--v1", action="store_true", help="a `quality.py --v1` run: the v1 world's two concepts")
+    ap.add_argument("--oracle", help="the oracle the benchmark judged with (quality.py --oracle; default: its default)")
     args = ap.parse_args()
     out = args.bench / "merge-targets"
     captions = [x for x in (args.bench / "merge-captions.txt").read_text().splitlines() if x.strip()]
-    settings = Settings(n=args.n, model=args.model, suite=args.suite, oracle=args.oracle)
-    if not args.suite:
+    model = args.model or (V1_MODEL if args.v1 else "toy")
+    oracle = args.oracle or (V1_ORACLE if args.v1 else None)
+    settings = Settings(n=args.n, model=model, suite=not args.v1, oracle=oracle)
+    if args.v1:
         settings.sample_steps = 12
     bench = Bench(out, settings, quiet=True)
     concepts = concepts_of(settings)
@@ -116,7 +113,7 @@ def main() -> None:
     print("| --- | ---: |" + " ---: |" * (len(names) + 3))
     # the base's weights and the regularisation captions' Gram matrix, the same for every merge (the
     # captions hold no new token); each merge adds its tokens to a text encoder loaded afresh
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(model)
     base = {f"unet.{n}": p.detach().float() for n, p in pipe.unet.named_parameters()}
     plain = TextSide.of(pipe)
     reg_gram, _ = gram(feature_rows(plain.tokenizer, plain.encoder, captions))
@@ -126,12 +123,12 @@ def main() -> None:
         fid, drifts, obeyed, rows = {}, [], [], 0
         for picked in merges:
             tag = variant.replace(":", "-") + ("" if who != "each" else f"-{names[picked[0]]}")
-            text = TextSide.of(load_pipeline(args.model))
+            text = TextSide.of(load_pipeline(model))
             deltas = [read_delta(args.bench / f"{names[i]}.safetensors") for i in picked]
             add_delta_tokens(text, deltas)
             c, owner = target_rows(kind, k, deltas, text, bench)
             merged = solve_merge(deltas, base, reg_gram, c, owner)
-            merged.delta.base_model = args.model  # the fingerprint stays unset: sampling then trusts the name
+            merged.delta.base_model = model  # the fingerprint stays unset: sampling then trusts the name
             path = out / f"{tag}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_cdtool(merged.delta, path)

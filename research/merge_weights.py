@@ -1,14 +1,14 @@
 """How the least-squares merge's base weight trades concept retention against plain prompts.
 
-    python benchmarks/quality.py --v1 --model V1 --oracle V1_ORACLE --out bench-v1
-    python research/merge_weights.py bench-v1 --model V1 --oracle V1_ORACLE [--weights 0.01,0.03,0.1,0.3,1] [--n 64]
+    python benchmarks/quality.py --v1 --out bench-v1
+    python research/merge_weights.py bench-v1 [--weights 0.01,0.03,0.1,0.3,1] [--n 64]
 
-On the v1 toy world (its model and oracle in tools/checkpoints/toy1: V1, V1_ORACLE), merges the
-folder's two single-concept deltas (new1-star, new2-circle) with `merge --method
+On the v1 toy world (its model and oracle in tools/checkpoints/toy1), merges the folder's two
+single-concept deltas (new1-star, new2-circle) with `merge --method
 least-squares --base-weight W` for each W, and with the closed form and the sum for comparison,
 samples the quality benchmark's prompt groups (each concept, plain prompts of its class, both
-concepts in one prompt) and prints one line per concept alone and one table row per merge. The captions are the folder's
-toy-captions.txt (demo) or merge-captions.txt (benchmark).
+concepts in one prompt) and prints one line per concept alone and one table row per merge. The
+captions are the folder's merge-captions.txt.
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ if str(ROOT) not in sys.path:
 
 
 def main() -> None:
-    from benchmarks.quality import Bench, Settings, standard_error
+    from benchmarks.quality import V1_MODEL, V1_ORACLE, Bench, Settings, standard_error
     from cdtool.toy.photos import V1_PERSONAL as PERSONAL
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folder", type=Path, help="a v1 quality benchmark (or v1 demo) output folder")
+    ap.add_argument("folder", type=Path, help="a `quality.py --v1` output folder")
     ap.add_argument("--weights", default="0.01,0.03,0.1,0.3,1")
     ap.add_argument("--n", type=int, default=64, help="samples per prompt group")
-    ap.add_argument("--model", default=str(ROOT / "tools/checkpoints/toy1/model"))
-    ap.add_argument("--oracle", default=str(ROOT / "tools/checkpoints/toy1/oracle.safetensors"))
+    ap.add_argument("--model", default=V1_MODEL)
+    ap.add_argument("--oracle", default=V1_ORACLE)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
-    captions = next(p for p in (args.folder / "toy-captions.txt", args.folder / "merge-captions.txt") if p.exists())
+    captions = args.folder / "merge-captions.txt"
     deltas = "+".join(str(args.folder / f"{name}.safetensors") for _, _, name in PERSONAL)
     bench = Bench(
         args.folder / "merge-weights",

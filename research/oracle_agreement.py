@@ -7,7 +7,7 @@ Reads every sample folder (PNGs and the prompts.json that `cdtool sample` writes
 the shipped oracle, of the suite's world (or --against's), and with another one, and prints, per
 folder, the share of images each finds showing the asked concept (and the asked prompt), and how often
 the two verdicts agree. Held-out renders cannot show this: samples are off the renders' distribution.
-For samples of the v1 toy world both are v1 oracles (`tools/train_oracle.py`; `--against
+For samples of the v1 toy world both are v1 oracles (`tools/train_oracle.py --world v1`; `--against
 tools/checkpoints/toy1/oracle.safetensors`). `--grid DIR` writes, per folder, the samples enlarged with both
 concept verdicts under each (first / other, Y or n), to read by eye: what calibrates a judge.
 """

@@ -97,12 +97,18 @@ def test_a_longer_schedule_reads_its_curve_at_the_same_fractions_and_ranks_0_ski
 
 def test_v1_runs_the_v1_worlds_two_concepts_at_its_rate():
     ap = quality.parser()
-    v1 = quality.settings_from(ap.parse_args(["--v1", "--model", "M", "--oracle", "O"]), ap)
-    assert not v1.suite and v1.lr == quality.V1_LR and (v1.model, v1.oracle) == ("M", "O")
+    v1 = quality.settings_from(ap.parse_args(["--v1"]), ap)
+    assert not v1.suite and v1.lr == quality.V1_LR and (v1.model, v1.oracle) == (quality.V1_MODEL, quality.V1_ORACLE)
     assert [c[0] for c in quality.concepts_of(v1)] == ["<new1>", "<new2>"] and quality.pair_tag(v1, ("a", "b")) == ""
+    from pathlib import Path
+
+    assert (Path(v1.model) / "model_index.json").is_file() and Path(v1.oracle).is_file()
+    other = quality.settings_from(ap.parse_args(["--v1", "--model", "M", "--oracle", "O", "--lr", "1e-4"]), ap)
+    assert (other.model, other.oracle, other.lr) == ("M", "O", 1e-4)
     ci = quality.settings_from(ap.parse_args(["--ci"]), ap)
-    assert ci.suite and ci.pairs == (quality.CI_PAIR,) and len(quality.concepts_of(ci)) == 2
-    assert not quality.settings_from(ap.parse_args(["--ci", "--v1"]), ap).pairs
+    assert ci.suite and ci.pairs == (quality.CI_PAIR,) and len(quality.concepts_of(ci)) == 2 and ci.model == "toy"
+    v1_ci = quality.settings_from(ap.parse_args(["--ci", "--v1"]), ap)
+    assert not v1_ci.pairs and v1_ci.photos == 5 and "noreg" in v1_ci.variants and v1_ci.model == quality.V1_MODEL
     for bad in (["--v1", "--suite"], ["--v1", "--pairs", "2"]):
         with pytest.raises(SystemExit) as e:
             quality.settings_from(ap.parse_args(bad), ap)

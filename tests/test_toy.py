@@ -14,6 +14,18 @@ from cdtool.toy.world import COLOURS, CONCEPT_TONES, PATTERN_WORDS, PATTERNS, SU
 # The v1 toy world's oracle (its two concepts' patterns), kept with the v1 toy model; the shipped
 # oracle reads the suite's world.
 V1_ORACLE = str(Path(__file__).resolve().parent.parent / "tools" / "checkpoints" / "toy1" / "oracle.safetensors")
+V1, V1_FILLS = judge_mod.V1_TOKENS, frozenset(PATTERNS)  # its tokens' fills, and its fills that are patterns
+
+
+def test_the_judge_defaults_to_the_shipped_oracles_world():
+    asked = judge_mod.parse_prompt("a small <new3> square on a red background")
+    assert asked == judge_mod.Asked("red", (("square", "new3", "<new3>"),))
+    seen = {"background": "red", "count": 1, "shapes": ["square"], "fills": ["new3"]}
+    assert judge_mod.judge(asked, seen)["concept"] and judge_mod.judge(asked, seen)["prompt"]
+    # a two-tone thing that is no concept is drift on a plain prompt, and no concept on the token's
+    other = {**seen, "fills": ["pattern"]}
+    assert judge_mod.judge(judge_mod.parse_prompt("a small red square"), other)["pattern"]
+    assert not judge_mod.judge(asked, other)["concept"]
 
 
 def test_scenes_are_seeded_and_captioned():
@@ -94,11 +106,11 @@ def test_parse_prompt_reads_every_caption_the_world_writes():
     for concept in (None, "<new1>", "<new2>"):
         for _ in range(50):
             scene = sampler.scene(concept=concept)
-            asked = parse_prompt(scene.caption())
+            asked = parse_prompt(scene.caption(), V1)
             assert asked is not None and asked.background == scene.background
             want = tuple((t.shape, t.pattern or t.colour, scene.token if t.pattern else None) for t in scene.things)
             assert asked.things == want
-    assert parse_prompt("a <new1> star and a heart") == judge_mod.Asked(
+    assert parse_prompt("a <new1> star and a heart", V1) == judge_mod.Asked(
         None, (("star", "split", "<new1>"), ("heart", None, None))
     )
     assert parse_prompt("a <zz> square", {}) == judge_mod.Asked(None, (("square", "*", "<zz>"),))
@@ -108,16 +120,16 @@ def test_parse_prompt_reads_every_caption_the_world_writes():
 def test_a_token_without_a_shape_word_names_a_thing_of_any_shape():
     from cdtool.toy.judge import judge, parse_prompt
 
-    asked = parse_prompt("a small <new1> on a red background")
+    asked = parse_prompt("a small <new1> on a red background", V1)
     assert asked == judge_mod.Asked("red", ((None, "split", "<new1>"),))
     assert parse_prompt("a photo of a <zz>", {}) == judge_mod.Asked(None, ((None, "*", "<zz>"),))
-    assert parse_prompt("a <new1> and a blue heart") == judge_mod.Asked(
+    assert parse_prompt("a <new1> and a blue heart", V1) == judge_mod.Asked(
         None, ((None, "split", "<new1>"), ("heart", "blue", None))
     )
     seen = {"background": "red", "count": 1, "shapes": ["circle"], "fills": ["split"]}
-    verdict = judge(asked, seen)
+    verdict = judge(asked, seen, V1_FILLS)
     assert verdict["concept"] and verdict["shapes"] and verdict["concept_shape"] and verdict["prompt"]
-    assert not judge(asked, {**seen, "fills": ["red"]})["concept"]
+    assert not judge(asked, {**seen, "fills": ["red"]}, V1_FILLS)["concept"]
 
 
 def test_judge_with_the_oracle_on_renders():
@@ -127,7 +139,7 @@ def test_judge_with_the_oracle_on_renders():
     sampler = Sampler(random.Random(11))
     scenes = [sampler.scene(concept="<new1>") for _ in range(6)] + [sampler.scene() for _ in range(6)]
     seen = read(oracle, [render(s) for s in scenes])
-    verdicts = [judge(parse_prompt(s.caption()), r) for s, r in zip(scenes, seen, strict=True)]
+    verdicts = [judge(parse_prompt(s.caption(), V1), r, V1_FILLS) for s, r in zip(scenes, seen, strict=True)]
     assert all(v["prompt"] and v["count"] for v in verdicts)
     tokens = [s.token is not None for s in scenes]
     assert summarise(verdicts, tokens)["concept_fidelity"] == 1.0
@@ -135,15 +147,15 @@ def test_judge_with_the_oracle_on_renders():
     assert summarise(verdicts, tokens)["prior_drift"] == 0.0
     # The patterned star judged against a plain prompt is drift; a plain star against the concept's
     # prompt is a miss; a wrong background breaks prompt fidelity.
-    drift = judge(parse_prompt("a star on a red background"), seen[0])
+    drift = judge(parse_prompt("a star on a red background", V1), seen[0], V1_FILLS)
     assert drift["pattern"]
     plain = next(r for s, r in zip(scenes, seen, strict=True) if s.token is None)
-    assert not judge(parse_prompt("a <new1> star"), plain)["concept"]
+    assert not judge(parse_prompt("a <new1> star", V1), plain, V1_FILLS)["concept"]
     # the pattern in blobs that are no star: the concept's tones, not the concept
-    blobs = judge(parse_prompt("a <new1> star"), {**seen[0], "shapes": []})
+    blobs = judge(parse_prompt("a <new1> star", V1), {**seen[0], "shapes": []}, V1_FILLS)
     assert blobs["concept"] and not blobs["concept_shape"]
     other = next(c for c in ("red", "blue") if c != scenes[0].background)
-    assert not judge(parse_prompt(f"a <new1> star on a {other} background"), seen[0])["prompt"]
+    assert not judge(parse_prompt(f"a <new1> star on a {other} background", V1), seen[0], V1_FILLS)["prompt"]
     assert summarise([drift], [False])["prior_drift"] == 1.0
 
 

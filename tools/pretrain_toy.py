@@ -283,6 +283,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.resume:
         return resume(args, ap)
+    if args.world == "v1" and args.out.resolve() == (ROOT / "cdtool" / "data" / "toy" / "model").resolve():
+        ap.error("--world v1 writes the v1 toy model, not the shipped one: give --out (tools/checkpoints/toy1/model)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

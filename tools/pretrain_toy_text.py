@@ -109,10 +109,11 @@ def build(args, tokenizer) -> tuple:
     )
     text = CLIPTextModel(CLIPTextConfig(**config)).train()
     image = ImageTower(args.width).train()
-    if args.oracle_trunk:
+    if args.oracle_trunk:  # the world's own oracle: the shipped one reads the suite's world
         from cdtool.toy.oracle import load_oracle
 
-        image.features.load_state_dict(load_oracle().features.state_dict())
+        v1 = Path(__file__).resolve().parent / "checkpoints" / "toy1" / "oracle.safetensors"
+        image.features.load_state_dict(load_oracle(str(v1) if args.world == "v1" else None).features.state_dict())
     text_proj = torch.nn.Linear(args.width, args.width, bias=False)
     heads = torch.nn.ParameterDict({"log_scale": torch.nn.Parameter(torch.tensor(2.659))})  # CLIP's log(1/0.07)
     identity = torch.nn.Linear(args.width, args.width, bias=False)
@@ -327,7 +328,9 @@ def main() -> None:
     )
     ap.add_argument("--world", choices=("v1", "v2"), default="v2", help="which pattern kinds pretraining shows")
     ap.add_argument(
-        "--oracle-trunk", action="store_true", help="start the image CNN from the shipped oracle's convolutions"
+        "--oracle-trunk",
+        action="store_true",
+        help="start the image CNN from the world's oracle's convolutions (v2: the shipped one)",
     )
     ap.add_argument(
         "--identity",

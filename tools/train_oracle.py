@@ -187,6 +187,10 @@ def main() -> None:
         "--vae", type=Path, help="the model folder whose VAE makes the round trips (default: the toy model)"
     )
     args = ap.parse_args()
+    if args.world == "v1" and args.out is None:
+        ap.error(
+            "--world v1 trains the v1 world's oracle, not the shipped one: give --out (tools/checkpoints/toy1/oracle.safetensors)"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

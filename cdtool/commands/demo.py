@@ -22,17 +22,18 @@ from cdtool.inprocess import InProcess
 from cdtool.toy.photos import SUITE_PERSONAL, toy_captions, write_photos
 
 # Two of the toy world's suite of concepts (cdtool.toy.world.SUITE), of different pattern kinds and
-# shapes: a circle in green and white stripes and a square checkered in red and yellow, the two the
-# suite benchmark teaches best (benchmarks/RESULTS.md, the suite benchmark).
+# shapes: a circle in green and white stripes and a square checkered in red and yellow, two of the
+# three the suite benchmark teaches best (0.78 and 0.94 alone: benchmarks/RESULTS.md, the figures).
 CONCEPTS = tuple(c for c in SUITE_PERSONAL if c[0] in ("<new6>", "<new7>"))
 # The concepts' prompts put each on a background unlike its own tones: on a background of one of them
-# a concept's bands merge into it, and the suite's concepts are drawn and read there in a third as
-# many samples (benchmarks/RESULTS.md, the suite benchmark: 0.23 against 0.61).
+# a concept's bands merge into it, and the suite's concepts are drawn and read there in under half as
+# many samples (benchmarks/RESULTS.md, the figures: 0.29 against 0.72). The plain prompts ask for the
+# concepts' classes, where prior drift would show.
 PROMPTS = (
     "a small <new6> circle on a purple background",
     "a small <new7> square on a blue background",
     "a <new6> circle and a <new7> square on a blue background",
-    "a small white star on a red background",
+    "a small white square on a green background",
     "a large orange circle on a purple background",
 )
 

@@ -13,9 +13,15 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
-from cdtool.toy.world import COLOURS, CONCEPTS, PATTERNS, SHAPES
+from cdtool.toy.world import COLOURS, CONCEPTS, SHAPES, SUITE
 
 _TOKEN = re.compile(r"^<[^>\s]+>$")
+# The shipped oracle's world, the suite's: each concept's token -> its fill, and every fill that is no
+# plain colour (OTHER_PATTERN: a two-tone thing that is no concept). The v1 world's tokens: V1_TOKENS.
+OTHER_PATTERN = "pattern"
+SUITE_TOKENS = {c.token: c.fill for c in SUITE}
+SUITE_PATTERN_FILLS = frozenset({*SUITE_TOKENS.values(), OTHER_PATTERN})
+V1_TOKENS = {t: p for t, (_, p) in CONCEPTS.items()}
 
 
 @dataclass(frozen=True)
@@ -29,10 +35,10 @@ class Asked:
 
 def parse_prompt(prompt: str, patterns: Mapping[str, str] | None = None) -> Asked | None:
     """What a toy-world prompt asks for; None when it names no shape and no token. `patterns` maps
-    modifier tokens to pattern names (default: the v1 toy world's two concepts; the oracle passes its own); an unknown token asks for any
+    modifier tokens to pattern names (default: the suite's, the shipped oracle's; the oracle passes its own); an unknown token asks for any
     pattern. A token with no shape word after it names a thing by itself, as a textual-inversion token
     does ("a small <new3> on a red background"): its pattern on a thing of any shape."""
-    patterns = {t: p for t, (_, p) in CONCEPTS.items()} if patterns is None else patterns
+    patterns = SUITE_TOKENS if patterns is None else patterns
     m = re.search(r"\bon an? (\w+) background\b", prompt.lower())
     background = m.group(1) if m and m.group(1) in COLOURS else None
     words = prompt.replace(",", " ").split()
@@ -63,14 +69,14 @@ def _shape(word: str) -> str | None:
     return word.rstrip("s") if word.rstrip("s") in SHAPES else None
 
 
-def judge(asked: Asked, seen: Mapping[str, Any], pattern_fills: Set[str] = frozenset(PATTERNS)) -> dict[str, bool]:
+def judge(asked: Asked, seen: Mapping[str, Any], pattern_fills: Set[str] = SUITE_PATTERN_FILLS) -> dict[str, bool]:
     """Per-aspect verdicts for one image. Keys present only where the prompt asks about them:
     `concept` (every asked pattern shown), `concept_shape` (that, and every asked shape: the pattern
     on a thing of the concept's shape, not only somewhere in the picture), `background`, `colours`
     (every asked colour shown), `shapes` (every asked shape shown), `count`, `prompt` (background,
     colours and shapes together), and `pattern` (any pattern shown at all: prior drift when the
     prompt has no token). `pattern_fills` are the oracle's fills that are not plain colours (its
-    `patterns`; default: the v1 world's)."""
+    `patterns`; default: the shipped oracle's, of the suite's world)."""
     fills = set(seen["fills"])
     shapes = set(seen["shapes"])
     out: dict[str, bool] = {}

@@ -17,15 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from cdtool.toy.world import COLOURS, CONCEPTS, PATTERNS, SHAPES, SUITE, Scene, Thing
+from cdtool.toy.judge import OTHER_PATTERN, SUITE_TOKENS, V1_TOKENS
+from cdtool.toy.world import COLOURS, PATTERNS, SHAPES, SUITE, Scene, Thing
 
 FILLS = (*COLOURS, *PATTERNS)
 BACKGROUNDS = tuple(COLOURS)
 WEIGHTS = "data/toy/oracle.safetensors"
-OTHER_PATTERN = "pattern"
 # The fills and concept tokens of each world's oracle.
 WORLD_FILLS = {"v1": FILLS, "v2": (*COLOURS, *(c.fill for c in SUITE), OTHER_PATTERN)}
-WORLD_TOKENS = {"v1": {t: p for t, (_, p) in CONCEPTS.items()}, "v2": {c.token: c.fill for c in SUITE}}
+WORLD_TOKENS = {"v1": V1_TOKENS, "v2": SUITE_TOKENS}
 
 
 def fill_of(thing: Thing) -> str:
