@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import Bench, Settings, prepare, spread  # noqa: E402
+from benchmarks.quality import Bench, Settings, as_identifier, prepare, spread  # noqa: E402
 from cdtool.toy.photos import SUITE_PERSONAL  # noqa: E402
 from cdtool.toy.world import (  # noqa: E402
     KIND_WORDS,
@@ -172,8 +172,15 @@ class InstantBench:
         q = self.s.quality
         source = ("--model", made) if method == DREAMBOOTH else ("--delta", made)
         prompt = self.b.groups[f"concept {token}"][0]
+        if method == DREAMBOOTH:
+            prompt = as_identifier(prompt, (token, identifier_of(made)))
         return self.timed("sample", prompt, *source, "--n", 1, "--steps", q.sample_steps, "--guidance", q.guidance,
                           "--seed", q.seed, "-o", self.out / "first" / f"{name}-{method}")  # fmt: skip
+
+
+def identifier_of(model: Path) -> str:
+    """The identifier a DreamBooth model folder was trained with (its cdtool.json)."""
+    return json.loads((model / "cdtool.json").read_text())["concepts"][0]["token"]
 
 
 def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
@@ -201,7 +208,9 @@ def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
             uses_reg = method not in (INSTANTBOOTH, "textual-inversion")
             groups = [f"concept {token}", f"companion {token}", f"prior {noun}"]
             model = str(made) if method == DREAMBOOTH else None
-            judged = ib.b.evaluate(f"{name}-{method}", [] if model else [made], groups, model=model)
+            # DreamBooth's identifier is a vocabulary word ("sks"), asked for in the token's place
+            ident = (token, identifier_of(made)) if model else None
+            judged = ib.b.evaluate(f"{name}-{method}", [] if model else [made], groups, model=model, identifier=ident)
             cells[token] = {
                 "concept_fidelity": judged[f"concept {token}"]["concept_fidelity"],
                 "concept_in_shape": judged[f"concept {token}"].get("concept_shape_fidelity"),

@@ -220,29 +220,40 @@ class Bench:
         return delta
 
     def evaluate(
-        self, name: str, deltas: list[Path], groups: list[str], n: int | None = None, model: str | None = None
-    ) -> dict[str, Any]:
+        self, name: str, deltas: list[Path], groups: list[str], n: int | None = None, model: str | None = None,
+        identifier: tuple[str, str] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         """Sample every prompt of the groups (n per group, default the headline n; seeded) with the
-        deltas (on `model`, default the base), score with the oracle, summarise per group."""
+        deltas (on `model`, default the base), score with the oracle, summarise per group. With
+        `identifier` (token, word), the prompts ask with the word where they name the token (a
+        DreamBooth model's identifier), and are judged as asking for the token's concept."""
         prompts = [p for g in groups for p in self.groups[g]]
         folder = self.out / "samples" / name
         prompt_file = self.out / f"prompts-{name}.txt"
-        prompt_file.write_text("\n".join(prompts) + "\n")
+        asked = [as_identifier(p, identifier) for p in prompts] if identifier else prompts
+        prompt_file.write_text("\n".join(asked) + "\n")
         base = ("--model", model or self.s.model) if model or not deltas else ()
         delta_args = [a for d in deltas for a in ("--delta", d)]
         self.run(
             "sample", *base, *delta_args, "--prompts", prompt_file, "-o", folder, "--n", per_prompt(n or self.s.n), "--steps",
             self.s.sample_steps, "--guidance", self.s.guidance, "--seed", self.s.seed, "--batch-size", 32,
         )  # fmt: skip
+        if identifier:  # judged under the token: the oracle knows concepts by their tokens
+            recorded = json.loads((folder / "prompts.json").read_text())
+            as_token = {f: dict(zip(asked, prompts, strict=True))[p] for f, p in recorded.items()}
+            (self.out / f"prompts-{name}-as-token.json").write_text(json.dumps(as_token, indent=1) + "\n")
         return self.judge(name, groups)
 
     def judge(self, name: str, groups: list[str]) -> dict[str, Any]:
-        """Score the samples of variant `name` with the oracle, summarised per prompt group."""
+        """Score the samples of variant `name` with the oracle, summarised per prompt group (under the
+        token where `evaluate` asked with an identifier: OUT/prompts-NAME-as-token.json)."""
         from cdtool.toy.judge import summarise
 
         oracle = ("--oracle", self.s.oracle) if self.s.oracle else ()
         folder = self.out / "samples" / name
-        doc = self.run("score", folder, "--metrics", "oracle", "--per-image", "--batch-size", 256, *oracle)
+        as_token = self.out / f"prompts-{name}-as-token.json"
+        prompts = ("--prompts", as_token) if as_token.is_file() else ()
+        doc = self.run("score", folder, "--metrics", "oracle", "--per-image", "--batch-size", 256, *oracle, *prompts)
         rows = doc["runs"][0]["images"]
         out: dict[str, Any] = {}
         for g in groups:
@@ -263,6 +274,12 @@ class Bench:
                     out[g]["concept_fidelity_small_seeds"] = statistics.fmean(small)
         self.results["variants"][name] = out
         return out
+
+
+def as_identifier(prompt: str, identifier: tuple[str, str]) -> str:
+    """The prompt asking with the identifier word where it names the token."""
+    token, word = identifier
+    return prompt.replace(token, word)
 
 
 def fidelity_by_background(rows: list[dict[str, Any]], own: set[str]) -> dict[str, float]:

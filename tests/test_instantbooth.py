@@ -377,6 +377,11 @@ def test_benchmark_runs_at_a_minimal_size(tmp_path):
     assert ib["seconds"]["regset"] == 0 and res["encoders"]["star"]["trained_here"]
     # the prior prompts never hold the token: with the concept loaded they are sampled as by the base
     assert ib["prior_drift"] == res["base"]["prior star"]["prior_drift"]
+    # DreamBooth's model is asked with its identifier word and judged as the token's concept
+    asked = (tmp_path / "bench" / "prompts-new1-star-dreambooth.txt").read_text()
+    assert "<new1>" not in asked and "a small sks star on" in asked
+    judged_as = json.loads((tmp_path / "bench" / "prompts-new1-star-dreambooth-as-token.json").read_text())
+    assert all("sks" not in p for p in judged_as.values()) and any("<new1>" in p for p in judged_as.values())
     captions = (tmp_path / "bench" / "categories" / "star" / "metadata.jsonl").read_text()
     assert "checkered" not in captions and "star" in captions
     assert (
