@@ -166,14 +166,17 @@ class InstantBench:
                              steps, "--seed", q.seed, *lr_args, "--no-aug", "--no-samples")  # fmt: skip
         return out, seconds
 
-    def first_sample(self, method: str, concept: tuple[str, str, str], made: Path) -> float:
-        """Seconds to the first image of the concept's first prompt."""
+    def first_sample(
+        self, method: str, concept: tuple[str, str, str], made: Path, identifier: tuple[str, str] | None
+    ) -> float:
+        """Seconds to the first image of the concept's first prompt (asked with `identifier`'s word where
+        given)."""
         token, _, name = concept
         q = self.s.quality
         source = ("--model", made) if method == DREAMBOOTH else ("--delta", made)
         prompt = self.b.groups[f"concept {token}"][0]
-        if method == DREAMBOOTH:
-            prompt = as_identifier(prompt, (token, identifier_of(made)))
+        if identifier:
+            prompt = as_identifier(prompt, identifier)
         return self.timed("sample", prompt, *source, "--n", 1, "--steps", q.sample_steps, "--guidance", q.guidance,
                           "--seed", q.seed, "-o", self.out / "first" / f"{name}-{method}")  # fmt: skip
 
@@ -204,12 +207,12 @@ def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
         for concept in concepts:
             token, noun, name = concept
             made, seconds = ib.concept_of(method, concept, data_dirs[token], reg_dirs[noun])
-            first = ib.first_sample(method, concept, made)
+            # DreamBooth's identifier is a vocabulary word ("sks"), asked for in the token's place
+            ident = (token, identifier_of(made)) if method == DREAMBOOTH else None
+            first = ib.first_sample(method, concept, made, ident)
             uses_reg = method not in (INSTANTBOOTH, "textual-inversion")
             groups = [f"concept {token}", f"companion {token}", f"prior {noun}"]
             model = str(made) if method == DREAMBOOTH else None
-            # DreamBooth's identifier is a vocabulary word ("sks"), asked for in the token's place
-            ident = (token, identifier_of(made)) if model else None
             judged = ib.b.evaluate(f"{name}-{method}", [] if model else [made], groups, model=model, identifier=ident)
             cells[token] = {
                 "concept_fidelity": judged[f"concept {token}"]["concept_fidelity"],

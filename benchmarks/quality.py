@@ -7,7 +7,8 @@
 Everything runs through the cdtool commands a user types (in this process): prep the "photos" of
 each personal concept of the toy world's suite (eight concepts, four pairs), regset, train (with and
 without the regularisation set, jointly, with DVAR early stopping), merge (the paper's closed form,
-least squares and sum), compress at several ranks, sample and score with the oracle. Reports, per model variant:
+least squares and sum), compress at several ranks, sample and score with the oracle. Reports, per
+model variant:
 
 - concept fidelity: share of "a small <new3> square on a ... background" samples showing the pattern
   (and, as `*_in_shape`, showing it on a thing of the asked shape);
@@ -22,8 +23,8 @@ The headline cells (each concept alone, after each merge and joint training; pla
 drift for each; both concepts in one prompt) take `n` samples each (default 128: standard error at
 most 0.045); the no-regularisation, compression and DVAR cells take `n_small`. `--ci` is the small
 variant the test suite runs (one pair, fewer steps and samples). Every cell samples its prompts at
-the seeds --seed, --seed + 1, ..., so a prompt's k-th sample starts from the same noise in every cell, and
-which seeds a concept comes out at varies more than chance over 8 backgrounds would say: a
+the seeds --seed, --seed + 1, ..., so a prompt's k-th sample starts from the same noise in every
+cell, and which seeds a concept comes out at varies more than chance over 8 backgrounds would say: a
 compression or checkpoint cell (n_small) is read against the full delta's samples at its own seeds
 (`rank_fidelity["full"]`, `fidelity_by_steps` at the fixed steps), not against all of them. Single
 concepts are also read apart on the backgrounds in one of the concept's own tones
@@ -240,7 +241,8 @@ class Bench:
         )  # fmt: skip
         if identifier:  # judged under the token: the oracle knows concepts by their tokens
             recorded = json.loads((folder / "prompts.json").read_text())
-            as_token = {f: dict(zip(asked, prompts, strict=True))[p] for f, p in recorded.items()}
+            group_prompt = dict(zip(asked, prompts, strict=True))
+            as_token = {f: group_prompt[p] for f, p in recorded.items()}
             (self.out / f"prompts-{name}-as-token.json").write_text(json.dumps(as_token, indent=1) + "\n")
         return self.judge(name, groups)
 
@@ -382,7 +384,8 @@ def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
 
 def rescore(out: Path, oracle: str | None, quiet: bool = False) -> dict[str, Any]:
     """An earlier run's samples (OUT/quality.json and OUT/samples/) judged again by another `oracle`
-    (None: the run's own), nothing sampled anew; returns (and writes to OUT/quality-rescored.json) the results."""
+    (None: the run's own), nothing sampled anew; returns (and writes to OUT/quality-rescored.json)
+    the results."""
     res = json.loads((out / "quality.json").read_text())
     fields = {f.name for f in dataclasses.fields(Settings)}
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in res["settings"].items() if k in fields}

@@ -29,8 +29,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SET = ROOT / "research" / "calibration" / "suite-53657"
-# the suite benchmark's judge: the shipped toy world's oracle
-JUDGE = ROOT / "cdtool" / "data" / "toy" / "oracle.safetensors"
 TILE, PER_ROW = 32, 16
 LABELS = ("Y", "n", "?")
 
@@ -140,17 +138,19 @@ def main() -> None:
     p.add_argument("labels", type=Path)
     p.add_argument("out", type=Path)
     m = sub.add_parser("measure")
-    m.add_argument("oracles", nargs="*", help="oracle weights (default: the suite's judge)")
+    m.add_argument("oracles", nargs="*", help="oracle weights (default: the shipped one, the suite's judge)")
     m.add_argument("--set", type=Path, default=SET)
     w = sub.add_parser("swaps")
-    w.add_argument("oracles", nargs="*", help="oracle weights (default: the suite's judge)")
+    w.add_argument("oracles", nargs="*", help="oracle weights (default: the shipped one, the suite's judge)")
     w.add_argument("--n", type=int, default=64)
     args = ap.parse_args()
+    from cdtool.toy.oracle import shipped_weights
+
     if args.command == "pack":
         print(f"{pack(args.samples, json.loads(args.labels.read_text()), args.out)} tiles -> {args.out}.png")
         return
     if args.command == "swaps":
-        for weights in args.oracles or [str(JUDGE)]:
+        for weights in args.oracles or [shipped_weights()]:
             print(f"{weights} (n = {args.n} each): concept, right renders read as it / swapped read as it")
             for token, r in swap_readings(weights, args.n).items():
                 print(f"  {token} {r['kind']:8s} {r['right']:.2f} / {r['swapped']:.2f}")
@@ -160,7 +160,7 @@ def main() -> None:
     print(f"{len(rows)} samples: {eye.count('Y')} Y, {eye.count('n')} n, {eye.count('?')} ?")
     print("| oracle | recall on Y | false on n | reads ? | fidelity | eye: Y .. Y+? |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for weights in args.oracles or [str(JUDGE)]:
+    for weights in args.oracles or [shipped_weights()]:
         a = agreement(concept_verdicts(weights, tiles, rows), eye)
         print(
             f"| {weights} | {a['recall']:.2f} | {a['false']:.2f} | {a['unsure']:.2f} | {a['fidelity']:.2f} |"

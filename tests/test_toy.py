@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 
+from benchmarks.quality import V1_ORACLE
 from cdtool.toy import judge as judge_mod
 from cdtool.toy.oracle import load_oracle, read
 from cdtool.toy.world import COLOURS, CONCEPT_TONES, PATTERN_WORDS, PATTERNS, SUITE, Sampler, render, with_article
 
-# The v1 toy world's oracle (its two concepts' patterns), kept with the v1 toy model; the shipped
-# oracle reads the suite's world.
-V1_ORACLE = str(Path(__file__).resolve().parent.parent / "tools" / "checkpoints" / "toy1" / "oracle.safetensors")
+# The v1 toy world (its oracle: V1_ORACLE, kept with the v1 toy model; the shipped oracle reads the
+# suite's world):
 V1, V1_FILLS = judge_mod.V1_TOKENS, frozenset(PATTERNS)  # its tokens' fills, and its fills that are patterns
 
 

@@ -328,10 +328,11 @@ def test_the_suites_judge_agrees_with_samples_read_by_eye():
     """The judge of the suite's benchmark, on 448 of its samples read by eye: it finds most clear
     concepts and reads few clear misses as the concept (research/judge_calibration.py)."""
     sys.path.insert(0, str(ROOT))
-    from research.judge_calibration import JUDGE, agreement, concept_verdicts, load_set
+    from cdtool.toy.oracle import shipped_weights
+    from research.judge_calibration import agreement, concept_verdicts, load_set
 
     tiles, rows = load_set()
-    got = agreement(concept_verdicts(str(JUDGE), tiles, rows), [r["eye"] for r in rows])
+    got = agreement(concept_verdicts(shipped_weights(), tiles, rows), [r["eye"] for r in rows])
     assert got["recall"] >= 0.8 and got["false"] <= 0.1, got
 
 
@@ -499,9 +500,10 @@ def test_the_tone_order_report_tells_rows_that_carry_the_role_from_rows_that_do_
 
 
 def test_the_suites_judge_reads_clean_renders_and_the_swap_readings_are_shares():
-    from research.judge_calibration import JUDGE, swap_readings
+    from cdtool.toy.oracle import shipped_weights
+    from research.judge_calibration import swap_readings
 
-    shares = swap_readings(str(JUDGE), n=8)
+    shares = swap_readings(shipped_weights(), n=8)
     assert len(shares) == 8 and all(r["right"] == 1.0 for r in shares.values())
     assert all(r["swapped"] == 0.0 for r in shares.values() if r["kind"] in ("dotted", "checker"))
 

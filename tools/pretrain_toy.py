@@ -57,6 +57,7 @@ from resumable import (
 from cdtool.models.clip_vocab import load_clip_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "cdtool" / "data" / "toy" / "model"  # the shipped toy model's folder (package data)
 SIZE = 32
 
 VAE = dict(
@@ -273,7 +274,7 @@ def main() -> None:
     ap.add_argument(
         "--out",
         type=Path,
-        default=ROOT / "cdtool" / "data" / "toy" / "model",
+        default=SHIPPED,
         help="the model folder to write (default: cdtool/data/toy/model, the shipped toy model's; the v1 toy "
         "model's stages write tools/checkpoints/toy1/model)",
     )
@@ -283,7 +284,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.resume:
         return resume(args, ap)
-    if args.world == "v1" and args.out.resolve() == (ROOT / "cdtool" / "data" / "toy" / "model").resolve():
+    if args.world == "v1" and args.out.resolve() == SHIPPED.resolve():
         ap.error("--world v1 writes the v1 toy model, not the shipped one: give --out (tools/checkpoints/toy1/model)")
     if args.threads:
         torch.set_num_threads(args.threads)

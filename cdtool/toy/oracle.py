@@ -127,6 +127,11 @@ def read(model: Oracle, images: Sequence[Any]) -> list[dict[str, Any]]:
     return results
 
 
+def shipped_weights() -> str:
+    """The shipped oracle's weights file (package data)."""
+    return str(resources.files("cdtool").joinpath(WEIGHTS))
+
+
 def load_oracle(path: str | None = None) -> Oracle:
     """The oracle shipped with cdtool, or the one in the weights file `path` (tools/train_oracle.py)."""
     from safetensors import safe_open
@@ -135,7 +140,7 @@ def load_oracle(path: str | None = None) -> Oracle:
     from cdtool.errors import CdtoolError, first_line
 
     given = path is not None
-    path = path or str(resources.files("cdtool").joinpath(WEIGHTS))
+    path = path or shipped_weights()
     try:
         with safe_open(path, "pt") as f:
             world = (f.metadata() or {}).get("world", "v1")
