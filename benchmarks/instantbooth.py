@@ -9,12 +9,13 @@ by that world's oracle.
    that shape in a two-tone pattern of the tones pretraining shows (`Sampler.with_pretraining_pattern(
    scene, KINDS, SUITE_TONES)`), captioned with the shape alone ("a small star on a blue background",
    the identifier inserted before "star"), so that what tells one patterned star from another has to
-   come through the encoders. An encoder already in `--encoders DIR` (`DIR/<shape>`) is used as it is:
+   come through the encoders. The images are RGBA, their alpha marking the patterned thing: the
+   encoders see it alone, as the paper segments its subjects (the toy world knows each mask). An encoder already in `--encoders DIR` (`DIR/<shape>`) is used as it is:
    encoders take hours of a CPU, so they are trained the way toy pretraining runs (in the
    background, `--resume`d) and kept.
 2. Every suite concept asked for (its pattern in tones no encoder saw): the same five photos
    (`write_photos(..., suite=True)`), prepped as benchmarks/quality.py preps them, then
-   personalised (`cdtool personalize`), and trained with Custom Diffusion, textual inversion and
+   personalised from their cutouts (`cdtool personalize OUT/cutouts/NAME`), and trained with Custom Diffusion, textual inversion and
    DreamBooth-LoRA, and DreamBooth with every UNet weight (`cdtool train --method dreambooth`,
    whose output, a model folder, is sampled as the base).
 3. Each method's concept sampled in quality.py's prompt groups and judged with the oracle: concept
@@ -55,7 +56,7 @@ from cdtool.toy.world import (  # noqa: E402
     UNSIZED_SHARE,
     Sampler,
     Scene,
-    render,
+    render_cutout,
     with_article,
 )
 
@@ -104,7 +105,8 @@ def category_caption(scene: Scene, rng: random.Random) -> str:
 
 def write_category(folder: Path, shape: str, n: int, seed: int) -> Path:
     """`n` toy scenes whose first thing is a `shape` in a pretraining pattern, with captions, as an
-    imagefolder (metadata.jsonl) at the toy model's 32 px."""
+    imagefolder (metadata.jsonl) at the toy model's 32 px; RGBA, the alpha marking that thing (what a
+    segmenter would cut out; the encoders see it alone, the denoising loss the whole scene)."""
     from dataclasses import replace
 
     rng = random.Random(seed)
@@ -116,7 +118,7 @@ def write_category(folder: Path, shape: str, n: int, seed: int) -> Path:
         scene = replace(scene, things=(replace(scene.things[0], shape=shape), *scene.things[1:]))
         scene = sampler.with_pretraining_pattern(scene, KINDS, SUITE_TONES)
         name = f"{i:05d}.png"
-        render(scene, 32).save(folder / name)
+        render_cutout(scene, 32).save(folder / name)
         rows.append(json.dumps({"file_name": name, "text": category_caption(scene, rng)}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return folder
@@ -157,7 +159,8 @@ class InstantBench:
         q = self.s.quality
         if method == INSTANTBOOTH:
             out = self.out / f"{name}-{method}.safetensors"
-            return out, self.timed("personalize", data, "--encoder", self.encoder(noun), "--token", token, "-o", out)
+            cutouts = self.out / "cutouts" / name  # the photos' subjects cut out, as the paper segments them
+            return out, self.timed("personalize", cutouts, "--encoder", self.encoder(noun), "--token", token, "-o", out)
         steps, lr = self.s.recipes[method]
         out = self.out / (f"{name}-{method}" + ("" if method == DREAMBOOTH else ".safetensors"))
         reg_args = () if method == "textual-inversion" else ("--reg", reg)
@@ -196,7 +199,7 @@ def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
     concepts = tuple(by_token[t] for t in s.concepts)
     rng = random.Random(s.quality.seed)
     before = len(ib.b.run.timings)
-    data_dirs, reg_dirs = prepare(ib.b, rng, out / "unused-merge-captions.txt", concepts)
+    data_dirs, reg_dirs = prepare(ib.b, rng, out / "unused-merge-captions.txt", concepts, cutouts=True)
     prep_seconds, reg_seconds = _prep_times(list(ib.b.run.timings.values())[before:], concepts)
     if INSTANTBOOTH in s.methods:  # the encoders first: their training is not part of a concept's time
         for noun in dict.fromkeys(c[1] for c in concepts):

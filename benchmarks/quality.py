@@ -400,16 +400,22 @@ def rescore(out: Path, oracle: str | None, quiet: bool = False) -> dict[str, Any
 
 
 def prepare(
-    b: Bench, rng: random.Random, merge_captions: Path, concepts: tuple[Concept, ...] | None = None
+    b: Bench,
+    rng: random.Random,
+    merge_captions: Path,
+    concepts: tuple[Concept, ...] | None = None,
+    cutouts: bool = False,
 ) -> tuple[dict[str, Path], dict[str, Path]]:
     """Each concept's photos (default: every concept of the settings) prepped into a data folder (by
-    token) and a regularisation set per class noun (by noun)."""
+    token) and a regularisation set per class noun (by noun); with `cutouts`, the photos' cutouts in
+    OUT/cutouts/NAME too (`write_photos`)."""
     s, out = b.s, b.out
     data_dirs: dict[str, Path] = {}
     reg_dirs: dict[str, Path] = {}
     for token, noun, name in concepts or concepts_of(s):
         photos, data, reg = out / "photos" / name, out / "data" / name, out / "reg" / noun
-        write_photos(photos, token, rng, suite=s.suite, count=s.photos)
+        cut = out / "cutouts" / name if cutouts else None
+        write_photos(photos, token, rng, suite=s.suite, count=s.photos, cutouts=cut)
         own = ("--captions-from-files",) if s.captions == "files" else ()
         b.run("prep", photos, "-o", data, "--class-noun", noun, "--token", token, "--size", "32", *own)
         data_dirs[token] = data

@@ -24,7 +24,7 @@ from cdtool.instant.adapters import (
     self_attention,
     transformer_blocks,
 )
-from cdtool.instant.data import encoder_view, insert_identifier, step_generator
+from cdtool.instant.data import NEUTRAL, encoder_view, insert_identifier, step_generator, subject_only
 from cdtool.instant.encoders import combine_photos, identifier_rows
 
 CLIP = ("--clip-model", "cdtool-tiny", "--clip-pretrained", "none")
@@ -118,6 +118,26 @@ def test_encoder_view_is_seeded_and_keeps_a_uniform_image_uniform():
     assert a.shape == (3, 16, 16)
     flat = torch.full((3, 40, 40), 0.25)
     assert torch.allclose(encoder_view(flat, 16, step_generator(1, 0, 0)), torch.full((3, 16, 16), 0.25), atol=1e-6)
+
+
+def test_subject_only_shows_the_subject_and_neutral_elsewhere():
+    image = torch.linspace(-1, 1, 3 * 4 * 4).reshape(3, 4, 4)
+    assert subject_only(image, None) is image  # no alpha: the whole image
+    alpha = torch.tensor([[1.0, 0.0, 0.5, 1.0]]).expand(1, 4, 4)
+    seen = subject_only(image, alpha)
+    assert torch.equal(seen[..., 0], image[..., 0]) and torch.equal(seen[..., 3], image[..., 3])
+    assert torch.equal(seen[..., 1], torch.full((3, 4), NEUTRAL))
+    assert torch.allclose(seen[..., 2], 0.5 * image[..., 2] + 0.5 * NEUTRAL)
+
+
+def _cutout(path: Path, background: tuple[int, int, int]) -> Path:
+    """A 64 px RGBA photo: a red square marked by the alpha, on `background` (transparent, its colour kept)."""
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (64, 64), (*background, 0))
+    rgba.paste(Image.new("RGBA", (32, 32), (200, 40, 40, 255)), (16, 16))
+    rgba.save(path)
+    return path
 
 
 # ---- the frozen UNet, with adapters attached ------------------------------------------------------
@@ -293,6 +313,40 @@ def test_personalize_sample_info_score_chain(cli, tmp_path, encoder):
     cli("sample", "photo of a <new1> cat", "--delta", f"{concept}:0.5", "--n", "1", "--steps", "2", "-o", weaker)
     score = json.loads(cli("score", out, "--ref", photos, "--metrics", "clip-t,clip-i", *CLIP, "--json").stdout)
     assert score["runs"][0]["n_images"] == 4 and "clip_i" in score["runs"][0]["overall"]
+
+
+def test_photos_with_alpha_are_personalised_from_their_subject_alone(tmp_path, encoder):
+    from cdtool.instant.personal import personalize
+
+    on_blue = personalize([_cutout(tmp_path / "a.png", (40, 40, 220))], encoder)
+    on_green = personalize([_cutout(tmp_path / "b.png", (40, 200, 40))], encoder)
+    assert torch.equal(on_blue.tokens["<new1>"], on_green.tokens["<new1>"])  # what the alpha hides is not seen
+    assert torch.equal(on_blue.visual["<new1>"], on_green.visual["<new1>"])
+    opaque = tmp_path / "c.png"
+    from PIL import Image
+
+    Image.open(tmp_path / "a.png").convert("RGB").save(opaque)  # the same colours without the alpha
+    assert not torch.equal(personalize([opaque], encoder).visual["<new1>"], on_blue.visual["<new1>"])
+
+
+def test_the_encoders_train_on_the_subject_and_the_loss_on_the_whole_image(tmp_path, monkeypatch, fresh_tiny):
+    """With RGBA images the encoders' views come from the subject alone; the VAE encodes the whole image."""
+    import cdtool.instant.trainer as trainer
+    from cdtool.instant.folder import EncoderSettings
+
+    data = tmp_path / "cut"
+    data.mkdir()
+    for i, bg in enumerate([(40, 40, 220), (40, 200, 40)]):
+        _cutout(data / f"{i}.png", bg)
+    seen: list[torch.Tensor] = []
+    view = trainer.encoder_view
+    monkeypatch.setattr(trainer, "encoder_view", lambda im, size, g: seen.append(im) or view(im, size, g))
+    s = EncoderSettings(model="tiny", class_noun="cat", identifier="<new1>", backbone="cdtool-tiny", data=str(data),
+                        init_token="ktn", resolution=64, batch_size=2, steps=1, device="cpu")  # fmt: skip
+    examples = [(str(p), "photo of a <new1> cat") for p in sorted(data.glob("*.png"))]
+    trainer.train_encoder(s, tmp_path / "enc", examples, pipe=fresh_tiny)
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])  # the backgrounds differ only under alpha 0
+    assert torch.equal(seen[0][:, 0, 0], torch.full((3,), NEUTRAL))
 
 
 def _pixels(path: Path) -> bytes:

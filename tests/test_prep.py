@@ -195,3 +195,33 @@ def test_imagefolder_loads(cli, tmp_path, photos):
     cli("prep", photos / "a.png", photos / "b.webp", "-o", out, "--class-noun", "cat", "--size", "32")
     ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
     assert len(ds) == 2 and ds[0]["text"] == "photo of a <new1> cat"
+
+
+def test_an_images_alpha_is_read_beside_its_colours_which_stay_as_the_file_holds_them(tmp_path):
+    import torch
+
+    from cdtool.dataset.folders import load_image, load_image_and_alpha
+
+    a = np.zeros((80, 120, 4), np.uint8)
+    a[..., :3] = (40, 80, 220)  # blue where the subject is not (alpha 0)
+    a[20:60, 40:80] = (200, 40, 40, 255)
+    Image.fromarray(a, "RGBA").save(tmp_path / "cut.png")
+    rgb, alpha = load_image_and_alpha(tmp_path / "cut.png", 40)  # centre crop 80 x 80, then halved
+    assert alpha is not None and alpha.shape == (1, 40, 40)
+    assert float(alpha[0, 20, 20]) == 1.0 and float(alpha[0, 2, 2]) == 0.0
+    blue = torch.tensor([40, 80, 220]) / 127.5 - 1
+    assert torch.allclose(rgb[:, 2, 2], blue, atol=0.02)  # not blackened by a premultiplied resize
+    assert torch.equal(load_image(tmp_path / "cut.png", 40), rgb)
+    rotated = Image.fromarray(a, "RGBA").transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(tmp_path / "turned.png", exif=exif)
+    rgb_t, alpha_t = load_image_and_alpha(tmp_path / "turned.png", 40)  # the alpha turns with the colours
+    assert torch.allclose(alpha_t, alpha, atol=0.01) and torch.allclose(rgb_t, rgb, atol=0.02)
+    Image.fromarray(a[..., :3]).save(tmp_path / "opaque.jpg")
+    assert load_image_and_alpha(tmp_path / "opaque.jpg", 40)[1] is None
+    p = Image.fromarray(a[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    p.info["transparency"] = p.getpixel((0, 0))
+    p.save(tmp_path / "palette.png", transparency=p.getpixel((0, 0)))
+    _, alpha_p = load_image_and_alpha(tmp_path / "palette.png", 40)
+    assert alpha_p is not None and float(alpha_p[0, 2, 2]) == 0.0 and float(alpha_p[0, 20, 20]) == 1.0

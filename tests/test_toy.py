@@ -9,7 +9,20 @@ import numpy as np
 from benchmarks.quality import V1_ORACLE
 from cdtool.toy import judge as judge_mod
 from cdtool.toy.oracle import load_oracle, read
-from cdtool.toy.world import COLOURS, CONCEPT_TONES, PATTERN_WORDS, PATTERNS, SUITE, Sampler, render, with_article
+from cdtool.toy.world import (
+    COLOURS,
+    CONCEPT_TONES,
+    PATTERN_WORDS,
+    PATTERNS,
+    SUITE,
+    Sampler,
+    Scene,
+    Thing,
+    render,
+    render_cutout,
+    subject_mask,
+    with_article,
+)
 
 # The v1 toy world (its oracle: V1_ORACLE, kept with the v1 toy model; the shipped oracle reads the
 # suite's world):
@@ -102,6 +115,24 @@ def test_views_shrink_or_enlarge_a_scene():
     assert thing_pixels(render(scene, 64, zoom=0.5)) < plain / 2
     assert thing_pixels(render(scene, 64, zoom=1.4, at=(0.5, 0.5))) > plain * 1.3
     assert scene.caption(sized=False) == scene.caption().replace(f" {scene.things[0].size}", "", 1)
+
+
+def test_a_cutout_is_the_render_with_its_subjects_outline_as_alpha():
+    red = Thing("square", "red", "large", 0.5, 0.5)
+    alone = Scene((red,), "blue")
+    mask = np.asarray(subject_mask(alone, 32)).astype(int)
+    assert mask[16, 16] == 255 and mask[0, 0] == 0  # inside the square, and the background
+    square = np.asarray(render(alone, 32)).reshape(-1, 3).astype(int)
+    on_red = np.abs(square - np.array(COLOURS["red"])).sum(1) < 30
+    on_blue = np.abs(square - np.array(COLOURS["blue"])).sum(1) < 30
+    assert (mask.reshape(-1)[on_red] > 200).all() and (mask.reshape(-1)[on_blue] < 30).all()
+    # a thing drawn over the subject hides that part of it; the subject drawn over another hides nothing
+    cover = Thing("circle", "green", "small", 0.5, 0.5)
+    assert subject_mask(Scene((red, cover), "blue"), 32).getpixel((16, 16)) == 0
+    assert subject_mask(Scene((cover, red), "blue"), 32, index=1).getpixel((16, 16)) == 255
+    cut = render_cutout(Scene((red, cover), "blue"), 32)
+    assert cut.mode == "RGBA" and cut.convert("RGB").tobytes() == render(Scene((red, cover), "blue"), 32).tobytes()
+    assert cut.getchannel("A").tobytes() == subject_mask(Scene((red, cover), "blue"), 32).tobytes()
 
 
 def test_parse_prompt_reads_every_caption_the_world_writes():

@@ -21,7 +21,12 @@ EXAMPLES = examples(
 def personalize(
     photos: Annotated[
         list[str],
-        typer.Argument(help="Photos of one subject: files, folders or globs.", show_default=False, metavar="PHOTOS"),
+        typer.Argument(
+            help="Photos of one subject: files, folders or globs. Cut out (an alpha channel, as background "
+            "removers write): the encoders see the subject alone.",
+            show_default=False,
+            metavar="PHOTOS",
+        ),
     ],
     encoder: Annotated[
         Path, typer.Option("--encoder", help="The encoder folder (from `cdtool train-encoder`).", show_default=False)

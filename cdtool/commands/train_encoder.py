@@ -45,7 +45,8 @@ def train_encoder(
         Path | None,
         typer.Argument(
             help="Captioned images of one category (a folder from `cdtool regset` or `prep`, or images with "
-            "metadata.jsonl); without captions each is 'photo of a <class noun>'.",
+            "metadata.jsonl); without captions each is 'photo of a <class noun>'. An image's alpha channel marks "
+            "its subject: the encoders see that alone, the denoising loss the whole image.",
             show_default=False,
         ),
     ] = None,

@@ -97,15 +97,29 @@ def check_images(folder: Folder, min_size: int, what: str = "data") -> None:
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """RGB, centre-cropped to a square, resized to size x size; [3, size, size] in [-1, 1]."""
+    """RGB, centre-cropped to a square, resized to size x size; [3, size, size] in [-1, 1]. An alpha
+    channel is dropped: the colours under transparent pixels are kept as the file holds them."""
+    return load_image_and_alpha(path, size)[0]
+
+
+def load_image_and_alpha(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`load_image`'s RGB and the image's alpha channel, cropped and resized alike ([1, size, size] in
+    [0, 1]), or None for an image without one."""
     from PIL import Image, ImageOps
 
     with open_image(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        im = ImageOps.exif_transpose(im)
+        has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side))
-        if side != size:
-            im = im.resize((size, size), Image.Resampling.BICUBIC)
-        t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
-    return t.permute(2, 0, 1).float() / 127.5 - 1.0
+        box = (left, top, left + side, top + side)
+        # each apart: Pillow resizes RGBA premultiplied, which would blacken the colours under alpha 0
+        planes = [im.convert("RGB"), *([im.convert("RGBA").getchannel("A")] if has_alpha else [])]
+        out = []
+        for plane in planes:
+            plane = plane.crop(box)
+            if side != size:
+                plane = plane.resize((size, size), Image.Resampling.BICUBIC)
+            out.append(torch.frombuffer(bytearray(plane.tobytes()), dtype=torch.uint8).reshape(size, size, -1))
+    rgb = out[0].permute(2, 0, 1).float() / 127.5 - 1.0
+    return rgb, (out[1].permute(2, 0, 1).float() / 255.0 if has_alpha else None)

@@ -21,6 +21,10 @@ from cdtool.instant.backbones import resize
 # place, mirrored half the time, resized to the backbone's input size. The paper augments the
 # encoder's input at random without saying how; these keep the whole subject in most views.
 VIEW_MIN_SIDE = 0.75
+# What the encoders see where a photo's alpha channel says the subject is not: zero in the [-1, 1]
+# input range (mid grey). The paper segments the subject before encoding and does not say what it puts
+# around it; zero is the backbones' neutral input (and close to CLIP's mean after its normalisation).
+NEUTRAL = 0.0
 
 
 def insert_identifier(caption: str, noun: str, identifier: str) -> str | None:
@@ -57,6 +61,14 @@ def read_category(data: Path, noun: str, identifier: str, resolution: int) -> tu
 def step_generator(seed: int, step: int, process: int) -> torch.Generator:
     """The generator of every draw of one step of one process."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + process)
+
+
+def subject_only(image: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+    """What the encoders are shown of an image [3, s, s]: the subject alone where its alpha channel
+    [1, s, s] marks it (the rest NEUTRAL, edges blended), the whole image where it has none."""
+    if alpha is None:
+        return image
+    return image * alpha + NEUTRAL * (1 - alpha)
 
 
 def encoder_view(image: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:

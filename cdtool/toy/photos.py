@@ -8,7 +8,7 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from cdtool.toy.world import PHOTO_OF_SHARE, SUITE, UNSIZED_SHARE, Sampler, render, suite_concept
+from cdtool.toy.world import PHOTO_OF_SHARE, SUITE, UNSIZED_SHARE, Sampler, render, render_cutout, suite_concept
 
 # (token, class noun, folder name) of the suite's eight personal concepts (cdtool.toy.world.SUITE),
 # which the shipped toy model's world holds.
@@ -32,15 +32,23 @@ def toy_captions(rng: random.Random, shape: str | None, n: int) -> list[str]:
     return out
 
 
-def write_photos(folder: Path, token: str, rng: random.Random, suite: bool = True, count: int = 5) -> None:
+def write_photos(
+    folder: Path, token: str, rng: random.Random, suite: bool = True, count: int = 5, cutouts: Path | None = None
+) -> None:
     """`count` renders of the suite's concept (of the v1 world's, without `suite`) as 96 px JPEGs with a
-    caption file each; the first one stored rotated with an EXIF orientation tag, as phones do."""
+    caption file each; the first one stored rotated with an EXIF orientation tag, as phones do. With
+    `cutouts`, the same photos there too as a background remover leaves them (upright RGBA PNGs whose
+    alpha marks the concept: `render_cutout`), for InstantBooth's encoders."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
+    if cutouts is not None:
+        cutouts.mkdir(parents=True, exist_ok=True)
     sampler = Sampler(rng)
     for i in range(count):
         scene = sampler.suite_scene(suite_concept(token), count=1) if suite else sampler.scene(count=1, concept=token)
+        if cutouts is not None:
+            render_cutout(scene, 96).save(cutouts / f"IMG_{i:04d}.png")
         image = render(scene, 96)
         exif = Image.Exif()
         if i == 0:

@@ -342,20 +342,12 @@ def render(
     """The scene as an RGB PIL image (drawn large, then downsampled for smooth edges). A `zoom` below 1
     shows it shrunk on its background, above 1 a crop of it enlarged; `at` places the shrunk scene or
     the crop (0 to 1 across the free room, per axis)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     big = size * supersample
     image = Image.new("RGB", (big, big), COLOURS[scene.background])
     for t in scene.things:
-        cx, cy, r = t.x * big, t.y * big, SIZES[t.size] * big
-        mask = Image.new("L", (big, big), 0)
-        draw = ImageDraw.Draw(mask)
-        outline = _outline(t.shape, cx, cy, r)
-        if outline is None:
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        else:
-            draw.polygon(outline, fill=255)
-        image.paste(_fill(t, big, cx, cy, r), (0, 0), mask)
+        image.paste(_fill(t, big, t.x * big, t.y * big, SIZES[t.size] * big), (0, 0), _thing_mask(t, big))
     if zoom != 1.0:
         side = round(big * zoom)
         scaled = image.resize((side, side), Image.Resampling.LANCZOS)
@@ -367,6 +359,41 @@ def render(
         else:
             image = scaled.crop((x, y, x + big, y + big))
     return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _thing_mask(t: Thing, big: int) -> Any:
+    """Where `t` covers a `big`-pixel canvas: an L image, 255 inside its outline."""
+    from PIL import Image, ImageDraw
+
+    cx, cy, r = t.x * big, t.y * big, SIZES[t.size] * big
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    outline = _outline(t.shape, cx, cy, r)
+    if outline is None:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        draw.polygon(outline, fill=255)
+    return mask
+
+
+def subject_mask(scene: Scene, size: int = 32, index: int = 0, supersample: int = 4) -> Any:
+    """Where the scene's thing `index` shows (an L image, 255 on it, less at its smoothed edge, 0 where
+    the background or a thing drawn over it shows): what a segmenter would cut out of `render`."""
+    from PIL import Image, ImageChops
+
+    big = size * supersample
+    mask = _thing_mask(scene.things[index], big)
+    for t in scene.things[index + 1 :]:
+        mask = ImageChops.subtract(mask, _thing_mask(t, big))
+    return mask.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def render_cutout(scene: Scene, size: int = 32, index: int = 0) -> Any:
+    """`render` with thing `index` as its subject: an RGBA image whose alpha is `subject_mask` (the
+    colour under a transparent pixel is the scene's own, as a background remover keeps it)."""
+    image = render(scene, size).convert("RGBA")
+    image.putalpha(subject_mask(scene, size, index))
+    return image
 
 
 def _fill(t: Thing, big: int, cx: float, cy: float, r: float) -> Any:
