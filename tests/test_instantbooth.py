@@ -239,6 +239,34 @@ def test_resume_continues_bit_for_bit(cli, tmp_path, cats):
     assert "--lr" in one_error(r) and "keeps its own settings" in one_error(r)
 
 
+def test_a_compact_copy_is_half_the_size_and_resumes(cli, tmp_path, cats):
+    """What a repository keeps: float16 weights and bfloat16 moments; --resume reads it and goes on."""
+    from cdtool.delta.importers import load_pickle
+    from cdtool.instant.folder import OPTIMIZER, WEIGHTS
+
+    cli("train-encoder", cats, "--class-noun", "cat", *TRAIN, "--steps", "2", "-o", tmp_path / "run")
+    root = Path(__file__).resolve().parent.parent
+    cmd = [
+        sys.executable,
+        str(root / "tools" / "resumable.py"),
+        "compact",
+        str(tmp_path / "run"),
+        str(tmp_path / "kept"),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+    full, kept = _tensors(tmp_path / "run"), _tensors(tmp_path / "kept")
+    assert all(kept[k].dtype == torch.float16 and torch.equal(kept[k], full[k].half()) for k in full)
+    moments = load_pickle(tmp_path / "kept" / OPTIMIZER)["optimizer"]["state"].values()
+    assert moments and all(m["exp_avg_sq"].dtype == torch.bfloat16 for m in moments)
+    size = sum((tmp_path / "kept" / f).stat().st_size for f in (WEIGHTS, OPTIMIZER))
+    assert size < 0.6 * sum((tmp_path / "run" / f).stat().st_size for f in (WEIGHTS, OPTIMIZER))
+    r = cli("train-encoder", "--resume", tmp_path / "kept", "--steps", "3", "--json")
+    assert json.loads(r.stdout)["step"] == 3
+    resumed = _tensors(tmp_path / "kept")
+    assert resumed["concept_head.weight"].dtype == torch.float32  # training writes full precision again
+    assert not torch.equal(resumed["concept_head.weight"], full["concept_head.weight"])
+
+
 def test_train_encoder_refusals(cli, tmp_path, cats):
     plain = write_concept_folder(tmp_path / "stars", n=2, size=64, captions="a red star, view {i}")
     r = cli("train-encoder", plain, "--class-noun", "cat", *TRAIN, "--steps", "1", "-o", tmp_path / "e1", code=1)

@@ -8,7 +8,8 @@ and on the CPU continues it bit for bit. Both files are replaced atomically, so 
 moment leaves the last complete checkpoint.
 
 A checkpoint kept in the repository between machines is the compact copy `python tools/resumable.py
-compact RUN DEST` writes: the weights in float16 and the moments in bfloat16 (float16 would flush
+compact RUN DEST` writes (given an InstantBooth encoder folder, it writes that folder's compact copy:
+`cdtool.instant.folder.compact`): the weights in float16 and the moments in bfloat16 (float16 would flush
 Adam's second moments to zero), half the size; a run resumed from it continues with those values
 rounded once.
 """
@@ -136,5 +137,12 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 4 or sys.argv[1] != "compact":
-        sys.exit("usage: python tools/resumable.py compact RUN DEST")
-    compact(Path(sys.argv[2]), Path(sys.argv[3]))
+        sys.exit("usage: python tools/resumable.py compact RUN DEST  (a run folder, or an InstantBooth encoder folder)")
+    src, dest = Path(sys.argv[2]), Path(sys.argv[3])
+    if (src / META).is_file():
+        compact(src, dest)
+    else:  # an encoder folder: cdtool's own format knows how to halve it
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from cdtool.instant.folder import compact as compact_encoder
+
+        compact_encoder(src, dest)

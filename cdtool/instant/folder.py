@@ -155,6 +155,34 @@ def read_data(path: Path) -> list[tuple[str, str]]:
         raise CdtoolError(f"{path / DATA}: cannot read the training images of this encoder ({e})") from e
 
 
+def compact(src: Path, dest: Path) -> None:
+    """A copy of encoder folder `src` in `dest` at half the size, as a repository keeps one between
+    machines: the weights in float16, AdamW's moments in bfloat16 (float16 would flush its second
+    moments to zero); `--resume` reads it as any (torch casts the moments back to float32 on loading),
+    continuing with those values rounded once."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from cdtool.delta.importers import load_pickle
+
+    read_encoder(src)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (SETTINGS, DATA, LOG, LOSS_CURVE):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+    with safe_open(str(src / WEIGHTS), framework="pt") as f:
+        weights = {k: f.get_tensor(k).half() for k in f.keys()}
+        save_file(weights, str(dest / WEIGHTS), metadata=f.metadata())
+    state = load_pickle(src / OPTIMIZER)
+    for moments in state["optimizer"]["state"].values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            moments[key] = moments[key].to(torch.bfloat16)
+    torch.save(state, str(dest / OPTIMIZER))
+
+
 def encoder_sha256(path: Path) -> str:
     """The encoder's fingerprint: the sha256 of its weights file."""
     from cdtool.hashing import file_sha256
