@@ -23,6 +23,10 @@ by that world's oracle.
    of "a <new3> square and a green heart on ..."), prior drift (plain prompts of the class, sampled
    with the concept loaded), and the wall-clock seconds from photos to the first sample (prep, the
    regularisation set where the method uses one, training or personalising, and one image).
+4. Where both concepts of a suite pair are asked for (`PAIRS`: `--concepts "<new5>,<new6>"`),
+   composition after a merge: Custom Diffusion's two deltas, and DreamBooth's two models reduced to
+   their key/value change (`get-deltas`; each concept has its own identifier, sks, ohwx, ...), merged
+   in closed form and sampled with each concept alone and both in one prompt.
 
 Results go to OUT/instantbooth.json: per method and concept, and over the concepts (mean, spread
 and the number of samples behind each). `n` is per concept and cell (128: standard error at most
@@ -46,11 +50,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import Bench, Settings, as_identifier, prepare, spread  # noqa: E402
-from cdtool.toy.photos import SUITE_PERSONAL  # noqa: E402
+from benchmarks.quality import Bench, Settings, as_identifier, pair_tag, prepare, spread  # noqa: E402
+from cdtool.toy.photos import SUITE_PERSONAL, toy_captions  # noqa: E402
 from cdtool.toy.world import (  # noqa: E402
     KIND_WORDS,
     KINDS,
+    PAIRS,
     PHOTO_OF_SHARE,
     SUITE_TONES,
     UNSIZED_SHARE,
@@ -63,6 +68,12 @@ from cdtool.toy.world import (  # noqa: E402
 INSTANTBOOTH = "instantbooth"
 BASELINES = ("custom-diffusion", "textual-inversion", "dreambooth-lora")
 DREAMBOOTH = "dreambooth"  # every UNet weight: a model folder
+# DreamBooth's identifiers, one per concept in the order asked for: two models trained with the same
+# identifier collide in a merge (docs/methods.md), so a pair's two take different words.
+DB_IDENTIFIERS = ("sks", "ohwx", "zwx", "xjy")
+# The methods whose concepts are merged in closed form where a suite pair is asked for: Custom
+# Diffusion's deltas, and DreamBooth's key/value change (`get-deltas`) as its paper compares.
+MERGED = ("custom-diffusion", DREAMBOOTH)
 
 
 @dataclass
@@ -167,8 +178,9 @@ class InstantBench:
         out = self.out / (f"{name}-{method}" + ("" if method == DREAMBOOTH else ".safetensors"))
         reg_args = () if method == "textual-inversion" else ("--reg", reg)
         lr_args = () if lr is None else ("--lr", lr)
+        ident = ("--token", db_identifier(self.s, token)) if method == DREAMBOOTH else ()
         seconds = self.timed("train", data, *reg_args, "--method", method, "-o", out, "--model", q.model, "--steps",
-                             steps, "--seed", q.seed, *lr_args, "--no-aug", "--no-samples")  # fmt: skip
+                             steps, "--seed", q.seed, *lr_args, *ident, "--no-aug", "--no-samples")  # fmt: skip
         return out, seconds
 
     def first_sample(
@@ -181,9 +193,14 @@ class InstantBench:
         source = ("--model", made) if method == DREAMBOOTH else ("--delta", made)
         prompt = self.b.groups[f"concept {token}"][0]
         if identifier:
-            prompt = as_identifier(prompt, identifier)
+            prompt = as_identifier(prompt, [identifier])
         return self.timed("sample", prompt, *source, "--n", 1, "--steps", q.sample_steps, "--guidance", q.guidance,
                           "--seed", q.seed, "-o", self.out / "first" / f"{name}-{method}")  # fmt: skip
+
+
+def db_identifier(s: InstantSettings, token: str) -> str:
+    """The identifier word DreamBooth trains the concept `token` with."""
+    return DB_IDENTIFIERS[s.concepts.index(token) % len(DB_IDENTIFIERS)]
 
 
 def identifier_of(model: Path) -> str:
@@ -207,18 +224,22 @@ def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
         for noun in dict.fromkeys(c[1] for c in concepts):
             ib.encoder(noun)
     ib.b.evaluate("base", [], [g for t, n, _ in concepts for g in (f"concept {t}", f"prior {n}")])
+    made_by: dict[str, dict[str, Path]] = {}
     for method in s.methods:
         cells: dict[str, Any] = {}
         for concept in concepts:
             token, noun, name = concept
             made, seconds = ib.concept_of(method, concept, data_dirs[token], reg_dirs[noun])
+            made_by.setdefault(method, {})[token] = made
             # DreamBooth's identifier is a vocabulary word ("sks"), asked for in the token's place
             ident = (token, identifier_of(made)) if method == DREAMBOOTH else None
             first = ib.first_sample(method, concept, made, ident)
             uses_reg = method not in (INSTANTBOOTH, "textual-inversion")
             groups = [f"concept {token}", f"companion {token}", f"prior {noun}"]
             model = str(made) if method == DREAMBOOTH else None
-            judged = ib.b.evaluate(f"{name}-{method}", [] if model else [made], groups, model=model, identifier=ident)
+            judged = ib.b.evaluate(
+                f"{name}-{method}", [] if model else [made], groups, model=model, identifiers=[ident] if ident else ()
+            )
             cells[token] = {
                 "concept_fidelity": judged[f"concept {token}"]["concept_fidelity"],
                 "concept_in_shape": judged[f"concept {token}"].get("concept_shape_fidelity"),
@@ -237,11 +258,51 @@ def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
                 },
             }
         ib.results["methods"][method] = {"concepts": cells, "suite": _suite(cells)}
+    ib.results["merged"] = merge_pairs(ib, made_by)
     ib.results["goals"] = goals(ib.results["methods"])
     ib.results["base"] = ib.b.results["variants"]["base"]
     ib.results["command_seconds"] = ib.b.run.timings
     (out / "instantbooth.json").write_text(json.dumps(ib.results, indent=1) + "\n")
     return ib.results
+
+
+def merge_pairs(ib: InstantBench, made_by: dict[str, dict[str, Path]]) -> dict[str, Any]:
+    """Composition after a merge, for each suite pair whose two concepts were asked for: each MERGED
+    method's two concepts merged in closed form (the paper's merge, quality.py's regularisation
+    captions); DreamBooth's models first reduced to their key/value change (`get-deltas`), sampled on
+    the base. Per method and pair: each concept's fidelity after the merge and both in one prompt."""
+    pairs = [(a, b) for a, b in PAIRS if a in ib.s.concepts and b in ib.s.concepts]
+    if not pairs:
+        return {}
+    captions = ib.out / "merge-captions.txt"
+    captions.write_text("\n".join(toy_captions(random.Random(ib.s.quality.seed + 1), None, 400)) + "\n")
+    by_token = {c[0]: c for c in SUITE_PERSONAL}
+    out: dict[str, Any] = {}
+    for method in (m for m in MERGED if m in made_by):
+        for a, b in pairs:
+            pair = (by_token[a], by_token[b])
+            tag = pair_tag(ib.b.s, pair)
+            deltas = [_as_delta(ib, method, made_by[method][t]) for t in (a, b)]
+            merged = ib.out / f"merged-{method}{tag}.safetensors"
+            ib.b.run("merge", "+".join(map(str, deltas)), "-o", merged, "--reg-captions", captions)
+            idents = [(t, identifier_of(made_by[method][t])) for t in (a, b)] if method == DREAMBOOTH else []
+            groups = [f"concept {a}", f"concept {b}", f"both{tag}"]
+            judged = ib.b.evaluate(f"merged-{method}{tag}", [merged], groups, identifiers=idents)
+            out.setdefault(method, {})[tag.lstrip("-")] = {
+                **{t: judged[f"concept {t}"]["concept_fidelity"] for t in (a, b)},
+                "both": judged[f"both{tag}"]["concept_fidelity"],
+                "n": judged[f"both{tag}"]["n"],
+            }
+    return out
+
+
+def _as_delta(ib: InstantBench, method: str, made: Path) -> Path:
+    """What `merge` takes of a method's concept: its delta file, or a DreamBooth model's key/value change."""
+    if method != DREAMBOOTH:
+        return made
+    delta = made.with_name(f"{made.name}-kv.safetensors")
+    ib.b.run("get-deltas", made, "-o", delta)
+    return delta
 
 
 # InstantBooth's goals on the toy world: at least 0.8x Custom Diffusion's concept fidelity, at least
@@ -330,7 +391,8 @@ def main() -> None:
     for recipe in args.recipe:
         s.recipes = {**s.recipes, **parse_recipe(recipe, s.recipes)}
     res = run(args.out, s, args.quiet)
-    print(json.dumps({"goals": res["goals"], **{m: r["suite"] for m, r in res["methods"].items()}}, indent=1))
+    summary = {"goals": res["goals"], **{m: r["suite"] for m, r in res["methods"].items()}, "merged": res["merged"]}
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -222,16 +223,16 @@ class Bench:
 
     def evaluate(
         self, name: str, deltas: list[Path], groups: list[str], n: int | None = None, model: str | None = None,
-        identifier: tuple[str, str] | None = None,
+        identifiers: Sequence[tuple[str, str]] = (),
     ) -> dict[str, Any]:  # fmt: skip
         """Sample every prompt of the groups (n per group, default the headline n; seeded) with the
         deltas (on `model`, default the base), score with the oracle, summarise per group. With
-        `identifier` (token, word), the prompts ask with the word where they name the token (a
+        `identifiers` ((token, word) each), the prompts ask with the word where they name the token (a
         DreamBooth model's identifier), and are judged as asking for the token's concept."""
         prompts = [p for g in groups for p in self.groups[g]]
         folder = self.out / "samples" / name
         prompt_file = self.out / f"prompts-{name}.txt"
-        asked = [as_identifier(p, identifier) for p in prompts] if identifier else prompts
+        asked = [as_identifier(p, identifiers) for p in prompts]
         prompt_file.write_text("\n".join(asked) + "\n")
         base = ("--model", model or self.s.model) if model or not deltas else ()
         delta_args = [a for d in deltas for a in ("--delta", d)]
@@ -239,7 +240,7 @@ class Bench:
             "sample", *base, *delta_args, "--prompts", prompt_file, "-o", folder, "--n", per_prompt(n or self.s.n), "--steps",
             self.s.sample_steps, "--guidance", self.s.guidance, "--seed", self.s.seed, "--batch-size", 32,
         )  # fmt: skip
-        if identifier:  # judged under the token: the oracle knows concepts by their tokens
+        if identifiers:  # judged under the token: the oracle knows concepts by their tokens
             recorded = json.loads((folder / "prompts.json").read_text())
             group_prompt = dict(zip(asked, prompts, strict=True))
             as_token = {f: group_prompt[p] for f, p in recorded.items()}
@@ -278,10 +279,11 @@ class Bench:
         return out
 
 
-def as_identifier(prompt: str, identifier: tuple[str, str]) -> str:
-    """The prompt asking with the identifier word where it names the token."""
-    token, word = identifier
-    return prompt.replace(token, word)
+def as_identifier(prompt: str, identifiers: Sequence[tuple[str, str]]) -> str:
+    """The prompt asking with each (token, identifier word) pair's word where it names the token."""
+    for token, word in identifiers:
+        prompt = prompt.replace(token, word)
+    return prompt
 
 
 def fidelity_by_background(rows: list[dict[str, Any]], own: set[str]) -> dict[str, float]:

@@ -437,15 +437,16 @@ def test_merge_compress_export_refuse_a_personalised_concept(cli, tmp_path, enco
 
 def test_benchmark_runs_at_a_minimal_size(tmp_path):
     """benchmarks/instantbooth.py end to end on the shipped toy model and oracle (the suite's world; <new1>
-    is its split star): an encoder trained for stars, the concept personalised and trained
-    by each fine-tuning method, judged; every cell filled, times from photos to the first sample."""
+    is its split star, <new2> its checker circle, a pair): an encoder trained for each shape, the
+    concepts personalised and trained by each fine-tuning method, judged; every cell filled, times
+    from photos to the first sample; the pair merged by Custom Diffusion and DreamBooth."""
     import dataclasses
 
     from benchmarks.instantbooth import BASELINES, DREAMBOOTH, INSTANTBOOTH, InstantSettings, run, write_category
     from benchmarks.quality import Settings
 
     quality = dataclasses.replace(Settings(), n=8, sample_steps=2, reg_images=4)
-    s = InstantSettings(quality=quality, concepts=("<new1>",), train_images=8, encoder_steps=2, encoder_minutes=None,
+    s = InstantSettings(quality=quality, concepts=("<new1>", "<new2>"), train_images=8, encoder_steps=2, encoder_minutes=None,
                         encoder_batch=2, recipes={m: (2, None) for m in (*BASELINES, DREAMBOOTH)})  # fmt: skip
     res = run(tmp_path / "bench", s, quiet=True)
     assert set(res["methods"]) == {INSTANTBOOTH, *BASELINES, DREAMBOOTH}
@@ -453,10 +454,10 @@ def test_benchmark_runs_at_a_minimal_size(tmp_path):
         cell = r["concepts"]["<new1>"]
         assert cell["n"] == 8 and 0 <= cell["concept_fidelity"] <= 1 and 0 <= cell["prior_drift"] <= 1, method
         assert cell["seconds_to_first_sample"] >= cell["seconds"]["make"] >= 0  # times are reported, never judged
-        assert r["suite"]["concept_fidelity"]["n"] == 8
+        assert r["suite"]["concept_fidelity"]["n"] == 16 and set(r["concepts"]) == {"<new1>", "<new2>"}
     assert res["goals"]["speedup"] > 0 and set(res["goals"]["targets"]) == {"fidelity_ratio", "speedup"}
     ib = res["methods"][INSTANTBOOTH]["concepts"]["<new1>"]
-    assert ib["seconds"]["regset"] == 0 and res["encoders"]["star"]["trained_here"]
+    assert ib["seconds"]["regset"] == 0 and res["encoders"]["star"]["trained_here"] and "circle" in res["encoders"]
     # the prior prompts never hold the token: with the concept loaded they are sampled as by the base
     assert ib["prior_drift"] == res["base"]["prior star"]["prior_drift"]
     # DreamBooth's model is asked with its identifier word and judged as the token's concept
@@ -464,6 +465,12 @@ def test_benchmark_runs_at_a_minimal_size(tmp_path):
     assert "<new1>" not in asked and "a small sks star on" in asked
     judged_as = json.loads((tmp_path / "bench" / "prompts-new1-star-dreambooth-as-token.json").read_text())
     assert all("sks" not in p for p in judged_as.values()) and any("<new1>" in p for p in judged_as.values())
+    # composition after a merge: each method's pair merged in closed form (DreamBooth's key/value change)
+    assert set(res["merged"]) == {"custom-diffusion", DREAMBOOTH}
+    for cell in (r["new1+new2"] for r in res["merged"].values()):
+        assert cell["n"] == 8 and all(0 <= cell[k] <= 1 for k in ("<new1>", "<new2>", "both"))
+    asked = (tmp_path / "bench" / "prompts-merged-dreambooth-new1+new2.txt").read_text()
+    assert "a sks star and a ohwx circle on" in asked and "<new" not in asked  # each model its own identifier
     captions = (tmp_path / "bench" / "categories" / "star" / "metadata.jsonl").read_text()
     assert "checkered" not in captions and "star" in captions
     assert (
