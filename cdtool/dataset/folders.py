@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from cdtool.dataset.images import IMAGE_SUFFIXES, open_image
+from cdtool.dataset.images import IMAGE_SUFFIXES, has_transparency, open_image
 from cdtool.errors import CdtoolError
 
 METADATA = "metadata.jsonl"
@@ -109,7 +109,7 @@ def load_image_and_alpha(path: Path, size: int) -> tuple[torch.Tensor, torch.Ten
 
     with open_image(path) as im:
         im = ImageOps.exif_transpose(im)
-        has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+        has_alpha = has_transparency(im)
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
         box = (left, top, left + side, top + side)

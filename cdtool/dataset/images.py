@@ -81,6 +81,11 @@ class Loaded:
     notes: list[str]  # what was done: exif rotation, flattening, conversion, first frame
 
 
+def has_transparency(im: Any) -> bool:
+    """Whether a PIL image has an alpha channel or a transparent colour (a palette's or a tRNS key)."""
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
 def open_rgb(path: Path, background: tuple[int, int, int]) -> Loaded:
     """Open any image as RGB: first frame, EXIF orientation applied, transparency flattened onto
     `background`, grayscale/CMYK/16-bit converted. Raises ImageError when unreadable."""
@@ -100,7 +105,7 @@ def open_rgb(path: Path, background: tuple[int, int, int]) -> Loaded:
             im = im.point(lambda v: v / 256).convert("L")
         if mode == "P":
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "RGB" and "transparency" in im.info):
+        if has_transparency(im):
             notes.append("transparency flattened")
             rgba = im.convert("RGBA")
             flat = Image.new("RGB", rgba.size, background)
