@@ -1,7 +1,7 @@
 """InstantBooth against the fine-tuning methods, on held-out concepts of the toy world's suite, judged
 by that world's oracle.
 
-    python benchmarks/instantbooth.py [--model DIR --oracle FILE] [--out bench-instantbooth]
+    python benchmarks/instantbooth.py [--model DIR --oracle FILE] [--out bench-instantbooth/run]
         [--encoders DIR] [--encoder-minutes M | --encoder-steps N] [--concepts <new1>,<new3>] [--n 128]
 
 1. One encoder per class noun (InstantBooth: one category per encoder; on the toy world a category is
@@ -10,22 +10,23 @@ by that world's oracle.
    scene, KINDS, SUITE_TONES)`), captioned with the shape alone ("a small star on a blue background",
    the identifier inserted before "star"), so that what tells one patterned star from another has to
    come through the encoders. The images are RGBA, their alpha marking the patterned thing: the
-   encoders see it alone, as the paper segments its subjects (the toy world knows each mask). An encoder already in `--encoders DIR` (`DIR/<shape>`) is used as it is:
-   encoders take hours of a CPU, so they are trained the way toy pretraining runs (in the
-   background, `--resume`d) and kept.
+   encoders see it alone, as the paper segments its subjects (the toy world knows each mask). An
+   encoder already in `--encoders DIR` (`DIR/<shape>`) is used as it is: encoders take hours of a
+   CPU, so they are trained the way toy pretraining runs (in the background, `--resume`d) and kept.
 2. Every suite concept asked for (its pattern in tones no encoder saw): the same five photos
    (`write_photos(..., suite=True)`), prepped as benchmarks/quality.py preps them, then
-   personalised from their cutouts (`cdtool personalize OUT/cutouts/NAME`), and trained with Custom Diffusion, textual inversion and
-   DreamBooth-LoRA, and DreamBooth with every UNet weight (`cdtool train --method dreambooth`,
-   whose output, a model folder, is sampled as the base).
+   personalised from their cutouts (`cdtool personalize OUT/cutouts/NAME`), and trained with
+   Custom Diffusion, textual inversion and DreamBooth-LoRA, and DreamBooth with every UNet weight
+   (`cdtool train --method dreambooth`, whose output, a model folder, is sampled as the base).
 3. Each method's concept sampled in quality.py's prompt groups and judged with the oracle: concept
    fidelity ("a small <new3> square on a red background"), caption following (the prompt fidelity
    of "a <new3> square and a green heart on ..."), prior drift (plain prompts of the class, sampled
    with the concept loaded), and the wall-clock seconds from photos to the first sample (prep, the
-   regularisation set where the method uses one, training or personalising, and one image).
+   regularisation set where the method uses one, training or personalising, and one image;
+   InstantBooth's prep time stands for cutting its photos out, which the toy world does for free).
 4. Where both concepts of a suite pair are asked for (`PAIRS`: `--concepts "<new5>,<new6>"`),
    composition after a merge: Custom Diffusion's two deltas, and DreamBooth's two models reduced to
-   their key/value change (`get-deltas`; each concept has its own identifier, sks, ohwx, ...), merged
+   their key/value change (`get-deltas`; a pair's first concept is asked with sks, its second with ohwx), merged
    in closed form and sampled with each concept alone and both in one prompt.
 
 Results go to OUT/instantbooth.json: per method and concept, and over the concepts (mean, spread
@@ -68,9 +69,11 @@ from cdtool.toy.world import (  # noqa: E402
 INSTANTBOOTH = "instantbooth"
 BASELINES = ("custom-diffusion", "textual-inversion", "dreambooth-lora")
 DREAMBOOTH = "dreambooth"  # every UNet weight: a model folder
-# DreamBooth's identifiers, one per concept in the order asked for: two models trained with the same
-# identifier collide in a merge (docs/methods.md), so a pair's two take different words.
-DB_IDENTIFIERS = ("sks", "ohwx", "zwx", "xjy")
+# DreamBooth's identifiers, by a concept's place in its suite pair (`PAIRS`): two models trained with
+# the same identifier collide in a merge (docs/methods.md), so a pair's two take different words, each
+# one token of CLIP's vocabulary (`cdtool train` checks it; the toy's own vocabulary spells both from
+# letters).
+DB_IDENTIFIERS = ("sks", "ohwx")
 # The methods whose concepts are merged in closed form where a suite pair is asked for: Custom
 # Diffusion's deltas, and DreamBooth's key/value change (`get-deltas`) as its paper compares.
 MERGED = ("custom-diffusion", DREAMBOOTH)
@@ -89,7 +92,8 @@ class InstantSettings:
     encoder_lr: float = 3e-4
     # per method: (steps, --lr or None for cdtool's default); Custom Diffusion as quality.py trains it.
     # DreamBooth at 2e-4, not its default 5e-6 (diffusers' for Stable Diffusion): on the toy model 5e-6
-    # teaches nothing in 500 steps; of 5e-5, 1e-4, 2e-4 and 5e-4, 2e-4 did best on both circles (RESULTS).
+    # teaches nothing in 500 steps; 2e-4 did best on the striped circle (of 5e-5, 1e-4, 2e-4) and on the
+    # checker circle (of 1e-4, 2e-4, 5e-4), RESULTS "DreamBooth's learning rate on the toy model".
     recipes: dict[str, tuple[int, float | None]] = dataclasses.field(
         default_factory=lambda: {
             "custom-diffusion": (250, None),
@@ -178,7 +182,7 @@ class InstantBench:
         out = self.out / (f"{name}-{method}" + ("" if method == DREAMBOOTH else ".safetensors"))
         reg_args = () if method == "textual-inversion" else ("--reg", reg)
         lr_args = () if lr is None else ("--lr", lr)
-        ident = ("--token", db_identifier(self.s, token)) if method == DREAMBOOTH else ()
+        ident = ("--token", db_identifier(token)) if method == DREAMBOOTH else ()
         seconds = self.timed("train", data, *reg_args, "--method", method, "-o", out, "--model", q.model, "--steps",
                              steps, "--seed", q.seed, *lr_args, *ident, "--no-aug", "--no-samples")  # fmt: skip
         return out, seconds
@@ -198,9 +202,10 @@ class InstantBench:
                           "--seed", q.seed, "-o", self.out / "first" / f"{name}-{method}")  # fmt: skip
 
 
-def db_identifier(s: InstantSettings, token: str) -> str:
-    """The identifier word DreamBooth trains the concept `token` with."""
-    return DB_IDENTIFIERS[s.concepts.index(token) % len(DB_IDENTIFIERS)]
+def db_identifier(token: str) -> str:
+    """The identifier word DreamBooth trains the suite concept `token` with."""
+    (place,) = [pair.index(token) for pair in PAIRS if token in pair]
+    return DB_IDENTIFIERS[place]
 
 
 def identifier_of(model: Path) -> str:
@@ -218,7 +223,7 @@ def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
     concepts = tuple(by_token[t] for t in s.concepts)
     rng = random.Random(s.quality.seed)
     before = len(ib.b.run.timings)
-    data_dirs, reg_dirs = prepare(ib.b, rng, out / "unused-merge-captions.txt", concepts, cutouts=True)
+    data_dirs, reg_dirs = prepare(ib.b, rng, concepts, cutouts=True)
     prep_seconds, reg_seconds = _prep_times(list(ib.b.run.timings.values())[before:], concepts)
     if INSTANTBOOTH in s.methods:  # the encoders first: their training is not part of a concept's time
         for noun in dict.fromkeys(c[1] for c in concepts):
@@ -274,8 +279,8 @@ def merge_pairs(ib: InstantBench, made_by: dict[str, dict[str, Path]]) -> dict[s
     pairs = [(a, b) for a, b in PAIRS if a in ib.s.concepts and b in ib.s.concepts]
     if not pairs:
         return {}
-    captions = ib.out / "merge-captions.txt"
-    captions.write_text("\n".join(toy_captions(random.Random(ib.s.quality.seed + 1), None, 400)) + "\n")
+    captions = ib.out / "merge-captions.txt"  # quality.py's, drawn as it draws them
+    captions.write_text("\n".join(toy_captions(random.Random(ib.s.quality.seed), None, 400)) + "\n")
     by_token = {c[0]: c for c in SUITE_PERSONAL}
     out: dict[str, Any] = {}
     for method in (m for m in MERGED if m in made_by):
@@ -346,7 +351,7 @@ def _suite(cells: dict[str, Any]) -> dict[str, Any]:
 
 def parse_recipe(text: str, recipes: dict[str, tuple[int, float | None]]) -> dict[str, tuple[int, float | None]]:
     """`--recipe dreambooth=500:2e-4` as {method: (steps, lr)}; refused in one line when malformed."""
-    m = re.fullmatch(r"([a-z-]+)=(\d+)(?::([0-9.eE+-]+))?", text)
+    m = re.fullmatch(r"([a-z-]+)=(\d+)(?::(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?))?", text)
     if m is None or m.group(1) not in recipes:
         raise SystemExit(f"--recipe {text}: expected METHOD=STEPS[:LR], METHOD one of {', '.join(recipes)}")
     return {m.group(1): (int(m.group(2)), float(m.group(3)) if m.group(3) else None)}
@@ -354,7 +359,7 @@ def parse_recipe(text: str, recipes: dict[str, tuple[int, float | None]]) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("bench-instantbooth"))
+    ap.add_argument("--out", type=Path, default=Path("bench-instantbooth/run"))
     ap.add_argument("--model", default="toy", help="the toy model of the suite's world (default: the shipped one)")
     ap.add_argument("--oracle", help="that world's oracle (default: the shipped one)")
     ap.add_argument("--encoders", help="a folder of encoders by shape; missing ones are trained into it")

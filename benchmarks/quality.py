@@ -349,7 +349,7 @@ def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
     merge_captions = out / "merge-captions.txt"
     merge_captions.write_text("\n".join(toy_captions(rng, None, 400)) + "\n")
     concepts = concepts_of(s)
-    data_dirs, reg_dirs = prepare(b, rng, merge_captions)
+    data_dirs, reg_dirs = prepare(b, rng)
     singles = {c[0]: b.train(c[2], data_dirs[c[0]], "--reg", reg_dirs[c[1]]) for c in concepts}
     # Twice the base lr without a regularisation set: with one the reference (and cdtool) doubles the
     # scaled lr, so this keeps the step size equal and the set the only difference.
@@ -402,11 +402,7 @@ def rescore(out: Path, oracle: str | None, quiet: bool = False) -> dict[str, Any
 
 
 def prepare(
-    b: Bench,
-    rng: random.Random,
-    merge_captions: Path,
-    concepts: tuple[Concept, ...] | None = None,
-    cutouts: bool = False,
+    b: Bench, rng: random.Random, concepts: tuple[Concept, ...] | None = None, cutouts: bool = False
 ) -> tuple[dict[str, Path], dict[str, Path]]:
     """Each concept's photos (default: every concept of the settings) prepped into a data folder (by
     token) and a regularisation set per class noun (by noun); with `cutouts`, the photos' cutouts in

@@ -130,12 +130,12 @@ def test_subject_only_shows_the_subject_and_neutral_elsewhere():
     assert torch.allclose(seen[..., 2], 0.5 * image[..., 2] + 0.5 * NEUTRAL)
 
 
-def _cutout(path: Path, background: tuple[int, int, int]) -> Path:
-    """A 64 px RGBA photo: a red square marked by the alpha, on `background` (transparent, its colour kept)."""
+def _cutout(path: Path, background: tuple[int, int, int], size: int = 64) -> Path:
+    """An RGBA photo: a red square marked by the alpha, on `background` (transparent, its colour kept)."""
     from PIL import Image
 
-    rgba = Image.new("RGBA", (64, 64), (*background, 0))
-    rgba.paste(Image.new("RGBA", (32, 32), (200, 40, 40, 255)), (16, 16))
+    rgba = Image.new("RGBA", (size, size), (*background, 0))
+    rgba.paste(Image.new("RGBA", (size // 2 + 3, size // 2 - 5), (200, 40, 40, 255)), (size // 4 - 1, size // 4 + 2))
     rgba.save(path)
     return path
 
@@ -260,11 +260,20 @@ def test_a_compact_copy_is_half_the_size_and_resumes(cli, tmp_path, cats):
     assert moments and all(m["exp_avg_sq"].dtype == torch.bfloat16 for m in moments)
     size = sum((tmp_path / "kept" / f).stat().st_size for f in (WEIGHTS, OPTIMIZER))
     assert size < 0.6 * sum((tmp_path / "run" / f).stat().st_size for f in (WEIGHTS, OPTIMIZER))
-    r = cli("train-encoder", "--resume", tmp_path / "kept", "--steps", "3", "--json")
-    assert json.loads(r.stdout)["step"] == 3
-    resumed = _tensors(tmp_path / "kept")
-    assert resumed["concept_head.weight"].dtype == torch.float32  # training writes full precision again
-    assert not torch.equal(resumed["concept_head.weight"], full["concept_head.weight"])
+    from cdtool.errors import CdtoolError
+    from cdtool.instant.folder import compact
+
+    with pytest.raises(CdtoolError, match="another folder"):
+        compact(tmp_path / "kept", tmp_path / "kept")
+    for folder in ("run", "kept"):
+        r = cli("train-encoder", "--resume", tmp_path / folder, "--steps", "3", "--json")
+        assert json.loads(r.stdout)["step"] == 3
+    exact, rounded = _tensors(tmp_path / "run"), _tensors(tmp_path / "kept")
+    assert rounded["concept_head.weight"].dtype == torch.float32  # training writes full precision again
+    for k in ("concept_head.weight", "patch_head.weight"):
+        # the step taken from the rounded moments is the exact one's (from no moments: cosine 0.86-0.94)
+        step_exact, step_rounded = exact[k] - full[k], rounded[k] - kept[k].float()
+        assert torch.cosine_similarity(step_exact.flatten(), step_rounded.flatten(), dim=0) > 0.99
 
 
 def test_train_encoder_refusals(cli, tmp_path, cats):
@@ -346,8 +355,9 @@ def test_personalize_sample_info_score_chain(cli, tmp_path, encoder):
 def test_photos_with_alpha_are_personalised_from_their_subject_alone(tmp_path, encoder):
     from cdtool.instant.personal import personalize
 
-    on_blue = personalize([_cutout(tmp_path / "a.png", (40, 40, 220))], encoder)
-    on_green = personalize([_cutout(tmp_path / "b.png", (40, 200, 40))], encoder)
+    # at 100 px, resized to the encoder's 64: what the alpha hides does not bleed into the edges either
+    on_blue = personalize([_cutout(tmp_path / "a.png", (40, 40, 220), 100)], encoder)
+    on_green = personalize([_cutout(tmp_path / "b.png", (40, 200, 40), 100)], encoder)
     assert torch.equal(on_blue.tokens["<new1>"], on_green.tokens["<new1>"])  # what the alpha hides is not seen
     assert torch.equal(on_blue.visual["<new1>"], on_green.visual["<new1>"])
     opaque = tmp_path / "c.png"

@@ -204,13 +204,13 @@ def test_an_images_alpha_is_read_beside_its_colours_which_stay_as_the_file_holds
 
     a = np.zeros((80, 120, 4), np.uint8)
     a[..., :3] = (40, 80, 220)  # blue where the subject is not (alpha 0)
-    a[20:60, 40:80] = (200, 40, 40, 255)
+    a[10:40, 30:60] = (200, 40, 40, 255)  # off the centre, so that a turned crop would show it elsewhere
     Image.fromarray(a, "RGBA").save(tmp_path / "cut.png")
     rgb, alpha = load_image_and_alpha(tmp_path / "cut.png", 40)  # centre crop 80 x 80, then halved
     assert alpha is not None and alpha.shape == (1, 40, 40)
-    assert float(alpha[0, 20, 20]) == 1.0 and float(alpha[0, 2, 2]) == 0.0
+    assert float(alpha[0, 12, 10]) == 1.0 and float(alpha[0, 30, 30]) == 0.0
     blue = torch.tensor([40, 80, 220]) / 127.5 - 1
-    assert torch.allclose(rgb[:, 2, 2], blue, atol=0.02)  # not blackened by a premultiplied resize
+    assert torch.allclose(rgb[:, 30, 30], blue, atol=0.02)  # not blackened by a premultiplied resize
     assert torch.equal(load_image(tmp_path / "cut.png", 40), rgb)
     rotated = Image.fromarray(a, "RGBA").transpose(Image.Transpose.ROTATE_90)
     exif = Image.Exif()
@@ -221,7 +221,40 @@ def test_an_images_alpha_is_read_beside_its_colours_which_stay_as_the_file_holds
     Image.fromarray(a[..., :3]).save(tmp_path / "opaque.jpg")
     assert load_image_and_alpha(tmp_path / "opaque.jpg", 40)[1] is None
     p = Image.fromarray(a[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
-    p.info["transparency"] = p.getpixel((0, 0))
     p.save(tmp_path / "palette.png", transparency=p.getpixel((0, 0)))
     _, alpha_p = load_image_and_alpha(tmp_path / "palette.png", 40)
-    assert alpha_p is not None and float(alpha_p[0, 2, 2]) == 0.0 and float(alpha_p[0, 20, 20]) == 1.0
+    assert alpha_p is not None and float(alpha_p[0, 30, 30]) == 0.0 and float(alpha_p[0, 12, 10]) == 1.0
+
+
+def test_weighted_by_the_alpha_nothing_transparent_reaches_the_subjects_edge(tmp_path):
+    import torch
+
+    from cdtool.dataset.folders import load_image_and_alpha
+
+    def cutout(name: str, hidden: tuple[int, int, int]):
+        a = np.zeros((96, 96, 4), np.uint8)
+        a[..., :3] = hidden
+        a[20:70, 31:77] = (200, 40, 40, 255)
+        Image.fromarray(a, "RGBA").save(tmp_path / name)
+        return tmp_path / name
+
+    blue, green = cutout("blue.png", (40, 80, 220)), cutout("green.png", (40, 200, 40))
+    straight = [load_image_and_alpha(f, 32) for f in (blue, green)]
+    weighted = [load_image_and_alpha(f, 32, weighted=True) for f in (blue, green)]
+    assert torch.equal(straight[0][1], straight[1][1]) and torch.equal(weighted[0][1], weighted[1][1])
+    seen = [rgb * alpha for rgb, alpha in straight]
+    assert (seen[0] - seen[1]).abs().max() > 0.05  # apart, the hidden colour bleeds into the edge
+    shown = [rgb * alpha for rgb, alpha in weighted]
+    assert (shown[0] - shown[1]).abs().max() < 0.02  # weighted by the alpha, it does not
+
+
+def test_a_16_bit_grey_images_transparent_level_is_scaled_with_its_pixels(tmp_path):
+    from cdtool.dataset.images import open_rgb
+
+    a = np.full((8, 8), 20000, np.uint16)
+    a[:4] = 10240  # the transparent level; 10240 / 256 = 40 after scaling
+    Image.fromarray(a).save(tmp_path / "g16.png", transparency=10240)
+    loaded = open_rgb(tmp_path / "g16.png", (255, 0, 0))
+    pixels = np.asarray(loaded.image)
+    assert (pixels[:4] == (255, 0, 0)).all() and (pixels[4:] == 78).all()  # 20000 / 256, opaque
+    assert "transparency flattened" in loaded.notes

@@ -46,7 +46,8 @@ def train_encoder(
         typer.Argument(
             help="Captioned images of one category (a folder from `cdtool regset` or `prep`, or images with "
             "metadata.jsonl); without captions each is 'photo of a <class noun>'. An image's alpha channel marks "
-            "its subject: the encoders see that alone, the denoising loss the whole image.",
+            "its subject: the encoders see that alone, the denoising loss the whole image with the colours "
+            "kept under the alpha (add masks to photos, not cut-outs on black).",
             show_default=False,
         ),
     ] = None,

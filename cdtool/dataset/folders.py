@@ -102,9 +102,12 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     return load_image_and_alpha(path, size)[0]
 
 
-def load_image_and_alpha(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_image_and_alpha(path: Path, size: int, weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`load_image`'s RGB and the image's alpha channel, cropped and resized alike ([1, size, size] in
-    [0, 1]), or None for an image without one."""
+    [0, 1]), or None for an image without one. The colours are resized apart from the alpha, keeping
+    those under transparent pixels; `weighted` resizes them weighted by the alpha instead (as Pillow
+    resizes RGBA), so that nothing transparent bleeds into the edge of what is shown, for compositing
+    the image onto another background (the colours under alpha 0 are then lost)."""
     from PIL import Image, ImageOps
 
     with open_image(path) as im:
@@ -113,13 +116,17 @@ def load_image_and_alpha(path: Path, size: int) -> tuple[torch.Tensor, torch.Ten
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
         box = (left, top, left + side, top + side)
-        # each apart: Pillow resizes RGBA premultiplied, which would blacken the colours under alpha 0
-        planes = [im.convert("RGB"), *([im.convert("RGBA").getchannel("A")] if has_alpha else [])]
+        if not has_alpha:
+            planes = [im.convert("RGB")]
+        elif weighted:
+            planes = [im.convert("RGBA")]
+        else:
+            planes = [im.convert("RGB"), im.convert("RGBA").getchannel("A")]
         out = []
         for plane in planes:
             plane = plane.crop(box)
             if side != size:
                 plane = plane.resize((size, size), Image.Resampling.BICUBIC)
             out.append(torch.frombuffer(bytearray(plane.tobytes()), dtype=torch.uint8).reshape(size, size, -1))
-    rgb = out[0].permute(2, 0, 1).float() / 127.5 - 1.0
-    return rgb, (out[1].permute(2, 0, 1).float() / 255.0 if has_alpha else None)
+    pixels = torch.cat(out, dim=-1).permute(2, 0, 1).float()
+    return pixels[:3] / 127.5 - 1.0, (pixels[3:] / 255.0 if has_alpha else None)

@@ -102,7 +102,10 @@ def open_rgb(path: Path, background: tuple[int, int, int]) -> Loaded:
         mode = im.mode
         if mode in ("I;16", "I;16B", "I;16L", "I"):
             notes.append(f"{mode} scaled to 8 bits")
+            key = im.info.get("transparency")
             im = im.point(lambda v: v / 256).convert("L")
+            if isinstance(key, int):  # a transparent grey level, scaled as the pixels are
+                im.info["transparency"] = key >> 8
         if mode == "P":
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         if has_transparency(im):

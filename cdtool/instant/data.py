@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cdtool.dataset.folders import Example, check_images, read_folder
+from cdtool.dataset.folders import Example, check_images, load_image_and_alpha, read_folder
 from cdtool.errors import CdtoolError
 from cdtool.instant.backbones import resize
 
@@ -69,6 +69,12 @@ def subject_only(image: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tenso
     if alpha is None:
         return image
     return image * alpha + NEUTRAL * (1 - alpha)
+
+
+def load_subject(path: Path, size: int) -> torch.Tensor:
+    """What the encoders are shown of an image file, [3, size, size]: `subject_only` of its colours
+    resized weighted by its alpha (nothing the alpha hides reaches the subject's edge)."""
+    return subject_only(*load_image_and_alpha(path, size, weighted=True))
 
 
 def encoder_view(image: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The encoder folder: what `cdtool train-encoder` writes and `personalize` and `sample` read.
 
     ENC/encoder.json          the settings, the base it was trained for, progress (the step reached)
-    ENC/encoder.safetensors   the weights: concept encoder, patch encoder, adapters (float32)
+    ENC/encoder.safetensors   the weights: concept encoder, patch encoder, adapters (float32; float16
+                              in a compact copy, `compact`)
     ENC/optimizer.pt          AdamW's state at that step (what --resume continues)
     ENC/data.json             the training images and their captions, identifier inserted, in order
     ENC/log.jsonl, loss.png   one line per step; the loss curve
@@ -159,28 +160,33 @@ def compact(src: Path, dest: Path) -> None:
     """A copy of encoder folder `src` in `dest` at half the size, as a repository keeps one between
     machines: the weights in float16, AdamW's moments in bfloat16 (float16 would flush its second
     moments to zero); `--resume` reads it as any (torch casts the moments back to float32 on loading),
-    continuing with those values rounded once."""
+    continuing with those values rounded once. Each file is written atomically, encoder.json last, as
+    training writes a checkpoint."""
     import shutil
 
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from cdtool.atomic import atomic_path
     from cdtool.delta.importers import load_pickle
 
     read_encoder(src)
+    if dest.resolve() == src.resolve():
+        raise CdtoolError(f"{dest} is the encoder folder itself; give the compact copy another folder")
     dest.mkdir(parents=True, exist_ok=True)
-    for name in (SETTINGS, DATA, LOG, LOSS_CURVE):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dest / name)
-    with safe_open(str(src / WEIGHTS), framework="pt") as f:
-        weights = {k: f.get_tensor(k).half() for k in f.keys()}
-        save_file(weights, str(dest / WEIGHTS), metadata=f.metadata())
+    with safe_open(str(src / WEIGHTS), framework="pt") as f, atomic_path(dest / WEIGHTS) as tmp:
+        save_file({k: f.get_tensor(k).half() for k in f.keys()}, str(tmp), metadata=f.metadata())
     state = load_pickle(src / OPTIMIZER)
     for moments in state["optimizer"]["state"].values():
         for key in ("exp_avg", "exp_avg_sq"):
             moments[key] = moments[key].to(torch.bfloat16)
-    torch.save(state, str(dest / OPTIMIZER))
+    with atomic_path(dest / OPTIMIZER) as tmp:
+        torch.save(state, str(tmp))
+    for name in (DATA, LOG, LOSS_CURVE, SETTINGS):
+        if (src / name).is_file():
+            with atomic_path(dest / name) as tmp:
+                shutil.copyfile(src / name, tmp)
 
 
 def encoder_sha256(path: Path) -> str:

@@ -20,13 +20,12 @@ from typing import Any
 
 import torch
 
-from cdtool.dataset.folders import load_image_and_alpha
 from cdtool.delta.file import Delta
 from cdtool.delta.provenance import personalize_entry, stamp
 from cdtool.errors import CdtoolError
 from cdtool.instant.adapters import Attached, BlockShape, attach, make_adapters
 from cdtool.instant.backbones import resize
-from cdtool.instant.data import subject_only
+from cdtool.instant.data import load_subject
 from cdtool.instant.encoders import combine_photos
 from cdtool.instant.folder import EncoderFolder, encoder_sha256, read_encoder
 from cdtool.models.tokens import check_token_name
@@ -47,8 +46,7 @@ def personalize(photos: Sequence[Path], encoder_dir: Path, token: str | None = N
     encoder = build_encoder(s, pretrained=False)
     load_weights(enc.path, encoder)
     encoder.eval().to(device)
-    cut = [subject_only(*load_image_and_alpha(p, s.resolution)) for p in photos]
-    views = torch.stack([resize(im[None], encoder.image_size)[0] for im in cut])
+    views = torch.stack([resize(load_subject(p, s.resolution)[None], encoder.image_size)[0] for p in photos])
     rows, tokens = combine_photos(*encoder(views.to(device)))
     for name, t in (("identifier embedding", rows), ("visual tokens", tokens)):
         if not bool(torch.isfinite(t).all()):

@@ -28,12 +28,12 @@ from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 
 from cdtool.choices import SDXL
-from cdtool.dataset.folders import load_image_and_alpha
+from cdtool.dataset.folders import load_image
 from cdtool.delta.base import TOKEN_EMBEDDING, fingerprint, pipeline_params
 from cdtool.errors import CdtoolError
 from cdtool.instant.adapters import Attached, BlockShape, attach, transformer_blocks
 from cdtool.instant.backbones import TOY_CNN, load_backbone
-from cdtool.instant.data import encoder_view, step_generator, subject_only
+from cdtool.instant.data import encoder_view, load_subject, step_generator
 from cdtool.instant.encoders import InstantEncoder, identifier_rows
 from cdtool.instant.folder import (
     LOG,
@@ -252,10 +252,9 @@ def _step(
     """One optimiser step on a batch drawn by (seed, step, process)."""
     g = step_generator(s.seed, step, acc.process_index)
     picks = [examples[int(i)] for i in torch.randint(0, len(examples), (s.batch_size,), generator=g)]
-    loaded = [load_image_and_alpha(Path(p), s.resolution) for p, _ in picks]
-    images = torch.stack([im for im, _ in loaded])
+    images = torch.stack([load_image(Path(p), s.resolution) for p, _ in picks])
     size = encoder_image_size(encoder)
-    views = torch.stack([encoder_view(subject_only(im, alpha), size, g) for im, alpha in loaded])
+    views = torch.stack([encoder_view(load_subject(Path(p), s.resolution), size, g) for p, _ in picks])
     pipe, dev = parts.pipe, parts.device
     with torch.no_grad():
         dist = pipe.vae.encode(images.to(dev, pipe.vae.dtype)).latent_dist
