@@ -128,6 +128,24 @@ def compact(src: Path, dest: Path) -> None:
     save_checkpoint(dest, small, meta)
 
 
+def relative_data(folder: Path, root: Path) -> None:
+    """An encoder folder's training images (data.json, and the data folder encoder.json records) named
+    relative to `root` where they lie under it, so that a copy kept in the repository resumes from the
+    repository root on any machine."""
+
+    def relative(path: str) -> str:
+        p = Path(path)
+        return str(p.relative_to(root)) if p.is_absolute() and p.is_relative_to(root) else path
+
+    data = folder / "data.json"
+    rows = [[relative(image), caption] for image, caption in json.loads(data.read_text())]
+    data.write_text(json.dumps(rows, indent=0) + "\n")
+    settings = folder / "encoder.json"
+    doc = json.loads(settings.read_text())
+    doc["settings"]["data"] = relative(doc["settings"]["data"])
+    settings.write_text(json.dumps(doc, indent=1) + "\n")
+
+
 def trainable(modules: Iterable[tuple[str, torch.nn.Module]]) -> dict[str, torch.nn.Parameter]:
     """Every trainable parameter of the named modules, as `prefix.name`."""
     return {f"{m}.{n}": p for m, mod in modules for n, p in mod.named_parameters() if p.requires_grad}
@@ -142,7 +160,9 @@ if __name__ == "__main__":
     if (src / META).is_file():
         compact(src, dest)
     else:  # an encoder folder: cdtool's own format knows how to halve it
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        root = Path(__file__).resolve().parent.parent
+        sys.path.insert(0, str(root))
         from cdtool.instant.folder import compact as compact_encoder
 
         compact_encoder(src, dest)
+        relative_data(dest, root)
