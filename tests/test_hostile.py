@@ -758,3 +758,23 @@ def test_compress_and_export_give_the_same_bytes_twice(cli, tmp_path, two_deltas
     files = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*") if p.is_file())
     assert len(files) == 9
     assert all((tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes() for f in files)
+
+
+def test_a_signal_in_a_held_block_arrives_as_the_block_ends():
+    import os
+    import signal
+
+    from cdtool.errors import signals_held
+
+    got: list[str] = []
+    previous = signal.signal(signal.SIGHUP, lambda *_: got.append("hup"))
+    try:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(1000):  # bytecodes run, and the handler still waits
+                pass
+            assert got == []
+            got.append("end of block")
+        assert got == ["end of block", "hup"]
+    finally:
+        signal.signal(signal.SIGHUP, previous)

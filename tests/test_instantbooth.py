@@ -304,6 +304,32 @@ def test_train_encoder_refusals(cli, tmp_path, cats):
     assert not any((tmp_path / f"e{i}").exists() for i in range(1, 6))
 
 
+def test_sigterm_saves_the_steps_since_the_last_checkpoint(tmp_path, cats):
+    """A real SIGTERM to a real training process: it ends as Ctrl-C does (128 + 15), and the folder
+    holds the step it reached, not the last periodic checkpoint; --resume goes on from there."""
+    import signal
+    import time
+
+    out = tmp_path / "enc"
+    cmd = [sys.executable, "-m", "cdtool", "train-encoder", str(cats), "--class-noun", "cat", *TRAIN,
+           "--steps", "100000", "-o", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    logged = len(log.read_text().splitlines())
+    step = json.loads((out / "encoder.json").read_text())["progress"]["step"]
+    assert logged >= 3 and step in (logged, logged + 1) and f"saved step {step} before stopping" in stderr
+    r = subprocess.run([sys.executable, "-m", "cdtool", "train-encoder", "--resume", str(out), "--steps",
+                        str(step + 1), "--json"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0 and json.loads(r.stdout)["step"] == step + 1
+
+
 def test_accelerate_two_processes(tmp_path, cats):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cdtool",

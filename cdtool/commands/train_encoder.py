@@ -104,7 +104,8 @@ def train_encoder(
     the concept encoder, the patch encoder and the UNet adapters learn from single captioned images.
 
     One category per encoder. Budgeted by --steps and/or --minutes, saved at least every
-    --checkpoint-minutes and at the end; --resume continues weights, optimiser, step and data order.
+    --checkpoint-minutes, at the end and when stopped (Ctrl-C, SIGTERM); --resume continues weights,
+    optimiser, step and data order.
     Several processes: `accelerate launch --multi_gpu --num_processes 2 -m cdtool train-encoder ...`.
     """
     from cdtool.instant.data import read_category

@@ -6,9 +6,11 @@ a batch of images; each image is its own concept: its caption holds the identifi
 noun, the concept encoder's embedding of an augmented view of the same image stands in for the
 identifier's token embedding, and the patch encoder's tokens of that view go to the adapters.
 
-Budgeted by steps and/or wall clock, saved at least every `checkpoint_minutes` and at the end; a
-resumed run restores the weights and AdamW's state, and since every draw of a step is seeded by
-(seed, step, process), it continues the uninterrupted run's data and noise (bit for bit on the CPU).
+Budgeted by steps and/or wall clock, saved at least every `checkpoint_minutes`, at the end, and when
+Ctrl-C or SIGTERM stops a single process (the weights and the step count move together under held
+signals, so the checkpoint is a step's boundary); a resumed run restores the weights and AdamW's
+state, and since every draw of a step is seeded by (seed, step, process), it continues the
+uninterrupted run's data and noise (bit for bit on the CPU).
 Under several processes every process draws its own batch and the gradients are averaged (DDP).
 """
 
@@ -30,7 +32,7 @@ from diffusers import DDPMScheduler
 from cdtool.choices import SDXL
 from cdtool.dataset.folders import load_image
 from cdtool.delta.base import TOKEN_EMBEDDING, fingerprint, pipeline_params
-from cdtool.errors import CdtoolError
+from cdtool.errors import CdtoolError, signals_held
 from cdtool.instant.adapters import Attached, BlockShape, attach, transformer_blocks
 from cdtool.instant.backbones import TOY_CNN, load_backbone
 from cdtool.instant.data import encoder_view, load_subject, step_generator
@@ -172,13 +174,17 @@ def train_encoder(
         _save(folder, s, progress, acc, encoder_p, optimizer)
     deadline = None if s.minutes is None else started + 60 * s.minutes
     next_save, counted = started + 60 * s.checkpoint_minutes, started
+    saved = progress.step
     try:
         while s.steps is None or progress.step < s.steps:
             if _agree(acc, deadline is not None and time.perf_counter() >= deadline):
                 log(f"stopped at step {progress.step}: --minutes {s.minutes:g} reached")
                 break
             loss = _step(s, parts, encoder_p, optimizer, acc, examples, progress.step)
-            progress.step += 1
+            with signals_held():  # the weights and the step count move together, or not at all
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
             progress.final_loss = float(acc.reduce(loss.detach(), reduction="mean"))
             if acc.is_main_process:
                 with (folder / LOG).open("a") as f:
@@ -189,7 +195,13 @@ def train_encoder(
                 _save(folder, s, _timed(progress, counted), acc, encoder_p, optimizer)
                 next_save = counted = time.perf_counter()
                 next_save += 60 * s.checkpoint_minutes
+                saved = progress.step
         _save(folder, s, _timed(progress, counted), acc, encoder_p, optimizer)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the steps since the last checkpoint are kept too
+        if acc.num_processes == 1 and progress.step > saved:  # several would have to agree to save
+            _save(folder, s, _timed(progress, counted), acc, encoder_p, optimizer)
+            log(f"saved step {progress.step} before stopping")
+        raise
     finally:
         parts.attached.detach()
         acc.end_training()
@@ -249,7 +261,8 @@ def _step(
     examples: list[tuple[str, str]],
     step: int,
 ) -> torch.Tensor:
-    """One optimiser step on a batch drawn by (seed, step, process)."""
+    """The loss and gradients of one step's batch, drawn by (seed, step, process); the weights are
+    not changed (the caller applies the step)."""
     g = step_generator(s.seed, step, acc.process_index)
     picks = [examples[int(i)] for i in torch.randint(0, len(examples), (s.batch_size,), generator=g)]
     images = torch.stack([load_image(Path(p), s.resolution) for p, _ in picks])
@@ -273,8 +286,6 @@ def _step(
         raise CdtoolError(f"the loss is not finite at step {step + 1}; lower --lr, or resume from the last checkpoint")
     acc.backward(loss)
     acc.clip_grad_norm_(encoder.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     parts.rows.clear()
     parts.attached.injection.tokens = None
     return loss
