@@ -51,8 +51,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import Bench, Settings, as_identifier, pair_tag, prepare, spread  # noqa: E402
-from cdtool.toy.photos import SUITE_PERSONAL, toy_captions  # noqa: E402
+from benchmarks.quality import (  # noqa: E402
+    Bench,
+    Settings,
+    as_identifier,
+    pair_tag,
+    prepare,
+    spread,
+    write_merge_captions,
+)
+from cdtool.toy.photos import SUITE_PERSONAL  # noqa: E402
 from cdtool.toy.world import (  # noqa: E402
     KIND_WORDS,
     KINDS,
@@ -208,11 +216,6 @@ def db_identifier(token: str) -> str:
     return DB_IDENTIFIERS[place]
 
 
-def identifier_of(model: Path) -> str:
-    """The identifier a DreamBooth model folder was trained with (its cdtool.json)."""
-    return json.loads((model / "cdtool.json").read_text())["concepts"][0]["token"]
-
-
 def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
     """The whole benchmark; returns (and writes to OUT/instantbooth.json) the results."""
     if out.exists() and any(out.iterdir()):
@@ -237,7 +240,7 @@ def run(out: Path, s: InstantSettings, quiet: bool = False) -> dict[str, Any]:
             made, seconds = ib.concept_of(method, concept, data_dirs[token], reg_dirs[noun])
             made_by.setdefault(method, {})[token] = made
             # DreamBooth's identifier is a vocabulary word ("sks"), asked for in the token's place
-            ident = (token, identifier_of(made)) if method == DREAMBOOTH else None
+            ident = (token, db_identifier(token)) if method == DREAMBOOTH else None
             first = ib.first_sample(method, concept, made, ident)
             uses_reg = method not in (INSTANTBOOTH, "textual-inversion")
             groups = [f"concept {token}", f"companion {token}", f"prior {noun}"]
@@ -279,8 +282,7 @@ def merge_pairs(ib: InstantBench, made_by: dict[str, dict[str, Path]]) -> dict[s
     pairs = [(a, b) for a, b in PAIRS if a in ib.s.concepts and b in ib.s.concepts]
     if not pairs:
         return {}
-    captions = ib.out / "merge-captions.txt"  # quality.py's, drawn as it draws them
-    captions.write_text("\n".join(toy_captions(random.Random(ib.s.quality.seed), None, 400)) + "\n")
+    captions = write_merge_captions(ib.out / "merge-captions.txt", random.Random(ib.s.quality.seed))  # quality.py's
     by_token = {c[0]: c for c in SUITE_PERSONAL}
     out: dict[str, Any] = {}
     for method in (m for m in MERGED if m in made_by):
@@ -290,7 +292,7 @@ def merge_pairs(ib: InstantBench, made_by: dict[str, dict[str, Path]]) -> dict[s
             deltas = [_as_delta(ib, method, made_by[method][t]) for t in (a, b)]
             merged = ib.out / f"merged-{method}{tag}.safetensors"
             ib.b.run("merge", "+".join(map(str, deltas)), "-o", merged, "--reg-captions", captions)
-            idents = [(t, identifier_of(made_by[method][t])) for t in (a, b)] if method == DREAMBOOTH else []
+            idents = [(t, db_identifier(t)) for t in (a, b)] if method == DREAMBOOTH else []
             groups = [f"concept {a}", f"concept {b}", f"both{tag}"]
             judged = ib.b.evaluate(f"merged-{method}{tag}", [merged], groups, identifiers=idents)
             out.setdefault(method, {})[tag.lstrip("-")] = {

@@ -346,8 +346,7 @@ def run(out: Path, s: Settings, quiet: bool = False) -> dict[str, Any]:
     b = Bench(out, s, quiet)
     started = time.perf_counter()
     rng = random.Random(s.seed)
-    merge_captions = out / "merge-captions.txt"
-    merge_captions.write_text("\n".join(toy_captions(rng, None, 400)) + "\n")
+    merge_captions = write_merge_captions(out / "merge-captions.txt", rng)
     concepts = concepts_of(s)
     data_dirs, reg_dirs = prepare(b, rng)
     singles = {c[0]: b.train(c[2], data_dirs[c[0]], "--reg", reg_dirs[c[1]]) for c in concepts}
@@ -399,6 +398,12 @@ def rescore(out: Path, oracle: str | None, quiet: bool = False) -> dict[str, Any
     res["summary"] = summary(res, b.s)
     (out / "quality-rescored.json").write_text(json.dumps(res, indent=1) + "\n")
     return res
+
+
+def write_merge_captions(path: Path, rng: random.Random) -> Path:
+    """The closed-form merge's regularisation captions: 400 captions of any toy scenes, one a line."""
+    path.write_text("\n".join(toy_captions(rng, None, 400)) + "\n")
+    return path
 
 
 def prepare(
